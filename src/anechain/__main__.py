@@ -1,0 +1,3 @@
+from anechain.cli import cli
+
+cli()

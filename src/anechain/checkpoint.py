@@ -1,0 +1,369 @@
+"""A Hugging Face checkpoint folder: config.json + (sharded) safetensors, read lazily.
+
+Exporting [24, 32) reads only those layers' tensors: never the other layers, never the
+200064 x 3072 embedding. Tensors are located through the index file (or the safetensors
+headers) and read one at a time with safetensors' `safe_open`. No hub access, ever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from anechain.config import Architecture, LayerRange
+from anechain.errors import CheckpointError
+from anechain.fsutil import atomic_path
+
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+# Bytes sampled per tensor for the checkpoint fingerprint: cheap, yet different weights
+# (another seed, an altered layer) give a different fingerprint.
+_SAMPLE_CHUNKS, _SAMPLE_CHUNK_BYTES = 8, 4096
+
+
+@dataclass(frozen=True)
+class _TensorLocation:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset of the data in the file
+    end: int
+
+
+def _read_safetensors_header(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{path} is not a safetensors file (too short)")
+        (size,) = struct.unpack("<Q", raw)
+        if size > 100_000_000:
+            raise CheckpointError(f"{path} is not a safetensors file (bad header size)")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError:
+            raise CheckpointError(f"{path} is not a safetensors file (bad header)") from None
+    header["__data_start__"] = 8 + size
+    return header
+
+
+class Checkpoint:
+    """A checkpoint folder. Cheap to open: only config.json and tensor headers are read."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"checkpoint folder {self.path} does not exist")
+        config_path = self.path / CONFIG_NAME
+        if not config_path.is_file():
+            raise CheckpointError(
+                f"{self.path} has no {CONFIG_NAME}; expected a Hugging Face folder"
+            )
+        self.config_bytes = config_path.read_bytes()
+        try:
+            raw = json.loads(self.config_bytes)
+        except ValueError as exc:
+            raise CheckpointError(f"{config_path} is not valid JSON ({exc})") from None
+        if raw.get("model_type") != "phi3":
+            raise CheckpointError(
+                f"{config_path}: model_type is {raw.get('model_type')!r}; anechain supports "
+                "Phi-4-mini (model_type 'phi3')"
+            )
+        self.raw_config = raw
+
+    @cached_property
+    def hf_config(self) -> Any:
+        """transformers' own Phi3Config for this folder (local files only)."""
+        from transformers import Phi3Config
+
+        try:
+            return Phi3Config.from_pretrained(str(self.path), local_files_only=True)
+        except Exception as exc:  # transformers raises several types for bad configs
+            raise CheckpointError(f"{self.path / CONFIG_NAME}: {exc}") from None
+
+    @cached_property
+    def architecture(self) -> Architecture:
+        c = self.hf_config
+        rope = getattr(c, "rope_parameters", None) or {}
+        return Architecture(
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            vocab_size=c.vocab_size,
+            partial_rotary_factor=float(
+                rope.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
+            ),
+            max_position_embeddings=c.max_position_embeddings,
+            original_max_position_embeddings=int(
+                rope.get("original_max_position_embeddings")
+                or getattr(c, "original_max_position_embeddings", c.max_position_embeddings)
+            ),
+            rope_theta=float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))),
+            rms_norm_eps=float(c.rms_norm_eps),
+            tie_word_embeddings=bool(c.tie_word_embeddings),
+        )
+
+    @cached_property
+    def _locations(self) -> dict[str, _TensorLocation]:
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError):
+                raise CheckpointError(f"{index} is not a valid safetensors index") from None
+            files = sorted({self.path / f for f in weight_map.values()})
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            weight_map = None
+        if not files:
+            raise CheckpointError(f"{self.path} has no *.safetensors files")
+        locations: dict[str, _TensorLocation] = {}
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{file.name} is listed in {INDEX_NAME} but missing")
+            header = _read_safetensors_header(file)
+            start = header.pop("__data_start__")
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                b, e = info["data_offsets"]
+                locations[name] = _TensorLocation(
+                    file, info["dtype"], tuple(info["shape"]), start + b, start + e
+                )
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(locations))
+            if missing:
+                raise CheckpointError(f"{missing[0]} is in {INDEX_NAME} but in no file")
+        return locations
+
+    def tensor_names(self) -> list[str]:
+        return sorted(self._locations)
+
+    def _location(self, name: str) -> _TensorLocation:
+        try:
+            return self._locations[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path} has no tensor {name!r}") from None
+
+    def read_tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Load just these tensors (in their stored dtype)."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self._location(name).file, []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for file, file_names in by_file.items():
+            with safe_open(str(file), framework="pt") as f:
+                for name in file_names:
+                    out[name] = f.get_tensor(name)
+        return out
+
+    def layer_tensor_names(self, layers: LayerRange) -> list[str]:
+        from anechain.model import hf_layer_tensor_names
+
+        layers.check_within(self.architecture.num_hidden_layers)
+        return [n for i in range(layers.start, layers.end) for n in hf_layer_tensor_names(i)]
+
+    def _hash_bytes(self, h: Any, loc: _TensorLocation, sample: bool) -> None:
+        size = loc.end - loc.begin
+        with open(loc.file, "rb") as f:
+            if not sample or size <= _SAMPLE_CHUNKS * _SAMPLE_CHUNK_BYTES:
+                f.seek(loc.begin)
+                remaining = size
+                while remaining:
+                    block = f.read(min(remaining, 1 << 22))
+                    if not block:
+                        raise CheckpointError(f"{loc.file.name} is truncated")
+                    h.update(block)
+                    remaining -= len(block)
+                return
+            stride = (size - _SAMPLE_CHUNK_BYTES) // (_SAMPLE_CHUNKS - 1)
+            for i in range(_SAMPLE_CHUNKS):
+                f.seek(loc.begin + i * stride)
+                h.update(f.read(_SAMPLE_CHUNK_BYTES))
+
+    def weights_fingerprint(self, names: Iterable[str]) -> str:
+        """sha256 over the full bytes of these tensors (names, dtypes, shapes included)."""
+        h = hashlib.sha256()
+        for name in sorted(names):
+            loc = self._location(name)
+            h.update(f"{name}|{loc.dtype}|{loc.shape}\n".encode())
+            self._hash_bytes(h, loc, sample=False)
+        return h.hexdigest()
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identity of the whole checkpoint: config plus sampled bytes of every tensor."""
+        h = hashlib.sha256()
+        h.update(json.dumps(self.raw_config, sort_keys=True).encode())
+        for name in self.tensor_names():
+            loc = self._locations[name]
+            h.update(f"{name}|{loc.dtype}|{loc.shape}\n".encode())
+            self._hash_bytes(h, loc, sample=True)
+        return h.hexdigest()
+
+
+# --- random checkpoints -------------------------------------------------------------------
+
+
+def hf_config_dict(arch: Architecture) -> dict[str, Any]:
+    """A config.json with Phi-4-mini's keys for `arch` (LongRoPE factors made up)."""
+    half = arch.rotary_dim // 2
+    # Plausible LongRoPE factors: short near 1, long rising towards the interpolation factor.
+    short = [round(1.0 + 0.05 * i / max(half - 1, 1), 6) for i in range(half)]
+    long = [round(1.0 + 30.0 * (i / max(half - 1, 1)) ** 2, 6) for i in range(half)]
+    return {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": arch.vocab_size - 1,
+        "eos_token_id": arch.vocab_size - 1,
+        "pad_token_id": arch.vocab_size - 1,
+        "embd_pdrop": 0.0,
+        "resid_pdrop": 0.0,
+        "hidden_act": "silu",
+        "hidden_size": arch.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": arch.intermediate_size,
+        "max_position_embeddings": arch.max_position_embeddings,
+        "original_max_position_embeddings": arch.original_max_position_embeddings,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_hidden_layers": arch.num_hidden_layers,
+        "num_key_value_heads": arch.num_key_value_heads,
+        "partial_rotary_factor": arch.partial_rotary_factor,
+        "rms_norm_eps": arch.rms_norm_eps,
+        "rope_scaling": {"type": "longrope", "short_factor": short, "long_factor": long},
+        "rope_theta": arch.rope_theta,
+        "sliding_window": 262144,
+        "tie_word_embeddings": arch.tie_word_embeddings,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": arch.vocab_size,
+    }
+
+
+def _random_layer(arch: Architecture, layer: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """One decoder layer's tensors with trained-like scales.
+
+    Projections have unit gain (std 1/sqrt(fan_in)), norm gains scatter around 1, and the
+    block outputs grow with depth, with a few outlier channels ("massive activations"), so
+    the residual stream grows through the layers as in a trained model.
+    """
+    h, i, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
+    qkv = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * d
+    depth = 1.0 + 2.0 * layer / max(arch.num_hidden_layers - 1, 1)
+
+    def mat(out: int, inp: int, gain: float = 1.0) -> torch.Tensor:
+        return torch.randn(out, inp, generator=gen) * (gain / math.sqrt(inp))
+
+    def gains(n: int) -> torch.Tensor:
+        return 1.0 + 0.1 * torch.randn(n, generator=gen)
+
+    down = mat(h, i, 0.5 * depth)
+    outliers = torch.arange(3) * (h // 3) + 1  # a few fixed channels
+    down[outliers] *= 6.0
+    p = f"model.layers.{layer}."
+    tensors = {
+        p + "input_layernorm.weight": gains(h),
+        p + "self_attn.qkv_proj.weight": mat(qkv, h),
+        p + "self_attn.o_proj.weight": mat(h, arch.num_attention_heads * d, 0.5 * depth),
+        p + "post_attention_layernorm.weight": gains(h),
+        p + "mlp.gate_up_proj.weight": mat(2 * i, h),
+        p + "mlp.down_proj.weight": down,
+    }
+    return {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
+
+
+def write_random_checkpoint(
+    out_dir: str | Path,
+    arch: Architecture,
+    seed: int = 0,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 << 30,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write a random-weight checkpoint in exactly the format of a real one.
+
+    Sharded bf16 safetensors + model.safetensors.index.json + config.json, built in a
+    temporary folder and renamed into place. Layers are generated and written a shard
+    file at a time, so memory stays near one shard even at full size.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise CheckpointError(f"{out_dir} already exists; pass --overwrite to replace it")
+    gen = torch.Generator().manual_seed(seed)
+
+    def groups() -> Iterable[dict[str, torch.Tensor]]:
+        yield {
+            "model.embed_tokens.weight": (
+                torch.randn(arch.vocab_size, arch.hidden_size, generator=gen) * 0.02
+            ).to(torch.bfloat16),
+            "model.norm.weight": (1.0 + 0.1 * torch.randn(arch.hidden_size, generator=gen)).to(
+                torch.bfloat16
+            ),
+        }
+        for layer in range(arch.num_hidden_layers):
+            if progress:
+                progress(f"layer {layer + 1}/{arch.num_hidden_layers}")
+            yield _random_layer(arch, layer, gen)
+        if not arch.tie_word_embeddings:
+            yield {
+                "lm_head.weight": (
+                    torch.randn(arch.vocab_size, arch.hidden_size, generator=gen) * 0.02
+                ).to(torch.bfloat16)
+            }
+
+    with atomic_path(out_dir, overwrite=overwrite) as tmp:
+        tmp.mkdir()
+        files: list[dict[str, torch.Tensor]] = [{}]
+        sizes = [0]
+        written: list[tuple[str, list[str]]] = []
+
+        def flush() -> None:
+            name = f"part-{len(written) + 1:05d}.safetensors"
+            save_file(files[-1], str(tmp / name), metadata={"format": "pt"})
+            written.append((name, list(files[-1])))
+            files[-1], sizes[-1] = {}, 0
+
+        for group in groups():
+            nbytes = sum(t.numel() * t.element_size() for t in group.values())
+            if files[-1] and sizes[-1] + nbytes > max_shard_bytes:
+                flush()
+            files[-1].update(group)
+            sizes[-1] += nbytes
+        flush()
+        total = len(written)
+        weight_map: dict[str, str] = {}
+        total_size = 0
+        for n, (name, names) in enumerate(written, start=1):
+            final = f"model-{n:05d}-of-{total:05d}.safetensors"
+            (tmp / name).rename(tmp / final)
+            total_size += (tmp / final).stat().st_size
+            weight_map.update(dict.fromkeys(names, final))
+        index = {
+            "metadata": {"total_size": total_size},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config_dict(arch), indent=2) + "\n")
+    return out_dir
+
+
+def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Copy a checkpoint folder (tests alter copies, never the original)."""
+    shutil.copytree(src, dst)
+    return Path(dst)

@@ -1,0 +1,71 @@
+"""The `anechain` command line: the only package that imports click.
+
+Each command parses its options, builds a typed config, calls one library function and
+renders the result. Library errors (AnechainError) become a one-line message and exit 1 in
+one place, `AnechainGroup.invoke`; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+import click
+
+from anechain import __version__
+from anechain.errors import AnechainError
+
+
+class AnechainGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except AnechainError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing half-written was left behind", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=AnechainGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="anechain")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Turn a Phi-4-mini checkpoint into fused, stateful, INT8 Core ML shards for the
+    Apple Neural Engine, and prove each shard before it ships.
+
+    \b
+    Typical flow:
+      anechain random-checkpoint artifacts/tiny-ckpt --preset tiny
+      anechain export --model artifacts/tiny-ckpt --config configs/tiny.yaml \\
+          --layer-spec 0:3:artifacts/s0.mlpackage --layer-spec 3:5:artifacts/s1.mlpackage
+    """
+    level = max(logging.WARNING - 10 * verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    if verbose == 0:
+        # Converter progress bars and library chatter are noise next to our own progress.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        warnings.filterwarnings("ignore", module=r"coremltools\..*")
+        warnings.filterwarnings("ignore", module=r"torch\..*")
+        for noisy in ("coremltools", "torch", "transformers"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+        except ImportError:  # pragma: no cover
+            pass
+
+
+def _register() -> None:
+    from anechain.cli import checkpoint as _checkpoint
+    from anechain.cli import export as _export
+
+    for module in (_checkpoint, _export):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_register()

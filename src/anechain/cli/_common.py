@@ -1,0 +1,82 @@
+"""Pieces shared by the command modules: param types, config loading, progress."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from anechain.config import Config, LayerRange, load_config, load_preset
+from anechain.errors import ConfigError
+
+
+class LayerSpecType(click.ParamType):
+    """START:END:PATH, e.g. 8:16:artifacts/layers_8_16.mlpackage."""
+
+    name = "START:END:PATH"
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        from anechain.export import LayerSpec
+
+        if isinstance(value, LayerSpec):
+            return value
+        start, sep1, rest = str(value).partition(":")
+        end, sep2, path = rest.partition(":")
+        if not (sep1 and sep2 and path):
+            self.fail(f"{value!r} is not START:END:PATH (e.g. 0:8:a.mlpackage)", param, ctx)
+        try:
+            layers = LayerRange.parse(f"{start}:{end}")
+        except ConfigError as exc:
+            self.fail(f"{value!r}: {exc}", param, ctx)
+        if not path.endswith(".mlpackage"):
+            self.fail(f"{value!r}: PATH must end in .mlpackage", param, ctx)
+        return LayerSpec(layers, Path(path))
+
+
+class LayerRangeType(click.ParamType):
+    name = "START:END"
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, LayerRange):
+            return value
+        try:
+            return LayerRange.parse(str(value))
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def resolve_config(config_path: Path | None, preset: str | None = None) -> Config:
+    """The config file if given, else the named preset, else Phi-4-mini's defaults."""
+    if config_path is not None:
+        return load_config(config_path)
+    return load_preset(preset or "phi-4-mini")
+
+
+def progress_printer() -> Callable[[str], None]:
+    """Progress lines on stderr, each stamped with the time since the command started."""
+    t0 = time.perf_counter()
+
+    def say(message: str) -> None:
+        click.echo(f"[{time.perf_counter() - t0:7.1f}s] {message}", err=True)
+
+    return say
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+def render_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)

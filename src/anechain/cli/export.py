@@ -1,0 +1,136 @@
+"""`anechain export`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import click
+
+from anechain.cli._common import (
+    LayerSpecType,
+    human_bytes,
+    progress_printer,
+    render_table,
+    resolve_config,
+)
+
+
+@click.command("export")
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    help="Hugging Face checkpoint folder (config.json + safetensors).",
+)
+@click.option(
+    "--layer-spec",
+    "specs",
+    multiple=True,
+    required=True,
+    type=LayerSpecType(),
+    help="START:END:PATH: decoder layers [START, END) into PATH (.mlpackage). Repeatable.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="anechain YAML config (default: the phi-4-mini preset's export settings).",
+)
+@click.option(
+    "--context",
+    type=click.IntRange(min=32),
+    default=None,
+    help="Context length (KV cache size); overrides the config.",
+)
+@click.option(
+    "--quantization",
+    type=click.Choice(["int8", "none"]),
+    default=None,
+    help="Weight format; overrides the config (default int8).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace existing packages.")
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the summary as JSON.",
+)
+def export(
+    model_dir: Path,
+    specs: tuple,
+    config_path: Path | None,
+    context: int | None,
+    quantization: str | None,
+    overwrite: bool,
+    json_out: Path | None,
+) -> None:
+    """Export fused, stateful, INT8 layer-range shards as Core ML packages.
+
+    Each --layer-spec produces one ML Program (iOS18/macOS15, fp16 compute) holding decoder
+    layers [START, END) for single-token decode, with the KV cache as Core ML state and
+    every projection a 1x1 conv. Packages are written atomically.
+
+    \b
+    Examples:
+      anechain export --model ckpt --config configs/phi-4-mini.yaml \\
+          --layer-spec 0:8:artifacts/layers_0_8.mlpackage \\
+          --layer-spec 24:30:artifacts/layers_24_30.mlpackage \\
+          --layer-spec 30:32:artifacts/layers_30_32.mlpackage
+      anechain export --model artifacts/tiny-ckpt --config configs/tiny.yaml \\
+          --layer-spec 0:3:artifacts/tiny_0_3.mlpackage
+    """
+    from anechain.checkpoint import Checkpoint
+    from anechain.export import export_shards
+
+    config = resolve_config(config_path)
+    settings = config.export
+    if context is not None:
+        settings = dataclasses.replace(settings, context_length=context)
+    if quantization is not None:
+        settings = dataclasses.replace(settings, quantization=quantization)
+    checkpoint = Checkpoint(model_dir)
+    n_layers = checkpoint.architecture.num_hidden_layers
+    seen: dict[Path, str] = {}
+    for spec in specs:
+        label = f"{spec.layers}:{spec.path}"
+        if spec.layers.end > n_layers:
+            raise click.BadParameter(
+                f"{label}: END is past the model's {n_layers} decoder layers",
+                param_hint="--layer-spec",
+            )
+        key = spec.path.resolve()
+        if key in seen:
+            raise click.BadParameter(
+                f"{label} and {seen[key]} write the same path", param_hint="--layer-spec"
+            )
+        seen[key] = label
+        if spec.path.exists() and not overwrite:
+            raise click.BadParameter(
+                f"{label}: {spec.path} exists; pass --overwrite to replace",
+                param_hint="--layer-spec",
+            )
+
+    say = progress_printer()
+    results = export_shards(checkpoint, list(specs), settings, overwrite, progress=say)
+    rows = [
+        [
+            str(r.path),
+            str(r.layers),
+            str(r.op_counts.get("conv", 0)),
+            str(r.quantized_weights),
+            human_bytes(r.size_bytes),
+            f"{r.seconds:.1f}s",
+        ]
+        for r in results
+    ]
+    click.echo(render_table(["package", "layers", "conv", "int8 weights", "size", "time"], rows))
+    if json_out is not None:
+        from anechain.fsutil import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+
+
+COMMANDS = [export]

@@ -1,0 +1,290 @@
+"""Typed configs: architecture presets, export settings, validation gates, and layer ranges.
+
+Configs are YAML files validated when loaded: an unknown key or a wrong type is a
+ConfigError naming the key. Precedence is CLI > YAML > dataclass defaults; the CLI applies
+its overrides with `dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from anechain.errors import ConfigError
+
+PRESETS = ("tiny", "phi-4-mini")
+
+
+@dataclass(frozen=True, order=True)
+class LayerRange:
+    """Decoder layers [start, end) of one shard."""
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end:
+            raise ConfigError(f"layer range {self.start}:{self.end} needs 0 <= START < END")
+
+    @classmethod
+    def parse(cls, text: str) -> LayerRange:
+        parts = text.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ConfigError(f"layer range {text!r} is not START:END (e.g. 8:16)")
+        return cls(int(parts[0]), int(parts[1]))
+
+    @property
+    def num_layers(self) -> int:
+        return self.end - self.start
+
+    def check_within(self, num_hidden_layers: int) -> None:
+        if self.end > num_hidden_layers:
+            raise ConfigError(
+                f"layer range {self} ends past the model's {num_hidden_layers} decoder layers"
+            )
+
+    def __str__(self) -> str:
+        return f"{self.start}:{self.end}"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Phi-4-mini architecture numbers, with Hugging Face's names (used to make checkpoints)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    partial_rotary_factor: float = 0.75
+    max_position_embeddings: int = 131072
+    original_max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"architecture.{name} must be positive")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError("architecture.hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                "architecture.num_attention_heads must be a multiple of num_key_value_heads"
+            )
+        if self.rotary_dim % 2 or not 0 < self.partial_rotary_factor <= 1:
+            raise ConfigError(
+                "architecture.partial_rotary_factor must give an even rotary dimension "
+                "in (0, head_dim]"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """How layer shards are built."""
+
+    context_length: int = 2048
+    # "int8": per-output-channel symmetric INT8 projections; "none": fp16 weights.
+    quantization: str = "int8"
+    topology: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.context_length <= 0 or self.context_length % 32:
+            raise ConfigError(
+                f"export.context_length must be a positive multiple of 32 (ANE-friendly state "
+                f"shapes), got {self.context_length}"
+            )
+        if self.quantization not in ("int8", "none"):
+            raise ConfigError(
+                f"export.quantization must be 'int8' or 'none', got {self.quantization!r}"
+            )
+        for spec in self.topology:
+            LayerRange.parse(spec)
+
+    @property
+    def layer_ranges(self) -> list[LayerRange]:
+        return [LayerRange.parse(s) for s in self.topology]
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Golden gates: shard output against PyTorch. NaN/Inf always rejects."""
+
+    min_cosine: float = 0.998
+    # Cosine of (output - input): catches a layer whose contribution vanished.
+    min_delta_cosine: float = 0.9
+    max_rmse: float = 0.25
+    max_abs: float = 1.0
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    steps: int = 16
+    calibration_seed: int = 0
+    # Explicit token ids; when empty, `steps` ids are drawn with calibration_seed.
+    calibration_tokens: tuple[int, ...] = ()
+    gates: Gates = field(default_factory=Gates)
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise ConfigError(f"validation.steps must be positive, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class ResidencySettings:
+    # Strict: every conv and every compute op prefers the Neural Engine.
+    strict: bool = True
+    max_compute_non_ane: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    architecture: Architecture
+    export: ExportSettings = field(default_factory=ExportSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+    residency: ResidencySettings = field(default_factory=ResidencySettings)
+    name: str = ""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, casting only where YAML is lossy."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping")
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list")
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        # PyYAML reads 1e-5 (no dot) as a string: cast it explicitly.
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")  # internal: new field type
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from `data`, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        key = f"{where}.{missing[0]}" if where else missing[0]
+        raise ConfigError(f"missing config key {key!r}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - guarded by the checks above
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as plain JSON/YAML-friendly data (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(obj))
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    try:
+        config: Config = from_dict(Config, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    for r in config.export.layer_ranges:
+        try:
+            r.check_within(config.architecture.num_hidden_layers)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: export.topology: {exc}") from None
+    return config
+
+
+def preset_path(name: str) -> Path:
+    """Path of a preset shipped with the package (configs/ holds links to these)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return Path(str(resources.files("anechain") / "presets" / f"{name}.yaml"))
+
+
+def load_preset(name: str) -> Config:
+    return load_config(preset_path(name))

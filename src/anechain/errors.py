@@ -1,0 +1,57 @@
+"""The exceptions anechain raises; the CLI turns each into a one-line message and exit 1."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AnechainError(Exception):
+    """Base class: a failure the user should see as a message, not a traceback."""
+
+
+class ConfigError(AnechainError):
+    """A config file, preset or option value is invalid."""
+
+
+class CheckpointError(AnechainError):
+    """A checkpoint folder is missing, malformed, or not a Phi-4-mini-style model."""
+
+
+class ExportError(AnechainError):
+    """Tracing, conversion, quantization or saving a package failed."""
+
+
+class PackageError(AnechainError):
+    """A .mlpackage is corrupt, or is not an anechain shard, or does not match its inputs."""
+
+
+class RunnerError(AnechainError):
+    """A shard runner cannot execute a program (unknown op, bad inputs)."""
+
+
+class CompileError(AnechainError):
+    """The Core ML compiler failed; carries its own message."""
+
+    def __init__(self, message: str, stderr: str = "") -> None:
+        super().__init__(message)
+        self.stderr = stderr
+
+
+class ResidencyError(AnechainError):
+    """A compute plan could not be read or replayed."""
+
+
+class ParityError(AnechainError):
+    """A shard failed a golden gate; carries the comparison."""
+
+    def __init__(self, message: str, comparison: Any = None) -> None:
+        super().__init__(message)
+        self.comparison = comparison
+
+
+class ManifestError(AnechainError):
+    """A manifest cannot be built, loaded or verified."""
+
+
+class PlatformError(AnechainError):
+    """The command needs something this machine does not have (macOS, Core ML)."""

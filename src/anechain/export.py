@@ -1,0 +1,267 @@
+"""Export decoder-layer ranges as fused, stateful, INT8 Core ML packages.
+
+trace (torch.jit) -> ct.convert (ML Program, iOS18, fp16, KV states) -> INT8 per-channel
+weights (projections only) -> metadata -> save into a temporary folder -> rename.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from anechain import __version__
+from anechain.checkpoint import Checkpoint
+from anechain.config import ExportSettings, LayerRange
+from anechain.contract import KIND_LAYERS, IOContract, ShardMetadata, layer_contract
+from anechain.errors import ExportError
+from anechain.fsutil import atomic_path
+from anechain.model import LayerRangeModel
+from anechain.package import package_size
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One shard to export: a layer range and where its package goes."""
+
+    layers: LayerRange
+    path: Path
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    layers: LayerRange
+    op_counts: dict[str, int]
+    quantized_weights: int
+    size_bytes: int
+    seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "layers": str(self.layers),
+            "op_counts": dict(self.op_counts),
+            "quantized_weights": self.quantized_weights,
+            "size_bytes": self.size_bytes,
+            "seconds": round(self.seconds, 2),
+            "stage_seconds": {k: round(v, 2) for k, v in self.stage_seconds.items()},
+        }
+
+
+def _example_inputs(contract: IOContract) -> tuple[torch.Tensor, ...]:
+    out = []
+    for spec in contract.inputs:
+        if spec.dtype == "int32":
+            out.append(torch.zeros(spec.shape, dtype=torch.int32))
+        else:
+            out.append(torch.zeros(spec.shape, dtype=torch.float32))
+    return tuple(out)
+
+
+def _convert(traced: Any, contract: IOContract) -> Any:
+    import coremltools as ct
+
+    inputs = [
+        ct.TensorType(name=s.name, shape=s.shape, dtype=np.dtype(s.dtype).type)
+        for s in contract.inputs
+    ]
+    outputs = [ct.TensorType(name=s.name, dtype=np.float16) for s in contract.outputs]
+    states = [
+        ct.StateType(wrapped_type=ct.TensorType(shape=s.shape, dtype=np.float16), name=s.name)
+        for s in contract.states
+    ]
+    return ct.convert(
+        traced,
+        inputs=inputs,
+        outputs=outputs,
+        states=states,
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.precision.FLOAT16,
+        skip_model_load=True,
+    )
+
+
+def _quantize_int8(mlmodel: Any) -> Any:
+    """Per-output-channel symmetric INT8 for conv weights only.
+
+    Restricted by op type: in the conv layout the RMSNorm gains (1, C, 1, 1) would exceed
+    the default size threshold and be quantized too; they must stay fp16.
+    """
+    from coremltools.optimize.coreml import (
+        OpLinearQuantizerConfig,
+        OptimizationConfig,
+        linear_quantize_weights,
+    )
+
+    op_config = OpLinearQuantizerConfig(
+        mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0
+    )
+    config = OptimizationConfig(global_config=None, op_type_configs={"conv": op_config})
+    return linear_quantize_weights(mlmodel, config=config)
+
+
+def program_op_counts(prog: Any) -> Counter[str]:
+    """Op types in the main function, nested blocks included."""
+    counts: Counter[str] = Counter()
+
+    def walk(ops: Any) -> None:
+        for op in ops:
+            counts[op.op_type] += 1
+            for block in getattr(op, "blocks", ()):
+                walk(block.operations)
+
+    walk(prog.functions["main"].operations)
+    return counts
+
+
+def export_shard(
+    checkpoint: Checkpoint,
+    spec: LayerSpec,
+    settings: ExportSettings,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export one layer range to one .mlpackage, atomically."""
+    import coremltools as ct  # noqa: F401  (import cost belongs to the first stage)
+
+    say = progress or (lambda msg: log.info(msg))
+    arch = checkpoint.architecture
+    layers = spec.layers
+    layers.check_within(arch.num_hidden_layers)
+    if spec.path.suffix != ".mlpackage":
+        raise ExportError(f"{spec.path}: the output must end in .mlpackage")
+    if spec.path.exists() and not overwrite:
+        raise ExportError(f"{spec.path} already exists; pass --overwrite to replace it")
+
+    t0 = time.perf_counter()
+    stages: dict[str, float] = {}
+
+    def stage(name: str, t: float) -> float:
+        now = time.perf_counter()
+        stages[name] = now - t
+        say(f"[{layers}] {name} done in {now - t:.1f}s")
+        return now
+
+    contract = layer_contract(arch, settings.context_length, layers.num_layers)
+    say(f"[{layers}] reading {layers.num_layers} layers from {checkpoint.path}")
+    names = checkpoint.layer_tensor_names(layers)
+    tensors = checkpoint.read_tensors(names)
+    weights_fp = checkpoint.weights_fingerprint(names)
+    model = LayerRangeModel(arch, layers, settings.context_length).eval()
+    model.load_hf_layer_weights(tensors)
+    del tensors
+    t = stage("load", t0)
+
+    with torch.inference_mode(False), torch.no_grad():
+        traced = torch.jit.trace(model, _example_inputs(contract), check_trace=False)
+    del model
+    t = stage("trace", t)
+
+    try:
+        mlmodel = _convert(traced, contract)
+    except Exception as exc:
+        raise ExportError(f"[{layers}] conversion failed: {exc}") from exc
+    del traced
+    gc.collect()
+    t = stage("convert", t)
+
+    if settings.quantization == "int8":
+        try:
+            mlmodel = _quantize_int8(mlmodel)
+        except Exception as exc:
+            raise ExportError(f"[{layers}] INT8 quantization failed: {exc}") from exc
+        gc.collect()
+        t = stage("quantize", t)
+
+    counts = program_op_counts(mlmodel._mil_program)
+    expected_conv = 4 * layers.num_layers
+    if counts["conv"] != expected_conv or counts["linear"] or counts["linear_quantized"]:
+        raise ExportError(
+            f"[{layers}] unexpected program: {counts['conv']} conv ops (want {expected_conv}), "
+            f"{counts['linear']} linear"
+        )
+    quantized = counts["constexpr_blockwise_shift_scale"]
+    if settings.quantization == "int8" and quantized != expected_conv:
+        raise ExportError(
+            f"[{layers}] {quantized} INT8 weights in the program, want {expected_conv}"
+        )
+
+    meta = ShardMetadata(
+        version=__version__,
+        kind=KIND_LAYERS,
+        layers=layers,
+        num_hidden_layers=arch.num_hidden_layers,
+        checkpoint_fingerprint=checkpoint.fingerprint,
+        weights_fingerprint=weights_fp,
+        quantization=settings.quantization,
+        context_length=settings.context_length,
+        architecture=arch,
+        contract=contract,
+    )
+    mlmodel.user_defined_metadata.update(meta.to_user_metadata())
+    mlmodel.short_description = (
+        f"Phi-4-mini decoder layers [{layers.start}, {layers.end}) for single-token decode, "
+        f"{settings.quantization} weights, KV cache as state"
+    )
+    mlmodel.version = __version__
+
+    with atomic_path(spec.path, overwrite=overwrite) as tmp:
+        mlmodel.save(str(tmp))
+    del mlmodel
+    gc.collect()
+    stage("save", t)
+
+    return ExportResult(
+        path=spec.path,
+        layers=layers,
+        op_counts=dict(counts),
+        quantized_weights=quantized,
+        size_bytes=package_size(spec.path),
+        seconds=time.perf_counter() - t0,
+        stage_seconds=stages,
+    )
+
+
+def export_shards(
+    checkpoint: Checkpoint,
+    specs: list[LayerSpec],
+    settings: ExportSettings,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> list[ExportResult]:
+    """Export several ranges one after another, freeing memory in between.
+
+    Every spec is checked before the first (slow) export starts.
+    """
+    arch = checkpoint.architecture
+    seen: dict[Path, LayerSpec] = {}
+    for spec in specs:
+        spec.layers.check_within(arch.num_hidden_layers)
+        key = spec.path.resolve()
+        if key in seen:
+            raise ExportError(f"two layer specs write {spec.path}")
+        seen[key] = spec
+        if spec.path.exists() and not overwrite:
+            raise ExportError(f"{spec.path} already exists; pass --overwrite to replace it")
+    results = []
+    for n, spec in enumerate(specs, start=1):
+        if progress:
+            progress(f"shard {n}/{len(specs)}: layers {spec.layers} -> {spec.path}")
+        results.append(export_shard(checkpoint, spec, settings, overwrite, progress))
+        gc.collect()
+    return results

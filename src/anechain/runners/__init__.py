@@ -1,0 +1,51 @@
+"""One runner interface, two implementations: `mil` (any OS) and `coreml` (macOS 15+).
+
+Both are driven by the same step-by-step decode loop; a runner owns the shard's state
+(KV cache) and carries it across steps until `reset()`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from anechain.errors import ConfigError
+from anechain.platform import is_macos
+
+BACKENDS = ("auto", "mil", "coreml")
+
+
+class ShardRunner(Protocol):
+    name: str
+
+    def reset(self) -> None:
+        """Zero every state (a fresh KV cache)."""
+
+    def step(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one prediction; states are read and updated in place."""
+
+    def read_state(self, name: str) -> np.ndarray:
+        """Current value of a state."""
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` is `coreml` on macOS and `mil` elsewhere."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "coreml" if is_macos() else "mil"
+    return backend
+
+
+def open_runner(backend: str, package: str | Path, **options: object) -> ShardRunner:
+    """A runner for `package` (an .mlpackage; the coreml runner compiles or takes .mlmodelc)."""
+    backend = resolve_backend(backend)
+    if backend == "mil":
+        from anechain.runners.mil import MILRunner
+
+        return MILRunner(package, **options)  # type: ignore[arg-type]
+    from anechain.runners.coreml import CoreMLRunner
+
+    return CoreMLRunner(package, **options)  # type: ignore[arg-type]

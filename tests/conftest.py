@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny random Phi-4-mini-architecture checkpoint on disk, and its shards.
+
+The checkpoint is written in the real format (sharded bf16 safetensors + index + config),
+so every test goes through the same loading code as a real model.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from anechain.checkpoint import Checkpoint, write_random_checkpoint
+from anechain.config import Config, LayerRange, load_preset
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if sys.platform == "darwin":
+        return
+    skip = pytest.mark.skip(reason="needs macOS with Core ML")
+    for item in items:
+        if "macos" in item.keywords or "ane" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Config:
+    return load_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_dir(tmp_path_factory: pytest.TempPathFactory, tiny_config: Config) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    # Small shard files so the index/sharding path is exercised as in a real checkpoint.
+    return write_random_checkpoint(out, tiny_config.architecture, seed=0, max_shard_bytes=200_000)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_checkpoint_dir: Path) -> Checkpoint:
+    return Checkpoint(tiny_checkpoint_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(
+    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Checkpoint, tiny_config: Config
+) -> dict[LayerRange, Path]:
+    """The tiny preset's asymmetric topology, exported once per session."""
+    from anechain.export import LayerSpec, export_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    specs = [
+        LayerSpec(r, out / f"layers_{r.start}_{r.end}.mlpackage")
+        for r in tiny_config.export.layer_ranges
+    ]
+    export_shards(tiny_checkpoint, specs, tiny_config.export)
+    return {s.layers: s.path for s in specs}
