@@ -55,3 +55,29 @@ def tiny_shards(
     ]
     export_shards(tiny_checkpoint, specs, tiny_config.export)
     return {s.layers: s.path for s in specs}
+
+
+def scale_tensor(checkpoint_dir: Path, name: str, factor: float) -> None:
+    """Alter one tensor of a checkpoint in place (tests work on copies)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((checkpoint_dir / "model.safetensors.index.json").read_text())
+    file = checkpoint_dir / index["weight_map"][name]
+    tensors = load_file(str(file))
+    tensors[name] = (tensors[name].float() * factor).to(tensors[name].dtype)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="session")
+def overflow_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint_dir: Path):
+    """The tiny checkpoint with layer 4's down_proj scaled so its output overflows fp16.
+
+    fp32 (the reference) is fine; the fp16 shard is not, as in real late layers.
+    """
+    from anechain.checkpoint import copy_checkpoint
+
+    out = copy_checkpoint(tiny_checkpoint_dir, tmp_path_factory.mktemp("overflow") / "ckpt")
+    scale_tensor(out, "model.layers.4.mlp.down_proj.weight", 1e5)
+    return Checkpoint(out)

@@ -175,6 +175,9 @@ class Checkpoint:
         layers.check_within(self.architecture.num_hidden_layers)
         return [n for i in range(layers.start, layers.end) for n in hf_layer_tensor_names(i)]
 
+    def layer_tensor_names_for(self, layer_index: int) -> list[str]:
+        return self.layer_tensor_names(LayerRange(layer_index, layer_index + 1))
+
     def _hash_bytes(self, h: Any, loc: _TensorLocation, sample: bool) -> None:
         size = loc.end - loc.begin
         with open(loc.file, "rb") as f:

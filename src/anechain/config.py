@@ -111,8 +111,14 @@ class ExportSettings:
     # "int8": per-output-channel symmetric INT8 projections; "none": fp16 weights.
     quantization: str = "int8"
     topology: tuple[str, ...] = ()
+    # LM head vocabulary chunk: the ANE's per-dimension limit is 16384.
+    head_chunk_rows: int = 16384
 
     def __post_init__(self) -> None:
+        if not 0 < self.head_chunk_rows <= 16384:
+            raise ConfigError(
+                f"export.head_chunk_rows must be in 1..16384, got {self.head_chunk_rows}"
+            )
         if self.context_length <= 0 or self.context_length % 32:
             raise ConfigError(
                 f"export.context_length must be a positive multiple of 32 (ANE-friendly state "

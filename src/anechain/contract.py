@@ -26,6 +26,7 @@ from anechain.errors import PackageError
 MASK_VALUE = -30000.0
 
 KIND_LAYERS = "layers"
+KIND_HEAD = "head"
 META_PREFIX = "anechain."
 
 
@@ -67,6 +68,18 @@ class IOContract:
         return d
 
 
+def head_contract(arch: Architecture, num_chunks: int) -> IOContract:
+    """Final norm + LM head: each vocabulary chunk's largest logit and its index."""
+    return IOContract(
+        inputs=(TensorSpec("hidden_states", (1, arch.hidden_size, 1, 1), "float16"),),
+        outputs=(
+            TensorSpec("chunk_max", (1, num_chunks), "float16"),
+            TensorSpec("chunk_argmax", (1, num_chunks), "int32"),
+        ),
+        states=(),
+    )
+
+
 def layer_contract(arch: Architecture, context_length: int, num_layers: int) -> IOContract:
     hidden, rot = arch.hidden_size, arch.rotary_dim
     state_shape = (num_layers, arch.num_key_value_heads, context_length, arch.head_dim)
@@ -92,7 +105,7 @@ class ShardMetadata:
 
     version: str
     kind: str
-    layers: LayerRange
+    layers: LayerRange | None  # None for the head
     num_hidden_layers: int
     checkpoint_fingerprint: str
     weights_fingerprint: str
@@ -107,7 +120,7 @@ class ShardMetadata:
         return {
             f"{p}version": self.version,
             f"{p}kind": self.kind,
-            f"{p}layers": str(self.layers),
+            f"{p}layers": str(self.layers) if self.layers is not None else "",
             f"{p}num_hidden_layers": str(self.num_hidden_layers),
             f"{p}checkpoint_fingerprint": self.checkpoint_fingerprint,
             f"{p}weights_fingerprint": self.weights_fingerprint,
@@ -139,7 +152,7 @@ class ShardMetadata:
             return cls(
                 version=meta[f"{p}version"],
                 kind=meta[f"{p}kind"],
-                layers=LayerRange.parse(meta[f"{p}layers"]),
+                layers=LayerRange.parse(meta[f"{p}layers"]) if meta[f"{p}layers"] else None,
                 num_hidden_layers=int(meta[f"{p}num_hidden_layers"]),
                 checkpoint_fingerprint=meta[f"{p}checkpoint_fingerprint"],
                 weights_fingerprint=meta[f"{p}weights_fingerprint"],

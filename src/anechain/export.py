@@ -7,6 +7,7 @@ weights (projections only) -> metadata -> save into a temporary folder -> rename
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import time
 from collections import Counter
@@ -21,11 +22,19 @@ import torch
 from anechain import __version__
 from anechain.checkpoint import Checkpoint
 from anechain.config import ExportSettings, LayerRange
-from anechain.contract import KIND_LAYERS, IOContract, ShardMetadata, layer_contract
+from anechain.contract import (
+    KIND_HEAD,
+    KIND_LAYERS,
+    IOContract,
+    ShardMetadata,
+    head_contract,
+    layer_contract,
+)
 from anechain.errors import ExportError
 from anechain.fsutil import atomic_path
-from anechain.model import LayerRangeModel
+from anechain.model import LayerRangeModel, LMHeadModel
 from anechain.package import package_size
+from anechain.rope import RopeParameters
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +52,7 @@ class LayerSpec:
 @dataclass
 class ExportResult:
     path: Path
-    layers: LayerRange
+    layers: LayerRange | None  # None for the head
     op_counts: dict[str, int]
     quantized_weights: int
     size_bytes: int
@@ -53,7 +62,7 @@ class ExportResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": str(self.path),
-            "layers": str(self.layers),
+            "layers": str(self.layers) if self.layers else "head",
             "op_counts": dict(self.op_counts),
             "quantized_weights": self.quantized_weights,
             "size_bytes": self.size_bytes,
@@ -63,6 +72,7 @@ class ExportResult:
 
 
 def _example_inputs(contract: IOContract) -> tuple[torch.Tensor, ...]:
+    # fp32 example inputs: the module is traced in fp32 and converted with fp16 compute.
     out = []
     for spec in contract.inputs:
         if spec.dtype == "int32":
@@ -79,7 +89,7 @@ def _convert(traced: Any, contract: IOContract) -> Any:
         ct.TensorType(name=s.name, shape=s.shape, dtype=np.dtype(s.dtype).type)
         for s in contract.inputs
     ]
-    outputs = [ct.TensorType(name=s.name, dtype=np.float16) for s in contract.outputs]
+    outputs = [ct.TensorType(name=s.name, dtype=np.dtype(s.dtype).type) for s in contract.outputs]
     states = [
         ct.StateType(wrapped_type=ct.TensorType(shape=s.shape, dtype=np.float16), name=s.name)
         for s in contract.states
@@ -88,7 +98,7 @@ def _convert(traced: Any, contract: IOContract) -> Any:
         traced,
         inputs=inputs,
         outputs=outputs,
-        states=states,
+        states=states or None,
         convert_to="mlprogram",
         minimum_deployment_target=ct.target.iOS18,
         compute_precision=ct.precision.FLOAT16,
@@ -129,53 +139,35 @@ def program_op_counts(prog: Any) -> Counter[str]:
     return counts
 
 
-def export_shard(
-    checkpoint: Checkpoint,
-    spec: LayerSpec,
+def _build_package(
+    module: torch.nn.Module,
+    contract: IOContract,
+    meta: ShardMetadata,
+    dest: Path,
     settings: ExportSettings,
-    overwrite: bool = False,
-    progress: Progress | None = None,
-) -> ExportResult:
-    """Export one layer range to one .mlpackage, atomically."""
-    import coremltools as ct  # noqa: F401  (import cost belongs to the first stage)
-
-    say = progress or (lambda msg: log.info(msg))
-    arch = checkpoint.architecture
-    layers = spec.layers
-    layers.check_within(arch.num_hidden_layers)
-    if spec.path.suffix != ".mlpackage":
-        raise ExportError(f"{spec.path}: the output must end in .mlpackage")
-    if spec.path.exists() and not overwrite:
-        raise ExportError(f"{spec.path} already exists; pass --overwrite to replace it")
-
-    t0 = time.perf_counter()
+    expected_conv: int,
+    description: str,
+    overwrite: bool,
+    say: Progress,
+) -> tuple[Counter[str], dict[str, float]]:
+    """trace -> convert -> INT8 -> check the program -> metadata -> atomic save."""
+    label = f"[{meta.layers or meta.kind}]"
     stages: dict[str, float] = {}
+    t = time.perf_counter()
 
-    def stage(name: str, t: float) -> float:
+    def stage(name: str, since: float) -> float:
         now = time.perf_counter()
-        stages[name] = now - t
-        say(f"[{layers}] {name} done in {now - t:.1f}s")
+        stages[name] = now - since
+        say(f"{label} {name} done in {now - since:.1f}s")
         return now
 
-    contract = layer_contract(arch, settings.context_length, layers.num_layers)
-    say(f"[{layers}] reading {layers.num_layers} layers from {checkpoint.path}")
-    names = checkpoint.layer_tensor_names(layers)
-    tensors = checkpoint.read_tensors(names)
-    weights_fp = checkpoint.weights_fingerprint(names)
-    model = LayerRangeModel(arch, layers, settings.context_length).eval()
-    model.load_hf_layer_weights(tensors)
-    del tensors
-    t = stage("load", t0)
-
-    with torch.inference_mode(False), torch.no_grad():
-        traced = torch.jit.trace(model, _example_inputs(contract), check_trace=False)
-    del model
+    with torch.no_grad():
+        traced = torch.jit.trace(module, _example_inputs(contract), check_trace=False)
     t = stage("trace", t)
-
     try:
         mlmodel = _convert(traced, contract)
     except Exception as exc:
-        raise ExportError(f"[{layers}] conversion failed: {exc}") from exc
+        raise ExportError(f"{label} conversion failed: {exc}") from exc
     del traced
     gc.collect()
     t = stage("convert", t)
@@ -184,56 +176,164 @@ def export_shard(
         try:
             mlmodel = _quantize_int8(mlmodel)
         except Exception as exc:
-            raise ExportError(f"[{layers}] INT8 quantization failed: {exc}") from exc
+            raise ExportError(f"{label} INT8 quantization failed: {exc}") from exc
         gc.collect()
         t = stage("quantize", t)
 
     counts = program_op_counts(mlmodel._mil_program)
-    expected_conv = 4 * layers.num_layers
-    if counts["conv"] != expected_conv or counts["linear"] or counts["linear_quantized"]:
+    if counts["conv"] != expected_conv or counts["linear"]:
         raise ExportError(
-            f"[{layers}] unexpected program: {counts['conv']} conv ops (want {expected_conv}), "
+            f"{label} unexpected program: {counts['conv']} conv ops (want {expected_conv}), "
             f"{counts['linear']} linear"
         )
     quantized = counts["constexpr_blockwise_shift_scale"]
     if settings.quantization == "int8" and quantized != expected_conv:
-        raise ExportError(
-            f"[{layers}] {quantized} INT8 weights in the program, want {expected_conv}"
-        )
+        raise ExportError(f"{label} {quantized} INT8 weights in the program, want {expected_conv}")
 
+    mlmodel.user_defined_metadata.update(meta.to_user_metadata())
+    mlmodel.short_description = description
+    mlmodel.version = __version__
+    with atomic_path(dest, overwrite=overwrite) as tmp:
+        mlmodel.save(str(tmp))
+    del mlmodel
+    gc.collect()
+    stage("save", t)
+    return counts, stages
+
+
+def _rope_metadata(checkpoint: Checkpoint) -> dict[str, str]:
+    """LongRoPE frequencies and scaling, so a runtime can build cos/sin without the checkpoint."""
+    rope = RopeParameters.from_hf_config(checkpoint.hf_config)
+    return {"rope": json.dumps(rope.to_dict(), sort_keys=True)}
+
+
+def _check_dest(dest: Path, overwrite: bool) -> None:
+    if dest.suffix != ".mlpackage":
+        raise ExportError(f"{dest}: the output must end in .mlpackage")
+    if dest.exists() and not overwrite:
+        raise ExportError(f"{dest} already exists; pass --overwrite to replace it")
+
+
+def export_shard(
+    checkpoint: Checkpoint,
+    spec: LayerSpec,
+    settings: ExportSettings,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export one layer range to one .mlpackage, atomically."""
+    say = progress or (lambda msg: log.info(msg))
+    arch = checkpoint.architecture
+    layers = spec.layers
+    layers.check_within(arch.num_hidden_layers)
+    _check_dest(spec.path, overwrite)
+
+    t0 = time.perf_counter()
+    contract = layer_contract(arch, settings.context_length, layers.num_layers)
+    say(f"[{layers}] reading {layers.num_layers} layers from {checkpoint.path}")
+    names = checkpoint.layer_tensor_names(layers)
+    tensors = checkpoint.read_tensors(names)
+    model = LayerRangeModel(arch, layers, settings.context_length).eval()
+    model.load_hf_layer_weights(tensors)
+    del tensors
     meta = ShardMetadata(
         version=__version__,
         kind=KIND_LAYERS,
         layers=layers,
         num_hidden_layers=arch.num_hidden_layers,
         checkpoint_fingerprint=checkpoint.fingerprint,
-        weights_fingerprint=weights_fp,
+        weights_fingerprint=checkpoint.weights_fingerprint(names),
         quantization=settings.quantization,
         context_length=settings.context_length,
         architecture=arch,
         contract=contract,
     )
-    mlmodel.user_defined_metadata.update(meta.to_user_metadata())
-    mlmodel.short_description = (
+    load_seconds = time.perf_counter() - t0
+    counts, stages = _build_package(
+        model,
+        contract,
+        meta,
+        spec.path,
+        settings,
+        4 * layers.num_layers,
         f"Phi-4-mini decoder layers [{layers.start}, {layers.end}) for single-token decode, "
-        f"{settings.quantization} weights, KV cache as state"
+        f"{settings.quantization} weights, KV cache as state",
+        overwrite,
+        say,
     )
-    mlmodel.version = __version__
-
-    with atomic_path(spec.path, overwrite=overwrite) as tmp:
-        mlmodel.save(str(tmp))
-    del mlmodel
-    gc.collect()
-    stage("save", t)
-
     return ExportResult(
         path=spec.path,
         layers=layers,
         op_counts=dict(counts),
-        quantized_weights=quantized,
+        quantized_weights=counts["constexpr_blockwise_shift_scale"],
         size_bytes=package_size(spec.path),
         seconds=time.perf_counter() - t0,
-        stage_seconds=stages,
+        stage_seconds={"load": load_seconds, **stages},
+    )
+
+
+def head_tensor_names(checkpoint: Checkpoint) -> tuple[str, str]:
+    """(final norm, LM head): the head is the embedding when they are tied."""
+    head = "lm_head.weight"
+    if checkpoint.architecture.tie_word_embeddings or head not in checkpoint.tensor_names():
+        head = "model.embed_tokens.weight"
+    return "model.norm.weight", head
+
+
+def export_head(
+    checkpoint: Checkpoint,
+    dest: Path,
+    settings: ExportSettings,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export the final RMSNorm + chunked LM head (INT8 like the layers)."""
+    say = progress or (lambda msg: log.info(msg))
+    arch = checkpoint.architecture
+    _check_dest(dest, overwrite)
+    t0 = time.perf_counter()
+    say(f"[head] reading the final norm and LM head from {checkpoint.path}")
+    names = head_tensor_names(checkpoint)
+    tensors = checkpoint.read_tensors(names)
+    model = LMHeadModel(arch, settings.head_chunk_rows).eval()
+    model.load_hf_weights(tensors[names[0]], tensors[names[1]])
+    del tensors
+    n_chunks = len(model.chunks)
+    contract = head_contract(arch, n_chunks)
+    meta = ShardMetadata(
+        version=__version__,
+        kind=KIND_HEAD,
+        layers=None,
+        num_hidden_layers=arch.num_hidden_layers,
+        checkpoint_fingerprint=checkpoint.fingerprint,
+        weights_fingerprint=checkpoint.weights_fingerprint(names),
+        quantization=settings.quantization,
+        context_length=settings.context_length,
+        architecture=arch,
+        contract=contract,
+        extra={"head_chunk_rows": str(settings.head_chunk_rows), **_rope_metadata(checkpoint)},
+    )
+    load_seconds = time.perf_counter() - t0
+    counts, stages = _build_package(
+        model,
+        contract,
+        meta,
+        dest,
+        settings,
+        n_chunks,
+        f"Phi-4-mini final norm + LM head in {n_chunks} chunks of <= "
+        f"{settings.head_chunk_rows} rows, each returning its max logit and argmax",
+        overwrite,
+        say,
+    )
+    return ExportResult(
+        path=dest,
+        layers=None,
+        op_counts=dict(counts),
+        quantized_weights=counts["constexpr_blockwise_shift_scale"],
+        size_bytes=package_size(dest),
+        seconds=time.perf_counter() - t0,
+        stage_seconds={"load": load_seconds, **stages},
     )
 
 

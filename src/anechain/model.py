@@ -181,3 +181,38 @@ def hf_layer_tensor_names(layer_index: int) -> list[str]:
         p + "mlp.gate_up_proj.weight",
         p + "mlp.down_proj.weight",
     ]
+
+
+class LMHeadModel(nn.Module):
+    """Final RMSNorm + LM head, the vocabulary split into conv chunks of <= chunk_rows rows.
+
+    Each chunk returns its largest logit and that logit's index, so the host reduces
+    n_chunks pairs instead of reading 200064 logits (and no tensor dimension exceeds the
+    ANE's 16384 limit).
+    """
+
+    def __init__(self, arch: Architecture, chunk_rows: int) -> None:
+        super().__init__()
+        self.norm = ANERMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        sizes = [
+            min(chunk_rows, arch.vocab_size - s) for s in range(0, arch.vocab_size, chunk_rows)
+        ]
+        self.chunk_rows = chunk_rows
+        self.chunks = nn.ModuleList(_conv(arch.hidden_size, n) for n in sizes)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.norm(hidden_states)  # (1, C, 1, 1)
+        maxes, indices = [], []
+        for chunk in self.chunks:
+            logits = chunk(h)  # (1, rows, 1, 1)
+            value, index = torch.max(logits.reshape(1, -1), dim=1, keepdim=True)  # (1, 1)
+            maxes.append(value)
+            indices.append(index.to(torch.int32))
+        return torch.cat(maxes, dim=1), torch.cat(indices, dim=1)  # (1, n_chunks) each
+
+    def load_hf_weights(self, norm_weight: torch.Tensor, lm_head: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.norm.weight.copy_(norm_weight.reshape(self.norm.weight.shape).float())
+            for i, chunk in enumerate(self.chunks):
+                rows = lm_head[i * self.chunk_rows : i * self.chunk_rows + chunk.out_channels]
+                chunk.weight.copy_(rows.reshape(chunk.weight.shape).float())

@@ -62,8 +62,11 @@ def cli(verbose: int) -> None:
 def _register() -> None:
     from anechain.cli import checkpoint as _checkpoint
     from anechain.cli import export as _export
+    from anechain.cli import macos as _macos
+    from anechain.cli import manifest as _manifest
+    from anechain.cli import validate as _validate
 
-    for module in (_checkpoint, _export):
+    for module in (_checkpoint, _export, _validate, _macos, _manifest):
         for command in module.COMMANDS:
             cli.add_command(command)
 

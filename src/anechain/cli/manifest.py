@@ -1,0 +1,100 @@
+"""`anechain manifest build | verify | show`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from anechain.cli import AnechainGroup
+
+
+@click.group("manifest", cls=AnechainGroup)
+def manifest_group() -> None:
+    """Build, verify and show the runtime manifest that chains validated shards."""
+
+
+@manifest_group.command("build")
+@click.argument("shards", nargs=-1, type=click.Path(path_type=Path, exists=True))
+@click.option(
+    "--report",
+    "reports",
+    multiple=True,
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="A shard's validation report (JSON). Repeatable.",
+)
+@click.option(
+    "-o",
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Manifest to write; every shard must be inside its folder.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def build(shards: tuple[Path, ...], reports: tuple[Path, ...], out: Path, overwrite: bool) -> None:
+    """Write a manifest for validated shards, given as reports and/or packages.
+
+    A package SHARD (NAME.mlpackage) is read through its report beside it,
+    NAME.report.json, as `anechain validate shard` writes it (a SHARD may also be a
+    report). Shards may come in
+    any order; they must have passed every gate, be unchanged since validation, share one
+    I/O contract and cover the model's decoder layers exactly once. Paths in the manifest
+    are relative to it, so the shards must sit in its folder (or below).
+
+    \b
+    Examples:
+      anechain manifest build artifacts/layers_*.mlpackage -o artifacts/manifest.json
+      anechain manifest build --report artifacts/layers_0_8.report.json \\
+          --report artifacts/layers_8_32.report.json -o artifacts/manifest.json --overwrite
+    """
+    from anechain.cli._common import human_bytes
+    from anechain.manifest import build_manifest
+
+    sources = [*reports, *shards]
+    if not sources:
+        raise click.UsageError("give shard packages or --report files to build from")
+    if out.exists() and not overwrite:
+        raise click.UsageError(f"{out} already exists; pass --overwrite to replace it")
+    manifest = build_manifest(sources, out, overwrite=overwrite)
+    size = sum(s.package.size_bytes for s in manifest.shards)
+    ranges = ", ".join(str(s.layers) for s in manifest.shards)
+    click.echo(f"wrote {out}: {len(manifest.shards)} shards ({ranges}), {human_bytes(size)}")
+
+
+@manifest_group.command("verify")
+@click.argument("manifest", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+def verify(manifest: Path) -> None:
+    """Check a manifest: schema, coverage, contract, paths, and every file's sha256.
+
+    Exits 1 naming the first problem, 0 with one OK line otherwise.
+
+    \b
+    Example:
+      anechain manifest verify artifacts/manifest.json
+    """
+    from anechain.manifest import verify_manifest
+
+    checks = verify_manifest(manifest)
+    hashed = sum(c.name == "sha256" for c in checks)
+    coverage = next(c.detail for c in checks if c.name == "coverage")
+    click.echo(f"OK {manifest}: {coverage}, {hashed} files match their sha256")
+
+
+@manifest_group.command("show")
+@click.argument("manifest", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+def show(manifest: Path) -> None:
+    """Print a manifest's topology: ranges, sizes, gate results, residency status.
+
+    Reads and checks the manifest's schema and paths but does not hash files; use
+    `anechain manifest verify` for that.
+
+    \b
+    Example:
+      anechain manifest show artifacts/manifest.json
+    """
+    from anechain.manifest import load_manifest, render_manifest
+
+    click.echo(render_manifest(load_manifest(manifest), manifest))
+
+
+COMMANDS = [manifest_group]

@@ -1,0 +1,203 @@
+"""`anechain validate shard`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import click
+
+from anechain.cli._common import progress_printer, render_table, resolve_config
+from anechain.runners import BACKENDS
+
+
+def default_report_path(package: Path) -> Path:
+    """Reports live beside their package: layers_0_8.mlpackage -> layers_0_8.report.json."""
+    return package.with_name(package.stem + ".report.json")
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "nan"
+    if abs(value) >= 100 or value == int(value):
+        return f"{value:.0f}" if value == int(value) else f"{value:.1f}"
+    return f"{value:.6f}" if abs(value) < 1 else f"{value:.4f}"
+
+
+def render_report(report: dict) -> str:
+    rows = [
+        [
+            g["name"],
+            _fmt(g["value"]),
+            f"{g['op']} {_fmt(g['bound'])}",
+            "pass" if g["passed"] else "FAIL",
+        ]
+        for g in report["gates"]
+    ]
+    res = report["residency"]
+    if res["status"] == "not_checked":
+        rows.append(["residency", "-", "strict", "not checked"])
+    else:
+        c = res.get("counts") or {}
+        value = (
+            f"conv {c.get('conv_ane', '?')}/{c.get('conv_total', '?')} on ANE, "
+            f"{c.get('compute_non_ane', '?')} non-ANE"
+        )
+        verdict = {True: "pass", False: "FAIL", None: "report only"}[res.get("passed")]
+        rows.append(["residency", value, res["status"], verdict])
+    lines = [
+        f"{report['package']['path']}  layers {report['layers']}  backend {report['backend']}  "
+        f"{report['steps']} steps",
+        render_table(["gate", "value", "bound", "result"], rows),
+    ]
+    golden = report["golden"]
+    if golden["first_nonfinite"]:
+        f = golden["first_nonfinite"]
+        where = f" in layer {f['layer']}" if f.get("layer") is not None else ""
+        op = f" at op {f['op']} ({f.get('op_type')})" if f.get("op") else ""
+        lines.append(f"first non-finite value: step {f['step']}{where}{op}")
+    if golden["layer_max_abs"]:
+        peaks = ", ".join(f"{k}: {_fmt(v)}" for k, v in golden["layer_max_abs"].items())
+        lines.append(f"largest |activation| per layer: {peaks}")
+    lines.append(f"verdict: {report['verdict'].upper()}")
+    return "\n".join(lines)
+
+
+@click.group("validate")
+def validate() -> None:
+    """Prove artifacts against PyTorch before they ship."""
+
+
+@validate.command("shard")
+@click.argument("package", type=click.Path(path_type=Path, exists=True))
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    help="The checkpoint the shard was exported from.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="auto",
+    show_default=True,
+    help="mil: fp16 reference interpreter over the saved program (any OS); "
+    "coreml: the compiled model on macOS 15+; auto: coreml on macOS.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="anechain YAML config for steps, calibration and gates (default: the phi-4-mini preset).",
+)
+@click.option("--steps", type=click.IntRange(min=1), help="Decode steps to compare.")
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="JSON report path (default: beside the package, NAME.report.json).",
+)
+@click.option("--min-cosine", type=float, help="Gate override.")
+@click.option("--min-delta-cosine", type=float, help="Gate override.")
+@click.option("--max-rmse", type=float, help="Gate override.")
+@click.option("--max-abs", type=float, help="Gate override.")
+@click.option(
+    "--compute-plan",
+    "plan_file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Replay a saved compute plan for residency (any OS).",
+)
+@click.option(
+    "--save-plan",
+    "save_plan_to",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Save the live compute plan as JSON (macOS).",
+)
+@click.option(
+    "--report-only",
+    is_flag=True,
+    help="Count residency but do not gate on it (machines without a Neural Engine).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where reference tensors are cached (default ~/.cache/anechain or $ANECHAIN_CACHE_DIR).",
+)
+def validate_shard_cmd(
+    package: Path,
+    model_dir: Path,
+    backend: str,
+    config_path: Path | None,
+    steps: int | None,
+    report_path: Path | None,
+    min_cosine: float | None,
+    min_delta_cosine: float | None,
+    max_rmse: float | None,
+    max_abs: float | None,
+    plan_file: Path | None,
+    save_plan_to: Path | None,
+    report_only: bool,
+    cache_dir: Path | None,
+) -> None:
+    """Compare a shard with transformers' Phi3 layers, step by step; reject NaN/Inf.
+
+    The layer range and I/O contract come from the package's metadata; a package from
+    another checkpoint is refused. Prints one table (each gate: value, bound, result) and
+    writes a JSON report. Exit 0 when every gate passes, 1 when one fails.
+
+    \b
+    Examples:
+      anechain validate shard artifacts/tiny/layers_0_3.mlpackage \\
+          --model artifacts/tiny/checkpoint --config configs/tiny.yaml --backend mil
+      anechain validate shard layers_24_30.mlpackage --model phi-4-mini --min-cosine 0.999
+    """
+    from anechain.checkpoint import Checkpoint
+    from anechain.fsutil import atomic_write_text
+    from anechain.validate import ResidencyOptions, validate_shard
+
+    config = resolve_config(config_path)
+    settings = config.validation
+    overrides = {
+        k: v
+        for k, v in {
+            "min_cosine": min_cosine,
+            "min_delta_cosine": min_delta_cosine,
+            "max_rmse": max_rmse,
+            "max_abs": max_abs,
+        }.items()
+        if v is not None
+    }
+    if overrides:
+        settings = dataclasses.replace(
+            settings, gates=dataclasses.replace(settings.gates, **overrides)
+        )
+    if steps is not None:
+        settings = dataclasses.replace(settings, steps=steps)
+
+    checkpoint = Checkpoint(model_dir)
+    residency = ResidencyOptions(config.residency, plan_file, save_plan_to, report_only)
+    report = validate_shard(
+        package,
+        checkpoint,
+        settings,
+        backend=backend,
+        residency=residency,
+        cache_dir=cache_dir,
+        progress=progress_printer(),
+    )
+    out = report_path or default_report_path(package)
+    data = report.to_dict()
+    # The package path is stored relative to the report, so the pair can move together.
+    data["package"]["path"] = os.path.relpath(package.resolve(), out.resolve().parent)
+    atomic_write_text(out, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    click.echo(render_report(data))
+    click.echo(f"report: {out}", err=True)
+    if report.verdict != "pass":
+        raise click.exceptions.Exit(1)
+
+
+COMMANDS = [validate]

@@ -1,0 +1,221 @@
+"""The `coreml` runner: a compiled shard run by Core ML itself (macOS 15+, stateful predict).
+
+Inputs are checked against the model's own description before each predict, so a wrong
+shape or dtype is a RunnerError naming the input rather than an opaque framework failure.
+Core ML cannot show intermediate values, so `first_nonfinite` and `layer_max_abs` stay empty;
+the validator treats every runner alike.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anechain.errors import ConfigError, RunnerError
+from anechain.platform import require_macos
+
+COMPUTE_UNITS = ("cpu_and_ne", "all", "cpu_and_gpu", "cpu_only")
+# Array data types by their protobuf enum *name* (ArrayFeatureType.ArrayDataType); a compiled
+# model's metadata.json spells the same names in CamelCase ("Float16").
+_ARRAY_DTYPES = {
+    "FLOAT16": np.float16,
+    "FLOAT32": np.float32,
+    "DOUBLE": np.float64,
+    "INT32": np.int32,
+    "INT8": np.int8,
+}
+
+# (compiled path, compute units name) -> an object with predict(data, state=) and make_state().
+ModelLoader = Callable[[str, str], Any]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def _dtype(type_name: str, where: str) -> np.dtype:
+    try:
+        return np.dtype(_ARRAY_DTYPES[type_name.upper()])
+    except KeyError:
+        raise RunnerError(f"{where}: unsupported array data type {type_name!r}") from None
+
+
+def features_from_spec(spec: Any) -> tuple[list[FeatureSpec], list[FeatureSpec], list[str]]:
+    """(inputs, outputs, state names) of a model spec (coremltools protobuf)."""
+
+    def arrays(descriptions: Any, kind: str) -> list[FeatureSpec]:
+        out = []
+        for d in descriptions:
+            if d.type.WhichOneof("Type") != "multiArrayType":
+                raise RunnerError(f"{kind} {d.name!r} is not a multi-array")
+            arr = d.type.multiArrayType
+            type_name = arr.ArrayDataType.Name(arr.dataType)
+            out.append(
+                FeatureSpec(
+                    d.name,
+                    tuple(int(s) for s in arr.shape),
+                    _dtype(type_name, f"{kind} {d.name!r}"),
+                )
+            )
+        return out
+
+    desc = spec.description
+    return (
+        arrays(desc.input, "input"),
+        arrays(desc.output, "output"),
+        [s.name for s in desc.state],
+    )
+
+
+def features_from_compiled(compiled: Path) -> tuple[list[FeatureSpec], list[FeatureSpec]]:
+    """(inputs, outputs) from the metadata.json the Core ML compiler writes into an .mlmodelc."""
+    meta_path = Path(compiled) / "metadata.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        entry = meta[0] if isinstance(meta, list) else meta
+
+        def arrays(key: str) -> list[FeatureSpec]:
+            return [
+                FeatureSpec(
+                    f["name"],
+                    tuple(int(s) for s in json.loads(f["shape"])),
+                    _dtype(f["dataType"], f"{key} {f['name']!r}"),
+                )
+                for f in entry.get(key, [])
+            ]
+
+        return arrays("inputSchema"), arrays("outputSchema")
+    except FileNotFoundError:
+        raise RunnerError(
+            f"{compiled} has no metadata.json; is it a compiled Core ML model?"
+        ) from None
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise RunnerError(f"{meta_path} is unreadable ({exc})") from None
+
+
+def check_inputs(expected: list[FeatureSpec], inputs: dict[str, np.ndarray]) -> None:
+    """RunnerError unless `inputs` has exactly the expected names, shapes and dtypes."""
+    names = {f.name for f in expected}
+    missing = sorted(names - inputs.keys())
+    unknown = sorted(inputs.keys() - names)
+    if missing or unknown:
+        raise RunnerError(
+            f"inputs do not match the model: missing {missing or 'none'}, "
+            f"unknown {unknown or 'none'} (expects {sorted(names)})"
+        )
+    for f in expected:
+        value = inputs[f.name]
+        if not isinstance(value, np.ndarray):
+            raise RunnerError(f"input {f.name!r} must be a numpy array, got {type(value).__name__}")
+        if value.dtype != f.dtype:
+            raise RunnerError(
+                f"input {f.name!r} has dtype {value.dtype}, the model expects {f.dtype}"
+            )
+        if tuple(value.shape) != f.shape:
+            raise RunnerError(
+                f"input {f.name!r} has shape {tuple(value.shape)}, the model expects {f.shape}"
+            )
+
+
+def _coremltools_load_model(compiled: str, compute_units: str) -> Any:
+    import coremltools as ct
+
+    return ct.models.CompiledMLModel(compiled, compute_units=ct.ComputeUnit[compute_units.upper()])
+
+
+class CoreMLRunner:
+    """ShardRunner over Core ML: `CompiledMLModel` + `make_state()` + `predict(state=)`.
+
+    Takes an .mlpackage (compiled to a temporary folder, removed with the runner) or an
+    .mlmodelc. `load_model` and `compiler` replace the Core ML calls (tests).
+    """
+
+    name = "coreml"
+
+    def __init__(
+        self,
+        package_or_compiled: str | Path,
+        compute_units: str = "cpu_and_ne",
+        *,
+        load_model: ModelLoader | None = None,
+        compiler: Any = None,
+    ) -> None:
+        from anechain.compile import compile_to
+
+        if compute_units not in COMPUTE_UNITS:
+            raise ConfigError(
+                f"unknown compute units {compute_units!r}; choose from {', '.join(COMPUTE_UNITS)}"
+            )
+        if load_model is None:
+            require_macos("running a shard with Core ML (stateful predict)", (15,))
+            load_model = _coremltools_load_model
+        path = Path(package_or_compiled)
+        self.path = path
+        self.compute_units = compute_units
+        # Core ML cannot show values inside the program.
+        self.first_nonfinite: int | None = None
+        self.layer_max_abs: list[float] = []
+
+        if path.suffix == ".mlpackage":
+            from anechain.package import load_spec
+
+            inputs, outputs, states = features_from_spec(load_spec(path))
+            self._tmp = Path(tempfile.mkdtemp(prefix="anechain-coreml-"))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
+            compiled = self._tmp / (path.stem + ".mlmodelc")
+            compile_to(path, compiled, compiler)
+        elif path.suffix == ".mlmodelc":
+            if not path.is_dir():
+                raise RunnerError(f"{path} does not exist")
+            inputs, outputs = features_from_compiled(path)
+            states = []
+            compiled = path
+        else:
+            raise RunnerError(f"{path} is neither an .mlpackage nor an .mlmodelc")
+        self.compiled = compiled
+        self.inputs = inputs
+        self.outputs = outputs
+        self.state_names = states
+        try:
+            self._model = load_model(str(compiled), compute_units)
+        except Exception as exc:  # Core ML surfaces load failures as bare Exceptions
+            raise RunnerError(f"Core ML could not load {compiled}: {exc}") from None
+        self._state = self._model.make_state()
+
+    def reset(self) -> None:
+        """A fresh state: Core ML's new states start zeroed."""
+        self._state = self._model.make_state()
+
+    def step(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_inputs(self.inputs, inputs)
+        try:
+            # predict converts fp16 arrays in the dict it is given; hand it a copy.
+            raw = self._model.predict(dict(inputs), state=self._state)
+        except Exception as exc:
+            raise RunnerError(f"Core ML predict failed on {self.compiled}: {exc}") from None
+        declared = {f.name: f.dtype for f in self.outputs}
+        out = {}
+        for name, value in raw.items():
+            arr = np.asarray(value)
+            # Core ML may hand fp16 outputs back as fp32; report them as the model declares.
+            out[name] = arr.astype(declared[name], copy=False) if name in declared else arr
+        return out
+
+    def read_state(self, name: str) -> np.ndarray:
+        if self.state_names and name not in self.state_names:
+            raise RunnerError(f"no state {name!r}; the model has {self.state_names}")
+        try:
+            return np.asarray(self._state.read_state(name))
+        except RuntimeError as exc:
+            raise RunnerError(f"cannot read state {name!r}: {exc}") from None

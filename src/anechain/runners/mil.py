@@ -1,0 +1,640 @@
+"""The `mil` runner: a numpy interpreter for a saved shard's ML Program, emulating fp16.
+
+Core ML prediction needs macOS, so on every other OS we validate the exported artifact
+itself: the program is read back from the .mlpackage (`anechain.package.load_program`) and
+its `main` function is executed op by op.
+
+Numerics emulate Core ML's FLOAT16 compute: each op computes in float32 from its (fp16)
+inputs and its outputs are rounded to the dtype the program declares (fp16 outputs become
+float16, int32 stays int32). Accumulation order differs from the Neural Engine, so results
+agree to fp16 rounding, not bit for bit.
+
+Everything that does not depend on the inputs happens once, at load: every op type is
+checked against the registry (an unknown op is a RunnerError naming it), consts and
+constexpr weights (INT8 `constexpr_blockwise_shift_scale`) are materialized, and conv
+weights become float32 (out, in) matrices so a 1x1 conv is one GEMV. The program object
+is dropped afterwards, so memory holds one float32 copy of the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anechain.contract import TensorSpec
+from anechain.errors import RunnerError
+
+log = logging.getLogger(__name__)
+
+# Exported weight names carry their shard-relative layer: `layers_3_mlp_down_proj_weight...`.
+_LAYER_RE = re.compile(r"(?:^|_)layers_(\d+)_")
+
+# Ops whose output is (a view of) a state's content: cache-sized, and holding values that
+# were already checked when they were computed, so the per-op diagnostics skip them.
+_STATE_VIEW_OPS = frozenset({"slice_update", "slice_by_index", "reshape", "expand_dims"})
+
+# Masked attention logits sit at MASK_VALUE (-30000) by design and would hide the real peak
+# in `layer_max_abs`: values derived from these inputs are left out of it until a softmax.
+_MASK_INPUTS = frozenset({"attention_mask"})
+_MASK_SINKS = frozenset({"softmax"})
+
+
+@dataclass
+class _Step:
+    """One runtime op, with everything that does not depend on the inputs resolved."""
+
+    fn: OpFn
+    name: str
+    op_type: str
+    inputs: dict[str, str | tuple[str, ...]]  # MIL input name -> env key(s)
+    outputs: tuple[str, ...]
+    out_dtypes: tuple[np.dtype[Any], ...]
+    out_shapes: tuple[tuple[int, ...] | None, ...]  # None where the program's is symbolic
+    layer: int
+    track: bool  # False for state views (see _STATE_VIEW_OPS): no per-op diagnostics
+    measure: bool  # False for mask-derived values (see _MASK_INPUTS): not in layer_max_abs
+    extra: dict[str, Any] = field(default_factory=dict)  # load-time data (conv matrix)
+
+
+@dataclass(frozen=True)
+class _StateRef:
+    """What a state input holds in the environment: the state's name, not its value."""
+
+    name: str
+
+
+OpFn = Callable[[_Step, dict[str, Any], dict[str, np.ndarray]], Any]
+
+
+def _num(x: Any) -> Any:
+    """Float inputs as float32 (fp16 compute emulation); ints and bools unchanged."""
+    a = np.asarray(x)
+    return a.astype(np.float32) if a.dtype.kind == "f" else a
+
+
+def _ints(x: Any) -> list[int]:
+    return [int(v) for v in np.asarray(x).reshape(-1)]
+
+
+def _bools(x: Any, rank: int) -> list[bool]:
+    return [False] * rank if x is None else [bool(v) for v in np.asarray(x).reshape(-1)]
+
+
+# --- elementwise ---------------------------------------------------------------------------
+
+
+def _binary(fn: Callable[[Any, Any], Any]) -> OpFn:
+    def run(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+        return fn(_num(a["x"]), _num(a["y"]))
+
+    return run
+
+
+def _unary(fn: Callable[[Any], Any]) -> OpFn:
+    def run(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+        return fn(_num(a["x"]))
+
+    return run
+
+
+def _inverse(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    # MIL: y = 1 / (x + epsilon), epsilon defaults to 1e-4 (the converter emits it for a / b).
+    eps = np.float32(a.get("epsilon", 1e-4))
+    return np.float32(1.0) / (_num(a["x"]) + eps)
+
+
+def _rsqrt(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    # MIL: y = 1 / sqrt(x + epsilon), epsilon defaults to 1e-12.
+    eps = np.float32(a.get("epsilon", 1e-12))
+    return np.float32(1.0) / np.sqrt(_num(a["x"]) + eps)
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    # sigmoid via tanh: no exp overflow for large |x|.
+    return x * (np.float32(0.5) * (np.float32(1.0) + np.tanh(np.float32(0.5) * x)))
+
+
+def _clip(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    return np.minimum(np.maximum(_num(a["x"]), _num(a["alpha"])), _num(a["beta"]))
+
+
+def _cast(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    # The target dtype is the output's declared dtype, applied when the result is stored.
+    return _num(a["x"])
+
+
+# --- reductions, activations ---------------------------------------------------------------
+
+
+def _reduce(fn: Callable[..., Any]) -> OpFn:
+    def run(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+        axes = a.get("axes")
+        axis = None if axes is None else tuple(_ints(axes))
+        return fn(_num(a["x"]), axis=axis, keepdims=bool(a.get("keep_dims", False)))
+
+    return run
+
+
+def _softmax(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    x = _num(a["x"])
+    axis = int(a.get("axis", -1))
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+# --- linear algebra ------------------------------------------------------------------------
+
+
+def _matmul(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    x, y = _num(a["x"]), _num(a["y"])
+    if bool(a.get("transpose_x", False)) and x.ndim >= 2:
+        x = np.swapaxes(x, -1, -2)
+    if bool(a.get("transpose_y", False)) and y.ndim >= 2:
+        y = np.swapaxes(y, -1, -2)
+    # Contiguous operands keep numpy on its BLAS path (a transposed view is ~50x slower).
+    return np.matmul(np.ascontiguousarray(x), np.ascontiguousarray(y))
+
+
+def _conv_matrix(weight: np.ndarray) -> np.ndarray:
+    """(out, in, 1, ..., 1) conv weight -> float32 (out, in), C-contiguous for BLAS."""
+    return np.ascontiguousarray(weight.reshape(weight.shape[0], weight.shape[1]), np.float32)
+
+
+def _conv(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    # Only 1x1, groups=1, zero padding reaches here (checked at load): a matrix product.
+    w = step.extra.get("matrix")
+    if w is None:  # weight computed at runtime
+        w = _conv_matrix(_num(a["weight"]))
+    x = _num(a["x"])  # (N, I, *spatial)
+    strides = step.extra["strides"]
+    if any(s != 1 for s in strides):
+        x = x[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
+    n, spatial = x.shape[0], x.shape[2:]
+    cols = x.reshape(n, x.shape[1], -1)  # (N, I, P)
+    if n == 1:
+        out = (w @ cols[0])[None]  # GEMV for P == 1
+    else:
+        out = np.matmul(w, cols)
+    out = out.reshape(n, w.shape[0], *spatial)  # (N, O, *spatial)
+    if "bias" in a:
+        out = out + _num(a["bias"]).reshape(1, -1, *([1] * len(spatial)))
+    return out
+
+
+# --- tensor shape and indexing -------------------------------------------------------------
+
+
+def _reshape(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    x = np.asarray(a["x"])
+    shape = _ints(a["shape"])
+    if len(shape) == x.ndim:  # MIL: 0 inherits the input's dimension when ranks match
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _expand_dims(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    return np.expand_dims(np.asarray(a["x"]), tuple(_ints(a["axes"])))
+
+
+def _concat(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    values = [_num(v) for v in a["values"]]
+    axis = int(a["axis"])
+    if bool(a.get("interleave", False)):
+        # Interleave equal-shaped inputs along `axis`: a0[0], a1[0], ..., a0[1], a1[1], ...
+        ax = axis % values[0].ndim
+        stacked = np.stack(values, axis=ax + 1)
+        shape = list(values[0].shape)
+        shape[ax] *= len(values)
+        return stacked.reshape(shape)
+    return np.concatenate(values, axis=axis)
+
+
+def _slices(x: np.ndarray, a: dict[str, Any]) -> tuple[tuple[slice, ...], list[int]]:
+    """MIL slice semantics (numpy style; masks ignore begin/end; squeeze picks begin)."""
+    rank = x.ndim
+    begin, end = _ints(a["begin"]), _ints(a["end"])
+    stride = [1] * rank if a.get("stride") is None else _ints(a["stride"])
+    begin_mask = _bools(a.get("begin_mask"), rank)
+    end_mask = _bools(a.get("end_mask"), rank)
+    squeeze_mask = _bools(a.get("squeeze_mask"), rank)
+    slices = []
+    for i in range(rank):
+        if squeeze_mask[i]:
+            b = begin[i] + x.shape[i] if begin[i] < 0 else begin[i]
+            slices.append(slice(b, b + 1, 1))
+            continue
+        slices.append(
+            slice(None if begin_mask[i] else begin[i], None if end_mask[i] else end[i], stride[i])
+        )
+    return tuple(slices), [i for i in range(rank) if squeeze_mask[i]]
+
+
+def _slice_by_index(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    x = np.asarray(a["x"])
+    slices, squeeze = _slices(x, a)
+    out = x[slices]
+    return np.squeeze(out, axis=tuple(squeeze)) if squeeze else out
+
+
+def _slice_update(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    x = np.asarray(a["x"])
+    slices, _ = _slices(x, a)
+    out = x.copy()  # values are never mutated in place: arrays may be shared between vars
+    region = out[slices]
+    update = np.asarray(a["update"])
+    if region.size != update.size:
+        raise RunnerError(
+            f"op {step.name} (slice_update): the slice has shape {region.shape} but the update "
+            f"has {update.shape} (a write position outside the state?)"
+        )
+    out[slices] = update.reshape(region.shape)
+    return out
+
+
+# --- states --------------------------------------------------------------------------------
+
+
+def _read_state(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    return states[a["input"].name]
+
+
+def _update_state(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    value = np.asarray(a["value"])
+    ref: _StateRef = a["state"]
+    if value.shape != states[ref.name].shape:
+        raise RunnerError(
+            f"op {step.name}: writes shape {value.shape} into state {ref.name!r} of shape "
+            f"{states[ref.name].shape}"
+        )
+    states[ref.name] = value.astype(np.float16, copy=False)
+    return value
+
+
+# Op type -> implementation. `const` and `constexpr_*` ops are evaluated at load instead.
+OPS: dict[str, OpFn] = {
+    "add": _binary(np.add),
+    "sub": _binary(np.subtract),
+    "mul": _binary(np.multiply),
+    "real_div": _binary(np.divide),
+    "abs": _unary(np.abs),
+    "silu": _unary(_silu),
+    "inverse": _inverse,
+    "rsqrt": _rsqrt,
+    "clip": _clip,
+    "cast": _cast,
+    "reduce_max": _reduce(np.max),
+    "reduce_mean": _reduce(np.mean),
+    "softmax": _softmax,
+    "matmul": _matmul,
+    "conv": _conv,
+    "reshape": _reshape,
+    "expand_dims": _expand_dims,
+    "concat": _concat,
+    "slice_by_index": _slice_by_index,
+    "slice_update": _slice_update,
+    "read_state": _read_state,
+    "coreml_update_state": _update_state,
+}
+
+
+def _is_load_time(op_type: str) -> bool:
+    return op_type == "const" or op_type.startswith("constexpr_")
+
+
+def _np_dtype(builtin: Any) -> np.dtype[Any]:
+    from coremltools.converters.mil.mil import types
+
+    return np.dtype(types.nptype_from_builtin(builtin))
+
+
+def _static_shape(var: Any) -> tuple[int, ...] | None:
+    shape = tuple(var.shape)
+    if all(isinstance(d, (int, np.integer)) for d in shape):
+        return tuple(int(d) for d in shape)
+    return None
+
+
+def _weight_layer(var: Any) -> int | None:
+    """Layer index named by a weight var, its producing op, or that op's inputs (constexpr)."""
+    names = [var.name]
+    op = var.op
+    if op is not None:
+        names.append(op.name)
+        for v in op.inputs.values():
+            names.extend(x.name for x in (v if isinstance(v, (list, tuple)) else (v,)))
+    for name in names:
+        m = _LAYER_RE.search(name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+class MILRunner:
+    """ShardRunner over a saved .mlpackage's ML Program, in numpy (any OS).
+
+    Options:
+        track_activations: check every op's output after each step (default True). Off,
+            `first_nonfinite` stays None and `layer_max_abs` empty: faster, no diagnostics.
+
+    Attributes after each `step()`:
+        first_nonfinite: None, or {"op": name, "op_type": type, "layer": k} for the first
+            op (or input, with op_type "input") whose output held NaN or Inf in that step.
+        layer_max_abs: the largest finite |value| of any op output per shard-relative layer
+            in that step. State views (cache contents) and values carrying the attention
+            mask's offset (up to the softmax) are left out. An op belongs to the layer of the most
+            recent op that consumed a `layers_{k}_...` weight; ops before any are layer 0.
+
+    Also: `inputs`, `outputs`, `states` (TensorSpecs of the function), `num_layers`, and
+    `op_layers` (runtime op name -> shard-relative layer, the attribution used above).
+    """
+
+    name = "mil"
+
+    def __init__(self, package_path: str | Path, *, track_activations: bool = True) -> None:
+        from anechain.package import load_program
+
+        t0 = time.perf_counter()
+        self.path = Path(package_path)
+        self.track_activations = track_activations
+        _, prog = load_program(self.path)
+        if "main" not in prog.functions:
+            raise RunnerError(f"{self.path}: the program has no `main` function")
+        func = prog.functions["main"]
+        ops = list(func.operations)
+        self._check_supported(ops)
+
+        self.inputs: tuple[TensorSpec, ...] = ()
+        self.states: tuple[TensorSpec, ...] = ()
+        self._state_refs: dict[str, _StateRef] = {}
+        self._read_io(func)
+
+        self._consts: dict[str, Any] = {}
+        self._matrices: dict[str, np.ndarray] = {}  # conv weight var -> float32 (out, in)
+        self._materialize(ops)
+        self._steps: list[_Step] = []
+        self.num_layers = 1
+        self._plan(ops)
+        self.op_layers: dict[str, int] = {s.name: s.layer for s in self._steps}
+        self._output_vars = [v.name for v in func.outputs]
+        self.outputs = tuple(
+            TensorSpec(v.name, _static_shape(v) or (), _np_dtype(v.dtype).name)
+            for v in func.outputs
+        )
+        del prog, func, ops  # drop the program: its weight blobs are no longer needed
+
+        self._state_values: dict[str, np.ndarray] = {}
+        self.first_nonfinite: dict[str, Any] | None = None
+        self.layer_max_abs: list[float] = []
+        self.reset()
+        log.debug(
+            "loaded %s: %d ops, %d weight matrices, in %.1fs",
+            self.path,
+            len(self._steps),
+            len(self._matrices),
+            time.perf_counter() - t0,
+        )
+
+    # --- load ------------------------------------------------------------------------------
+
+    def _check_supported(self, ops: list[Any]) -> None:
+        for op in ops:
+            if getattr(op, "blocks", None):
+                raise RunnerError(
+                    f"{self.path}: op {op.name!r} ({op.op_type}) has nested blocks; the MIL "
+                    "runner does not execute control flow"
+                )
+            if not _is_load_time(op.op_type) and op.op_type not in OPS:
+                raise RunnerError(
+                    f"{self.path}: op {op.name!r} has type {op.op_type!r}, which the MIL "
+                    "runner does not implement"
+                )
+
+    def _read_io(self, func: Any) -> None:
+        from coremltools.converters.mil.mil import types
+
+        inputs, states = [], []
+        for name, var in func.inputs.items():
+            if types.is_state(var.sym_type):
+                wrapped = var.sym_type.wrapped_type()
+                shape = tuple(int(d) for d in wrapped.get_shape())
+                dtype = _np_dtype(wrapped.get_primitive()).name
+                states.append(TensorSpec(name, shape, dtype))
+                self._state_refs[var.name] = _StateRef(name)
+                continue
+            shape = _static_shape(var)
+            if shape is None:
+                raise RunnerError(f"{self.path}: input {name!r} has a flexible shape {var.shape}")
+            inputs.append(TensorSpec(name, shape, _np_dtype(var.dtype).name))
+        self.inputs, self.states = tuple(inputs), tuple(states)
+
+    def _materialize(self, ops: list[Any]) -> None:
+        """Evaluate consts and constexprs once; conv-only weights are kept only as matrices."""
+        for op in ops:
+            if not _is_load_time(op.op_type):
+                continue
+            for var in op.outputs:
+                try:
+                    value = var.val if op.op_type == "const" else op.materialized_val_inference()
+                except Exception as exc:  # coremltools raises assorted errors here
+                    raise RunnerError(
+                        f"{self.path}: cannot materialize {op.op_type} op {op.name!r} ({exc})"
+                    ) from exc
+                if value is None:
+                    raise RunnerError(f"{self.path}: {op.op_type} op {op.name!r} has no value")
+                children = list(var.child_ops)
+                conv_uses = [
+                    c for c in children if c.op_type == "conv" and c.inputs["weight"] is var
+                ]
+                if conv_uses:
+                    self._check_conv_weight(conv_uses[0], np.shape(value))
+                    self._matrices[var.name] = _conv_matrix(np.asarray(value))
+                if len(conv_uses) < len(children) or not children:
+                    self._consts[var.name] = value if isinstance(value, str) else np.asarray(value)
+                del value
+
+    def _check_conv_weight(self, op: Any, shape: tuple[int, ...]) -> None:
+        if len(shape) < 3 or any(int(k) != 1 for k in shape[2:]):
+            raise RunnerError(
+                f"{self.path}: conv op {op.name!r} has a {shape} weight; the MIL runner "
+                "implements 1x1 convolutions only"
+            )
+
+    def _plan(self, ops: list[Any]) -> None:
+        state_views: set[str] = set()
+        masked: set[str] = set(_MASK_INPUTS)
+        raw_layers: list[int | None] = []
+        current: int | None = None
+        for op in ops:
+            if _is_load_time(op.op_type):
+                continue
+            for v in op.inputs.values():
+                for var in v if isinstance(v, (list, tuple)) else (v,):
+                    if var.op is not None and _is_load_time(var.op.op_type):
+                        k = _weight_layer(var)
+                        current = k if k is not None else current
+            raw_layers.append(current)
+        found = [k for k in raw_layers if k is not None]
+        base = min(found) if found else 0
+        self.num_layers = max(found) - base + 1 if found else 1
+
+        runtime_ops = [op for op in ops if not _is_load_time(op.op_type)]
+        for op, raw in zip(runtime_ops, raw_layers, strict=True):
+            inputs: dict[str, str | tuple[str, ...]] = {}
+            for key, v in op.inputs.items():
+                if isinstance(v, (list, tuple)):
+                    inputs[key] = tuple(x.name for x in v)
+                elif not (op.op_type == "conv" and key == "weight" and v.name in self._matrices):
+                    inputs[key] = v.name
+            x = op.inputs.get("x")
+            view = op.op_type in ("read_state", "coreml_update_state") or (
+                op.op_type in _STATE_VIEW_OPS and x is not None and x.name in state_views
+            )
+            if view:
+                state_views.update(o.name for o in op.outputs)
+            in_names = {n for v in inputs.values() for n in ((v,) if isinstance(v, str) else v)}
+            from_mask = op.op_type not in _MASK_SINKS and bool(in_names & masked)
+            if from_mask:
+                masked.update(o.name for o in op.outputs)
+            extra: dict[str, Any] = {}
+            if op.op_type == "conv":
+                extra = self._conv_extra(op)
+            self._steps.append(
+                _Step(
+                    fn=OPS[op.op_type],
+                    name=op.name,
+                    op_type=op.op_type,
+                    inputs=inputs,
+                    outputs=tuple(o.name for o in op.outputs),
+                    out_dtypes=tuple(_np_dtype(o.dtype) for o in op.outputs),
+                    out_shapes=tuple(_static_shape(o) for o in op.outputs),
+                    layer=0 if raw is None else raw - base,
+                    track=not view,
+                    measure=not view and not from_mask,
+                    extra=extra,
+                )
+            )
+
+    def _conv_extra(self, op: Any) -> dict[str, Any]:
+        """Check a conv is one the runner computes (1x1, groups=1, no padding)."""
+
+        def const(key: str, default: Any) -> Any:
+            var = op.inputs.get(key)
+            if var is None:
+                return default
+            if var.val is None:
+                raise RunnerError(f"{self.path}: conv op {op.name!r} has a non-constant {key}")
+            return var.val
+
+        groups = int(const("groups", 1))
+        pad_type = str(const("pad_type", "valid"))
+        pad = _ints(const("pad", [0]))
+        strides = _ints(const("strides", [1] * (op.inputs["x"].rank - 2)))
+        weight = op.inputs["weight"]
+        if weight.name not in self._matrices:
+            self._check_conv_weight(op, tuple(weight.shape))
+        if groups != 1 or (pad_type == "custom" and any(pad)):
+            raise RunnerError(
+                f"{self.path}: conv op {op.name!r} has groups={groups}, pad_type={pad_type}, "
+                f"pad={pad}; the MIL runner implements groups=1 without padding only"
+            )
+        return {"matrix": self._matrices.get(weight.name), "strides": strides}
+
+    # --- run -------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Zero every state (a fresh KV cache)."""
+        self._state_values = {s.name: np.zeros(s.shape, np.dtype(s.dtype)) for s in self.states}
+
+    def read_state(self, name: str) -> np.ndarray:
+        """A copy of a state's current value."""
+        if name not in self._state_values:
+            known = ", ".join(self._state_values) or "none"
+            raise RunnerError(f"{self.path}: no state {name!r} (states: {known})")
+        return self._state_values[name].copy()
+
+    def _feeds(self, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [s.name for s in self.inputs]
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise RunnerError(f"missing input {missing[0]!r}; the shard takes {', '.join(names)}")
+        extra = sorted(set(given) - set(names))
+        if extra:
+            raise RunnerError(f"unknown input {extra[0]!r}; the shard takes {', '.join(names)}")
+        feeds = {}
+        for spec in self.inputs:
+            arr = np.asarray(given[spec.name])
+            if arr.shape != spec.shape:
+                raise RunnerError(
+                    f"input {spec.name!r} has shape {arr.shape}, expected {spec.shape}"
+                )
+            want = np.dtype(spec.dtype)
+            ok = "iu" if want.kind in "iu" else "fiu"
+            if arr.dtype.kind not in ok:
+                raise RunnerError(f"input {spec.name!r} has dtype {arr.dtype}, expected {want}")
+            feeds[spec.name] = arr.astype(want, copy=False)
+        return feeds
+
+    def step(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the program once; states are read and updated in place."""
+        self.first_nonfinite, self.layer_max_abs = None, []  # not stale if this step fails
+        feeds = self._feeds(inputs)
+        env: dict[str, Any] = dict(self._consts)
+        env.update(self._state_refs)
+        env.update(feeds)
+        states = self._state_values
+        track = self.track_activations
+        first: dict[str, Any] | None = None
+        layer_max = [0.0] * self.num_layers if track else []
+        if track:
+            for name, arr in feeds.items():
+                if first is None and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                    first = {"op": name, "op_type": "input", "layer": 0}
+
+        # Overflow to inf is what fp16 does; numpy's warnings about it are expected here.
+        with np.errstate(all="ignore"):
+            for s in self._steps:
+                args = {
+                    k: env[v] if isinstance(v, str) else [env[n] for n in v]
+                    for k, v in s.inputs.items()
+                }
+                try:
+                    result = s.fn(s, args, states)
+                except RunnerError:
+                    raise
+                except Exception as exc:  # numpy shape/broadcast errors
+                    raise RunnerError(f"op {s.name} ({s.op_type}) failed: {exc}") from exc
+                results = result if isinstance(result, tuple) else (result,)
+                for name, value, dtype, shape in zip(
+                    s.outputs, results, s.out_dtypes, s.out_shapes, strict=True
+                ):
+                    value = np.asarray(value).astype(dtype, copy=False)
+                    if shape is not None and value.shape != shape:
+                        raise RunnerError(
+                            f"op {s.name} ({s.op_type}) produced shape {value.shape}, "
+                            f"the program declares {shape}"
+                        )
+                    env[name] = value
+                    if track and s.track and dtype.kind == "f" and value.size:
+                        peak = float(np.max(np.abs(value)))
+                        if not np.isfinite(peak):
+                            if first is None:
+                                first = {"op": s.name, "op_type": s.op_type, "layer": s.layer}
+                            finite = value[np.isfinite(value)]
+                            peak = float(np.max(np.abs(finite))) if finite.size else 0.0
+                        if s.measure:
+                            layer_max[s.layer] = max(layer_max[s.layer], peak)
+
+        # A state must not alias a caller's array or a view of one.
+        for name, value in states.items():
+            if not value.flags.owndata or any(value is f for f in feeds.values()):
+                states[name] = value.copy()
+        self.first_nonfinite = first
+        self.layer_max_abs = layer_max
+        return {name: np.array(env[name]) for name in self._output_vars}

@@ -1,0 +1,291 @@
+"""Validate a shard: golden parity against transformers (any OS) plus residency (macOS or a
+saved plan), in one report with one verdict.
+
+The decode loop is the same for every runner: the reference hidden state entering layer
+START at position p is fed with the host-built inputs for p, the state carries across
+steps, and the output is compared with the reference leaving layer END-1.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anechain import __version__
+from anechain.checkpoint import Checkpoint
+from anechain.config import Gates, ResidencySettings, ValidationSettings, to_dict
+from anechain.contract import KIND_LAYERS, ShardMetadata, read_package_metadata
+from anechain.errors import PackageError
+from anechain.fsutil import sha256_tree
+from anechain.golden import calibration_tokens, reference_boundaries
+from anechain.metrics import ShardComparison, compare_shard
+from anechain.package import package_size
+from anechain.rope import RopeParameters, step_inputs
+from anechain.runners import ShardRunner, open_runner, resolve_backend
+
+REPORT_SCHEMA = "anechain.validation-report/1"
+
+
+@dataclass(frozen=True)
+class ResidencyOptions:
+    settings: ResidencySettings = field(default_factory=ResidencySettings)
+    plan_file: Path | None = None  # replay a saved compute plan (any OS)
+    save_plan_to: Path | None = None
+    report_only: bool = False  # count, but do not gate (hosted macOS runners have no ANE)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    value: float | None
+    bound: float
+    op: str  # ">=" or "<="
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "value": self.value,
+            "bound": self.bound,
+            "op": self.op,
+            "passed": self.passed,
+        }
+
+
+def apply_gates(metrics: dict[str, Any], gates: Gates) -> list[GateResult]:
+    """Each gate on its metric; a non-finite output fails every gate and its own."""
+
+    def gate(name: str, key: str, bound: float, op: str) -> GateResult:
+        value = metrics[key]
+        ok = (
+            value is not None
+            and math.isfinite(value)
+            and (value >= bound if op == ">=" else value <= bound)
+        )
+        return GateResult(name, value, bound, op, ok)
+
+    return [
+        GateResult("finite", float(metrics["nonfinite"]), 0.0, "<=", metrics["nonfinite"] == 0),
+        gate("cosine", "cosine", gates.min_cosine, ">="),
+        gate("delta_cosine", "delta_cosine", gates.min_delta_cosine, ">="),
+        gate("rmse", "rmse", gates.max_rmse, "<="),
+        gate("max_abs", "max_abs", gates.max_abs, "<="),
+    ]
+
+
+@dataclass
+class GoldenResult:
+    metrics: dict[str, Any]
+    per_step: list[dict[str, Any]]
+    first_nonfinite: dict[str, Any] | None
+    layer_max_abs: dict[int, float]  # absolute layer index -> largest |activation|
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metrics": self.metrics,
+            "per_step": self.per_step,
+            "first_nonfinite": self.first_nonfinite,
+            "layer_max_abs": {str(k): v for k, v in self.layer_max_abs.items()},
+            "passed": self.passed,
+        }
+
+
+@dataclass
+class ValidationReport:
+    package: Path
+    package_sha256: str
+    size_bytes: int
+    meta: ShardMetadata
+    backend: str
+    steps: int
+    golden: GoldenResult
+    gates: list[GateResult]
+    residency: dict[str, Any]
+    created: str = field(
+        default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    )
+
+    @property
+    def verdict(self) -> str:
+        residency_ok = self.residency.get("passed") is not False
+        return "pass" if all(g.passed for g in self.gates) and residency_ok else "fail"
+
+    def failed_gates(self) -> list[str]:
+        names = [g.name for g in self.gates if not g.passed]
+        if self.residency.get("passed") is False:
+            names.append("residency")
+        return names
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.meta
+        return {
+            "schema": REPORT_SCHEMA,
+            "package": {
+                "path": str(self.package),
+                "sha256": self.package_sha256,
+                "size_bytes": self.size_bytes,
+            },
+            "kind": m.kind,
+            "layers": str(m.layers),
+            "num_hidden_layers": m.num_hidden_layers,
+            "checkpoint_fingerprint": m.checkpoint_fingerprint,
+            "weights_fingerprint": m.weights_fingerprint,
+            "quantization": m.quantization,
+            "architecture": to_dict(m.architecture),
+            "contract": m.contract.to_dict(),
+            "context_length": m.context_length,
+            "rope": json.loads(m.extra["rope"]) if "rope" in m.extra else None,
+            "backend": self.backend,
+            "steps": self.steps,
+            "golden": self.golden.to_dict(),
+            "residency": self.residency,
+            "gates": [g.to_dict() for g in self.gates],
+            "verdict": self.verdict,
+            "versions": versions(),
+            "created": self.created,
+        }
+
+
+def versions() -> dict[str, str]:
+    out = {"anechain": __version__, "python": platform.python_version()}
+    for dist in ("coremltools", "torch", "transformers", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # pragma: no cover
+            out[dist] = "unknown"
+    return out
+
+
+def check_package_matches(meta: ShardMetadata, checkpoint: Checkpoint, where: str) -> None:
+    """Refuse a package exported from another checkpoint, in one line."""
+    if meta.kind != KIND_LAYERS:
+        raise PackageError(f"{where} is a {meta.kind!r} package, not a layer shard")
+    arch = checkpoint.architecture
+    if meta.num_hidden_layers != arch.num_hidden_layers:
+        raise PackageError(
+            f"{where} was exported from a {meta.num_hidden_layers}-layer model; "
+            f"{checkpoint.path} has {arch.num_hidden_layers}"
+        )
+    if meta.checkpoint_fingerprint != checkpoint.fingerprint:
+        raise PackageError(
+            f"{where} was exported from another checkpoint (fingerprint "
+            f"{meta.checkpoint_fingerprint[:12]}, {checkpoint.path} is "
+            f"{checkpoint.fingerprint[:12]})"
+        )
+    names = checkpoint.layer_tensor_names(meta.layers)
+    if meta.weights_fingerprint != checkpoint.weights_fingerprint(names):
+        raise PackageError(
+            f"{where}: the weights of layers {meta.layers} in {checkpoint.path} differ from "
+            "those the package was exported from"
+        )
+
+
+def run_golden(
+    runner: ShardRunner,
+    meta: ShardMetadata,
+    checkpoint: Checkpoint,
+    settings: ValidationSettings,
+    cache_dir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[GoldenResult, list[GateResult]]:
+    """The decode loop: reference in, shard out, compared per step and overall."""
+    if settings.steps > meta.context_length:
+        raise PackageError(
+            f"{settings.steps} validation steps do not fit the package's context of "
+            f"{meta.context_length}"
+        )
+    tokens = calibration_tokens(settings, checkpoint.architecture.vocab_size)
+    bounds = reference_boundaries(checkpoint, tokens, meta.layers.end, cache_dir, progress)
+    ref_in, ref_out = bounds[meta.layers.start], bounds[meta.layers.end]  # (S, C)
+    rope = RopeParameters.from_hf_config(checkpoint.hf_config)
+
+    runner.reset()
+    outputs, fed, per_step = [], [], []
+    first_nonfinite: dict[str, Any] | None = None
+    layer_max: dict[int, float] = {}
+    for p in range(len(tokens)):
+        inputs = step_inputs(rope, ref_in[p], p, meta.context_length)
+        out = runner.step(inputs)["output_hidden_states"].astype(np.float32).reshape(-1)
+        # The shard saw the fp16-rounded reference input; its delta is measured from that.
+        x = inputs["hidden_states"].astype(np.float32).reshape(-1)
+        step = compare_shard(x, out, ref_in[p], ref_out[p])
+        per_step.append({"step": p, **step.to_dict()})
+        outputs.append(out)
+        fed.append(x)
+        if first_nonfinite is None and step.output.nonfinite:
+            where = getattr(runner, "first_nonfinite", None) or {}
+            first_nonfinite = {"step": p, **where}
+            if "layer" in first_nonfinite and first_nonfinite["layer"] is not None:
+                first_nonfinite["layer"] = meta.layers.start + int(first_nonfinite["layer"])
+        for k, v in enumerate(getattr(runner, "layer_max_abs", None) or []):
+            layer = meta.layers.start + k
+            v, prev = float(v), layer_max.get(layer)
+            # NaN wins: a layer that produced NaN at any step must show it.
+            layer_max[layer] = v if prev is None or math.isnan(v) or v > prev else prev
+        if progress and (p + 1) % 4 == 0:
+            progress(f"[{meta.layers}] step {p + 1}/{len(tokens)}")
+
+    overall: ShardComparison = compare_shard(np.stack(fed), np.stack(outputs), ref_in, ref_out)
+    metrics = overall.to_dict()
+    gates = apply_gates(metrics, settings.gates)
+    golden = GoldenResult(
+        metrics=metrics,
+        per_step=per_step,
+        first_nonfinite=first_nonfinite,
+        layer_max_abs=layer_max,
+        passed=all(g.passed for g in gates),
+    )
+    return golden, gates
+
+
+def validate_shard(
+    package: str | Path,
+    checkpoint: Checkpoint,
+    settings: ValidationSettings,
+    backend: str = "auto",
+    residency: ResidencyOptions | None = None,
+    cache_dir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    runner_options: dict[str, Any] | None = None,
+) -> ValidationReport:
+    """Residency (live on macOS, replayed from a saved plan, else not checked) and golden
+    parity with the chosen runner, in one report."""
+    from anechain.residency import check_residency
+
+    package = Path(package)
+    meta = read_package_metadata(package)
+    check_package_matches(meta, checkpoint, str(package))
+    backend = resolve_backend(backend)
+    opts = residency or ResidencyOptions()
+    residency_report = check_residency(
+        package,
+        opts.settings,
+        plan_file=opts.plan_file,
+        save_plan_to=opts.save_plan_to,
+        report_only=opts.report_only,
+    ).to_dict()
+    if progress:
+        progress(f"[{meta.layers}] loading {package.name} with the {backend} runner")
+    runner = open_runner(backend, package, **(runner_options or {}))
+    golden, gates = run_golden(runner, meta, checkpoint, settings, cache_dir, progress)
+    return ValidationReport(
+        package=package,
+        package_sha256=sha256_tree(package),
+        size_bytes=package_size(package),
+        meta=meta,
+        backend=backend,
+        steps=settings.steps,
+        golden=golden,
+        gates=gates,
+        residency=residency_report,
+    )

@@ -1,0 +1,262 @@
+"""`validate shard`: golden parity with the MIL runner on the exported artifacts, on Linux."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from anechain.cli import cli
+from anechain.config import LayerRange, ValidationSettings
+from anechain.errors import PackageError
+from anechain.export import LayerSpec, export_shard
+from anechain.fsutil import sha256_tree
+from anechain.residency import ComputePlan, PlanOp, save_plan
+from anechain.validate import validate_shard
+
+
+@pytest.fixture
+def cache(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "golden-cache"
+
+
+@pytest.mark.parametrize("layers", [LayerRange(0, 3), LayerRange(3, 5), LayerRange(5, 6)])
+def test_tiny_shards_pass_with_the_mil_runner(
+    tiny_shards, tiny_checkpoint, tiny_config, cache, layers
+):
+    settings = tiny_config.validation
+    assert settings.steps >= 16
+    report = validate_shard(
+        tiny_shards[layers], tiny_checkpoint, settings, backend="mil", cache_dir=cache
+    )
+    data = report.to_dict()
+    assert data["verdict"] == "pass", data["gates"]
+    assert data["layers"] == str(layers) and data["backend"] == "mil"
+    assert len(data["golden"]["per_step"]) == settings.steps
+    # Gates apply to the whole run; each step is still close (tiny dims are noisier in INT8).
+    assert all(s["cosine"] >= 0.995 for s in data["golden"]["per_step"])
+    assert data["golden"]["metrics"]["delta_cosine"] >= 0.99
+    assert data["golden"]["first_nonfinite"] is None
+    assert sorted(map(int, data["golden"]["layer_max_abs"])) == list(
+        range(layers.start, layers.end)
+    )
+    assert data["residency"]["status"] == "not_checked" and data["residency"]["passed"] is None
+    assert data["package"]["sha256"] == sha256_tree(tiny_shards[layers])
+    assert {"coremltools", "torch", "transformers", "numpy", "anechain"} <= set(data["versions"])
+    json.dumps(data, allow_nan=False)  # strict JSON: no NaN leaks into the report
+
+
+def test_fp16_overflow_in_one_layer_is_rejected_and_named(
+    overflow_checkpoint, tiny_config, tmp_path, cache
+):
+    pkg = tmp_path / "layers_3_5.mlpackage"
+    export_shard(overflow_checkpoint, LayerSpec(LayerRange(3, 5), pkg), tiny_config.export)
+    report = validate_shard(
+        pkg, overflow_checkpoint, tiny_config.validation, backend="mil", cache_dir=cache
+    )
+    data = report.to_dict()
+    assert data["verdict"] == "fail"
+    failed = {g["name"] for g in data["gates"] if not g["passed"]}
+    assert "finite" in failed
+    first = data["golden"]["first_nonfinite"]
+    assert first["step"] == 0 and first["layer"] == 4 and first["op"]
+    # Layer 3 stays in range; the overflowing layer is the one reported.
+    assert data["golden"]["layer_max_abs"]["3"] < 1000
+    json.dumps(data, allow_nan=False)
+
+    result = CliRunner().invoke(
+        cli,
+        [
+            "validate",
+            "shard",
+            str(pkg),
+            "--model",
+            str(overflow_checkpoint.path),
+            "--config",
+            "configs/tiny.yaml",
+            "--backend",
+            "mil",
+            "--cache-dir",
+            str(cache),
+        ],
+    )
+    assert result.exit_code == 1
+    assert "first non-finite value: step 0 in layer 4" in result.stdout
+    assert "FAIL" in result.stdout and "verdict: FAIL" in result.stdout
+
+
+def test_package_from_another_checkpoint_is_refused(tiny_shards, overflow_checkpoint, cache):
+    with pytest.raises(PackageError, match="exported from another checkpoint"):
+        validate_shard(
+            tiny_shards[LayerRange(0, 3)],
+            overflow_checkpoint,
+            ValidationSettings(),
+            backend="mil",
+            cache_dir=cache,
+        )
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, ["validate", "shard", *map(str, args)])
+
+
+def test_cli_pass_writes_report_beside_the_package(
+    tiny_shards, tiny_checkpoint_dir, tmp_path, cache
+):
+    pkg = tmp_path / "s.mlpackage"
+    shutil.copytree(tiny_shards[LayerRange(5, 6)], pkg)
+    result = _invoke(
+        pkg,
+        "--model",
+        tiny_checkpoint_dir,
+        "--config",
+        "configs/tiny.yaml",
+        "--backend",
+        "mil",
+        "--cache-dir",
+        cache,
+    )
+    assert result.exit_code == 0, result.output
+    for gate in ("finite", "cosine", "delta_cosine", "rmse", "max_abs", "residency"):
+        assert gate in result.stdout
+    assert "not checked" in result.stdout and "verdict: PASS" in result.stdout
+    report = json.loads((tmp_path / "s.report.json").read_text())
+    assert report["verdict"] == "pass" and report["package"]["path"] == "s.mlpackage"
+
+    strict = _invoke(
+        pkg,
+        "--model",
+        tiny_checkpoint_dir,
+        "--backend",
+        "mil",
+        "--cache-dir",
+        cache,
+        "--min-cosine",
+        "0.99999999",
+        "--report",
+        tmp_path / "r.json",
+    )
+    assert strict.exit_code == 1
+    assert json.loads((tmp_path / "r.json").read_text())["verdict"] == "fail"
+
+
+def test_residency_from_a_saved_plan_joins_the_verdict(
+    tiny_shards, tiny_checkpoint_dir, tmp_path, cache
+):
+    pkg = tiny_shards[LayerRange(5, 6)]
+
+    def plan(conv_device):
+        ops = [PlanOp("const", ("w",), None)]
+        ops += [PlanOp("conv", (f"c{i}",), conv_device, ("ane", "cpu")) for i in range(4)]
+        ops += [PlanOp("softmax", ("s",), "ane", ("ane", "cpu"))]
+        path = tmp_path / f"plan_{conv_device}.json"
+        save_plan(ComputePlan(tuple(ops), package_sha256=sha256_tree(pkg)), path)
+        return path
+
+    good = _invoke(
+        pkg,
+        "--model",
+        tiny_checkpoint_dir,
+        "--backend",
+        "mil",
+        "--cache-dir",
+        cache,
+        "--compute-plan",
+        plan("ane"),
+        "--report",
+        tmp_path / "good.json",
+    )
+    assert good.exit_code == 0, good.output
+    data = json.loads((tmp_path / "good.json").read_text())
+    assert data["residency"]["status"] == "checked" and data["residency"]["passed"] is True
+    assert data["residency"]["counts"]["conv_ane"] == 4
+
+    bad = _invoke(
+        pkg,
+        "--model",
+        tiny_checkpoint_dir,
+        "--backend",
+        "mil",
+        "--cache-dir",
+        cache,
+        "--compute-plan",
+        plan("cpu"),
+        "--report",
+        tmp_path / "bad.json",
+    )
+    assert bad.exit_code == 1
+    data = json.loads((tmp_path / "bad.json").read_text())
+    assert data["verdict"] == "fail" and data["residency"]["passed"] is False
+    assert all(g["passed"] for g in data["gates"])  # golden passed; residency alone failed
+
+    report_only = _invoke(
+        pkg,
+        "--model",
+        tiny_checkpoint_dir,
+        "--backend",
+        "mil",
+        "--cache-dir",
+        cache,
+        "--compute-plan",
+        plan("cpu"),
+        "--report-only",
+        "--report",
+        tmp_path / "ro.json",
+    )
+    assert report_only.exit_code == 0
+    assert json.loads((tmp_path / "ro.json").read_text())["residency"]["status"] == "report_only"
+
+
+@pytest.mark.parametrize("damage", ["truncate_weights", "drop_manifest", "drop_model"])
+def test_corrupt_package_is_one_line_exit_1(
+    tiny_shards, tiny_checkpoint_dir, tmp_path, cache, damage
+):
+    pkg = tmp_path / "s.mlpackage"
+    shutil.copytree(tiny_shards[LayerRange(0, 3)], pkg)
+    data = pkg / "Data" / "com.apple.CoreML"
+    if damage == "truncate_weights":
+        weights = data / "weights" / "weight.bin"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "drop_manifest":
+        (pkg / "Manifest.json").unlink()
+    else:
+        (data / "model.mlmodel").unlink()
+    result = _invoke(pkg, "--model", tiny_checkpoint_dir, "--backend", "mil", "--cache-dir", cache)
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1 or result.output.count("Error:") == 1
+    assert "corrupt" in result.output
+
+
+def test_not_an_anechain_package(tmp_path, tiny_checkpoint_dir):
+    import coremltools as ct
+    import numpy as np
+    from coremltools.converters.mil import Builder as mb
+
+    @mb.program(
+        input_specs=[mb.TensorSpec(shape=(1, 4), dtype=ct.converters.mil.mil.types.fp16)],
+        opset_version=ct.target.iOS18,
+    )
+    def prog(x):
+        return mb.add(x=x, y=np.float16(1.0))
+
+    model = ct.convert(
+        prog,
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS18,
+        skip_model_load=True,
+    )
+    pkg = tmp_path / "other.mlpackage"
+    model.save(str(pkg))
+    result = _invoke(pkg, "--model", tiny_checkpoint_dir, "--backend", "mil")
+    assert result.exit_code == 1 and "is not an anechain shard" in result.output
+
+
+def test_coreml_backend_off_macos_is_one_line(tiny_shards, tiny_checkpoint_dir):
+    result = _invoke(
+        tiny_shards[LayerRange(5, 6)], "--model", tiny_checkpoint_dir, "--backend", "coreml"
+    )
+    assert result.exit_code == 1
+    assert "needs macOS" in result.output and "Traceback" not in result.output
