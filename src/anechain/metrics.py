@@ -1,4 +1,7 @@
-"""Pure-numpy comparison metrics. Any NaN/Inf in the actual values is counted, never averaged away."""
+"""Pure-numpy comparison metrics.
+
+Any NaN/Inf in the actual values is counted, never averaged away.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Comparison:
-    """Actual vs expected: cosine, RMSE, max_abs error, and how many actual values are non-finite."""
+    """Actual vs expected: cosine, RMSE, max_abs error, and the count of non-finite actuals."""
 
     cosine: float
     rmse: float
