@@ -14,12 +14,11 @@ $(BIN)/anechain: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The whole pipeline on the tiny default: random checkpoint -> asymmetric shards + head +
+# embedding -> (compile + residency on macOS) -> golden validation -> manifest -> generation
+# compared with transformers. Re-running reuses what is already built and validated.
 demo: $(BIN)/anechain
-	$(BIN)/anechain random-checkpoint $(TINY)/checkpoint --preset tiny --overwrite
-	$(BIN)/anechain export --model $(TINY)/checkpoint --config configs/tiny.yaml --overwrite \
-		--layer-spec 0:3:$(TINY)/layers_0_3.mlpackage \
-		--layer-spec 3:5:$(TINY)/layers_3_5.mlpackage \
-		--layer-spec 5:6:$(TINY)/layers_5_6.mlpackage
+	$(BIN)/anechain build --config configs/tiny.yaml --out $(TINY)
 
 test: $(BIN)/anechain
 	$(BIN)/python -m pytest

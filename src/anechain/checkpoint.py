@@ -289,6 +289,17 @@ def _random_layer(arch: Architecture, layer: int, gen: torch.Generator) -> dict[
     return {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
 
 
+def _random_embedding(arch: Architecture, gen: torch.Generator) -> torch.Tensor:
+    """Token rows whose norms spread log-normally, as trained embeddings' do.
+
+    With the head tied to it, that spread makes the logits heavy-tailed: greedy decoding
+    picks clear winners, as a trained model does, instead of near-ties among equals.
+    """
+    rows = torch.randn(arch.vocab_size, arch.hidden_size, generator=gen) * 0.02
+    norms = torch.exp(0.75 * torch.randn(arch.vocab_size, 1, generator=gen))
+    return (rows * norms).to(torch.bfloat16)
+
+
 def write_random_checkpoint(
     out_dir: str | Path,
     arch: Architecture,
@@ -312,9 +323,7 @@ def write_random_checkpoint(
 
     def groups() -> Iterable[dict[str, torch.Tensor]]:
         yield {
-            "model.embed_tokens.weight": (
-                torch.randn(arch.vocab_size, arch.hidden_size, generator=gen) * 0.02
-            ).to(torch.bfloat16),
+            "model.embed_tokens.weight": _random_embedding(arch, gen),
             "model.norm.weight": (1.0 + 0.1 * torch.randn(arch.hidden_size, generator=gen)).to(
                 torch.bfloat16
             ),

@@ -145,6 +145,11 @@ class Gates:
     min_delta_cosine: float = 0.9
     max_rmse: float = 0.25
     max_abs: float = 1.0
+    # The LM head: the shard's token must be the reference's on this share of steps, and
+    # where it is not, the two tokens' reference logits may differ by at most
+    # max_top1_margin logit standard deviations (a flip between near-ties).
+    min_top1_agreement: float = 0.9
+    max_top1_margin: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -168,11 +173,29 @@ class ResidencySettings:
 
 
 @dataclass(frozen=True)
+class BuildSettings:
+    """`anechain build`: the whole pipeline from a checkpoint to a proven manifest."""
+
+    # Hugging Face checkpoint folder; empty: a random one with `architecture` is made (demo).
+    checkpoint: str = ""
+    # Where packages, reports and the manifest go; empty: artifacts/<name>.
+    out_dir: str = ""
+    seed: int = 0  # of the random checkpoint
+    prompt_tokens: tuple[int, ...] = ()  # empty: 8 tokens drawn with `seed`
+    max_new_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ConfigError(f"build.max_new_tokens must be positive, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
 class Config:
     architecture: Architecture
     export: ExportSettings = field(default_factory=ExportSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     residency: ResidencySettings = field(default_factory=ResidencySettings)
+    build: BuildSettings = field(default_factory=BuildSettings)
     name: str = ""
 
 

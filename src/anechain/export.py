@@ -32,6 +32,7 @@ from anechain.contract import (
 )
 from anechain.errors import ExportError
 from anechain.fsutil import atomic_path
+from anechain.head import head_tensor_names
 from anechain.model import LayerRangeModel, LMHeadModel
 from anechain.package import package_size
 from anechain.rope import RopeParameters
@@ -58,11 +59,13 @@ class ExportResult:
     size_bytes: int
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    kind: str = KIND_LAYERS  # "layers" | "head" | "embedding"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": str(self.path),
-            "layers": str(self.layers) if self.layers else "head",
+            "kind": self.kind,
+            "layers": str(self.layers) if self.layers else None,
             "op_counts": dict(self.op_counts),
             "quantized_weights": self.quantized_weights,
             "size_bytes": self.size_bytes,
@@ -247,6 +250,7 @@ def export_shard(
         context_length=settings.context_length,
         architecture=arch,
         contract=contract,
+        extra=_rope_metadata(checkpoint),
     )
     load_seconds = time.perf_counter() - t0
     counts, stages = _build_package(
@@ -270,14 +274,6 @@ def export_shard(
         seconds=time.perf_counter() - t0,
         stage_seconds={"load": load_seconds, **stages},
     )
-
-
-def head_tensor_names(checkpoint: Checkpoint) -> tuple[str, str]:
-    """(final norm, LM head): the head is the embedding when they are tied."""
-    head = "lm_head.weight"
-    if checkpoint.architecture.tie_word_embeddings or head not in checkpoint.tensor_names():
-        head = "model.embed_tokens.weight"
-    return "model.norm.weight", head
 
 
 def export_head(
@@ -334,6 +330,41 @@ def export_head(
         size_bytes=package_size(dest),
         seconds=time.perf_counter() - t0,
         stage_seconds={"load": load_seconds, **stages},
+        kind=KIND_HEAD,
+    )
+
+
+def export_embedding(
+    checkpoint: Checkpoint,
+    dest: Path,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """The token embedding as an fp16 .npy table the host gathers rows from (mmap-able).
+
+    Phi-4-mini ties it with the LM head; the head package holds its own INT8 copy.
+    """
+    say = progress or (lambda msg: log.info(msg))
+    if dest.suffix != ".npy":
+        raise ExportError(f"{dest}: the embedding table must end in .npy")
+    if dest.exists() and not overwrite:
+        raise ExportError(f"{dest} already exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    name = "model.embed_tokens.weight"
+    say(f"[embedding] reading {name} from {checkpoint.path}")
+    table = checkpoint.read_tensors([name])[name].to(torch.float16).numpy()  # (vocab, hidden)
+    with atomic_path(dest, overwrite=overwrite) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, table, allow_pickle=False)
+    say(f"[embedding] {table.shape[0]} x {table.shape[1]} fp16 written")
+    return ExportResult(
+        path=dest,
+        layers=None,
+        op_counts={},
+        quantized_weights=0,
+        size_bytes=dest.stat().st_size,
+        seconds=time.perf_counter() - t0,
+        kind="embedding",
     )
 
 

@@ -26,17 +26,20 @@ import jsonschema
 
 from anechain import __version__
 from anechain.config import Architecture, LayerRange, to_dict
-from anechain.contract import MASK_VALUE, IOContract, TensorSpec
+from anechain.contract import KIND_HEAD, MASK_VALUE, IOContract, TensorSpec
 from anechain.errors import ConfigError, ManifestError
 from anechain.fsutil import atomic_write_text, sha256_tree
 from anechain.shards import (
     ShardRecord,
+    ValidatedHead,
     ValidatedShard,
     architecture_problems,
     check_manifest_path,
     check_topology,
+    read_head_report,
     read_shard_report,
     relative_inside,
+    report_kind,
 )
 
 SCHEMA_VERSION = 1
@@ -163,6 +166,27 @@ class StepIO(_JSON):
 
 
 @dataclass(frozen=True)
+class EmbeddingEntry(_JSON):
+    """The fp16 token table the host gathers rows from (tied with the head in Phi-4-mini)."""
+
+    file: FileRef
+    shape: tuple[int, ...]  # (vocab_size, hidden_size)
+    dtype: str
+
+
+@dataclass(frozen=True)
+class HeadEntry(_JSON):
+    """Final norm + LM head: per-chunk max logit and index; the host reduces the chunks."""
+
+    package: FileRef
+    compiled: FileRef | None
+    weights_fingerprint: str
+    chunk_rows: int
+    contract: StepIO
+    validation: Validation
+
+
+@dataclass(frozen=True)
 class Manifest(_JSON):
     schema_version: int
     created: str  # UTC, ISO 8601
@@ -173,6 +197,19 @@ class Manifest(_JSON):
     mask: Mask
     contract: StepIO
     shards: tuple[ShardEntry, ...]  # in layer order
+    embedding: EmbeddingEntry | None = None
+    head: HeadEntry | None = None
+
+    def files(self) -> list[tuple[str, FileRef]]:
+        """Every referenced file, with what it is."""
+        out: list[tuple[str, FileRef]] = []
+        for sh in self.shards:
+            out += [(str(sh.layers), ref) for ref in (sh.package, sh.compiled) if ref]
+        if self.head is not None:
+            out += [("head", ref) for ref in (self.head.package, self.head.compiled) if ref]
+        if self.embedding is not None:
+            out.append(("embedding", self.embedding.file))
+        return out
 
     def records(self) -> list[ShardRecord]:
         """The shards as topology records (see anechain.topology)."""
@@ -230,22 +267,34 @@ def _versions() -> dict[str, str | None]:
 
 
 def build_manifest(
-    reports: list[Path], out: Path, overwrite: bool = False, rope: dict[str, Any] | None = None
+    reports: list[Path],
+    out: Path,
+    overwrite: bool = False,
+    rope: dict[str, Any] | None = None,
+    embedding: Path | None = None,
 ) -> Manifest:
     """Check validated shards and write their manifest to `out` atomically.
 
     Args:
         reports: validation reports, or shard packages whose report sits beside them
             (<name>.report.json beside <name>.mlpackage), in any order.
+            A head's report (or the head package) may be among them.
         rope: host-side RoPE data (rope.RopeParameters.to_dict()), kept as rope.precomputed;
             by default the one the exporter recorded in the shards' reports.
+        embedding: the fp16 token table (.npy) the host gathers from.
     """
     out = Path(out)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise ManifestError(f"{out} already exists; pass --overwrite to replace it")
     if not reports:
         raise ManifestError("no shards given: pass validation reports or shard packages")
-    shards = [read_shard_report(Path(src)) for src in reports]
+    kinds = [(Path(src), report_kind(Path(src))) for src in reports]
+    heads = [read_head_report(src) for src, kind in kinds if kind == KIND_HEAD]
+    if len(heads) > 1:
+        raise ManifestError(f"{len(heads)} heads given ({heads[0].report}, {heads[1].report})")
+    shards = [read_shard_report(src) for src, kind in kinds if kind != KIND_HEAD]
+    if not shards:
+        raise ManifestError("no layer shards given: pass their validation reports or packages")
     seen: dict[Path, ValidatedShard] = {}
     for s in shards:
         if (prev := seen.setdefault(s.package.resolve(), s)) is not s:
@@ -299,6 +348,8 @@ def build_manifest(
         if ropes and any(r != ropes[0] for r in ropes):
             raise ManifestError("shards disagree on their RoPE parameters; export them again")
         rope = ropes[0] if ropes else None
+    head_entry = _head_entry(heads[0], rec, root) if heads else None
+    embedding_entry = _embedding_entry(embedding, arch, root) if embedding else None
     manifest = Manifest(
         SCHEMA_VERSION,
         datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -309,6 +360,8 @@ def build_manifest(
         Mask(),
         StepIO(rec.contract.inputs, rec.contract.outputs),
         tuple(entries),
+        embedding_entry,
+        head_entry,
     )
     _schema_check(manifest.to_dict(), out)  # what we write must load
     try:
@@ -316,6 +369,47 @@ def build_manifest(
     except FileExistsError:
         raise ManifestError(f"{out} already exists; pass --overwrite to replace it") from None
     return manifest
+
+
+def _head_entry(head: ValidatedHead, rec: ShardRecord, root: Path) -> HeadEntry:
+    what = f"head {head.package.name}"
+    if head.checkpoint_fingerprint != rec.checkpoint_fingerprint:
+        raise ManifestError(f"{what} comes from another checkpoint than shard {rec.label}")
+    hidden = [i for i in head.contract.inputs if i.name == "hidden_states"]
+    out = [o for o in rec.contract.outputs if o.name == "output_hidden_states"]
+    if not hidden or not out or hidden[0].shape != out[0].shape:
+        raise ManifestError(f"{what} does not take the shards' output_hidden_states shape")
+    relative_inside(head.package, root, f"{what} package")
+    if not head.package.is_dir():
+        raise ManifestError(f"{what}: package {head.package} does not exist")
+    digest = sha256_tree(head.package)
+    if digest != head.validated_sha256:
+        raise ManifestError(f"{what} changed after validation; validate it again")
+    mlmodelc = head.package.with_suffix(".mlmodelc")
+    compiled = _file_ref(mlmodelc, root, f"{what} compiled model") if mlmodelc.exists() else None
+    return HeadEntry(
+        _file_ref(head.package, root, f"{what} package", digest),
+        compiled,
+        head.weights_fingerprint,
+        head.chunk_rows,
+        StepIO(head.contract.inputs, head.contract.outputs),
+        _load(Validation, head.summary),
+    )
+
+
+def _embedding_entry(path: Path, arch: Architecture, root: Path) -> EmbeddingEntry:
+    import numpy as np
+
+    try:
+        table = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"embedding {path} is not a readable .npy table ({exc})") from None
+    want = (arch.vocab_size, arch.hidden_size)
+    if table.shape != want or table.dtype != np.float16:
+        raise ManifestError(
+            f"embedding {path} is {table.dtype} {table.shape}; the model needs float16 {want}"
+        )
+    return EmbeddingEntry(_file_ref(path, root, "embedding"), want, "float16")
 
 
 # ---- load and verify ------------------------------------------------------------------------
@@ -362,6 +456,16 @@ def load_manifest(path: str | Path) -> Manifest:
                 check_manifest_path(
                     shard[key]["path"], path.parent, f"manifest {path}: shards[{i}].{key}"
                 )
+    for key, refs in (
+        ("head", ("package", "compiled")),
+        ("embedding", ("file",)),
+    ):
+        entry = data.get(key)
+        for ref in refs if entry else ():
+            if entry[ref] is not None:
+                check_manifest_path(
+                    entry[ref]["path"], path.parent, f"manifest {path}: {key}.{ref}"
+                )
     return Manifest.from_dict(data)
 
 
@@ -391,19 +495,20 @@ def verify_manifest(path: str | Path) -> list[Check]:
         Check("coverage", f"{len(records)} shards cover 0:{m.model.num_hidden_layers}"),
         Check("contract", "one I/O contract, agreeing with the architecture"),
     ]
-    for shard in m.shards:
-        for ref in filter(None, (shard.package, shard.compiled)):
-            file = path.parent / ref.path
-            if not file.exists():
-                raise ManifestError(f"manifest {path}: {ref.path} ({shard.layers}) is missing")
-            digest = sha256_tree(file)
-            if digest != ref.sha256:
-                raise ManifestError(
-                    f"manifest {path}: {ref.path} ({shard.layers}) changed since "
-                    f"the manifest was built (sha256 {digest[:12]}, manifest "
-                    f"says {ref.sha256[:12]})"
-                )
-            checks.append(Check("sha256", ref.path))
+    if m.head is not None and m.head.contract.inputs[0].shape != m.contract.outputs[0].shape:
+        raise ManifestError(f"manifest {path}: the head does not take the shards' output")
+    for what, ref in m.files():
+        file = path.parent / ref.path
+        if not file.exists():
+            raise ManifestError(f"manifest {path}: {ref.path} ({what}) is missing")
+        digest = sha256_tree(file)
+        if digest != ref.sha256:
+            raise ManifestError(
+                f"manifest {path}: {ref.path} ({what}) changed since "
+                f"the manifest was built (sha256 {digest[:12]}, manifest "
+                f"says {ref.sha256[:12]})"
+            )
+        checks.append(Check("sha256", ref.path))
     return checks
 
 
@@ -455,10 +560,25 @@ def render_manifest(m: Manifest, path: str | Path = "manifest") -> str:
         if unchecked
         else "checked for every shard"
     )
+    extra = []
+    if m.head is not None:
+        h = m.head
+        extra.append(
+            f"head       {h.package.path}  {h.package.size_bytes / 1e6:.1f} MB, chunks of "
+            f"{h.chunk_rows} rows, top-1 agreement "
+            f"{h.validation.metrics.get('top1_agreement')}, {h.validation.verdict}"
+        )
+    if m.embedding is not None:
+        e = m.embedding
+        extra.append(
+            f"embedding  {e.file.path}  {e.dtype} {e.shape[0]} x {e.shape[1]}, "
+            f"{e.file.size_bytes / 1e6:.1f} MB"
+        )
     return "\n".join(
         [
             *lines,
             *table,
+            *extra,
             "",
             f"{len(m.shards)} shards, 0:{n}, {total:.1f} MB; residency {residency}",
         ]

@@ -92,10 +92,12 @@ def step_inputs(
     if not 0 <= position < context_length:
         raise ValueError(f"position {position} outside the context of {context_length}")
     cos, sin = rope.cos_sin(position)
+    with np.errstate(over="ignore"):  # beyond fp16's range is inf, as on the device
+        hidden16 = np.asarray(hidden).astype(np.float16)
     mask = np.full((1, 1, 1, context_length), MASK_VALUE, dtype=np.float16)
     mask[..., : position + 1] = 0
     return {
-        "hidden_states": np.asarray(hidden, dtype=np.float16).reshape(1, -1, 1, 1),
+        "hidden_states": hidden16.reshape(1, -1, 1, 1),
         "position": np.array([position], dtype=np.int32),
         "cos": cos.astype(np.float16).reshape(1, 1, 1, -1),
         "sin": sin.astype(np.float16).reshape(1, 1, 1, -1),

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from anechain.config import Architecture, LayerRange, from_dict, to_dict
-from anechain.contract import KIND_LAYERS, IOContract, layer_contract
+from anechain.contract import KIND_HEAD, KIND_LAYERS, IOContract, layer_contract
 from anechain.errors import ConfigError, ManifestError
 
 
@@ -230,8 +230,8 @@ def _package_of(report: Path, named: Path, source: Path) -> Path:
     return beside if not package.exists() and conventional and beside.exists() else package
 
 
-def read_shard_report(source: Path) -> ValidatedShard:
-    """Read a report (or the report beside a package); refuse a shard that did not pass."""
+def _open_report(source: Path) -> tuple[Path, dict[str, Any]]:
+    """(report path, its JSON) for a report or for the package it sits beside."""
     report = source
     if source.suffix == ".mlpackage":
         report = report_path_for(source)
@@ -243,26 +243,23 @@ def read_shard_report(source: Path) -> ValidatedShard:
         raise ManifestError(f"cannot read report {report}: {exc.strerror}") from None
     except ValueError as exc:
         raise ManifestError(f"report {report} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA:
+        raise ManifestError(f"report {report} is not an {REPORT_SCHEMA} report")
+    return report, data
+
+
+def report_kind(source: Path) -> str:
+    """`layers` or `head`: what the report (or the package's report) is about."""
+    report, data = _open_report(source)
+    return str(_get(data, "kind", str, report))
+
+
+def _passed_summary(data: dict[str, Any], report: Path, label: str) -> dict[str, Any]:
+    """The manifest's `validation` object; refuses a report whose shard did not pass."""
 
     def get(key: str, kinds: type | tuple[type, ...]) -> Any:
         return _get(data, key, kinds, report)
 
-    if get("schema", str) != REPORT_SCHEMA or get("kind", str) != KIND_LAYERS:
-        raise ManifestError(f"report {report} is not an {REPORT_SCHEMA} report of a layer shard")
-    package = _package_of(report, Path(get("package.path", str)), source)
-    try:
-        layers = LayerRange.parse(get("layers", str))
-        arch = from_dict(Architecture, get("architecture", dict), "architecture")
-        contract = IOContract.from_dict(get("contract", dict))
-    except ConfigError as exc:
-        raise ManifestError(f"report {report} is malformed: {exc}") from None
-    except (KeyError, TypeError) as exc:
-        raise ManifestError(f"report {report} is malformed: contract lacks {exc}") from None
-    if arch.num_hidden_layers != get("num_hidden_layers", int):
-        raise ManifestError(
-            f"report {report} is inconsistent: num_hidden_layers differs from "
-            f"architecture.num_hidden_layers"
-        )
     if get("residency.status", str) not in RESIDENCY_STATUSES:
         raise ManifestError(
             f"report {report} has an unknown residency status {data['residency']['status']!r}"
@@ -287,7 +284,6 @@ def read_shard_report(source: Path) -> ValidatedShard:
         failed.append("residency")
     if get("golden.passed", bool) is False and not failed:
         failed.append("golden")
-    label = f"{package.name} ({layers})"
     if verdict != "pass":
         raise ManifestError(
             f"shard {label} failed validation: gate(s) "
@@ -298,15 +294,7 @@ def read_shard_report(source: Path) -> ValidatedShard:
             f"shard {label}: report {report} says pass but gate(s) "
             f"{', '.join(failed)} failed; validate the shard again"
         )
-    record = ShardRecord(
-        package.name,
-        layers,
-        arch.num_hidden_layers,
-        get("checkpoint_fingerprint", str),
-        contract,
-        get("context_length", int),
-    )
-    summary = {
+    return {
         "verdict": verdict,
         "backend": get("backend", str),
         "steps": get("steps", int),
@@ -316,6 +304,50 @@ def read_shard_report(source: Path) -> ValidatedShard:
         "created": get("created", str),
         "versions": get("versions", dict),
     }
+
+
+def _common(
+    source: Path, kind: str
+) -> tuple[Path, dict[str, Any], Path, Architecture, IOContract, Any]:
+    report, data = _open_report(source)
+
+    def get(key: str, kinds: type | tuple[type, ...]) -> Any:
+        return _get(data, key, kinds, report)
+
+    if get("kind", str) != kind:
+        raise ManifestError(f"report {report} is about a {data['kind']!r} package, not {kind!r}")
+    package = _package_of(report, Path(get("package.path", str)), source)
+    try:
+        arch = from_dict(Architecture, get("architecture", dict), "architecture")
+        contract = IOContract.from_dict(get("contract", dict))
+    except ConfigError as exc:
+        raise ManifestError(f"report {report} is malformed: {exc}") from None
+    except (KeyError, TypeError) as exc:
+        raise ManifestError(f"report {report} is malformed: contract lacks {exc}") from None
+    if arch.num_hidden_layers != get("num_hidden_layers", int):
+        raise ManifestError(
+            f"report {report} is inconsistent: num_hidden_layers differs from "
+            f"architecture.num_hidden_layers"
+        )
+    return report, data, package, arch, contract, get
+
+
+def read_shard_report(source: Path) -> ValidatedShard:
+    """Read a layer shard's report (or the report beside it); refuse a shard that did not pass."""
+    report, data, package, arch, contract, get = _common(source, KIND_LAYERS)
+    try:
+        layers = LayerRange.parse(get("layers", str))
+    except ConfigError as exc:
+        raise ManifestError(f"report {report} is malformed: {exc}") from None
+    summary = _passed_summary(data, report, f"{package.name} ({layers})")
+    record = ShardRecord(
+        package.name,
+        layers,
+        arch.num_hidden_layers,
+        get("checkpoint_fingerprint", str),
+        contract,
+        get("context_length", int),
+    )
     return ValidatedShard(
         report,
         package,
@@ -325,6 +357,37 @@ def read_shard_report(source: Path) -> ValidatedShard:
         get("package.sha256", str),
         summary,
         data.get("rope") if isinstance(data.get("rope"), dict) else None,
+    )
+
+
+@dataclass(frozen=True)
+class ValidatedHead:
+    """The final norm + LM head package, whose report says it passed."""
+
+    report: Path
+    package: Path
+    architecture: Architecture
+    checkpoint_fingerprint: str
+    weights_fingerprint: str
+    validated_sha256: str
+    contract: IOContract
+    chunk_rows: int
+    summary: dict[str, Any]
+
+
+def read_head_report(source: Path) -> ValidatedHead:
+    """Read the head's report (or the report beside it); refuse a head that did not pass."""
+    report, data, package, arch, contract, get = _common(source, KIND_HEAD)
+    return ValidatedHead(
+        report,
+        package,
+        arch,
+        get("checkpoint_fingerprint", str),
+        get("weights_fingerprint", str),
+        get("package.sha256", str),
+        contract,
+        get("head_chunk_rows", int),
+        _passed_summary(data, report, f"{package.name} (head)"),
     )
 
 

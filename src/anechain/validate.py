@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,10 +24,11 @@ import numpy as np
 from anechain import __version__
 from anechain.checkpoint import Checkpoint
 from anechain.config import Gates, ResidencySettings, ValidationSettings, to_dict
-from anechain.contract import KIND_LAYERS, ShardMetadata, read_package_metadata
+from anechain.contract import KIND_HEAD, KIND_LAYERS, ShardMetadata, read_package_metadata
 from anechain.errors import PackageError
-from anechain.fsutil import sha256_tree
+from anechain.fsutil import atomic_write_text, sha256_tree
 from anechain.golden import calibration_tokens, reference_boundaries
+from anechain.head import head_tensor_names, run_head_golden
 from anechain.metrics import ShardComparison, compare_shard
 from anechain.package import package_size
 from anechain.rope import RopeParameters, step_inputs
@@ -79,6 +81,27 @@ def apply_gates(metrics: dict[str, Any], gates: Gates) -> list[GateResult]:
         gate("delta_cosine", "delta_cosine", gates.min_delta_cosine, ">="),
         gate("rmse", "rmse", gates.max_rmse, "<="),
         gate("max_abs", "max_abs", gates.max_abs, "<="),
+    ]
+
+
+def apply_head_gates(metrics: dict[str, Any], gates: Gates) -> list[GateResult]:
+    """The head: finite, top-1 agreement, flips only between near-ties, and the chunk maxima
+    close to the reference's (cosine)."""
+
+    def gate(name: str, key: str, bound: float, op: str) -> GateResult:
+        value = metrics[key]
+        ok = (
+            value is not None
+            and math.isfinite(value)
+            and (value >= bound if op == ">=" else value <= bound)
+        )
+        return GateResult(name, value, bound, op, ok)
+
+    return [
+        GateResult("finite", float(metrics["nonfinite"]), 0.0, "<=", metrics["nonfinite"] == 0),
+        gate("top1_agreement", "top1_agreement", gates.min_top1_agreement, ">="),
+        gate("top1_margin", "worst_margin", gates.max_top1_margin, "<="),
+        gate("logit_cosine", "cosine", gates.min_cosine, ">="),
     ]
 
 
@@ -136,7 +159,8 @@ class ValidationReport:
                 "size_bytes": self.size_bytes,
             },
             "kind": m.kind,
-            "layers": str(m.layers),
+            "layers": str(m.layers) if m.layers is not None else None,
+            **({"head_chunk_rows": int(m.extra["head_chunk_rows"])} if m.kind == KIND_HEAD else {}),
             "num_hidden_layers": m.num_hidden_layers,
             "checkpoint_fingerprint": m.checkpoint_fingerprint,
             "weights_fingerprint": m.weights_fingerprint,
@@ -156,6 +180,22 @@ class ValidationReport:
         }
 
 
+def write_report(report: ValidationReport, path: str | Path) -> dict[str, Any]:
+    """Write the report as JSON (atomically), the package path relative to the report."""
+    path = Path(path)
+    data = report.to_dict()
+    # Relative to the report, so the pair can move together.
+    data["package"]["path"] = os.path.relpath(report.package.resolve(), path.resolve().parent)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return data
+
+
+def default_report_path(package: str | Path) -> Path:
+    """Reports live beside their package: layers_0_8.mlpackage -> layers_0_8.report.json."""
+    package = Path(package)
+    return package.with_name(package.stem + ".report.json")
+
+
 def versions() -> dict[str, str]:
     out = {"anechain": __version__, "python": platform.python_version()}
     for dist in ("coremltools", "torch", "transformers", "numpy"):
@@ -168,8 +208,8 @@ def versions() -> dict[str, str]:
 
 def check_package_matches(meta: ShardMetadata, checkpoint: Checkpoint, where: str) -> None:
     """Refuse a package exported from another checkpoint, in one line."""
-    if meta.kind != KIND_LAYERS:
-        raise PackageError(f"{where} is a {meta.kind!r} package, not a layer shard")
+    if meta.kind not in (KIND_LAYERS, KIND_HEAD):
+        raise PackageError(f"{where} is a {meta.kind!r} package, not a layer shard or head")
     arch = checkpoint.architecture
     if meta.num_hidden_layers != arch.num_hidden_layers:
         raise PackageError(
@@ -182,11 +222,14 @@ def check_package_matches(meta: ShardMetadata, checkpoint: Checkpoint, where: st
             f"{meta.checkpoint_fingerprint[:12]}, {checkpoint.path} is "
             f"{checkpoint.fingerprint[:12]})"
         )
-    names = checkpoint.layer_tensor_names(meta.layers)
+    if meta.layers is None:
+        names, what = list(head_tensor_names(checkpoint)), "the final norm and LM head"
+    else:
+        names, what = checkpoint.layer_tensor_names(meta.layers), f"layers {meta.layers}"
     if meta.weights_fingerprint != checkpoint.weights_fingerprint(names):
         raise PackageError(
-            f"{where}: the weights of layers {meta.layers} in {checkpoint.path} differ from "
-            "those the package was exported from"
+            f"{where}: the weights of {what} in {checkpoint.path} differ from those the "
+            "package was exported from"
         )
 
 
@@ -275,9 +318,20 @@ def validate_shard(
         report_only=opts.report_only,
     ).to_dict()
     if progress:
-        progress(f"[{meta.layers}] loading {package.name} with the {backend} runner")
+        progress(f"[{meta.layers or 'head'}] loading {package.name} with the {backend} runner")
     runner = open_runner(backend, package, **(runner_options or {}))
-    golden, gates = run_golden(runner, meta, checkpoint, settings, cache_dir, progress)
+    if meta.kind == KIND_HEAD:
+        head = run_head_golden(runner, meta, checkpoint, settings, cache_dir, progress)
+        gates = apply_head_gates(head["metrics"], settings.gates)
+        golden = GoldenResult(
+            metrics=head["metrics"],
+            per_step=head["per_step"],
+            first_nonfinite=head["first_nonfinite"],
+            layer_max_abs={},
+            passed=all(g.passed for g in gates),
+        )
+    else:
+        golden, gates = run_golden(runner, meta, checkpoint, settings, cache_dir, progress)
     return ValidationReport(
         package=package,
         package_sha256=sha256_tree(package),

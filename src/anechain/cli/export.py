@@ -29,9 +29,20 @@ from anechain.cli._common import (
     "--layer-spec",
     "specs",
     multiple=True,
-    required=True,
     type=LayerSpecType(),
     help="START:END:PATH: decoder layers [START, END) into PATH (.mlpackage). Repeatable.",
+)
+@click.option(
+    "--head",
+    "head_path",
+    type=click.Path(path_type=Path),
+    help="Also export the final norm + chunked LM head to this .mlpackage.",
+)
+@click.option(
+    "--embedding",
+    "embedding_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the token embedding as an fp16 table to this .npy.",
 )
 @click.option(
     "--config",
@@ -61,6 +72,8 @@ from anechain.cli._common import (
 def export(
     model_dir: Path,
     specs: tuple,
+    head_path: Path | None,
+    embedding_path: Path | None,
     config_path: Path | None,
     context: int | None,
     quantization: str | None,
@@ -71,7 +84,9 @@ def export(
 
     Each --layer-spec produces one ML Program (iOS18/macOS15, fp16 compute) holding decoder
     layers [START, END) for single-token decode, with the KV cache as Core ML state and
-    every projection a 1x1 conv. Packages are written atomically.
+    every projection a 1x1 conv. --head adds the final norm + LM head (INT8, the vocabulary
+    in chunks of at most 16384 rows, each returning its max logit and argmax) and
+    --embedding the fp16 token table the host gathers from. Everything is written atomically.
 
     \b
     Examples:
@@ -80,10 +95,18 @@ def export(
           --layer-spec 24:30:artifacts/layers_24_30.mlpackage \\
           --layer-spec 30:32:artifacts/layers_30_32.mlpackage
       anechain export --model artifacts/tiny-ckpt --config configs/tiny.yaml \\
-          --layer-spec 0:3:artifacts/tiny_0_3.mlpackage
+          --layer-spec 0:3:artifacts/tiny_0_3.mlpackage \\
+          --head artifacts/tiny_head.mlpackage --embedding artifacts/tiny_embedding.npy
     """
     from anechain.checkpoint import Checkpoint
-    from anechain.export import export_shards
+    from anechain.export import export_embedding, export_head, export_shards
+
+    if not (specs or head_path or embedding_path):
+        raise click.UsageError("nothing to export: give --layer-spec, --head or --embedding")
+    if head_path is not None and head_path.suffix != ".mlpackage":
+        raise click.BadParameter(f"{head_path} must end in .mlpackage", param_hint="--head")
+    if embedding_path is not None and embedding_path.suffix != ".npy":
+        raise click.BadParameter(f"{embedding_path} must end in .npy", param_hint="--embedding")
 
     config = resolve_config(config_path)
     settings = config.export
@@ -112,13 +135,24 @@ def export(
                 f"{label}: {spec.path} exists; pass --overwrite to replace",
                 param_hint="--layer-spec",
             )
+    for path, hint in ((head_path, "--head"), (embedding_path, "--embedding")):
+        if path is None:
+            continue
+        if path.exists() and not overwrite:
+            raise click.BadParameter(f"{path} exists; pass --overwrite to replace", param_hint=hint)
+        if path.resolve() in seen:
+            raise click.BadParameter(f"{path} is also a --layer-spec output", param_hint=hint)
 
     say = progress_printer()
     results = export_shards(checkpoint, list(specs), settings, overwrite, progress=say)
+    if head_path is not None:
+        results.append(export_head(checkpoint, head_path, settings, overwrite, progress=say))
+    if embedding_path is not None:
+        results.append(export_embedding(checkpoint, embedding_path, overwrite, progress=say))
     rows = [
         [
             str(r.path),
-            str(r.layers),
+            str(r.layers or r.kind),
             str(r.op_counts.get("conv", 0)),
             str(r.quantized_weights),
             human_bytes(r.size_bytes),

@@ -30,20 +30,34 @@ def manifest_group() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Manifest to write; every shard must be inside its folder.",
 )
+@click.option(
+    "--embedding",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="The fp16 token table (.npy) from `anechain export --embedding`.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def build(shards: tuple[Path, ...], reports: tuple[Path, ...], out: Path, overwrite: bool) -> None:
+def build(
+    shards: tuple[Path, ...],
+    reports: tuple[Path, ...],
+    out: Path,
+    embedding: Path | None,
+    overwrite: bool,
+) -> None:
     """Write a manifest for validated shards, given as reports and/or packages.
 
     A package SHARD (NAME.mlpackage) is read through its report beside it,
     NAME.report.json, as `anechain validate shard` writes it (a SHARD may also be a
     report). Shards may come in
     any order; they must have passed every gate, be unchanged since validation, share one
-    I/O contract and cover the model's decoder layers exactly once. Paths in the manifest
-    are relative to it, so the shards must sit in its folder (or below).
+    I/O contract and cover the model's decoder layers exactly once. The head (from
+    `anechain export --head`, validated like a shard) may be given the same way, and the
+    embedding table with --embedding. Paths in the manifest are relative to it, so the files
+    must sit in its folder (or below).
 
     \b
     Examples:
-      anechain manifest build artifacts/layers_*.mlpackage -o artifacts/manifest.json
+      anechain manifest build artifacts/layers_*.mlpackage artifacts/head.mlpackage \\
+          --embedding artifacts/embedding.npy -o artifacts/manifest.json
       anechain manifest build --report artifacts/layers_0_8.report.json \\
           --report artifacts/layers_8_32.report.json -o artifacts/manifest.json --overwrite
     """
@@ -55,7 +69,7 @@ def build(shards: tuple[Path, ...], reports: tuple[Path, ...], out: Path, overwr
         raise click.UsageError("give shard packages or --report files to build from")
     if out.exists() and not overwrite:
         raise click.UsageError(f"{out} already exists; pass --overwrite to replace it")
-    manifest = build_manifest(sources, out, overwrite=overwrite)
+    manifest = build_manifest(sources, out, overwrite=overwrite, embedding=embedding)
     size = sum(s.package.size_bytes for s in manifest.shards)
     ranges = ", ".join(str(s.layers) for s in manifest.shards)
     click.echo(f"wrote {out}: {len(manifest.shards)} shards ({ranges}), {human_bytes(size)}")

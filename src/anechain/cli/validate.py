@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from pathlib import Path
 
 import click
 
 from anechain.cli._common import progress_printer, render_table, resolve_config
 from anechain.runners import BACKENDS
-
-
-def default_report_path(package: Path) -> Path:
-    """Reports live beside their package: layers_0_8.mlpackage -> layers_0_8.report.json."""
-    return package.with_name(package.stem + ".report.json")
 
 
 def _fmt(value: float | None) -> str:
@@ -49,7 +42,8 @@ def render_report(report: dict) -> str:
         verdict = {True: "pass", False: "FAIL", None: "report only"}[res.get("passed")]
         rows.append(["residency", value, res["status"], verdict])
     lines = [
-        f"{report['package']['path']}  layers {report['layers']}  backend {report['backend']}  "
+        f"{report['package']['path']}  layers {report['layers'] or 'head'}  "
+        f"backend {report['backend']}  "
         f"{report['steps']} steps",
         render_table(["gate", "value", "bound", "result"], rows),
     ]
@@ -156,8 +150,12 @@ def validate_shard_cmd(
       anechain validate shard layers_24_30.mlpackage --model phi-4-mini --min-cosine 0.999
     """
     from anechain.checkpoint import Checkpoint
-    from anechain.fsutil import atomic_write_text
-    from anechain.validate import ResidencyOptions, validate_shard
+    from anechain.validate import (
+        ResidencyOptions,
+        default_report_path,
+        validate_shard,
+        write_report,
+    )
 
     config = resolve_config(config_path)
     settings = config.validation
@@ -190,10 +188,7 @@ def validate_shard_cmd(
         progress=progress_printer(),
     )
     out = report_path or default_report_path(package)
-    data = report.to_dict()
-    # The package path is stored relative to the report, so the pair can move together.
-    data["package"]["path"] = os.path.relpath(package.resolve(), out.resolve().parent)
-    atomic_write_text(out, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    data = write_report(report, out)
     click.echo(render_report(data))
     click.echo(f"report: {out}", err=True)
     if report.verdict != "pass":

@@ -142,6 +142,15 @@ def _reduce(fn: Callable[..., Any]) -> OpFn:
     return run
 
 
+def _reduce_argmax(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    # MIL: the first index of the maximum along one axis (the LM head's per-chunk token).
+    axis = int(a.get("axis", -1))
+    out = np.argmax(_num(a["x"]), axis=axis)
+    if bool(a.get("keep_dims", False)):
+        out = np.expand_dims(out, axis)
+    return out.astype(np.int32)
+
+
 def _softmax(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
     x = _num(a["x"])
     axis = int(a.get("axis", -1))
@@ -291,6 +300,7 @@ OPS: dict[str, OpFn] = {
     "cast": _cast,
     "reduce_max": _reduce(np.max),
     "reduce_mean": _reduce(np.mean),
+    "reduce_argmax": _reduce_argmax,
     "softmax": _softmax,
     "matmul": _matmul,
     "conv": _conv,

@@ -1,0 +1,262 @@
+"""`anechain build` (the one-command pipeline) and `anechain generate` (decode a manifest)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from anechain.cli._common import human_bytes, progress_printer, render_table, resolve_config
+from anechain.runners import BACKENDS
+
+
+def _fmt(value: object, digits: int = 5) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) else "-"
+
+
+def render_build(result) -> str:  # type: ignore[no-untyped-def]
+    rows = []
+    for a in result.artifacts:
+        r = a.report
+        if r is None:
+            rows.append(
+                [
+                    a.name,
+                    a.path.name,
+                    human_bytes(a.size_bytes),
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "reused" if a.reused else "written",
+                ]
+            )
+            continue
+        m = r["golden"]["metrics"]
+        res = r["residency"]
+        residency = {
+            "checked": "pass" if res["passed"] else "FAIL",
+            "report_only": "report only",
+            "not_checked": "not checked",
+        }[res["status"]]
+        if r["kind"] == "head":
+            golden = f"top1 {_fmt(m['top1_agreement'], 3)}, cos {_fmt(m['cosine'])}"
+        else:
+            golden = (
+                f"cos {_fmt(m['cosine'])}, delta {_fmt(m['delta_cosine'])}, "
+                f"rmse {_fmt(m['rmse'], 4)}, max {_fmt(m['max_abs'], 3)}"
+            )
+        failed = [g["name"] for g in r["gates"] if not g["passed"]]
+        verdict = "pass" if r["verdict"] == "pass" else "FAIL " + ",".join(failed or ["residency"])
+        rows.append(
+            [
+                a.name,
+                a.path.name,
+                human_bytes(a.size_bytes),
+                residency,
+                golden,
+                r["backend"],
+                verdict,
+                "reused" if a.reused else "built",
+            ]
+        )
+    lines = [
+        render_table(
+            ["shard", "file", "size", "residency", "golden", "backend", "verdict", ""], rows
+        )
+    ]
+    g = result.generation
+    if g is not None:
+        lines.append(
+            f"generation: {len(g.tokens)} tokens after {len(g.prompt)}, "
+            f"{'identical to' if g.exact else 'differs from'} transformers' greedy; "
+            f"teacher-forced agreement {g.agreement:.3f} (>= {g.min_agreement}), largest flip "
+            f"margin {g.max_flip_margin:.3f} (<= {g.bound} logit std): "
+            f"{'pass' if g.passed else 'FAIL'}"
+        )
+    if result.manifest is not None:
+        lines.append(f"manifest: {result.manifest}")
+    lines.append(f"build: {'PASS' if result.passed else 'FAIL'}")
+    return "\n".join(lines)
+
+
+@click.command("build")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default="configs/tiny.yaml",
+    show_default=True,
+    help="anechain YAML config: architecture, topology, gates, build settings.",
+)
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    help="Checkpoint folder (overrides build.checkpoint).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Output folder (overrides build.out_dir).",
+)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Golden reference cache (default ~/.cache/anechain).",
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the summary as JSON.",
+)
+def build(
+    config_path: Path,
+    model_dir: Path | None,
+    out_dir: Path | None,
+    backend: str,
+    cache_dir: Path | None,
+    json_out: Path | None,
+) -> None:
+    """Run the whole pipeline and prove it: export every range of the configured topology,
+    the head and the embedding; compile and check residency where the machine allows
+    (macOS); validate every package against transformers; write the manifest; decode a
+    few tokens from the manifest and compare them with transformers' greedy generation.
+
+    Artifacts already built and validated from the same inputs are reused. Exits 1 if any
+    gate fails.
+
+    \b
+    Examples:
+      anechain build                                   # the tiny demo (random checkpoint)
+      anechain build --config configs/phi-4-mini.yaml --model ~/models/Phi-4-mini-instruct
+    """
+    from anechain.build import run_build
+    from anechain.checkpoint import Checkpoint
+
+    config = resolve_config(config_path)
+    checkpoint = model_dir or (Path(config.build.checkpoint) if config.build.checkpoint else None)
+    out = out_dir or Path(config.build.out_dir or f"artifacts/{config.name or 'build'}")
+    if checkpoint is not None:
+        arch = Checkpoint(checkpoint).architecture
+        if arch != config.architecture:
+            click.echo(
+                f"note: using {checkpoint}'s architecture, which differs from the config's",
+                err=True,
+            )
+    say = progress_printer()
+    result = run_build(config, out, checkpoint, backend=backend, cache_dir=cache_dir, progress=say)
+    click.echo(render_build(result))
+    if json_out is not None:
+        from anechain.fsutil import atomic_write_text
+
+        summary = {
+            "passed": result.passed,
+            "manifest": str(result.manifest) if result.manifest else None,
+            "artifacts": [
+                {
+                    "name": a.name,
+                    "path": str(a.path),
+                    "size_bytes": a.size_bytes,
+                    "reused": a.reused,
+                    "verdict": a.report["verdict"] if a.report else None,
+                }
+                for a in result.artifacts
+            ],
+            "generation": result.generation.to_dict() if result.generation else None,
+        }
+        atomic_write_text(json_out, json.dumps(summary, indent=2) + "\n")
+    if not result.passed:
+        raise click.exceptions.Exit(1)
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a comma-separated list of token ids", param_hint="--prompt-ids"
+        ) from None
+
+
+@click.command("generate")
+@click.option(
+    "--manifest",
+    "manifest_path",
+    required=True,
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+)
+@click.option("--prompt-ids", help="Comma-separated token ids, e.g. 1,2,3.")
+@click.option("--prompt", help="Text, tokenized with the tokenizer in --tokenizer.")
+@click.option(
+    "--tokenizer",
+    "tokenizer_dir",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    help="Folder with the checkpoint's tokenizer (for --prompt).",
+)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option(
+    "--profile",
+    is_flag=True,
+    help="Print decode tok/s and ms/token for the layers, each shard and the head.",
+)
+def generate(
+    manifest_path: Path,
+    prompt_ids: str | None,
+    prompt: str | None,
+    tokenizer_dir: Path | None,
+    max_new_tokens: int,
+    backend: str,
+    profile: bool,
+) -> None:
+    """Greedy decoding over a manifest: embedding -> every shard -> head -> reduce.
+
+    Uses only the manifest and the files it names (their sha256 checked first), never the
+    checkpoint. Prompt tokens are fed one per step.
+
+    \b
+    Examples:
+      anechain generate --manifest artifacts/tiny/manifest.json --prompt-ids 1,2,3,4 --profile
+      anechain generate --manifest phi4/manifest.json --prompt "Hello" --tokenizer phi4-ckpt
+    """
+    from anechain.runtime import ManifestRuntime
+
+    if (prompt_ids is None) == (prompt is None):
+        raise click.UsageError("give exactly one of --prompt-ids and --prompt")
+    tokenizer = None
+    if prompt is not None:
+        if tokenizer_dir is None:
+            raise click.UsageError("--prompt needs --tokenizer DIR (the checkpoint's folder)")
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise click.UsageError(
+                f"no tokenizer in {tokenizer_dir}: {exc}".splitlines()[0]
+            ) from None
+        ids = tokenizer.encode(prompt)
+    else:
+        ids = _parse_ids(prompt_ids or "")
+    runtime = ManifestRuntime(manifest_path, backend=backend)
+    result = runtime.generate(ids, max_new_tokens)
+    click.echo(",".join(map(str, result.tokens)))
+    if tokenizer is not None:
+        click.echo(tokenizer.decode(result.tokens))
+    if profile:
+        s = result.profile.summary()
+        shards = ", ".join(f"{k} {v:.2f}" for k, v in s["shard_ms_per_token"].items())
+        click.echo(
+            f"decode {s['tokens_per_second']} tok/s over {s['decode_tokens']} tokens; "
+            f"layers {s['layers_ms_per_token']} ms/token ({shards}); "
+            f"head predict+reduce {s['head_ms_per_token']} ms/token [{runtime.backend}]",
+            err=True,
+        )
+
+
+COMMANDS = [build, generate]

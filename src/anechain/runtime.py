@@ -1,0 +1,192 @@
+"""Greedy decoding over a manifest: embedding -> every shard with its state -> head -> reduce.
+
+Uses only the manifest and the files it names (their sha256 checked at load), never the
+checkpoint: this is what a runtime on a device does, and the proof that the manifest is
+complete.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anechain.errors import ManifestError
+from anechain.head import reduce_chunks
+from anechain.manifest import Manifest, load_manifest, verify_manifest
+from anechain.rope import RopeParameters, step_inputs
+from anechain.runners import ShardRunner, open_runner, resolve_backend
+
+
+@dataclass
+class Profile:
+    """Per-token timings (seconds) of the decode steps after warm-up."""
+
+    layers: list[float] = field(default_factory=list)
+    per_shard: dict[str, list[float]] = field(default_factory=dict)
+    head: list[float] = field(default_factory=list)  # predict + reduce
+    total: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        def ms(values: list[float]) -> float | None:
+            return round(1000 * float(np.mean(values)), 3) if values else None
+
+        total = float(np.sum(self.total)) if self.total else 0.0
+        return {
+            "decode_tokens": len(self.total),
+            "tokens_per_second": round(len(self.total) / total, 2) if total else None,
+            "layers_ms_per_token": ms(self.layers),
+            "shard_ms_per_token": {k: ms(v) for k, v in self.per_shard.items()},
+            "head_ms_per_token": ms(self.head),
+        }
+
+
+@dataclass
+class Generation:
+    prompt: list[int]
+    tokens: list[int]  # the new tokens
+    profile: Profile
+
+
+class ManifestRuntime:
+    """The chained model a manifest describes, one runner per shard plus the head."""
+
+    def __init__(self, manifest_path: str | Path, backend: str = "auto") -> None:
+        path = Path(manifest_path)
+        verify_manifest(path)  # every file's sha256, before anything runs
+        m: Manifest = load_manifest(path)
+        if m.head is None or m.embedding is None:
+            raise ManifestError(
+                f"manifest {path} has no {'head' if m.head is None else 'embedding'}; "
+                "generation needs the embedding table and the head (anechain export "
+                "--head/--embedding, then manifest build)"
+            )
+        if m.rope.precomputed is None:
+            raise ManifestError(f"manifest {path} has no RoPE parameters (rope.precomputed)")
+        self.manifest = m
+        self.backend = resolve_backend(backend)
+        root = path.parent
+        self.rope = RopeParameters.from_dict(m.rope.precomputed)
+        self.embedding = np.load(root / m.embedding.file.path, mmap_mode="r", allow_pickle=False)
+        self.context_length = m.context_length
+        self.chunk_rows = m.head.chunk_rows
+
+        def model_path(package: Any, compiled: Any) -> Path:
+            # Core ML runs the compiled model when the manifest has one; MIL reads the package.
+            ref = compiled if self.backend == "coreml" and compiled is not None else package
+            return root / ref.path
+
+        self.shards: list[tuple[str, ShardRunner]] = [
+            (str(s.layers), open_runner(self.backend, model_path(s.package, s.compiled)))
+            for s in m.shards
+        ]
+        self.head = open_runner(self.backend, model_path(m.head.package, m.head.compiled))
+
+    def reset(self) -> None:
+        for _, runner in self.shards:
+            runner.reset()
+
+    def _step(self, token: int, position: int, profile: Profile | None) -> int:
+        t0 = time.perf_counter()
+        hidden = np.asarray(self.embedding[token], dtype=np.float16)
+        for name, runner in self.shards:
+            ts = time.perf_counter()
+            inputs = step_inputs(self.rope, hidden, position, self.context_length)
+            hidden = runner.step(inputs)["output_hidden_states"].reshape(-1)
+            if profile is not None:
+                profile.per_shard.setdefault(name, []).append(time.perf_counter() - ts)
+        t1 = time.perf_counter()
+        out = self.head.step({"hidden_states": hidden.astype(np.float16).reshape(1, -1, 1, 1)})
+        if not np.isfinite(out["chunk_max"]).all():
+            raise ManifestError(f"non-finite logits at position {position}")
+        nxt = reduce_chunks(out["chunk_max"], out["chunk_argmax"], self.chunk_rows)
+        if profile is not None:
+            t2 = time.perf_counter()
+            profile.layers.append(t1 - t0)
+            profile.head.append(t2 - t1)
+            profile.total.append(t2 - t0)
+        return nxt
+
+    def generate(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        on_token: Callable[[int], None] | None = None,
+        warmup: int = 1,
+    ) -> Generation:
+        """Greedy decoding; prompt tokens are fed one per step (the shards decode only)."""
+        vocab = self.manifest.model.architecture.vocab_size
+        if not prompt:
+            raise ManifestError("the prompt needs at least one token")
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ManifestError(f"prompt token {bad[0]} is outside the vocabulary ({vocab})")
+        if len(prompt) + max_new_tokens > self.context_length:
+            raise ManifestError(
+                f"{len(prompt)} prompt + {max_new_tokens} new tokens exceed the shards' context "
+                f"of {self.context_length}"
+            )
+        self.reset()
+        profile = Profile()
+        token = -1
+        for p, t in enumerate(prompt):
+            token = self._step(t, p, None)
+        new = [token]
+        if on_token:
+            on_token(token)
+        for i in range(1, max_new_tokens):
+            # Profile decode steps only, after `warmup` of them (first-call costs).
+            token = self._step(new[-1], len(prompt) + i - 1, profile if i > warmup else None)
+            new.append(token)
+            if on_token:
+                on_token(token)
+        return Generation(list(prompt), new[:max_new_tokens], profile)
+
+    def next_tokens(self, tokens: list[int]) -> list[int]:
+        """Teacher forcing: the chain's next-token choice after each position of `tokens`."""
+        self.reset()
+        return [self._step(t, p, None) for p, t in enumerate(tokens)]
+
+
+def transformers_next_tokens(
+    checkpoint_dir: str | Path, tokens: list[int]
+) -> tuple[list[int], list[float]]:
+    """transformers' fp32 argmax after each position, and its top-1 margin over the runner-up
+    in units of that position's logit standard deviation (how clear the choice is)."""
+    import torch
+    from transformers import Phi3ForCausalLM
+
+    model = Phi3ForCausalLM.from_pretrained(
+        str(checkpoint_dir), local_files_only=True, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0]  # (S, vocab)
+    top2 = logits.topk(2, dim=-1).values
+    margins = ((top2[:, 0] - top2[:, 1]) / logits.std(dim=-1)).tolist()
+    return logits.argmax(dim=-1).tolist(), margins
+
+
+def transformers_greedy(
+    checkpoint_dir: str | Path, prompt: list[int], max_new_tokens: int
+) -> list[int]:
+    """The reference: transformers' own greedy `generate` on the checkpoint, in fp32."""
+    import torch
+    from transformers import Phi3ForCausalLM
+
+    model = Phi3ForCausalLM.from_pretrained(
+        str(checkpoint_dir), local_files_only=True, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return [int(t) for t in out[0, len(prompt) :]]
