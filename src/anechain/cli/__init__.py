@@ -64,10 +64,11 @@ def _register() -> None:
     from anechain.cli import export as _export
     from anechain.cli import macos as _macos
     from anechain.cli import manifest as _manifest
+    from anechain.cli import plan as _plan
     from anechain.cli import run as _run
     from anechain.cli import validate as _validate
 
-    for module in (_checkpoint, _export, _validate, _macos, _manifest, _run):
+    for module in (_checkpoint, _export, _validate, _macos, _manifest, _run, _plan):
         for command in module.COMMANDS:
             cli.add_command(command)
 

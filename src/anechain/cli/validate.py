@@ -56,7 +56,12 @@ def render_report(report: dict) -> str:
     if golden["layer_max_abs"]:
         peaks = ", ".join(f"{k}: {_fmt(v)}" for k, v in golden["layer_max_abs"].items())
         lines.append(f"largest |activation| per layer: {peaks}")
-    lines.append(f"verdict: {report['verdict'].upper()}")
+    status = report["residency"]["status"]
+    caveat = {
+        "not_checked": " (residency not checked)",
+        "report_only": " (residency reported, not gated)",
+    }.get(status, "")
+    lines.append(f"verdict: {report['verdict'].upper()}{caveat}")
     return "\n".join(lines)
 
 

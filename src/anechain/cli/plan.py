@@ -1,0 +1,196 @@
+"""`anechain plan`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from anechain.cli._common import human_bytes, progress_printer, render_table, resolve_config
+from anechain.runners import BACKENDS
+
+
+def render_attempts(attempts: tuple) -> str:
+    """Every range the search validated, in order, with what it decided."""
+    rows = []
+    for n, a in enumerate(attempts, start=1):
+        r = a.result
+        result = "pass" if r.passed else "FAIL " + ", ".join(r.failed_gates)
+        if r.failing_layer is not None:
+            result += f" (NaN/Inf in layer {r.failing_layer})"
+        rows.append(
+            [
+                str(n),
+                str(a.layers),
+                human_bytes(r.size_bytes) if r.size_bytes is not None else "-",
+                a.phase,
+                "cached" if r.reused else "new",
+                r.residency or "-",
+                result,
+                a.decision,
+            ]
+        )
+    headers = ["#", "layers", "size", "phase", "work", "residency", "result", "decision"]
+    return render_table(headers, rows)
+
+
+@click.command("plan")
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    help="Hugging Face checkpoint folder (config.json + safetensors).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="anechain YAML config: export, validation and residency settings "
+    "(default: the phi-4-mini preset).",
+)
+@click.option(
+    "--max-layers-per-shard",
+    type=click.IntRange(min=1),
+    help="At most this many decoder layers in one shard (default: no limit but the size).",
+)
+@click.option(
+    "--size-budget",
+    "size_budget_mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=2000.0,
+    show_default=True,
+    help="Largest package in MB, estimated from the architecture (macOS loads about 2 GB "
+    "per program; iPhone about 1 GB).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="auto",
+    show_default=True,
+    help="Golden runner: mil (fp16 reference interpreter, any OS), coreml (macOS 15+), "
+    "auto: coreml on macOS.",
+)
+@click.option(
+    "--report-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("artifacts/plan"),
+    show_default=True,
+    help="Where every tried range's package and report are kept; also the cache a re-run reuses.",
+)
+@click.option(
+    "-o",
+    "--output",
+    "manifest_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Manifest of the chosen topology (default: REPORT_DIR/manifest.json). Its folder "
+    "must contain REPORT_DIR.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing manifest, and packages in REPORT_DIR the plan cache does not know.",
+)
+@click.option(
+    "--report-only",
+    is_flag=True,
+    help="Count residency but do not gate on it (machines without a Neural Engine).",
+)
+@click.option(
+    "--no-rebalance",
+    is_flag=True,
+    help="Stop at the first passing topology found by splitting (fewer exports, no "
+    "optimality guarantee).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where reference tensors are cached (default ~/.cache/anechain or $ANECHAIN_CACHE_DIR).",
+)
+def plan(
+    model_dir: Path,
+    config_path: Path | None,
+    max_layers_per_shard: int | None,
+    size_budget_mb: float,
+    backend: str,
+    report_dir: Path,
+    manifest_path: Path | None,
+    overwrite: bool,
+    report_only: bool,
+    no_rebalance: bool,
+    cache_dir: Path | None,
+) -> None:
+    """Find the fastest topology that passes every gate, and write its manifest.
+
+    Starts from the fewest shards the limits allow, split evenly; exports and validates
+    each range (golden parity, plus residency where it can be checked); splits a failing
+    range where its first NaN/Inf appeared (else in half) until every range passes, then
+    re-balances: fewest shards first, then the smallest largest shard. A single layer that
+    fails on its own ends the plan with exit 1. Every package and report is kept in
+    REPORT_DIR and reused by a later run with the same inputs. Progress goes to stderr;
+    the chosen topology, its manifest and a table of every range tried to stdout.
+
+    \b
+    Examples:
+      anechain plan --model phi-4-mini --max-layers-per-shard 8 --report-dir artifacts/plan
+      anechain plan --model artifacts/tiny-ckpt --config configs/tiny.yaml --backend mil \\
+          --max-layers-per-shard 3 --report-dir artifacts/tiny-plan -o artifacts/tiny.json
+    """
+    from anechain.checkpoint import Checkpoint
+    from anechain.manifest import render_manifest
+    from anechain.plan import (
+        PlanError,
+        PlanLimits,
+        check_plan_outputs,
+        layers_per_shard_limit,
+        plan_topology,
+    )
+    from anechain.validate import ResidencyOptions
+
+    out = manifest_path or report_dir / "manifest.json"
+    try:
+        check_plan_outputs(report_dir, out, overwrite)
+    except PlanError as exc:
+        raise click.BadParameter(str(exc), param_hint="-o/--output") from None
+    config = resolve_config(config_path)
+    checkpoint = Checkpoint(model_dir)
+    limits = PlanLimits(max_layers_per_shard, int(size_budget_mb * 1e6))
+    try:
+        most = layers_per_shard_limit(checkpoint.architecture, limits, config.export.quantization)
+    except PlanError as exc:
+        raise click.BadParameter(str(exc), param_hint="--size-budget") from None
+
+    say = progress_printer()
+    say(
+        f"{checkpoint.architecture.num_hidden_layers} decoder layers, at most {most} per "
+        f"shard; packages and reports in {report_dir}"
+    )
+    outcome = plan_topology(
+        checkpoint,
+        report_dir,
+        config.export,
+        config.validation,
+        limits,
+        backend=backend,
+        residency=ResidencyOptions(config.residency, report_only=report_only),
+        manifest_path=out,
+        overwrite=overwrite,
+        rebalance=not no_rebalance,
+        cache_dir=cache_dir,
+        progress=say,
+    )
+    search = outcome.search
+    sizes = "/".join(str(r.num_layers) for r in search.topology)
+    click.echo(
+        f"chosen topology: {' '.join(map(str, search.topology))} "
+        f"({len(search.topology)} shards, {sizes} layers)"
+    )
+    click.echo(f"manifest: {outcome.manifest_path}")
+    click.echo("")
+    click.echo(render_manifest(outcome.manifest, outcome.manifest_path))
+    click.echo("")
+    click.echo(f"ranges tried ({len(search.attempts)}):")
+    click.echo(render_attempts(search.attempts))
+
+
+COMMANDS = [plan]
