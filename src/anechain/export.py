@@ -144,19 +144,37 @@ def program_op_counts(prog: Any) -> Counter[str]:
 
 def _build_package(
     module: torch.nn.Module,
+    checkpoint: Checkpoint,
+    kind: str,
+    layers: LayerRange | None,
+    tensor_names: list[str],
     contract: IOContract,
-    meta: ShardMetadata,
     dest: Path,
     settings: ExportSettings,
     expected_conv: int,
     description: str,
     overwrite: bool,
     say: Progress,
-) -> tuple[Counter[str], dict[str, float]]:
+    t0: float,
+    extra: dict[str, str] | None = None,
+) -> ExportResult:
     """trace -> convert -> INT8 -> check the program -> metadata -> atomic save."""
-    label = f"[{meta.layers or meta.kind}]"
-    stages: dict[str, float] = {}
+    label = f"[{layers or kind}]"
+    meta = ShardMetadata(
+        version=__version__,
+        kind=kind,
+        layers=layers,
+        num_hidden_layers=checkpoint.architecture.num_hidden_layers,
+        checkpoint_fingerprint=checkpoint.fingerprint,
+        weights_fingerprint=checkpoint.weights_fingerprint(tensor_names),
+        quantization=settings.quantization,
+        context_length=settings.context_length,
+        architecture=checkpoint.architecture,
+        contract=contract,
+        extra={**(extra or {}), **_rope_metadata(checkpoint)},
+    )
     t = time.perf_counter()
+    stages: dict[str, float] = {"load": t - t0}
 
     def stage(name: str, since: float) -> float:
         now = time.perf_counter()
@@ -201,7 +219,16 @@ def _build_package(
     del mlmodel
     gc.collect()
     stage("save", t)
-    return counts, stages
+    return ExportResult(
+        path=dest,
+        layers=layers,
+        op_counts=dict(counts),
+        quantized_weights=quantized,
+        size_bytes=package_size(dest),
+        seconds=time.perf_counter() - t0,
+        stage_seconds=stages,
+        kind=kind,
+    )
 
 
 def _rope_metadata(checkpoint: Checkpoint) -> dict[str, str]:
@@ -239,24 +266,13 @@ def export_shard(
     model = LayerRangeModel(arch, layers, settings.context_length).eval()
     model.load_hf_layer_weights(tensors)
     del tensors
-    meta = ShardMetadata(
-        version=__version__,
-        kind=KIND_LAYERS,
-        layers=layers,
-        num_hidden_layers=arch.num_hidden_layers,
-        checkpoint_fingerprint=checkpoint.fingerprint,
-        weights_fingerprint=checkpoint.weights_fingerprint(names),
-        quantization=settings.quantization,
-        context_length=settings.context_length,
-        architecture=arch,
-        contract=contract,
-        extra=_rope_metadata(checkpoint),
-    )
-    load_seconds = time.perf_counter() - t0
-    counts, stages = _build_package(
+    return _build_package(
         model,
+        checkpoint,
+        KIND_LAYERS,
+        layers,
+        names,
         contract,
-        meta,
         spec.path,
         settings,
         4 * layers.num_layers,
@@ -264,15 +280,7 @@ def export_shard(
         f"{settings.quantization} weights, KV cache as state",
         overwrite,
         say,
-    )
-    return ExportResult(
-        path=spec.path,
-        layers=layers,
-        op_counts=dict(counts),
-        quantized_weights=counts["constexpr_blockwise_shift_scale"],
-        size_bytes=package_size(spec.path),
-        seconds=time.perf_counter() - t0,
-        stage_seconds={"load": load_seconds, **stages},
+        t0,
     )
 
 
@@ -295,25 +303,13 @@ def export_head(
     model.load_hf_weights(tensors[names[0]], tensors[names[1]])
     del tensors
     n_chunks = len(model.chunks)
-    contract = head_contract(arch, n_chunks)
-    meta = ShardMetadata(
-        version=__version__,
-        kind=KIND_HEAD,
-        layers=None,
-        num_hidden_layers=arch.num_hidden_layers,
-        checkpoint_fingerprint=checkpoint.fingerprint,
-        weights_fingerprint=checkpoint.weights_fingerprint(names),
-        quantization=settings.quantization,
-        context_length=settings.context_length,
-        architecture=arch,
-        contract=contract,
-        extra={"head_chunk_rows": str(settings.head_chunk_rows), **_rope_metadata(checkpoint)},
-    )
-    load_seconds = time.perf_counter() - t0
-    counts, stages = _build_package(
+    return _build_package(
         model,
-        contract,
-        meta,
+        checkpoint,
+        KIND_HEAD,
+        None,
+        list(names),
+        head_contract(arch, n_chunks),
         dest,
         settings,
         n_chunks,
@@ -321,16 +317,8 @@ def export_head(
         f"{settings.head_chunk_rows} rows, each returning its max logit and argmax",
         overwrite,
         say,
-    )
-    return ExportResult(
-        path=dest,
-        layers=None,
-        op_counts=dict(counts),
-        quantized_weights=counts["constexpr_blockwise_shift_scale"],
-        size_bytes=package_size(dest),
-        seconds=time.perf_counter() - t0,
-        stage_seconds={"load": load_seconds, **stages},
-        kind=KIND_HEAD,
+        t0,
+        extra={"head_chunk_rows": str(settings.head_chunk_rows)},
     )
 
 

@@ -63,24 +63,30 @@ class GateResult:
         }
 
 
+def _gate(metrics: dict[str, Any], name: str, key: str, bound: float, op: str) -> GateResult:
+    """`metrics[key] op bound`; a missing or non-finite value fails."""
+    value = metrics[key]
+    ok = (
+        value is not None
+        and math.isfinite(value)
+        and (value >= bound if op == ">=" else value <= bound)
+    )
+    return GateResult(name, value, bound, op, ok)
+
+
+def _finite_gate(metrics: dict[str, Any]) -> GateResult:
+    return GateResult("finite", float(metrics["nonfinite"]), 0.0, "<=", metrics["nonfinite"] == 0)
+
+
 def apply_gates(metrics: dict[str, Any], gates: Gates) -> list[GateResult]:
     """Each gate on its metric; a non-finite output fails every gate and its own."""
 
-    def gate(name: str, key: str, bound: float, op: str) -> GateResult:
-        value = metrics[key]
-        ok = (
-            value is not None
-            and math.isfinite(value)
-            and (value >= bound if op == ">=" else value <= bound)
-        )
-        return GateResult(name, value, bound, op, ok)
-
     return [
-        GateResult("finite", float(metrics["nonfinite"]), 0.0, "<=", metrics["nonfinite"] == 0),
-        gate("cosine", "cosine", gates.min_cosine, ">="),
-        gate("delta_cosine", "delta_cosine", gates.min_delta_cosine, ">="),
-        gate("rmse", "rmse", gates.max_rmse, "<="),
-        gate("max_abs", "max_abs", gates.max_abs, "<="),
+        _finite_gate(metrics),
+        _gate(metrics, "cosine", "cosine", gates.min_cosine, ">="),
+        _gate(metrics, "delta_cosine", "delta_cosine", gates.min_delta_cosine, ">="),
+        _gate(metrics, "rmse", "rmse", gates.max_rmse, "<="),
+        _gate(metrics, "max_abs", "max_abs", gates.max_abs, "<="),
     ]
 
 
@@ -88,20 +94,11 @@ def apply_head_gates(metrics: dict[str, Any], gates: Gates) -> list[GateResult]:
     """The head: finite, top-1 agreement, flips only between near-ties, and the chunk maxima
     close to the reference's (cosine)."""
 
-    def gate(name: str, key: str, bound: float, op: str) -> GateResult:
-        value = metrics[key]
-        ok = (
-            value is not None
-            and math.isfinite(value)
-            and (value >= bound if op == ">=" else value <= bound)
-        )
-        return GateResult(name, value, bound, op, ok)
-
     return [
-        GateResult("finite", float(metrics["nonfinite"]), 0.0, "<=", metrics["nonfinite"] == 0),
-        gate("top1_agreement", "top1_agreement", gates.min_top1_agreement, ">="),
-        gate("top1_margin", "worst_margin", gates.max_top1_margin, "<="),
-        gate("logit_cosine", "cosine", gates.min_cosine, ">="),
+        _finite_gate(metrics),
+        _gate(metrics, "top1_agreement", "top1_agreement", gates.min_top1_agreement, ">="),
+        _gate(metrics, "top1_margin", "worst_margin", gates.max_top1_margin, "<="),
+        _gate(metrics, "logit_cosine", "cosine", gates.min_cosine, ">="),
     ]
 
 
