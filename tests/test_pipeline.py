@@ -264,3 +264,22 @@ def test_build_cli_fails_on_a_failed_gate(tmp_path, tiny_checkpoint_dir, overflo
     assert run.exit_code == 1
     assert "FAIL" in run.stdout and "build: FAIL" in run.stdout
     assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_manifest_guards_head_and_embedding(tiny_build, tmp_path):
+    from anechain.errors import ManifestError
+
+    result, _ = tiny_build
+    out = tmp_path / "b"
+    shutil.copytree(result.out_dir, out)
+    manifest = out / "manifest.json"
+    table = np.load(out / "embedding.npy")
+    table[3, 5] += 1
+    np.save(out / "embedding.npy", table)
+    with pytest.raises(ManifestError, match=r"embedding.npy \(embedding\) changed since"):
+        verify_manifest(manifest)
+    data = json.loads(manifest.read_text())
+    data["head"]["package"]["path"] = "../elsewhere/head.mlpackage"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="head.package"):
+        load_manifest(manifest)
