@@ -191,12 +191,32 @@ def test_build_phi4_asymmetric_topology_in_any_order(tmp_path: Path) -> None:
     assert data["created"].endswith("Z")
 
 
+def fake_compile(package: Path) -> Path:
+    """A .mlmodelc beside the package with the sidecar `anechain compile` writes."""
+    from anechain.compile import SIDECAR_SCHEMA, sidecar_path
+
+    compiled = package.with_suffix(".mlmodelc")
+    compiled.mkdir()
+    (compiled / "model.mil").write_text("program")
+    sidecar_path(compiled).write_text(
+        json.dumps({"schema": SIDECAR_SCHEMA, "source_sha256": sha256_tree(package)})
+    )
+    return compiled
+
+
+def test_a_compiled_model_not_made_from_the_package_is_refused(tmp_path: Path) -> None:
+    reports = make_shards(tmp_path, ["0:3", "3:5"])
+    stale = tmp_path / "layers_0_3.mlmodelc"
+    stale.mkdir()
+    (stale / "model.mil").write_text("from some other package")
+    with pytest.raises(ManifestError, match="layers_0_3.mlmodelc was not compiled from"):
+        build_manifest(reports, tmp_path / "m.json")
+
+
 def test_build_small_topology_from_packages_with_compiled_model(tmp_path: Path) -> None:
     make_shard(tmp_path, "0:3", residency="not_checked")
     make_shard(tmp_path, "3:5", residency="report_only")
-    compiled = tmp_path / "layers_3_5.mlmodelc"
-    compiled.mkdir()
-    (compiled / "model.mil").write_text("program")
+    compiled = fake_compile(tmp_path / "layers_3_5.mlpackage")
     packages = [tmp_path / "layers_3_5.mlpackage", tmp_path / "layers_0_3.mlpackage"]
     m = build_manifest(packages, tmp_path / "manifest.json", rope={"inv_freq_short": [1.0]})
 
@@ -441,9 +461,7 @@ def test_build_refuses_symlink_resolving_outside(tmp_path: Path) -> None:
 @pytest.fixture
 def built(tmp_path: Path) -> Path:
     reports = make_shards(tmp_path, ["0:3", "3:5"])
-    compiled = tmp_path / "layers_0_3.mlmodelc"
-    compiled.mkdir()
-    (compiled / "model.mil").write_text("program")
+    fake_compile(tmp_path / "layers_0_3.mlpackage")
     out = tmp_path / "manifest.json"
     build_manifest(reports, out)
     return out

@@ -92,3 +92,46 @@ def test_rmsnorm_survives_values_that_overflow_fp16_squares():
     # The plain fp16 formula loses the whole vector (x^2 overflows): the reason for ANERMSNorm.
     plain = x.half() * torch.rsqrt(x.half().pow(2).mean(dim=1, keepdim=True) + 1e-5)
     assert not torch.allclose(plain.double(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_long_rope_switch_matches_transformers_decode(tmp_path):
+    """Past original_max_position_embeddings LongRoPE switches to the long factors, per
+    position as transformers' decode step does; the module, the host inputs and the golden
+    reference all follow it."""
+    import dataclasses
+
+    from anechain.checkpoint import Checkpoint, write_random_checkpoint
+    from anechain.config import load_preset
+    from anechain.golden import reference_boundaries
+
+    arch = dataclasses.replace(
+        load_preset("tiny").architecture, num_hidden_layers=2, original_max_position_embeddings=8
+    )
+    ckpt = Checkpoint(write_random_checkpoint(tmp_path / "ckpt", arch, seed=3))
+    hf = Phi3ForCausalLM.from_pretrained(
+        str(ckpt.path), local_files_only=True, dtype=torch.float32
+    ).eval()
+    tokens = np.random.default_rng(2).integers(0, arch.vocab_size, size=14).tolist()
+    layers = LayerRange(0, 2)
+    reference = _hf_decode_boundaries(hf, tokens, layers)
+    rope = RopeParameters.from_hf_config(ckpt.hf_config)
+    assert rope.inv_freq_long != rope.inv_freq_short
+
+    ours = LayerRangeModel(arch, layers, 32).eval()
+    ours.load_hf_layer_weights(ckpt.read_tensors(ckpt.layer_tensor_names(layers)))
+    with torch.no_grad():
+        for p, (h_in, h_out) in enumerate(reference):
+            x = step_inputs(rope, h_in.numpy(), p, 32)
+            c, s = (torch.from_numpy(v).reshape(1, 1, 1, -1) for v in rope.cos_sin(p))
+            out = ours(
+                h_in.reshape(1, -1, 1, 1),
+                torch.from_numpy(x["position"]),
+                c,
+                s,
+                torch.from_numpy(x["attention_mask"]).float(),
+            ).reshape(-1)
+            assert _cosine(out - h_in, h_out - h_in) >= 0.99999, f"step {p}"
+
+    bounds = reference_boundaries(ckpt, tokens, 2, cache_dir=tmp_path / "cache")
+    for p, (_, h_out) in enumerate(reference):
+        np.testing.assert_allclose(bounds[2][p], h_out.numpy(), rtol=1e-4, atol=1e-4)

@@ -115,7 +115,7 @@ def test_generation_check_catches_a_broken_chain(tiny_build, tiny_config, monkey
         },
     )
     check = build._check_generation(
-        tiny_config, result.manifest, result.checkpoint, "mil", lambda m: None
+        tiny_config, result.manifest, result.checkpoint, 512, "mil", lambda m: None
     )
     assert not check.passed and check.agreement < 0.9
 
@@ -283,3 +283,31 @@ def test_manifest_guards_head_and_embedding(tiny_build, tmp_path):
     manifest.write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="head.package"):
         load_manifest(manifest)
+
+
+def test_changed_gates_or_a_corrupt_report_force_revalidation(
+    tiny_build, tiny_config, tiny_checkpoint_dir, tmp_path
+):
+    import dataclasses
+
+    import anechain.build as build
+
+    result, cache = tiny_build
+    out = tmp_path / "b"
+    shutil.copytree(result.out_dir, out)
+    strict = dataclasses.replace(
+        tiny_config,
+        validation=dataclasses.replace(
+            tiny_config.validation,
+            gates=dataclasses.replace(tiny_config.validation.gates, min_cosine=0.99999),
+        ),
+    )
+    again = build.run_build(strict, out, tiny_checkpoint_dir, backend="mil", cache_dir=cache)
+    # Nothing re-exported, everything re-validated, and the stricter gate now fails 0:3.
+    assert [a.reused for a in again.artifacts] == [False] * 4 + [True]
+    assert not again.passed and again.artifacts[0].report["verdict"] == "fail"
+
+    (out / "layers_3_5.report.json").write_text("{")
+    fixed = build.run_build(tiny_config, out, tiny_checkpoint_dir, backend="mil", cache_dir=cache)
+    assert fixed.passed
+    assert {a.name: a.reused for a in fixed.artifacts}["3:5"] is False

@@ -100,32 +100,35 @@ class _State:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.data: dict[str, dict[str, str]] = {}
-        if path.is_file():
-            try:
-                self.data = json.loads(path.read_text())
-            except ValueError:
-                self.data = {}
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            data = {}  # unreadable: rebuild what it described
+        if isinstance(data, dict):
+            self.data = {k: v for k, v in data.items() if isinstance(v, dict)}
 
-    def fresh(self, artifact: Path, key: str) -> bool:
-        entry = self.data.get(artifact.name)
+    def fresh(self, artifact: Path, key: str, entry_name: str | None = None) -> bool:
+        """Was `artifact` made (or validated) from `key`, and is it unchanged since?"""
+        entry = self.data.get(entry_name or artifact.name, {})
         return bool(
-            entry
-            and entry["key"] == key
+            entry.get("key") == key
             and artifact.exists()
-            and entry["sha256"] == sha256_tree(artifact)
+            and entry.get("sha256") == sha256_tree(artifact)
         )
 
-    def record(self, artifact: Path, key: str) -> None:
-        self.data[artifact.name] = {"key": key, "sha256": sha256_tree(artifact)}
+    def record(self, artifact: Path, key: str, entry_name: str | None = None) -> None:
+        self.data[entry_name or artifact.name] = {"key": key, "sha256": sha256_tree(artifact)}
         atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
 
 
 def _reusable_report(package: Path) -> dict[str, Any] | None:
-    report = default_report_path(package)
-    if not report.is_file():
+    """The report beside `package` if it is readable and describes this very package."""
+    try:
+        data = json.loads(default_report_path(package).read_text())
+        same = data["package"]["sha256"] == sha256_tree(package)
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    data: dict[str, Any] = json.loads(report.read_text())
-    return data if data.get("package", {}).get("sha256") == sha256_tree(package) else None
+    return data if same and isinstance(data, dict) else None
 
 
 def run_build(
@@ -139,11 +142,17 @@ def run_build(
     """Run the whole pipeline; see the module docstring."""
     say = progress or (lambda msg: None)
     out_dir.mkdir(parents=True, exist_ok=True)
+    state = _State(out_dir / STATE_FILE)
     if checkpoint_dir is None:
+        # A random checkpoint of the config's architecture and seed, remade when either changes.
         checkpoint_dir = out_dir / "checkpoint"
-        if not checkpoint_dir.exists():
+        made_from = _key("random-checkpoint", asdict(config.architecture), config.build.seed)
+        if not state.fresh(checkpoint_dir, made_from, "checkpoint#random"):
             say(f"making a random {config.name or 'model'} checkpoint in {checkpoint_dir}")
-            write_random_checkpoint(checkpoint_dir, config.architecture, seed=config.build.seed)
+            write_random_checkpoint(
+                checkpoint_dir, config.architecture, seed=config.build.seed, overwrite=True
+            )
+            state.record(checkpoint_dir, made_from, "checkpoint#random")
     checkpoint = Checkpoint(checkpoint_dir)
     n_layers = checkpoint.architecture.num_hidden_layers
     ranges = config.export.layer_ranges or [LayerRange(0, n_layers)]
@@ -151,16 +160,24 @@ def run_build(
         r.check_within(n_layers)
     backend = resolve_backend(backend)
     result = BuildResult(out_dir, checkpoint_dir)
-    state = _State(out_dir / STATE_FILE)
     settings = asdict(config.export)
     base = (__version__, checkpoint.fingerprint, settings)
     residency = ResidencyOptions(config.residency)
+    # What a verdict depends on besides the package: gates, steps, calibration, backend,
+    # residency settings, and whether residency can be checked on this machine.
+    validation_key = _key(
+        __version__, asdict(config.validation), backend, asdict(config.residency), is_macos()
+    )
 
     def package_step(name: str, path: Path, key: str, export: Callable[[], Any]) -> None:
-        report = _reusable_report(path) if state.fresh(path, key) else None
+        exported = state.fresh(path, key)
+        verdict_entry = path.name + "#validation"
+        report = None
+        if exported and state.fresh(path, validation_key, verdict_entry):
+            report = _reusable_report(path)
         reused = report is not None
         if not reused:
-            if not state.fresh(path, key):
+            if not exported:
                 say(f"[{name}] exporting {path.name}")
                 export()
                 state.record(path, key)
@@ -178,6 +195,7 @@ def run_build(
                 progress=say,
             )
             report = write_report(report_obj, default_report_path(path))
+            state.record(path, validation_key, verdict_entry)
         else:
             say(f"[{name}] {path.name} is up to date (same inputs, validated): reused")
         result.artifacts.append(ArtifactResult(name, path, sha_size(path), reused, report))
@@ -231,7 +249,9 @@ def run_build(
         embedding=emb_path,
     )
     result.manifest = manifest
-    result.generation = _check_generation(config, manifest, checkpoint_dir, backend, say)
+    result.generation = _check_generation(
+        config, manifest, checkpoint_dir, checkpoint.architecture.vocab_size, backend, say
+    )
     return result
 
 
@@ -253,11 +273,15 @@ def _compile(package: Path, say: Progress) -> None:
 
 
 def _check_generation(
-    config: Config, manifest: Path, checkpoint_dir: Path, backend: str, say: Progress
+    config: Config,
+    manifest: Path,
+    checkpoint_dir: Path,
+    vocab: int,
+    backend: str,
+    say: Progress,
 ) -> GenerationCheck:
-    from anechain.runtime import ManifestRuntime, transformers_greedy, transformers_next_tokens
+    from anechain.runtime import ManifestRuntime, transformers_greedy, transformers_logits
 
-    vocab = config.architecture.vocab_size
     prompt = list(config.build.prompt_tokens) or (
         np.random.default_rng(config.build.seed).integers(0, vocab, size=8).tolist()
     )
@@ -269,12 +293,14 @@ def _check_generation(
     # Teacher forcing on transformers' sequence: a flip is benign only between near-ties.
     sequence = prompt + reference
     chain = runtime.next_tokens(sequence)
-    expected, margins = transformers_next_tokens(checkpoint_dir, sequence)
-    flips = [
-        {"position": p, "margin": round(m, 4)}
-        for p, (a, b, m) in enumerate(zip(chain, expected, margins, strict=True))
-        if a != b
-    ]
+    logits = transformers_logits(checkpoint_dir, sequence)  # (S, vocab)
+    flips = []
+    for p, token in enumerate(chain):
+        best = int(np.argmax(logits[p]))
+        if token != best:
+            # How much worse transformers finds the chain's token, in logit std units.
+            gap = (logits[p, best] - logits[p, token]) / logits[p].std()
+            flips.append({"position": p, "margin": round(float(gap), 4)})
     return GenerationCheck(
         prompt=prompt,
         tokens=ours.tokens,

@@ -135,8 +135,11 @@ class Checkpoint:
             header = _read_safetensors_header(file)
             start = header.pop("__data_start__")
             header.pop("__metadata__", None)
+            size = file.stat().st_size
             for name, info in header.items():
                 b, e = info["data_offsets"]
+                if start + e > size:
+                    raise CheckpointError(f"{file} is truncated: {name} runs past its end")
                 locations[name] = _TensorLocation(
                     file, info["dtype"], tuple(info["shape"]), start + b, start + e
                 )
@@ -164,9 +167,12 @@ class Checkpoint:
             by_file.setdefault(self._location(name).file, []).append(name)
         out: dict[str, torch.Tensor] = {}
         for file, file_names in by_file.items():
-            with safe_open(str(file), framework="pt") as f:
-                for name in file_names:
-                    out[name] = f.get_tensor(name)
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for name in file_names:
+                        out[name] = f.get_tensor(name)
+            except Exception as exc:  # SafetensorError has no importable base class
+                raise CheckpointError(f"{file} cannot be read: {exc}") from None
         return out
 
     def layer_tensor_names(self, layers: LayerRange) -> list[str]:

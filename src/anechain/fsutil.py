@@ -26,13 +26,21 @@ def atomic_path(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"nothing was written for {dest}")
-        if dest.exists() or dest.is_symlink():
-            if not overwrite:
-                raise FileExistsError(f"{dest} already exists")
-            # Move the old one aside first so dest is never missing and never half-written.
+        exists = dest.exists() or dest.is_symlink()
+        if exists and not overwrite:
+            raise FileExistsError(f"{dest} already exists")
+        if not exists or (tmp.is_file() and not dest.is_dir()):
+            os.replace(tmp, dest)  # a file replaces a file atomically
+        else:
+            # A folder cannot be renamed over a folder: move the old one aside, and back if
+            # the new one cannot take its place, so nothing is lost.
             old = tmp_dir / (dest.name + ".old")
             os.replace(dest, old)
-        os.replace(tmp, dest)
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                os.replace(old, dest)
+                raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 

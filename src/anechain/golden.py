@@ -2,7 +2,8 @@
 
 The reference is not the module export traces (that is what is being checked) but
 `transformers.models.phi3.modeling_phi3.Phi3DecoderLayer`, run one layer at a time over the
-whole calibration sequence with a causal mask (equal to step-by-step decode). Only one
+whole calibration sequence with a causal mask and transformers' per-position (decode-step)
+rotary embeddings: equal to step-by-step decode. Only one
 layer's weights are in memory at a time, and only the calibration tokens' embedding rows
 are read. Boundaries (the hidden state entering each layer) are cached in an .npz keyed by
 checkpoint fingerprint and calibration tokens, and extended incrementally, so validating
@@ -22,7 +23,7 @@ import torch
 
 from anechain.checkpoint import Checkpoint
 from anechain.config import ValidationSettings
-from anechain.errors import ConfigError
+from anechain.errors import CheckpointError, ConfigError
 from anechain.fsutil import atomic_path
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,12 @@ def _embed(checkpoint: Checkpoint, tokens: list[int]) -> np.ndarray:
 
     name = "model.embed_tokens.weight"
     file = checkpoint._location(name).file
-    with safe_open(str(file), framework="pt") as f:
-        table = f.get_slice(name)
-        rows = [table[t : t + 1] for t in tokens]  # only these rows are read
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            table = f.get_slice(name)
+            rows = [table[t : t + 1] for t in tokens]  # only these rows are read
+    except Exception as exc:  # SafetensorError has no importable base class
+        raise CheckpointError(f"{file} cannot be read: {exc}") from None
     return torch.cat(rows).float().numpy()
 
 
@@ -85,9 +89,15 @@ class _LayerRunner:
         self.config = config
         positions = torch.arange(seq_len)[None]
         rotary = Phi3RotaryEmbedding(config)
-        dummy = torch.zeros(1, seq_len, config.hidden_size)
+        dummy = torch.zeros(1, 1, config.hidden_size)
+        # One position at a time, as transformers' decode step computes them: LongRoPE picks
+        # short or long factors by position, where one prefill call would pick for all.
+        per_position = [rotary(dummy, torch.tensor([[p]])) for p in range(seq_len)]
         self.position_ids = positions
-        self.position_embeddings = rotary(dummy, positions)
+        self.position_embeddings = (
+            torch.cat([c for c, _ in per_position], dim=1),
+            torch.cat([s for _, s in per_position], dim=1),
+        )
         causal = torch.full((seq_len, seq_len), torch.finfo(torch.float32).min).triu(1)
         self.mask = causal[None, None]  # (1, 1, S, S) additive
 

@@ -325,10 +325,7 @@ def build_manifest(
                 f"{s.validated_sha256[:12]} in report {s.report}; validate it "
                 f"again"
             )
-        mlmodelc = s.package.with_suffix(".mlmodelc")
-        compiled = None
-        if mlmodelc.exists() or mlmodelc.is_symlink():
-            compiled = _file_ref(mlmodelc, root, f"{what} compiled model")
+        compiled = _compiled_ref(s.package, digest, root, what)
         entries.append(
             ShardEntry(
                 s.record.layers.start,
@@ -371,6 +368,22 @@ def build_manifest(
     return manifest
 
 
+def _compiled_ref(package: Path, digest: str, root: Path, what: str) -> FileRef | None:
+    """The .mlmodelc beside a package, if there is one, and only if it was compiled from
+    exactly this package (the compile sidecar records the package's sha256)."""
+    from anechain.compile import is_up_to_date
+
+    mlmodelc = package.with_suffix(".mlmodelc")
+    if not (mlmodelc.exists() or mlmodelc.is_symlink()):
+        return None
+    if not is_up_to_date(mlmodelc, digest):
+        raise ManifestError(
+            f"{what}: {mlmodelc.name} was not compiled from the validated package (stale or "
+            f"unknown); run `anechain compile {package.name}` again or remove it"
+        )
+    return _file_ref(mlmodelc, root, f"{what} compiled model")
+
+
 def _head_entry(head: ValidatedHead, rec: ShardRecord, root: Path) -> HeadEntry:
     what = f"head {head.package.name}"
     if head.checkpoint_fingerprint != rec.checkpoint_fingerprint:
@@ -385,8 +398,7 @@ def _head_entry(head: ValidatedHead, rec: ShardRecord, root: Path) -> HeadEntry:
     digest = sha256_tree(head.package)
     if digest != head.validated_sha256:
         raise ManifestError(f"{what} changed after validation; validate it again")
-    mlmodelc = head.package.with_suffix(".mlmodelc")
-    compiled = _file_ref(mlmodelc, root, f"{what} compiled model") if mlmodelc.exists() else None
+    compiled = _compiled_ref(head.package, digest, root, what)
     return HeadEntry(
         _file_ref(head.package, root, f"{what} package", digest),
         compiled,

@@ -125,7 +125,8 @@ class ManifestRuntime:
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise ManifestError(f"prompt token {bad[0]} is outside the vocabulary ({vocab})")
-        if len(prompt) + max_new_tokens > self.context_length:
+        # The last new token is never fed back: positions 0 .. len(prompt) + new - 2.
+        if len(prompt) + max_new_tokens - 1 > self.context_length:
             raise ManifestError(
                 f"{len(prompt)} prompt + {max_new_tokens} new tokens exceed the shards' context "
                 f"of {self.context_length}"
@@ -152,11 +153,8 @@ class ManifestRuntime:
         return [self._step(t, p, None) for p, t in enumerate(tokens)]
 
 
-def transformers_next_tokens(
-    checkpoint_dir: str | Path, tokens: list[int]
-) -> tuple[list[int], list[float]]:
-    """transformers' fp32 argmax after each position, and its top-1 margin over the runner-up
-    in units of that position's logit standard deviation (how clear the choice is)."""
+def transformers_logits(checkpoint_dir: str | Path, tokens: list[int]) -> np.ndarray:
+    """transformers' fp32 next-token logits after each position of `tokens`: (S, vocab)."""
     import torch
     from transformers import Phi3ForCausalLM
 
@@ -164,10 +162,7 @@ def transformers_next_tokens(
         str(checkpoint_dir), local_files_only=True, dtype=torch.float32
     ).eval()
     with torch.no_grad():
-        logits = model(torch.tensor([tokens])).logits[0]  # (S, vocab)
-    top2 = logits.topk(2, dim=-1).values
-    margins = ((top2[:, 0] - top2[:, 1]) / logits.std(dim=-1)).tolist()
-    return logits.argmax(dim=-1).tolist(), margins
+        return model(torch.tensor([tokens])).logits[0].numpy()
 
 
 def transformers_greedy(

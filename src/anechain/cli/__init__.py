@@ -24,6 +24,9 @@ class AnechainGroup(click.Group):
             return super().invoke(ctx)
         except AnechainError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # a path the user gave: missing folder, no permission, full disk
+            where = f": {exc.filename}" if exc.filename else ""
+            raise click.ClickException(f"{exc.strerror or exc}{where}") from None
         except KeyboardInterrupt:
             click.echo("interrupted; nothing half-written was left behind", err=True)
             sys.exit(130)

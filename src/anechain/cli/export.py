@@ -17,6 +17,12 @@ from anechain.cli._common import (
 )
 
 
+def _multiple_of_32(value: int | None) -> int | None:
+    if value is not None and value % 32:
+        raise click.BadParameter(f"{value} is not a multiple of 32 (ANE-friendly state shapes)")
+    return value
+
+
 @click.command("export")
 @click.option(
     "--model",
@@ -54,7 +60,8 @@ from anechain.cli._common import (
     "--context",
     type=click.IntRange(min=32),
     default=None,
-    help="Context length (KV cache size); overrides the config.",
+    callback=lambda ctx, param, v: _multiple_of_32(v),
+    help="Context length (KV cache size, a multiple of 32); overrides the config.",
 )
 @click.option(
     "--quantization",

@@ -86,9 +86,8 @@ def render_build(result) -> str:  # type: ignore[no-untyped-def]
     "--config",
     "config_path",
     type=click.Path(path_type=Path, dir_okay=False),
-    default="configs/tiny.yaml",
-    show_default=True,
-    help="anechain YAML config: architecture, topology, gates, build settings.",
+    help="anechain YAML config: architecture, topology, gates, build settings "
+    "(default: the tiny preset, as configs/tiny.yaml).",
 )
 @click.option(
     "--model",
@@ -115,7 +114,7 @@ def render_build(result) -> str:  # type: ignore[no-untyped-def]
     help="Also write the summary as JSON.",
 )
 def build(
-    config_path: Path,
+    config_path: Path | None,
     model_dir: Path | None,
     out_dir: Path | None,
     backend: str,
@@ -138,7 +137,7 @@ def build(
     from anechain.build import run_build
     from anechain.checkpoint import Checkpoint
 
-    config = resolve_config(config_path)
+    config = resolve_config(config_path, preset="tiny")
     checkpoint = model_dir or (Path(config.build.checkpoint) if config.build.checkpoint else None)
     out = out_dir or Path(config.build.out_dir or f"artifacts/{config.name or 'build'}")
     if checkpoint is not None:
