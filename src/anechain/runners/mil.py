@@ -21,8 +21,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ import numpy as np
 
 from anechain.contract import TensorSpec
 from anechain.errors import RunnerError
+from anechain.runners.mil_ops import OPS, StateRef, Step, conv_matrix, ints
 
 log = logging.getLogger(__name__)
 
@@ -44,274 +43,6 @@ _STATE_VIEW_OPS = frozenset({"slice_update", "slice_by_index", "reshape", "expan
 # in `layer_max_abs`: values derived from these inputs are left out of it until a softmax.
 _MASK_INPUTS = frozenset({"attention_mask"})
 _MASK_SINKS = frozenset({"softmax"})
-
-
-@dataclass
-class _Step:
-    """One runtime op, with everything that does not depend on the inputs resolved."""
-
-    fn: OpFn
-    name: str
-    op_type: str
-    inputs: dict[str, str | tuple[str, ...]]  # MIL input name -> env key(s)
-    outputs: tuple[str, ...]
-    out_dtypes: tuple[np.dtype[Any], ...]
-    out_shapes: tuple[tuple[int, ...] | None, ...]  # None where the program's is symbolic
-    layer: int
-    track: bool  # False for state views (see _STATE_VIEW_OPS): no per-op diagnostics
-    measure: bool  # False for mask-derived values (see _MASK_INPUTS): not in layer_max_abs
-    extra: dict[str, Any] = field(default_factory=dict)  # load-time data (conv matrix)
-
-
-@dataclass(frozen=True)
-class _StateRef:
-    """What a state input holds in the environment: the state's name, not its value."""
-
-    name: str
-
-
-OpFn = Callable[[_Step, dict[str, Any], dict[str, np.ndarray]], Any]
-
-
-def _num(x: Any) -> Any:
-    """Float inputs as float32 (fp16 compute emulation); ints and bools unchanged."""
-    a = np.asarray(x)
-    return a.astype(np.float32) if a.dtype.kind == "f" else a
-
-
-def _ints(x: Any) -> list[int]:
-    return [int(v) for v in np.asarray(x).reshape(-1)]
-
-
-def _bools(x: Any, rank: int) -> list[bool]:
-    return [False] * rank if x is None else [bool(v) for v in np.asarray(x).reshape(-1)]
-
-
-# --- elementwise ---------------------------------------------------------------------------
-
-
-def _binary(fn: Callable[[Any, Any], Any]) -> OpFn:
-    def run(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
-        return fn(_num(a["x"]), _num(a["y"]))
-
-    return run
-
-
-def _unary(fn: Callable[[Any], Any]) -> OpFn:
-    def run(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
-        return fn(_num(a["x"]))
-
-    return run
-
-
-def _inverse(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
-    # MIL: y = 1 / (x + epsilon), epsilon defaults to 1e-4 (the converter emits it for a / b).
-    eps = np.float32(a.get("epsilon", 1e-4))
-    return np.float32(1.0) / (_num(a["x"]) + eps)
-
-
-def _rsqrt(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
-    # MIL: y = 1 / sqrt(x + epsilon), epsilon defaults to 1e-12.
-    eps = np.float32(a.get("epsilon", 1e-12))
-    return np.float32(1.0) / np.sqrt(_num(a["x"]) + eps)
-
-
-def _silu(x: np.ndarray) -> np.ndarray:
-    # sigmoid via tanh: no exp overflow for large |x|.
-    return x * (np.float32(0.5) * (np.float32(1.0) + np.tanh(np.float32(0.5) * x)))
-
-
-def _clip(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
-    return np.minimum(np.maximum(_num(a["x"]), _num(a["alpha"])), _num(a["beta"]))
-
-
-def _cast(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
-    # The target dtype is the output's declared dtype, applied when the result is stored.
-    return _num(a["x"])
-
-
-# --- reductions, activations ---------------------------------------------------------------
-
-
-def _reduce(fn: Callable[..., Any]) -> OpFn:
-    def run(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
-        axes = a.get("axes")
-        axis = None if axes is None else tuple(_ints(axes))
-        return fn(_num(a["x"]), axis=axis, keepdims=bool(a.get("keep_dims", False)))
-
-    return run
-
-
-def _reduce_argmax(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
-    # MIL: the first index of the maximum along one axis (the LM head's per-chunk token).
-    axis = int(a.get("axis", -1))
-    out = np.argmax(_num(a["x"]), axis=axis)
-    if bool(a.get("keep_dims", False)):
-        out = np.expand_dims(out, axis)
-    return out.astype(np.int32)
-
-
-def _softmax(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
-    x = _num(a["x"])
-    axis = int(a.get("axis", -1))
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return e / np.sum(e, axis=axis, keepdims=True)
-
-
-# --- linear algebra ------------------------------------------------------------------------
-
-
-def _matmul(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
-    x, y = _num(a["x"]), _num(a["y"])
-    if bool(a.get("transpose_x", False)) and x.ndim >= 2:
-        x = np.swapaxes(x, -1, -2)
-    if bool(a.get("transpose_y", False)) and y.ndim >= 2:
-        y = np.swapaxes(y, -1, -2)
-    # Contiguous operands keep numpy on its BLAS path (a transposed view is ~50x slower).
-    return np.matmul(np.ascontiguousarray(x), np.ascontiguousarray(y))
-
-
-def _conv_matrix(weight: np.ndarray) -> np.ndarray:
-    """(out, in, 1, ..., 1) conv weight -> float32 (out, in), C-contiguous for BLAS."""
-    return np.ascontiguousarray(weight.reshape(weight.shape[0], weight.shape[1]), np.float32)
-
-
-def _conv(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
-    # Only 1x1, groups=1, zero padding reaches here (checked at load): a matrix product.
-    w = step.extra.get("matrix")
-    if w is None:  # weight computed at runtime
-        w = _conv_matrix(_num(a["weight"]))
-    x = _num(a["x"])  # (N, I, *spatial)
-    strides = step.extra["strides"]
-    if any(s != 1 for s in strides):
-        x = x[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
-    n, spatial = x.shape[0], x.shape[2:]
-    cols = x.reshape(n, x.shape[1], -1)  # (N, I, P)
-    if n == 1:
-        out = (w @ cols[0])[None]  # GEMV for P == 1
-    else:
-        out = np.matmul(w, cols)
-    out = out.reshape(n, w.shape[0], *spatial)  # (N, O, *spatial)
-    if "bias" in a:
-        out = out + _num(a["bias"]).reshape(1, -1, *([1] * len(spatial)))
-    return out
-
-
-# --- tensor shape and indexing -------------------------------------------------------------
-
-
-def _reshape(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
-    x = np.asarray(a["x"])
-    shape = _ints(a["shape"])
-    if len(shape) == x.ndim:  # MIL: 0 inherits the input's dimension when ranks match
-        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
-    return x.reshape(shape)
-
-
-def _expand_dims(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
-    return np.expand_dims(np.asarray(a["x"]), tuple(_ints(a["axes"])))
-
-
-def _concat(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
-    values = [_num(v) for v in a["values"]]
-    axis = int(a["axis"])
-    if bool(a.get("interleave", False)):
-        # Interleave equal-shaped inputs along `axis`: a0[0], a1[0], ..., a0[1], a1[1], ...
-        ax = axis % values[0].ndim
-        stacked = np.stack(values, axis=ax + 1)
-        shape = list(values[0].shape)
-        shape[ax] *= len(values)
-        return stacked.reshape(shape)
-    return np.concatenate(values, axis=axis)
-
-
-def _slices(x: np.ndarray, a: dict[str, Any]) -> tuple[tuple[slice, ...], list[int]]:
-    """MIL slice semantics (numpy style; masks ignore begin/end; squeeze picks begin)."""
-    rank = x.ndim
-    begin, end = _ints(a["begin"]), _ints(a["end"])
-    stride = [1] * rank if a.get("stride") is None else _ints(a["stride"])
-    begin_mask = _bools(a.get("begin_mask"), rank)
-    end_mask = _bools(a.get("end_mask"), rank)
-    squeeze_mask = _bools(a.get("squeeze_mask"), rank)
-    slices = []
-    for i in range(rank):
-        if squeeze_mask[i]:
-            b = begin[i] + x.shape[i] if begin[i] < 0 else begin[i]
-            slices.append(slice(b, b + 1, 1))
-            continue
-        slices.append(
-            slice(None if begin_mask[i] else begin[i], None if end_mask[i] else end[i], stride[i])
-        )
-    return tuple(slices), [i for i in range(rank) if squeeze_mask[i]]
-
-
-def _slice_by_index(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
-    x = np.asarray(a["x"])
-    slices, squeeze = _slices(x, a)
-    out = x[slices]
-    return np.squeeze(out, axis=tuple(squeeze)) if squeeze else out
-
-
-def _slice_update(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
-    x = np.asarray(a["x"])
-    slices, _ = _slices(x, a)
-    out = x.copy()  # values are never mutated in place: arrays may be shared between vars
-    region = out[slices]
-    update = np.asarray(a["update"])
-    if region.size != update.size:
-        raise RunnerError(
-            f"op {step.name} (slice_update): the slice has shape {region.shape} but the update "
-            f"has {update.shape} (a write position outside the state?)"
-        )
-    out[slices] = update.reshape(region.shape)
-    return out
-
-
-# --- states --------------------------------------------------------------------------------
-
-
-def _read_state(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
-    return states[a["input"].name]
-
-
-def _update_state(step: _Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
-    value = np.asarray(a["value"])
-    ref: _StateRef = a["state"]
-    if value.shape != states[ref.name].shape:
-        raise RunnerError(
-            f"op {step.name}: writes shape {value.shape} into state {ref.name!r} of shape "
-            f"{states[ref.name].shape}"
-        )
-    states[ref.name] = value.astype(np.float16, copy=False)
-    return value
-
-
-# Op type -> implementation. `const` and `constexpr_*` ops are evaluated at load instead.
-OPS: dict[str, OpFn] = {
-    "add": _binary(np.add),
-    "sub": _binary(np.subtract),
-    "mul": _binary(np.multiply),
-    "real_div": _binary(np.divide),
-    "abs": _unary(np.abs),
-    "silu": _unary(_silu),
-    "inverse": _inverse,
-    "rsqrt": _rsqrt,
-    "clip": _clip,
-    "cast": _cast,
-    "reduce_max": _reduce(np.max),
-    "reduce_mean": _reduce(np.mean),
-    "reduce_argmax": _reduce_argmax,
-    "softmax": _softmax,
-    "matmul": _matmul,
-    "conv": _conv,
-    "reshape": _reshape,
-    "expand_dims": _expand_dims,
-    "concat": _concat,
-    "slice_by_index": _slice_by_index,
-    "slice_update": _slice_update,
-    "read_state": _read_state,
-    "coreml_update_state": _update_state,
-}
 
 
 def _is_load_time(op_type: str) -> bool:
@@ -382,13 +113,13 @@ class MILRunner:
 
         self.inputs: tuple[TensorSpec, ...] = ()
         self.states: tuple[TensorSpec, ...] = ()
-        self._state_refs: dict[str, _StateRef] = {}
+        self._state_refs: dict[str, StateRef] = {}
         self._read_io(func)
 
         self._consts: dict[str, Any] = {}
         self._matrices: dict[str, np.ndarray] = {}  # conv weight var -> float32 (out, in)
         self._materialize(ops)
-        self._steps: list[_Step] = []
+        self._steps: list[Step] = []
         self.num_layers = 1
         self._plan(ops)
         self.op_layers: dict[str, int] = {s.name: s.layer for s in self._steps}
@@ -436,7 +167,7 @@ class MILRunner:
                 shape = tuple(int(d) for d in wrapped.get_shape())
                 dtype = _np_dtype(wrapped.get_primitive()).name
                 states.append(TensorSpec(name, shape, dtype))
-                self._state_refs[var.name] = _StateRef(name)
+                self._state_refs[var.name] = StateRef(name)
                 continue
             shape = _static_shape(var)
             if shape is None:
@@ -464,7 +195,7 @@ class MILRunner:
                 ]
                 if conv_uses:
                     self._check_conv_weight(conv_uses[0], np.shape(value))
-                    self._matrices[var.name] = _conv_matrix(np.asarray(value))
+                    self._matrices[var.name] = conv_matrix(np.asarray(value))
                 if len(conv_uses) < len(children) or not children:
                     self._consts[var.name] = value if isinstance(value, str) else np.asarray(value)
                 del value
@@ -516,7 +247,7 @@ class MILRunner:
             if op.op_type == "conv":
                 extra = self._conv_extra(op)
             self._steps.append(
-                _Step(
+                Step(
                     fn=OPS[op.op_type],
                     name=op.name,
                     op_type=op.op_type,
@@ -544,8 +275,8 @@ class MILRunner:
 
         groups = int(const("groups", 1))
         pad_type = str(const("pad_type", "valid"))
-        pad = _ints(const("pad", [0]))
-        strides = _ints(const("strides", [1] * (op.inputs["x"].rank - 2)))
+        pad = ints(const("pad", [0]))
+        strides = ints(const("strides", [1] * (op.inputs["x"].rank - 2)))
         weight = op.inputs["weight"]
         if weight.name not in self._matrices:
             self._check_conv_weight(op, tuple(weight.shape))
