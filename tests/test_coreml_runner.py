@@ -217,3 +217,48 @@ def test_real_compile_plan_and_predict(shard, tiny_checkpoint, tmp_path):
     from_package = CoreMLRunner(shard, "cpu_and_ne")
     out = from_package.step(step_inputs(rope, rng.standard_normal(arch.hidden_size), 0, context))
     assert np.isfinite(out["output_hidden_states"]).all()
+
+
+class FakeStatelessHead:
+    """Like CompiledMLModel of the head: no state (make_state refuses), chunk outputs."""
+
+    def __init__(self) -> None:
+        self.states_asked = 0
+
+    def make_state(self):
+        self.states_asked += 1
+        raise RuntimeError("This model has no state")
+
+    def predict(self, data, state=None):
+        assert state is None
+        h = np.asarray(data["hidden_states"], dtype=np.float32).reshape(-1)
+        return {"chunk_max": h[:2].reshape(1, 2), "chunk_argmax": np.array([[1, 0]], np.int32)}
+
+
+@pytest.mark.parametrize("kind", ["mlpackage", "mlmodelc"])
+def test_the_stateless_head_runs_without_a_state(tmp_path, tiny_checkpoint, tiny_config, kind):
+    if kind == "mlpackage":
+        from anechain.export import export_head
+
+        path = tmp_path / "head.mlpackage"
+        export_head(tiny_checkpoint, path, tiny_config.export)
+        compiler = FakeCompiler().compiler
+        h = 64
+    else:
+        path = tmp_path / "head.mlmodelc"
+        write_compiled_metadata(
+            path,
+            {"hidden_states": ((1, 4, 1, 1), "Float16")},
+            {"chunk_max": ((1, 2), "Float16"), "chunk_argmax": ((1, 2), "Int32")},
+        )
+        compiler = None
+        h = 4
+    model = FakeStatelessHead()
+    runner = CoreMLRunner(path, load_model=lambda p, u: model, compiler=compiler)
+    x = {"hidden_states": np.arange(h, dtype=np.float16).reshape(1, h, 1, 1)}
+    out = runner.step(x)
+    runner.reset()
+    assert runner.step(x)["chunk_argmax"].tolist() == [[1, 0]]
+    assert out["chunk_max"].dtype == np.float16
+    # A package says it has no state: make_state is never asked for.
+    assert model.states_asked == (0 if kind == "mlpackage" else 1)

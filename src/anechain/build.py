@@ -138,8 +138,12 @@ def run_build(
     backend: str = "auto",
     cache_dir: Path | None = None,
     progress: Progress | None = None,
+    residency_report_only: bool = False,
 ) -> BuildResult:
-    """Run the whole pipeline; see the module docstring."""
+    """Run the whole pipeline; see the module docstring.
+
+    `residency_report_only` counts residency without gating on it (Macs without a Neural
+    Engine, such as hosted CI runners)."""
     say = progress or (lambda msg: None)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = _State(out_dir / STATE_FILE)
@@ -162,11 +166,16 @@ def run_build(
     result = BuildResult(out_dir, checkpoint_dir)
     settings = asdict(config.export)
     base = (__version__, checkpoint.fingerprint, settings)
-    residency = ResidencyOptions(config.residency)
+    residency = ResidencyOptions(config.residency, report_only=residency_report_only)
     # What a verdict depends on besides the package: gates, steps, calibration, backend,
     # residency settings, and whether residency can be checked on this machine.
     validation_key = _key(
-        __version__, asdict(config.validation), backend, asdict(config.residency), is_macos()
+        __version__,
+        asdict(config.validation),
+        backend,
+        asdict(config.residency),
+        residency_report_only,
+        is_macos(),
     )
 
     def package_step(name: str, path: Path, key: str, export: Callable[[], Any]) -> None:

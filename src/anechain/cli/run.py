@@ -108,6 +108,11 @@ def render_build(result) -> str:  # type: ignore[no-untyped-def]
     help="Golden reference cache (default ~/.cache/anechain).",
 )
 @click.option(
+    "--report-only",
+    is_flag=True,
+    help="Count residency but do not gate on it (Macs without a Neural Engine, e.g. CI).",
+)
+@click.option(
     "--json",
     "json_out",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -119,6 +124,7 @@ def build(
     out_dir: Path | None,
     backend: str,
     cache_dir: Path | None,
+    report_only: bool,
     json_out: Path | None,
 ) -> None:
     """Run the whole pipeline and prove it: export every range of the configured topology,
@@ -148,7 +154,15 @@ def build(
                 err=True,
             )
     say = progress_printer()
-    result = run_build(config, out, checkpoint, backend=backend, cache_dir=cache_dir, progress=say)
+    result = run_build(
+        config,
+        out,
+        checkpoint,
+        backend=backend,
+        cache_dir=cache_dir,
+        progress=say,
+        residency_report_only=report_only,
+    )
     click.echo(render_build(result))
     if json_out is not None:
         from anechain.fsutil import atomic_write_text

@@ -191,11 +191,26 @@ class CoreMLRunner:
             self._model = load_model(str(compiled), compute_units)
         except Exception as exc:  # Core ML surfaces load failures as bare Exceptions
             raise RunnerError(f"Core ML could not load {compiled}: {exc}") from None
-        self._state = self._model.make_state()
+        # A .mlpackage says whether it has states; for an .mlmodelc we find out.
+        self._stateful = bool(states) or path.suffix == ".mlmodelc"
+        self._state = self._new_state()
+
+    def _new_state(self) -> Any:
+        if not self._stateful:
+            return None  # the head: stateless, predicted without a state
+        try:
+            return self._model.make_state()
+        except Exception as exc:  # Core ML refuses make_state on a stateless model
+            if self.state_names:
+                raise RunnerError(
+                    f"Core ML could not make a state for {self.compiled}: {exc}"
+                ) from None
+            self._stateful = False
+            return None
 
     def reset(self) -> None:
         """A fresh state: Core ML's new states start zeroed."""
-        self._state = self._model.make_state()
+        self._state = self._new_state()
 
     def step(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_inputs(self.inputs, inputs)
