@@ -40,10 +40,20 @@ def cli(verbose: int) -> None:
     Apple Neural Engine, and prove each shard before it ships.
 
     \b
-    Typical flow:
-      anechain random-checkpoint artifacts/tiny-ckpt --preset tiny
-      anechain export --model artifacts/tiny-ckpt --config configs/tiny.yaml \\
-          --layer-spec 0:3:artifacts/s0.mlpackage --layer-spec 3:5:artifacts/s1.mlpackage
+    The whole pipeline on the tiny default (random checkpoint), in one command:
+      anechain build
+    Step by step:
+      anechain random-checkpoint artifacts/ckpt --preset tiny
+      anechain export --model artifacts/ckpt --config configs/tiny.yaml \\
+          --layer-spec 0:3:artifacts/layers_0_3.mlpackage \\
+          --layer-spec 3:6:artifacts/layers_3_6.mlpackage \\
+          --head artifacts/head.mlpackage --embedding artifacts/embedding.npy
+      anechain validate shard artifacts/layers_0_3.mlpackage --model artifacts/ckpt
+      (and likewise layers_3_6 and the head)
+      anechain compile artifacts/*.mlpackage                  (macOS)
+      anechain manifest build artifacts/*.mlpackage --embedding artifacts/embedding.npy \\
+          -o artifacts/manifest.json
+      anechain generate --manifest artifacts/manifest.json --prompt-ids 1,2,3
     """
     level = max(logging.WARNING - 10 * verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
