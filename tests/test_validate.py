@@ -155,56 +155,35 @@ def test_residency_from_a_saved_plan_joins_the_verdict(
         save_plan(ComputePlan(tuple(ops), package_sha256=sha256_tree(pkg)), path)
         return path
 
-    good = _invoke(
-        pkg,
-        "--model",
-        tiny_checkpoint_dir,
-        "--backend",
-        "mil",
-        "--cache-dir",
-        cache,
-        "--compute-plan",
-        plan("ane"),
-        "--report",
-        tmp_path / "good.json",
-    )
+    def run(plan_file, report, *extra):
+        return _invoke(
+            pkg,
+            "--model",
+            tiny_checkpoint_dir,
+            "--backend",
+            "mil",
+            "--cache-dir",
+            cache,
+            "--compute-plan",
+            plan_file,
+            "--report",
+            tmp_path / report,
+            *extra,
+        )
+
+    good = run(plan("ane"), "good.json")
     assert good.exit_code == 0, good.output
     data = json.loads((tmp_path / "good.json").read_text())
     assert data["residency"]["status"] == "checked" and data["residency"]["passed"] is True
     assert data["residency"]["counts"]["conv_ane"] == 4
 
-    bad = _invoke(
-        pkg,
-        "--model",
-        tiny_checkpoint_dir,
-        "--backend",
-        "mil",
-        "--cache-dir",
-        cache,
-        "--compute-plan",
-        plan("cpu"),
-        "--report",
-        tmp_path / "bad.json",
-    )
+    bad = run(plan("cpu"), "bad.json")
     assert bad.exit_code == 1
     data = json.loads((tmp_path / "bad.json").read_text())
     assert data["verdict"] == "fail" and data["residency"]["passed"] is False
     assert all(g["passed"] for g in data["gates"])  # golden passed; residency alone failed
 
-    report_only = _invoke(
-        pkg,
-        "--model",
-        tiny_checkpoint_dir,
-        "--backend",
-        "mil",
-        "--cache-dir",
-        cache,
-        "--compute-plan",
-        plan("cpu"),
-        "--report-only",
-        "--report",
-        tmp_path / "ro.json",
-    )
+    report_only = run(plan("cpu"), "ro.json", "--report-only")
     assert report_only.exit_code == 0
     assert json.loads((tmp_path / "ro.json").read_text())["residency"]["status"] == "report_only"
 

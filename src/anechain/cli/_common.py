@@ -47,6 +47,27 @@ class LayerRangeType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+def model_option(
+    help: str = "Hugging Face checkpoint folder (config.json + safetensors).",
+    required: bool = True,
+) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    """`--model DIR`, an existing checkpoint folder, passed as `model_dir`."""
+    return click.option(
+        "--model",
+        "model_dir",
+        required=required,
+        type=click.Path(path_type=Path, exists=True, file_okay=False),
+        help=help,
+    )
+
+
+def config_option(help: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    """`--config FILE`, an anechain YAML config, passed as `config_path`."""
+    return click.option(
+        "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), help=help
+    )
+
+
 def resolve_config(config_path: Path | None, preset: str | None = None) -> Config:
     """The config file if given, else the named preset, else Phi-4-mini's defaults."""
     if config_path is not None:

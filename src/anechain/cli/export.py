@@ -10,7 +10,9 @@ import click
 
 from anechain.cli._common import (
     LayerSpecType,
+    config_option,
     human_bytes,
+    model_option,
     progress_printer,
     render_table,
     resolve_config,
@@ -24,13 +26,7 @@ def _multiple_of_32(value: int | None) -> int | None:
 
 
 @click.command("export")
-@click.option(
-    "--model",
-    "model_dir",
-    required=True,
-    type=click.Path(path_type=Path, exists=True, file_okay=False),
-    help="Hugging Face checkpoint folder (config.json + safetensors).",
-)
+@model_option()
 @click.option(
     "--layer-spec",
     "specs",
@@ -50,12 +46,7 @@ def _multiple_of_32(value: int | None) -> int | None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Also write the token embedding as an fp16 table to this .npy.",
 )
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="anechain YAML config (default: the phi-4-mini preset's export settings).",
-)
+@config_option("anechain YAML config (default: the phi-4-mini preset's export settings).")
 @click.option(
     "--context",
     type=click.IntRange(min=32),

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from anechain.cli._common import human_bytes, progress_printer, render_table, resolve_config
+from anechain.cli._common import (
+    config_option,
+    human_bytes,
+    model_option,
+    progress_printer,
+    render_table,
+    resolve_config,
+)
 from anechain.runners import BACKENDS
 
 
@@ -35,19 +42,10 @@ def render_attempts(attempts: tuple) -> str:
 
 
 @click.command("plan")
-@click.option(
-    "--model",
-    "model_dir",
-    required=True,
-    type=click.Path(path_type=Path, exists=True, file_okay=False),
-    help="Hugging Face checkpoint folder (config.json + safetensors).",
-)
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="anechain YAML config: export, validation and residency settings "
-    "(default: the phi-4-mini preset).",
+@model_option()
+@config_option(
+    "anechain YAML config: export, validation and residency settings "
+    "(default: the phi-4-mini preset)."
 )
 @click.option(
     "--max-layers-per-shard",

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from anechain.cli._common import human_bytes, progress_printer, render_table, resolve_config
+from anechain.cli._common import (
+    config_option,
+    human_bytes,
+    model_option,
+    progress_printer,
+    render_table,
+    resolve_config,
+)
 from anechain.runners import BACKENDS
 
 
@@ -82,19 +89,11 @@ def render_build(result) -> str:  # type: ignore[no-untyped-def]
 
 
 @click.command("build")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="anechain YAML config: architecture, topology, gates, build settings "
-    "(default: the tiny preset, as configs/tiny.yaml).",
+@config_option(
+    "anechain YAML config: architecture, topology, gates, build settings "
+    "(default: the tiny preset, as configs/tiny.yaml)."
 )
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(path_type=Path, exists=True, file_okay=False),
-    help="Checkpoint folder (overrides build.checkpoint).",
-)
+@model_option("Checkpoint folder (overrides build.checkpoint).", required=False)
 @click.option(
     "--out",
     "out_dir",

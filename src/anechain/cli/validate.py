@@ -8,7 +8,13 @@ from pathlib import Path
 
 import click
 
-from anechain.cli._common import progress_printer, render_table, resolve_config
+from anechain.cli._common import (
+    config_option,
+    model_option,
+    progress_printer,
+    render_table,
+    resolve_config,
+)
 from anechain.runners import BACKENDS
 
 
@@ -72,13 +78,7 @@ def validate() -> None:
 
 @validate.command("shard")
 @click.argument("package", type=click.Path(path_type=Path, exists=True))
-@click.option(
-    "--model",
-    "model_dir",
-    required=True,
-    type=click.Path(path_type=Path, exists=True, file_okay=False),
-    help="The checkpoint the shard was exported from.",
-)
+@model_option("The checkpoint the shard was exported from.")
 @click.option(
     "--backend",
     type=click.Choice(BACKENDS),
@@ -87,11 +87,8 @@ def validate() -> None:
     help="mil: fp16 reference interpreter over the saved program (any OS); "
     "coreml: the compiled model on macOS 15+; auto: coreml on macOS.",
 )
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="anechain YAML config for steps, calibration and gates (default: the phi-4-mini preset).",
+@config_option(
+    "anechain YAML config for steps, calibration and gates (default: the phi-4-mini preset)."
 )
 @click.option("--steps", type=click.IntRange(min=1), help="Decode steps to compare.")
 @click.option(
