@@ -239,3 +239,25 @@ def test_coreml_backend_off_macos_is_one_line(tiny_shards, tiny_checkpoint_dir):
     )
     assert result.exit_code == 1
     assert "needs macOS" in result.output and "Traceback" not in result.output
+
+
+def test_compute_units_belong_to_the_coreml_backend(tiny_shards, tiny_checkpoint_dir, monkeypatch):
+    pkg = tiny_shards[LayerRange(5, 6)]
+    result = _invoke(
+        pkg, "--model", tiny_checkpoint_dir, "--backend", "mil", "--compute-units", "cpu_only"
+    )
+    assert result.exit_code == 2 and "only the coreml backend" in result.output
+
+    import anechain.validate as validate
+
+    seen = {}
+
+    def fake_open_runner(backend, package, **options):
+        seen.update(backend=backend, **options)
+        raise validate.PackageError("stop here")
+
+    monkeypatch.setattr(validate, "open_runner", fake_open_runner)
+    result = _invoke(
+        pkg, "--model", tiny_checkpoint_dir, "--backend", "coreml", "--compute-units", "cpu_only"
+    )
+    assert result.exit_code == 1 and seen == {"backend": "coreml", "compute_units": "cpu_only"}

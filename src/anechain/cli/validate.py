@@ -15,7 +15,8 @@ from anechain.cli._common import (
     render_table,
     resolve_config,
 )
-from anechain.runners import BACKENDS
+from anechain.runners import BACKENDS, resolve_backend
+from anechain.runners.coreml import COMPUTE_UNITS
 
 
 def _fmt(value: float | None) -> str:
@@ -92,6 +93,14 @@ def validate() -> None:
 )
 @click.option("--steps", type=click.IntRange(min=1), help="Decode steps to compare.")
 @click.option(
+    "--compute-units",
+    type=click.Choice(COMPUTE_UNITS),
+    default="cpu_and_ne",
+    show_default=True,
+    help="coreml backend only. cpu_only computes in fp32 and hides fp16 overflow: use it as "
+    "an extra comparison, never as the gate.",
+)
+@click.option(
     "--report",
     "report_path",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -129,6 +138,7 @@ def validate_shard_cmd(
     backend: str,
     config_path: Path | None,
     steps: int | None,
+    compute_units: str,
     report_path: Path | None,
     min_cosine: float | None,
     min_delta_cosine: float | None,
@@ -180,6 +190,13 @@ def validate_shard_cmd(
 
     checkpoint = Checkpoint(model_dir)
     residency = ResidencyOptions(config.residency, plan_file, save_plan_to, report_only)
+    if compute_units != "cpu_and_ne" and resolve_backend(backend) != "coreml":
+        raise click.BadParameter(
+            "only the coreml backend has compute units", param_hint="--compute-units"
+        )
+    runner_options = (
+        {"compute_units": compute_units} if resolve_backend(backend) == "coreml" else {}
+    )
     report = validate_shard(
         package,
         checkpoint,
@@ -188,6 +205,7 @@ def validate_shard_cmd(
         residency=residency,
         cache_dir=cache_dir,
         progress=progress_printer(),
+        runner_options=runner_options,
     )
     out = report_path or default_report_path(package)
     data = write_report(report, out)
