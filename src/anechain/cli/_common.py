@@ -68,6 +68,20 @@ def config_option(help: str) -> Callable[[Callable[..., object]], Callable[..., 
     )
 
 
+# Shared by validate, plan and build, so the three say the same thing.
+cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where golden reference tensors are cached (default ~/.cache/anechain or "
+    "$ANECHAIN_CACHE_DIR).",
+)
+report_only_option = click.option(
+    "--report-only",
+    is_flag=True,
+    help="Count residency but do not gate on it (Macs without a Neural Engine, e.g. hosted CI).",
+)
+
+
 def resolve_config(config_path: Path | None, preset: str | None = None) -> Config:
     """The config file if given, else the named preset, else Phi-4-mini's defaults."""
     if config_path is not None:

@@ -7,11 +7,13 @@ from pathlib import Path
 import click
 
 from anechain.cli._common import (
+    cache_dir_option,
     config_option,
     human_bytes,
     model_option,
     progress_printer,
     render_table,
+    report_only_option,
     resolve_config,
 )
 from anechain.runners import BACKENDS
@@ -89,22 +91,14 @@ def render_attempts(attempts: tuple) -> str:
     is_flag=True,
     help="Replace an existing manifest, and packages in REPORT_DIR the plan cache does not know.",
 )
-@click.option(
-    "--report-only",
-    is_flag=True,
-    help="Count residency but do not gate on it (machines without a Neural Engine).",
-)
+@report_only_option
 @click.option(
     "--no-rebalance",
     is_flag=True,
     help="Stop at the first passing topology found by splitting (fewer exports, no "
     "optimality guarantee).",
 )
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Where reference tensors are cached (default ~/.cache/anechain or $ANECHAIN_CACHE_DIR).",
-)
+@cache_dir_option
 def plan(
     model_dir: Path,
     config_path: Path | None,

@@ -8,11 +8,13 @@ from pathlib import Path
 import click
 
 from anechain.cli._common import (
+    cache_dir_option,
     config_option,
     human_bytes,
     model_option,
     progress_printer,
     render_table,
+    report_only_option,
     resolve_config,
 )
 from anechain.runners import BACKENDS
@@ -101,16 +103,8 @@ def render_build(result) -> str:  # type: ignore[no-untyped-def]
     help="Output folder (overrides build.out_dir).",
 )
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Golden reference cache (default ~/.cache/anechain).",
-)
-@click.option(
-    "--report-only",
-    is_flag=True,
-    help="Count residency but do not gate on it (Macs without a Neural Engine, e.g. CI).",
-)
+@cache_dir_option
+@report_only_option
 @click.option(
     "--json",
     "json_out",

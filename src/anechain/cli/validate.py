@@ -9,10 +9,12 @@ from pathlib import Path
 import click
 
 from anechain.cli._common import (
+    cache_dir_option,
     config_option,
     model_option,
     progress_printer,
     render_table,
+    report_only_option,
     resolve_config,
 )
 from anechain.runners import BACKENDS, resolve_backend
@@ -122,16 +124,8 @@ def validate() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Save the live compute plan as JSON (macOS).",
 )
-@click.option(
-    "--report-only",
-    is_flag=True,
-    help="Count residency but do not gate on it (machines without a Neural Engine).",
-)
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Where reference tensors are cached (default ~/.cache/anechain or $ANECHAIN_CACHE_DIR).",
-)
+@report_only_option
+@cache_dir_option
 def validate_shard_cmd(
     package: Path,
     model_dir: Path,
