@@ -47,7 +47,7 @@ def main() -> None:
         export_shard(ckpt, LayerSpec(layers, pkg), settings)
     print(f"command: python {shlex.join(sys.argv)}")
 
-    tokens = calibration_tokens(ValidationSettings(steps=args.steps), arch.vocab_size)
+    tokens = calibration_tokens(ValidationSettings(steps=args.steps), ckpt)
     # Reference: transformers' Phi3DecoderLayers in fp32 over the same steps (no cache).
     t = time.perf_counter()
     runner = _LayerRunner(ckpt, len(tokens))

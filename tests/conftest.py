@@ -81,3 +81,32 @@ def overflow_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoin
     out = copy_checkpoint(tiny_checkpoint_dir, tmp_path_factory.mktemp("overflow") / "ckpt")
     scale_tensor(out, "model.layers.4.mlp.down_proj.weight", 1e5)
     return Checkpoint(out)
+
+
+ODD_ARCHITECTURE = dict(
+    # Shapes the tiny preset does not cover: hidden 72 (not a power of two), 6 query heads
+    # over 2 KV heads (3 per group), head_dim 12 with partial rotary 0.5 (6 rotary dims).
+    hidden_size=72,
+    intermediate_size=160,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    vocab_size=384,
+    partial_rotary_factor=0.5,
+    max_position_embeddings=4096,
+    original_max_position_embeddings=128,
+)
+
+
+@pytest.fixture(scope="session")
+def odd_checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained-like random checkpoint with odd shapes (see ODD_ARCHITECTURE)."""
+    from anechain.config import Architecture
+
+    out = tmp_path_factory.mktemp("odd") / "odd"
+    return write_random_checkpoint(out, Architecture(**ODD_ARCHITECTURE), seed=0)
+
+
+@pytest.fixture(scope="session")
+def odd_checkpoint(odd_checkpoint_dir: Path) -> Checkpoint:
+    return Checkpoint(odd_checkpoint_dir)

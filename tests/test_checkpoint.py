@@ -36,7 +36,7 @@ def test_transformers_loads_it_and_hidden_states_grow(tiny_checkpoint_dir):
         out = model(torch.arange(16)[None] * 7, output_hidden_states=True)
     # hidden_states[-1] is after the final norm: look at the residual stream before it.
     peaks = [h.abs().max().item() for h in out.hidden_states[:-1]]
-    assert peaks[0] < 0.5  # embeddings are small
+    assert peaks[0] < 2  # embeddings are small
     rms = [h.pow(2).mean().sqrt().item() for h in out.hidden_states[:-1]]
     # ...and the residual stream grows through the layers.
     assert all(b > a for a, b in zip(rms, rms[1:], strict=False))
@@ -72,3 +72,59 @@ def test_refusals(tmp_path, tiny_checkpoint_dir, tiny_config):
     ckpt = Checkpoint(tiny_checkpoint_dir)
     with pytest.raises(CheckpointError, match="no tensor"):
         ckpt.read_tensors(["model.layers.99.mlp.down_proj.weight"])
+
+
+def _stats(folder):
+    from anechain.checkpoint import STATS_NAME
+
+    return json.loads((folder / STATS_NAME).read_text())
+
+
+def test_random_checkpoint_is_trained_like_and_says_so(tiny_checkpoint_dir):
+    stats = _stats(tiny_checkpoint_dir)
+    assert stats["style"] == "trained" and stats["tokens"][0] == 511  # BOS first
+    layers = stats["layers"]
+    uniform = stats["uniform_entropy"]
+    assert abs(uniform - 2.7726) < 1e-3  # 16 positions
+    # Peaked attention: every layer's mean head entropy well below uniform (the flat
+    # style's is ~0.75 of it).
+    means = [sum(s["attention_entropy"]) / len(s["attention_entropy"]) for s in layers]
+    assert max(means) < 0.6 * uniform and sum(means) / len(means) < 0.45 * uniform
+    # Massive activations: appear in an early layer, in the declared channels, hundreds
+    # above the typical value, and carried by the residual to the last layer.
+    massive = set(stats["massive_channels"])
+    first = next(i for i, s in enumerate(layers) if s["hidden_max_abs"] > 100)
+    assert first <= 1
+    for layer in layers[first:]:
+        assert {c for c, _ in layer["top_channels"][:2]} == massive
+        assert layer["hidden_max_abs"] > 50 * layer["median_abs"]
+    # Hidden states grow through the layers.
+    medians = [s["median_abs"] for s in layers]
+    assert all(b > a for a, b in zip(medians, medians[1:], strict=False))
+    assert medians[-1] > 3 * medians[0]
+
+
+def test_flat_style_is_the_earlier_model(tmp_path, tiny_config, tiny_checkpoint_dir):
+    from safetensors.torch import load_file
+
+    from anechain.checkpoint import _random_layer
+
+    arch = tiny_config.architecture
+    flat = write_random_checkpoint(tmp_path / "flat", arch, style="flat")
+    stats = _stats(flat)
+    assert stats["style"] == "flat" and stats["massive_channels"] == []
+    # Near-uniform attention and no massive channel: what the trained style fixes.
+    mean_entropy = [sum(s["attention_entropy"]) / 4 for s in stats["layers"]]
+    assert sum(mean_entropy) / len(mean_entropy) > 1.8
+    assert max(s["hidden_max_abs"] for s in stats["layers"]) < 50
+    # The same draws as before the trained style: layer 0 after the embedding and norm.
+    gen = torch.Generator().manual_seed(0)
+    torch.randn(arch.vocab_size, arch.hidden_size, generator=gen)
+    torch.randn(arch.vocab_size, 1, generator=gen)
+    torch.randn(arch.hidden_size, generator=gen)
+    expected = _random_layer(arch, 0, gen, style="flat")
+    index = json.loads((flat / "model.safetensors.index.json").read_text())
+    name = "model.layers.0.self_attn.qkv_proj.weight"
+    assert torch.equal(load_file(str(flat / index["weight_map"][name]))[name], expected[name])
+    with pytest.raises(CheckpointError, match="unknown random-checkpoint style"):
+        write_random_checkpoint(tmp_path / "x", arch, style="spiky")

@@ -67,11 +67,21 @@ def test_gates_on_real_passing_figures_and_nan():
         "rmse": 0.131,
         "max_abs": 0.63,
         "delta_cosine": 0.95,
+        "step_delta_cosine": 0.95,  # not measured on the real shards: the whole-run figure
         "delta_rmse": 0.131,
         "delta_max_abs": 0.63,
         "nonfinite": 0,
+        # No real KV figure was measured: the output cosine stands in for it.
+        "kv_cosine": 0.9984,
+        "kv_unwritten_max_abs": 0.0,
     }
     assert all(g.passed for g in apply_gates(worst_passing, Gates()))
+    # A report without the KV metrics fails their gates: they are not optional.
+    bare = {k: v for k, v in worst_passing.items() if not k.startswith("kv_")}
+    assert {g.name for g in apply_gates(bare, Gates()) if not g.passed} == {
+        "kv_cosine",
+        "kv_unwritten",
+    }
     nan = {**worst_passing, "cosine": None, "rmse": None, "max_abs": None, "nonfinite": 4}
     failed = {g.name for g in apply_gates(nan, Gates()) if not g.passed}
     assert failed == {"finite", "cosine", "rmse", "max_abs"}

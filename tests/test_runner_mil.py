@@ -6,6 +6,7 @@ The shards here are made in the test (trace -> convert -> INT8 -> save), from a 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from anechain.config import Architecture, LayerRange, load_preset
 from anechain.contract import MASK_VALUE, layer_contract
 from anechain.errors import RunnerError
+from anechain.export import layer_output_vars
 from anechain.model import LayerRangeModel
 from anechain.package import load_program
 from anechain.runners.mil import MILRunner
@@ -81,6 +83,10 @@ def _export(model: LayerRangeModel, path: Path, int8: bool) -> Path:
         mlmodel = linear_quantize_weights(
             mlmodel, OptimizationConfig(op_type_configs={"conv": op_config})
         )
+    # What the exporter records: each layer's output var (the runner's layer attribution).
+    arch = model.arch
+    names = layer_output_vars(mlmodel._mil_program, arch.hidden_size, arch.intermediate_size)
+    mlmodel.user_defined_metadata["anechain.layer_outputs"] = json.dumps(names)
     mlmodel.save(str(path))
     return path
 
@@ -172,7 +178,7 @@ def test_runner_describes_the_shard(int8_shard: Path, arch: Architecture) -> Non
     assert runner.outputs == contract.outputs
     assert runner.states == contract.states
     assert runner.num_layers == LAYERS.num_layers
-    # Each projection is attributed to the layer its (quantized) weight is named after.
+    # Each projection is attributed to the layer whose recorded output it precedes.
     _, prog = load_program(int8_shard)
     convs = [op.name for op in prog.functions["main"].operations if op.op_type == "conv"]
     assert [runner.op_layers[name] for name in convs] == [0] * 4 + [1] * 4

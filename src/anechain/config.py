@@ -143,8 +143,14 @@ class Gates:
     min_cosine: float = 0.998
     # Cosine of (output - input): catches a layer whose contribution vanished.
     min_delta_cosine: float = 0.9
+    # The same at the worst single step: one large step (a massive activation at BOS)
+    # dominates the whole-run cosines and can hide steps that are wrong.
+    min_step_delta_cosine: float = 0.8
     max_rmse: float = 0.25
     max_abs: float = 1.0
+    # KV cache read back from the shard's state after decoding: cosine with transformers'
+    # cache at every written position, worst layer (positions never written must stay 0).
+    min_kv_cosine: float = 0.99
     # The LM head: the shard's token must be the reference's on this share of steps, and
     # where it is not, the two tokens' reference logits may differ by at most
     # max_top1_margin logit standard deviations (a flip between near-ties).
@@ -156,13 +162,19 @@ class Gates:
 class ValidationSettings:
     steps: int = 16
     calibration_seed: int = 0
-    # Explicit token ids; when empty, `steps` ids are drawn with calibration_seed.
+    # Explicit token ids; when empty: BOS + a fixed text with the checkpoint's tokenizer,
+    # or BOS + ids drawn with calibration_seed.
     calibration_tokens: tuple[int, ...] = ()
+    # Steps decoded at the end of the context window (the cache filled from the reference
+    # up to context - late_steps), so the mask and positions at the end are exercised.
+    late_steps: int = 4
     gates: Gates = field(default_factory=Gates)
 
     def __post_init__(self) -> None:
         if self.steps <= 0:
             raise ConfigError(f"validation.steps must be positive, got {self.steps}")
+        if self.late_steps < 0:
+            raise ConfigError(f"validation.late_steps must be >= 0, got {self.late_steps}")
 
 
 @dataclass(frozen=True)

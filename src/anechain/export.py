@@ -211,7 +211,14 @@ def _build_package(
     if settings.quantization == "int8" and quantized != expected_conv:
         raise ExportError(f"{label} {quantized} INT8 weights in the program, want {expected_conv}")
 
-    mlmodel.user_defined_metadata.update(meta.to_user_metadata())
+    user_meta = meta.to_user_metadata()
+    if kind == KIND_LAYERS:
+        arch = checkpoint.architecture
+        names = layer_output_vars(mlmodel._mil_program, arch.hidden_size, arch.intermediate_size)
+        if len(names) != layers.num_layers:
+            raise ExportError(f"{label} found {len(names)} layer outputs, want {layers.num_layers}")
+        user_meta[f"anechain.{LAYER_OUTPUTS_KEY}"] = json.dumps(names)
+    mlmodel.user_defined_metadata.update(user_meta)
     mlmodel.short_description = description
     mlmodel.version = __version__
     with atomic_path(dest, overwrite=overwrite) as tmp:
@@ -229,6 +236,38 @@ def _build_package(
         stage_seconds=stages,
         kind=kind,
     )
+
+
+LAYER_OUTPUTS_KEY = "layer_outputs"  # anechain.layer_outputs, read by the mil runner
+
+
+def layer_output_vars(prog: Any, hidden_size: int, intermediate_size: int) -> list[str]:
+    """Each decoder layer's output var in a layer program, in order.
+
+    A layer ends with `add(residual, down_proj(...))`: the down projections are the convs
+    with an (hidden, intermediate, 1, 1) weight, in program order, and each one's output
+    leads (through shape-only ops, if any) to that add.
+    """
+    outputs = []
+    for op in prog.functions["main"].operations:
+        if op.op_type != "conv" or tuple(op.inputs["weight"].shape) != (
+            hidden_size,
+            intermediate_size,
+            1,
+            1,
+        ):
+            continue
+        var = op.outputs[0]
+        while True:
+            children = list(var.child_ops)
+            if len(children) != 1:
+                raise ExportError(f"cannot follow down_proj {op.name!r} to its layer's output")
+            child = children[0]
+            var = child.outputs[0]
+            if child.op_type == "add":
+                break
+        outputs.append(var.name)
+    return outputs
 
 
 def _rope_metadata(checkpoint: Checkpoint) -> dict[str, str]:

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +31,7 @@ from anechain.fsutil import atomic_path
 
 log = logging.getLogger(__name__)
 
-_CACHE_VERSION = "golden-v1"
+_CACHE_VERSION = "golden-v2"
 
 
 def default_cache_dir() -> Path:
@@ -38,8 +41,45 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "anechain"
 
 
-def calibration_tokens(settings: ValidationSettings, vocab_size: int) -> list[int]:
-    """The deterministic token sequence validation runs: explicit ids, or seeded draws."""
+# The default calibration text when the checkpoint has a tokenizer: trained models reach
+# their largest activations at the first token (BOS) and at delimiters, so it has both.
+CALIBRATION_TEXT = (
+    "The quick brown fox jumps over the lazy dog. In 1969, Apollo 11 landed on the Moon; "
+    "two astronauts walked on its surface.\nQ: What is 12 * 7? A: 84.\n"
+    "def add(a, b):\n    return a + b\n"
+)
+
+
+def _tokenizer_ids(checkpoint: Checkpoint) -> list[int] | None:
+    """BOS + CALIBRATION_TEXT with the checkpoint folder's own tokenizer, if it has one."""
+    if not (checkpoint.path / "tokenizer.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(checkpoint.path), local_files_only=True)
+    except Exception as exc:  # transformers raises assorted errors for broken tokenizers
+        raise CheckpointError(f"{checkpoint.path}: cannot load its tokenizer ({exc})") from None
+    ids = tok(CALIBRATION_TEXT, add_special_tokens=False)["input_ids"]
+    return [_bos(checkpoint), *ids]
+
+
+def _bos(checkpoint: Checkpoint) -> int:
+    bos = checkpoint.raw_config.get("bos_token_id")
+    return int(bos) if isinstance(bos, int) else 0
+
+
+def calibration_tokens(
+    settings: ValidationSettings, checkpoint: Checkpoint, length: int | None = None
+) -> list[int]:
+    """The deterministic token sequence validation runs (`length` ids, default `steps`).
+
+    Explicit `calibration_tokens` first; else, when the checkpoint folder has a tokenizer,
+    BOS + a fixed text (repeated to length); else BOS + ids drawn with calibration_seed.
+    Positions past `steps` (the late window's prefix) continue the same sequence.
+    """
+    vocab_size = checkpoint.architecture.vocab_size
+    length = length or settings.steps
     if settings.calibration_tokens:
         tokens = list(settings.calibration_tokens)[: settings.steps]
         if len(tokens) < settings.steps:
@@ -48,12 +88,15 @@ def calibration_tokens(settings: ValidationSettings, vocab_size: int) -> list[in
                 "need as many"
             )
     else:
+        text = _tokenizer_ids(checkpoint)
+        tokens = (text * (length // len(text) + 1))[:length] if text else [_bos(checkpoint)]
+    if len(tokens) < length:
         rng = np.random.default_rng(settings.calibration_seed)
-        tokens = rng.integers(0, vocab_size, size=settings.steps).tolist()
+        tokens += rng.integers(0, vocab_size, size=length - len(tokens)).tolist()
     bad = [t for t in tokens if not 0 <= t < vocab_size]
     if bad:
         raise ConfigError(f"calibration token {bad[0]} is outside the vocabulary ({vocab_size})")
-    return [int(t) for t in tokens]
+    return [int(t) for t in tokens[:length]]
 
 
 def _cache_path(cache_dir: Path, checkpoint: Checkpoint, tokens: list[int]) -> Path:
@@ -102,6 +145,11 @@ class _LayerRunner:
         self.mask = causal[None, None]  # (1, 1, S, S) additive
 
     def run(self, layer_index: int, hidden: np.ndarray) -> np.ndarray:
+        return self.trace(layer_index, hidden).hidden
+
+    def trace(self, layer_index: int, hidden: np.ndarray) -> LayerTrace:
+        """One layer over the sequence, with its KV cache and attention probabilities."""
+        from transformers import DynamicCache
         from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
 
         layer = Phi3DecoderLayer(self.config, layer_idx=layer_index).eval()
@@ -110,15 +158,80 @@ class _LayerRunner:
         layer.load_state_dict(
             {k[len(prefix) :]: v.float() for k, v in tensors.items()}, strict=True
         )
+        probs: list[torch.Tensor] = []
+        hook = layer.self_attn.register_forward_hook(lambda m, a, out: probs.append(out[1]))
+        cache = DynamicCache(config=self.config)
         with torch.no_grad():
             out = layer(
                 torch.from_numpy(hidden)[None],
                 attention_mask=self.mask,
                 position_ids=self.position_ids,
                 position_embeddings=self.position_embeddings,
+                cache=cache,
+                use_cache=True,
             )
+        hook.remove()
         out = out[0] if isinstance(out, tuple) else out
-        return out[0].numpy()
+        kv = cache.layers[layer_index]
+        return LayerTrace(
+            hidden=out[0].numpy(),
+            keys=kv.keys[0].numpy(),  # post-RoPE, as transformers caches them
+            values=kv.values[0].numpy(),
+            probs=probs[0][0].numpy(),
+        )
+
+
+@dataclass(frozen=True)
+class LayerTrace:
+    """One reference layer over the calibration sequence."""
+
+    hidden: np.ndarray  # (S, C) the layer's output
+    keys: np.ndarray  # (KVH, S, D) transformers' key cache (post-RoPE)
+    values: np.ndarray  # (KVH, S, D)
+    probs: np.ndarray  # (H, S, S) attention probabilities
+
+
+def activation_statistics(checkpoint: Checkpoint, tokens: list[int]) -> dict[str, Any]:
+    """What makes a model trained-like for validation, measured with the reference layers.
+
+    Per layer: attention entropy of the last token over the whole sequence per head (in
+    nats; uniform is ln S), the residual stream's RMS and largest |value|, and its top
+    channels ("massive activations": a few channels far above the rest, carried on).
+    """
+    runner = _LayerRunner(checkpoint, len(tokens))
+    hidden = _embed(checkpoint, tokens)
+    layers = []
+    for i in range(checkpoint.architecture.num_hidden_layers):
+        t = runner.trace(i, hidden)
+        hidden = t.hidden
+        p = t.probs[:, -1].astype(np.float64)  # (H, S)
+        entropy = -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=-1)
+        peak = np.abs(hidden).max(axis=0)  # (C,) per channel over the sequence
+        top = np.argsort(-peak)[:3]
+        layers.append(
+            {
+                "layer": i,
+                "attention_entropy": [round(float(e), 4) for e in entropy],
+                "hidden_rms": round(float(np.sqrt(np.mean(hidden.astype(np.float64) ** 2))), 4),
+                "hidden_max_abs": round(float(peak.max()), 3),
+                "median_abs": round(float(np.median(np.abs(hidden))), 4),
+                "top_channels": [[int(c), round(float(peak[c]), 3)] for c in top],
+            }
+        )
+    return {
+        "tokens": [int(t) for t in tokens],
+        "uniform_entropy": round(math.log(len(tokens)), 4),
+        "layers": layers,
+    }
+
+
+@dataclass(frozen=True)
+class Reference:
+    """transformers' layers over the calibration sequence, layers 0..upto-1."""
+
+    boundaries: np.ndarray  # (upto + 1, S, C): entry i enters layer i
+    keys: np.ndarray  # (upto, KVH, S, D): each layer's key cache (post-RoPE)
+    values: np.ndarray  # (upto, KVH, S, D)
 
 
 def reference_boundaries(
@@ -133,26 +246,51 @@ def reference_boundaries(
     Entry i is the input of layer i, so entry `end` is the output of layer end-1 (never the
     final norm's output).
     """
+    return reference(checkpoint, tokens, upto, cache_dir, progress).boundaries
+
+
+def reference(
+    checkpoint: Checkpoint,
+    tokens: list[int],
+    upto: int,
+    cache_dir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Reference:
+    """Boundaries and KV caches of layers 0..upto-1, cached and extended incrementally."""
     cache = _cache_path(cache_dir or default_cache_dir(), checkpoint, tokens)
-    have: np.ndarray | None = None
+    have: dict[str, np.ndarray] | None = None
     if cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as data:
-                have = data["boundaries"]
+                have = {k: data[k] for k in ("boundaries", "keys", "values")}
         except (OSError, ValueError, KeyError):
             log.warning("ignoring unreadable golden cache %s", cache)
             have = None
-    if have is not None and have.shape[0] > upto:
-        return have[: upto + 1]
+    if have is not None and have["boundaries"].shape[0] > upto:
+        return Reference(have["boundaries"][: upto + 1], have["keys"][:upto], have["values"][:upto])
 
-    boundaries = list(have) if have is not None else [_embed(checkpoint, tokens)]
+    if have is not None:
+        boundaries, keys, values = (
+            list(have["boundaries"]),
+            list(have["keys"]),
+            list(have["values"]),
+        )
+    else:
+        boundaries, keys, values = [_embed(checkpoint, tokens)], [], []
     runner = _LayerRunner(checkpoint, len(tokens))
     for i in range(len(boundaries) - 1, upto):
         if progress:
             progress(f"reference: transformers layer {i} ({i + 1}/{upto})")
-        boundaries.append(runner.run(i, boundaries[-1]))
-    result = np.stack(boundaries).astype(np.float32)
+        t = runner.trace(i, boundaries[-1])
+        boundaries.append(t.hidden)
+        keys.append(t.keys)
+        values.append(t.values)
+    result = Reference(
+        np.stack(boundaries).astype(np.float32),
+        np.stack(keys).astype(np.float32),
+        np.stack(values).astype(np.float32),
+    )
     with atomic_path(cache, overwrite=True) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, boundaries=result)
+            np.savez(f, boundaries=result.boundaries, keys=result.keys, values=result.values)
     return result

@@ -71,7 +71,7 @@ def run_head_golden(
     when they all agree): a flip between near-ties is benign, any other is not.
     """
     chunk_rows = int(meta.extra["head_chunk_rows"])
-    tokens = calibration_tokens(settings, checkpoint.architecture.vocab_size)
+    tokens = calibration_tokens(settings, checkpoint)
     n = checkpoint.architecture.num_hidden_layers
     hidden = reference_boundaries(checkpoint, tokens, n, cache_dir, progress)[n]  # (S, C)
     logits = reference_logits(checkpoint, hidden)  # (S, V)

@@ -102,3 +102,22 @@ def compare_shard(
         output=compare(a_out, e_out),
         delta=compare(a_out - a_in, e_out - e_in),
     )
+
+
+def compare_cache(
+    actual: np.ndarray, expected: np.ndarray, written: np.ndarray
+) -> tuple[list[Comparison], float]:
+    """A KV cache state against the reference's, per layer.
+
+    actual, expected: (layers, kv_heads, context, head_dim); written: (context,) bool, the
+    positions the decode wrote (or the host filled). Returns each layer's comparison over
+    the written positions, and the largest |value| at the unwritten ones (which must be 0).
+    """
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    if a.shape != e.shape:
+        raise ValueError(f"cache shape mismatch: {a.shape} vs {e.shape}")
+    per_layer = [compare(a[k][:, written], e[k][:, written]) for k in range(a.shape[0])]
+    rest = a[:, :, ~written]
+    unwritten = float(np.max(np.abs(rest))) if rest.size else 0.0
+    return per_layer, unwritten

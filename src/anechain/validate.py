@@ -27,9 +27,9 @@ from anechain.config import Gates, ResidencySettings, ValidationSettings, to_dic
 from anechain.contract import KIND_HEAD, KIND_LAYERS, ShardMetadata, read_package_metadata
 from anechain.errors import PackageError
 from anechain.fsutil import atomic_write_text, sha256_tree
-from anechain.golden import calibration_tokens, reference_boundaries
+from anechain.golden import calibration_tokens, reference
 from anechain.head import head_tensor_names, run_head_golden
-from anechain.metrics import ShardComparison, compare_shard
+from anechain.metrics import compare_cache, compare_shard
 from anechain.package import package_size
 from anechain.rope import RopeParameters, step_inputs
 from anechain.runners import ShardRunner, open_runner, resolve_backend
@@ -65,7 +65,7 @@ class GateResult:
 
 def _gate(metrics: dict[str, Any], name: str, key: str, bound: float, op: str) -> GateResult:
     """`metrics[key] op bound`; a missing or non-finite value fails."""
-    value = metrics[key]
+    value = metrics.get(key)
     ok = (
         value is not None
         and math.isfinite(value)
@@ -81,13 +81,23 @@ def _finite_gate(metrics: dict[str, Any]) -> GateResult:
 def apply_gates(metrics: dict[str, Any], gates: Gates) -> list[GateResult]:
     """Each gate on its metric; a non-finite output fails every gate and its own."""
 
-    return [
+    results = [
         _finite_gate(metrics),
         _gate(metrics, "cosine", "cosine", gates.min_cosine, ">="),
         _gate(metrics, "delta_cosine", "delta_cosine", gates.min_delta_cosine, ">="),
+        _gate(metrics, "step_delta_cosine", "step_delta_cosine", gates.min_step_delta_cosine, ">="),
         _gate(metrics, "rmse", "rmse", gates.max_rmse, "<="),
         _gate(metrics, "max_abs", "max_abs", gates.max_abs, "<="),
+        # The KV cache read back from the state: transformers' cache where written, and
+        # exactly zero where nothing was written.
+        _gate(metrics, "kv_cosine", "kv_cosine", gates.min_kv_cosine, ">="),
+        _gate(metrics, "kv_unwritten", "kv_unwritten_max_abs", 0.0, "<="),
     ]
+    if "layer_delta_cosine" in metrics:  # runners that expose layer outputs (mil)
+        results.append(
+            _gate(metrics, "layer_delta_cosine", "layer_delta_cosine", gates.min_delta_cosine, ">=")
+        )
+    return results
 
 
 def apply_head_gates(metrics: dict[str, Any], gates: Gates) -> list[GateResult]:
@@ -109,6 +119,9 @@ class GoldenResult:
     first_nonfinite: dict[str, Any] | None
     layer_max_abs: dict[int, float]  # absolute layer index -> largest |activation|
     passed: bool
+    windows: dict[str, Any] = field(default_factory=dict)  # "early"/"late" -> metrics
+    kv: list[dict[str, Any]] = field(default_factory=list)  # per window, state, layer
+    layers: list[dict[str, Any]] = field(default_factory=list)  # per-layer metrics (mil)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,6 +129,9 @@ class GoldenResult:
             "per_step": self.per_step,
             "first_nonfinite": self.first_nonfinite,
             "layer_max_abs": {str(k): v for k, v in self.layer_max_abs.items()},
+            "windows": self.windows,
+            "kv": self.kv,
+            "layers": self.layers,
             "passed": self.passed,
         }
 
@@ -230,53 +246,164 @@ def check_package_matches(meta: ShardMetadata, checkpoint: Checkpoint, where: st
         )
 
 
+def package_rope(meta: ShardMetadata, checkpoint: Checkpoint, where: str) -> RopeParameters:
+    """The RoPE parameters the package carries (what generate and a runtime use), checked
+    against the checkpoint's config: validation builds its host inputs from these."""
+    raw = meta.extra.get("rope")
+    if raw is None:
+        raise PackageError(f"{where} has no anechain.rope metadata (host cos/sin parameters)")
+    try:
+        shipped = RopeParameters.from_dict(json.loads(raw))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PackageError(f"{where}: unreadable anechain.rope metadata ({exc})") from None
+    expected = RopeParameters.from_hf_config(checkpoint.hf_config)
+    for name in ("attention_scaling", "original_max_position_embeddings"):
+        if getattr(shipped, name) != getattr(expected, name):
+            raise PackageError(
+                f"{where}: its rope metadata has {name} {getattr(shipped, name)}, "
+                f"{checkpoint.path}'s config gives {getattr(expected, name)}"
+            )
+    for name in ("inv_freq_short", "inv_freq_long"):
+        got, want = np.asarray(getattr(shipped, name)), np.asarray(getattr(expected, name))
+        if got.shape != want.shape or not np.array_equal(got, want):
+            raise PackageError(
+                f"{where}: its rope metadata's {name} differ from {checkpoint.path}'s config"
+            )
+    return shipped
+
+
+_STATES = ("key_cache", "value_cache")
+
+
+@dataclass
+class _Window:
+    """One run of consecutive decode steps from a fresh (or reference-filled) cache."""
+
+    name: str
+    positions: range
+    filled: int  # cache positions 0..filled-1 written from the reference before step one
+    fed: list[np.ndarray] = field(default_factory=list)
+    outputs: list[np.ndarray] = field(default_factory=list)
+    layer_outputs: list[list[np.ndarray]] = field(default_factory=list)
+
+
+def _windows(settings: ValidationSettings, context: int) -> list[_Window]:
+    """The first `steps` positions, and `late_steps` at the end of the context window."""
+    windows = [_Window("early", range(settings.steps), 0)]
+    late = settings.late_steps
+    if late and settings.steps + late <= context:
+        windows.append(_Window("late", range(context - late, context), context - late))
+    return windows
+
+
+def _worst(per_window: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each metric at its worst window (a NaN anywhere stays NaN)."""
+
+    def pick(key: str, fn: Callable[..., float]) -> float | None:
+        values = [w[key] for w in per_window]
+        if any(v is None for v in values):
+            return None
+        return fn(values)
+
+    return {
+        **{k: pick(k, min) for k in ("cosine", "delta_cosine")},
+        **{k: pick(k, max) for k in ("rmse", "max_abs", "delta_rmse", "delta_max_abs")},
+        "nonfinite": sum(w["nonfinite"] for w in per_window),
+    }
+
+
 def run_golden(
     runner: ShardRunner,
     meta: ShardMetadata,
     checkpoint: Checkpoint,
     settings: ValidationSettings,
+    rope: RopeParameters,
     cache_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[GoldenResult, list[GateResult]]:
-    """The decode loop: reference in, shard out, compared per step and overall."""
-    if settings.steps > meta.context_length:
-        raise PackageError(
-            f"{settings.steps} validation steps do not fit the package's context of "
-            f"{meta.context_length}"
-        )
-    tokens = calibration_tokens(settings, checkpoint.architecture.vocab_size)
-    bounds = reference_boundaries(checkpoint, tokens, meta.layers.end, cache_dir, progress)
-    ref_in, ref_out = bounds[meta.layers.start], bounds[meta.layers.end]  # (S, C)
-    rope = RopeParameters.from_hf_config(checkpoint.hf_config)
+    """The decode loop: reference in, shard out, compared per step, per layer (when the
+    runner exposes layer outputs), and for the KV cache read back from the shard's state.
 
-    runner.reset()
-    outputs, fed, per_step = [], [], []
+    Two windows: the first `steps` positions from an empty cache, and `late_steps` at the
+    end of the context with the cache filled from the reference before them.
+    """
+    context = meta.context_length
+    if settings.steps > context:
+        raise PackageError(
+            f"{settings.steps} validation steps do not fit the package's context of {context}"
+        )
+    windows = _windows(settings, context)
+    length = windows[-1].positions.stop
+    tokens = calibration_tokens(settings, checkpoint, length)
+    start, end = meta.layers.start, meta.layers.end
+    ref = reference(checkpoint, tokens, end, cache_dir, progress)
+    ref_in, ref_out = ref.boundaries[start], ref.boundaries[end]  # (S, C)
+    ref_kv = {"key_cache": ref.keys[start:end], "value_cache": ref.values[start:end]}
+
+    per_step: list[dict[str, Any]] = []
+    kv: list[dict[str, Any]] = []
+    kv_unwritten = 0.0
     first_nonfinite: dict[str, Any] | None = None
     layer_max: dict[int, float] = {}
-    for p in range(len(tokens)):
-        inputs = step_inputs(rope, ref_in[p], p, meta.context_length)
-        out = runner.step(inputs)["output_hidden_states"].astype(np.float32).reshape(-1)
-        # The shard saw the fp16-rounded reference input; its delta is measured from that.
-        x = inputs["hidden_states"].astype(np.float32).reshape(-1)
-        step = compare_shard(x, out, ref_in[p], ref_out[p])
-        per_step.append({"step": p, **step.to_dict()})
-        outputs.append(out)
-        fed.append(x)
-        if first_nonfinite is None and step.output.nonfinite:
-            where = getattr(runner, "first_nonfinite", None) or {}
-            first_nonfinite = {"step": p, **where}
-            if "layer" in first_nonfinite and first_nonfinite["layer"] is not None:
-                first_nonfinite["layer"] = meta.layers.start + int(first_nonfinite["layer"])
-        for k, v in enumerate(getattr(runner, "layer_max_abs", None) or []):
-            layer = meta.layers.start + k
-            v, prev = float(v), layer_max.get(layer)
-            # NaN wins: a layer that produced NaN at any step must show it.
-            layer_max[layer] = v if prev is None or math.isnan(v) or v > prev else prev
-        if progress and (p + 1) % 4 == 0:
-            progress(f"[{meta.layers}] step {p + 1}/{len(tokens)}")
+    for w in windows:
+        runner.reset()
+        for state in _STATES if w.filled else ():
+            fill = np.zeros(runner.read_state(state).shape, np.float16)  # (L, KVH, T, D)
+            fill[:, :, : w.filled] = ref_kv[state][:, :, : w.filled]
+            runner.write_state(state, fill)
+        for p in w.positions:
+            inputs = step_inputs(rope, ref_in[p], p, context)
+            out = runner.step(inputs)["output_hidden_states"].astype(np.float32).reshape(-1)
+            # The shard saw the fp16-rounded reference input; its delta is measured from that.
+            x = inputs["hidden_states"].astype(np.float32).reshape(-1)
+            step = compare_shard(x, out, ref_in[p], ref_out[p])
+            per_step.append({"step": p, "window": w.name, **step.to_dict()})
+            w.fed.append(x)
+            w.outputs.append(out)
+            w.layer_outputs.append(
+                [v.astype(np.float32).reshape(-1) for v in getattr(runner, "layer_outputs", [])]
+            )
+            if first_nonfinite is None and step.output.nonfinite:
+                where = getattr(runner, "first_nonfinite", None) or {}
+                first_nonfinite = {"step": p, **where}
+                if first_nonfinite.get("layer") is not None:
+                    first_nonfinite["layer"] = start + int(first_nonfinite["layer"])
+            for k, v in enumerate(getattr(runner, "layer_max_abs", None) or []):
+                v, prev = float(v), layer_max.get(start + k)
+                # NaN wins: a layer that produced NaN at any step must show it.
+                keep = prev is None or math.isnan(v) or v > prev
+                layer_max[start + k] = v if keep else prev
+            if progress and (p + 1) % 4 == 0:
+                progress(f"[{meta.layers}] step {p + 1} ({w.name})")
+        # The cache as the shard left it, against transformers' at every written position.
+        written = np.zeros(context, dtype=bool)
+        written[: w.positions.stop] = True
+        for state in _STATES:
+            expected = np.zeros_like(runner.read_state(state), dtype=np.float32)
+            expected[:, :, : w.positions.stop] = ref_kv[state][:, :, : w.positions.stop]
+            layers, unwritten = compare_cache(runner.read_state(state), expected, written)
+            kv_unwritten = max(kv_unwritten, unwritten)
+            kv += [
+                {"window": w.name, "state": state, "layer": start + k, **c.to_dict()}
+                for k, c in enumerate(layers)
+            ]
 
-    overall: ShardComparison = compare_shard(np.stack(fed), np.stack(outputs), ref_in, ref_out)
-    metrics = overall.to_dict()
+    by_window = {
+        w.name: compare_shard(
+            np.stack(w.fed), np.stack(w.outputs), ref_in[w.positions], ref_out[w.positions]
+        ).to_dict()
+        for w in windows
+    }
+    metrics = _worst(list(by_window.values()))
+    step_deltas = [s["delta_cosine"] for s in per_step]
+    metrics["step_delta_cosine"] = None if None in step_deltas else min(step_deltas)
+    kv_cos = [c["cosine"] for c in kv]
+    metrics["kv_cosine"] = None if None in kv_cos else min(kv_cos)
+    metrics["kv_unwritten_max_abs"] = kv_unwritten
+    layers = _layer_metrics(windows, ref.boundaries, start, end)
+    if layers:
+        deltas = [m["delta_cosine"] for m in layers]
+        metrics["layer_delta_cosine"] = None if None in deltas else min(deltas)
     gates = apply_gates(metrics, settings.gates)
     golden = GoldenResult(
         metrics=metrics,
@@ -284,8 +411,40 @@ def run_golden(
         first_nonfinite=first_nonfinite,
         layer_max_abs=layer_max,
         passed=all(g.passed for g in gates),
+        windows=by_window,
+        kv=kv,
+        layers=layers,
     )
     return golden, gates
+
+
+def _layer_metrics(
+    windows: list[_Window], boundaries: np.ndarray, start: int, end: int
+) -> list[dict[str, Any]]:
+    """Each layer's output and delta against transformers' layer, all steps together.
+
+    A layer's delta is measured from the shard's own previous layer output, so one
+    broken layer is named, not the ones after it. Empty when the runner exposes no layer
+    outputs (Core ML compares the shard output only).
+    """
+    n = end - start
+    rows = [lo for w in windows for lo in w.layer_outputs]
+    if not rows or any(len(lo) != n for lo in rows):
+        return []
+    positions = [p for w in windows for p in w.positions]
+    fed = np.stack([x for w in windows for x in w.fed])  # (N, C)
+    outs = np.stack([np.stack(lo) for lo in rows], axis=1)  # (L, N, C)
+    result = []
+    for k in range(n):
+        actual_in = fed if k == 0 else outs[k - 1]
+        c = compare_shard(
+            actual_in,
+            outs[k],
+            boundaries[start + k][positions],
+            boundaries[start + k + 1][positions],
+        )
+        result.append({"layer": start + k, **c.to_dict()})
+    return result
 
 
 def validate_shard(
@@ -305,6 +464,7 @@ def validate_shard(
     package = Path(package)
     meta = read_package_metadata(package)
     check_package_matches(meta, checkpoint, str(package))
+    rope = package_rope(meta, checkpoint, str(package)) if meta.kind == KIND_LAYERS else None
     backend = resolve_backend(backend)
     opts = residency or ResidencyOptions()
     residency_report = check_residency(
@@ -328,7 +488,7 @@ def validate_shard(
             passed=all(g.passed for g in gates),
         )
     else:
-        golden, gates = run_golden(runner, meta, checkpoint, settings, cache_dir, progress)
+        golden, gates = run_golden(runner, meta, checkpoint, settings, rope, cache_dir, progress)
     return ValidationReport(
         package=package,
         package_sha256=sha256_tree(package),

@@ -27,22 +27,35 @@ from anechain.config import PRESETS, load_preset
     help="Override the number of decoder layers (benchmarks).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--style",
+    type=click.Choice(["trained", "flat"]),  # checkpoint.STYLES (not imported: torch)
+    default="trained",
+    show_default=True,
+    help="trained: peaked attention, growing hidden states, massive activations on BOS; "
+    "flat: near-uniform attention (the earlier random model, for comparison).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 def random_checkpoint(
-    out_dir: Path, preset: str, num_layers: int | None, seed: int, overwrite: bool
+    out_dir: Path, preset: str, num_layers: int | None, seed: int, style: str, overwrite: bool
 ) -> None:
     """Write a random-weight Phi-4-mini-architecture checkpoint to OUT_DIR.
 
     Same format as a real Hugging Face checkpoint (config.json, sharded bf16 safetensors,
     index file), with trained-like weight scales, so tests, the demo and benchmarks use the
-    same loading code as a real model.
+    same loading code as a real model. Its activation statistics (attention entropy,
+    hidden-state growth, massive channels), measured with transformers, are written to
+    OUT_DIR/random-checkpoint-stats.json.
 
     \b
     Examples:
       anechain random-checkpoint artifacts/tiny-ckpt --preset tiny
       anechain random-checkpoint artifacts/phi4-2l --preset phi-4-mini --num-layers 2
+      anechain random-checkpoint artifacts/tiny-flat --style flat
     """
-    from anechain.checkpoint import write_random_checkpoint
+    import json
+
+    from anechain.checkpoint import STATS_NAME, write_random_checkpoint
 
     arch = load_preset(preset).architecture
     if num_layers is not None:
@@ -50,12 +63,22 @@ def random_checkpoint(
     if out_dir.exists() and not overwrite:
         raise click.UsageError(f"{out_dir} already exists; pass --overwrite to replace it")
     say = progress_printer()
-    write_random_checkpoint(out_dir, arch, seed=seed, overwrite=overwrite, progress=say)
+    write_random_checkpoint(
+        out_dir, arch, seed=seed, overwrite=overwrite, progress=say, style=style
+    )
     size = sum(p.stat().st_size for p in out_dir.iterdir())
     click.echo(
-        f"wrote {out_dir} ({preset}, {arch.num_hidden_layers} layers, seed {seed}, "
+        f"wrote {out_dir} ({preset}, {style}, {arch.num_hidden_layers} layers, seed {seed}, "
         f"{human_bytes(size)})"
     )
+    stats = json.loads((out_dir / STATS_NAME).read_text())
+    for layer in stats["layers"]:
+        ent = layer["attention_entropy"]
+        click.echo(
+            f"  layer {layer['layer']}: attention entropy {sum(ent) / len(ent):.2f} nats "
+            f"(uniform {stats['uniform_entropy']:.2f}), hidden rms {layer['hidden_rms']:.2f}, "
+            f"max |h| {layer['hidden_max_abs']:.1f} (channel {layer['top_channels'][0][0]})"
+        )
 
 
 COMMANDS = [random_checkpoint]

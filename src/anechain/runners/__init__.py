@@ -27,7 +27,10 @@ class ShardRunner(Protocol):
         """Run one prediction; states are read and updated in place."""
 
     def read_state(self, name: str) -> np.ndarray:
-        """Current value of a state."""
+        """Current value of a state, in its declared dtype."""
+
+    def write_state(self, name: str, value: np.ndarray) -> None:
+        """Replace a state's value (validation fills the KV cache from the reference)."""
 
 
 def resolve_backend(backend: str) -> str:

@@ -227,10 +227,19 @@ class CoreMLRunner:
             out[name] = arr.astype(declared[name], copy=False) if name in declared else arr
         return out
 
+    def write_state(self, name: str, value: np.ndarray) -> None:
+        """Replace a state's value (fp16, the declared dtype of every state)."""
+        if self.state_names and name not in self.state_names:
+            raise RunnerError(f"no state {name!r}; the model has {self.state_names}")
+        try:
+            self._state.write_state(name, np.ascontiguousarray(value, dtype=np.float16))
+        except Exception as exc:  # Core ML raises assorted errors for a bad state
+            raise RunnerError(f"cannot write state {name!r}: {exc}") from None
+
     def read_state(self, name: str) -> np.ndarray:
         if self.state_names and name not in self.state_names:
             raise RunnerError(f"no state {name!r}; the model has {self.state_names}")
         try:
-            return np.asarray(self._state.read_state(name))
+            return np.asarray(self._state.read_state(name)).astype(np.float16, copy=False)
         except RuntimeError as exc:
             raise RunnerError(f"cannot read state {name!r}: {exc}") from None

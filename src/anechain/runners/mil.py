@@ -19,7 +19,6 @@ is dropped afterwards, so memory holds one float32 copy of the weights.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,8 @@ from anechain.runners.mil_ops import OPS, StateRef, Step, conv_matrix, ints
 
 log = logging.getLogger(__name__)
 
-# Exported weight names carry their shard-relative layer: `layers_3_mlp_down_proj_weight...`.
-_LAYER_RE = re.compile(r"(?:^|_)layers_(\d+)_")
+# Package metadata naming each layer's output var, in order (written by the exporter).
+LAYER_OUTPUTS_KEY = "anechain.layer_outputs"
 
 # Ops whose output is (a view of) a state's content: cache-sized, and holding values that
 # were already checked when they were computed, so the per-op diagnostics skip them.
@@ -43,6 +42,22 @@ _STATE_VIEW_OPS = frozenset({"slice_update", "slice_by_index", "reshape", "expan
 # in `layer_max_abs`: values derived from these inputs are left out of it until a softmax.
 _MASK_INPUTS = frozenset({"attention_mask"})
 _MASK_SINKS = frozenset({"softmax"})
+
+
+def _layer_output_vars(spec: Any, path: Path) -> list[str]:
+    """The exporter's record of each layer's output var, or [] for a package without it."""
+    import json
+
+    raw = dict(spec.description.metadata.userDefined).get(LAYER_OUTPUTS_KEY)
+    if raw is None:
+        return []
+    try:
+        names = json.loads(raw)
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise RunnerError(f"{path}: {LAYER_OUTPUTS_KEY} is not a JSON list of var names")
+    return names
 
 
 def _is_load_time(op_type: str) -> bool:
@@ -62,19 +77,30 @@ def _static_shape(var: Any) -> tuple[int, ...] | None:
     return None
 
 
-def _weight_layer(var: Any) -> int | None:
-    """Layer index named by a weight var, its producing op, or that op's inputs (constexpr)."""
-    names = [var.name]
-    op = var.op
-    if op is not None:
-        names.append(op.name)
-        for v in op.inputs.values():
-            names.extend(x.name for x in (v if isinstance(v, (list, tuple)) else (v,)))
-    for name in names:
-        m = _LAYER_RE.search(name)
-        if m:
-            return int(m.group(1))
-    return None
+class _Diagnostics:
+    """What a step's values say, kept apart from executing them: the first op (or input)
+    that produced NaN/Inf, and the largest finite |value| per layer."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.first: dict[str, Any] | None = None
+        self.layer_max = [0.0] * num_layers
+
+    def inputs(self, feeds: dict[str, np.ndarray]) -> None:
+        for name, arr in feeds.items():
+            if self.first is None and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                self.first = {"op": name, "op_type": "input", "layer": 0}
+
+    def observe(self, s: Step, value: np.ndarray) -> None:
+        if not s.track or value.dtype.kind != "f" or not value.size:
+            return
+        peak = float(np.max(np.abs(value)))
+        if not np.isfinite(peak):
+            if self.first is None:
+                self.first = {"op": s.name, "op_type": s.op_type, "layer": s.layer}
+            finite = value[np.isfinite(value)]
+            peak = float(np.max(np.abs(finite))) if finite.size else 0.0
+        if s.measure:
+            self.layer_max[s.layer] = max(self.layer_max[s.layer], peak)
 
 
 class MILRunner:
@@ -89,8 +115,13 @@ class MILRunner:
             op (or input, with op_type "input") whose output held NaN or Inf in that step.
         layer_max_abs: the largest finite |value| of any op output per shard-relative layer
             in that step. State views (cache contents) and values carrying the attention
-            mask's offset (up to the softmax) are left out. An op belongs to the layer of the most
-            recent op that consumed a `layers_{k}_...` weight; ops before any are layer 0.
+            mask's offset (up to the softmax) are left out.
+        layer_outputs: each layer's output hidden state (1, C, 1, 1) in that step.
+
+    Layers are what the exporter recorded: the package metadata `anechain.layer_outputs`
+    lists each layer's output var in order; an op belongs to the first layer whose output
+    it does not come after (ops after the last one belong to the last layer). Without that
+    metadata the whole program is one layer and `layer_outputs` stays empty.
 
     Also: `inputs`, `outputs`, `states` (TensorSpecs of the function), `num_layers`, and
     `op_layers` (runtime op name -> shard-relative layer, the attribution used above).
@@ -104,7 +135,8 @@ class MILRunner:
         t0 = time.perf_counter()
         self.path = Path(package_path)
         self.track_activations = track_activations
-        _, prog = load_program(self.path)
+        spec, prog = load_program(self.path)
+        self.layer_output_vars = _layer_output_vars(spec, self.path)
         if "main" not in prog.functions:
             raise RunnerError(f"{self.path}: the program has no `main` function")
         func = prog.functions["main"]
@@ -133,6 +165,7 @@ class MILRunner:
         self._state_values: dict[str, np.ndarray] = {}
         self.first_nonfinite: dict[str, Any] | None = None
         self.layer_max_abs: list[float] = []
+        self.layer_outputs: list[np.ndarray] = []
         self.reset()
         log.debug(
             "loaded %s: %d ops, %d weight matrices, in %.1fs",
@@ -210,23 +243,23 @@ class MILRunner:
     def _plan(self, ops: list[Any]) -> None:
         state_views: set[str] = set()
         masked: set[str] = set(_MASK_INPUTS)
-        raw_layers: list[int | None] = []
-        current: int | None = None
-        for op in ops:
-            if _is_load_time(op.op_type):
-                continue
-            for v in op.inputs.values():
-                for var in v if isinstance(v, (list, tuple)) else (v,):
-                    if var.op is not None and _is_load_time(var.op.op_type):
-                        k = _weight_layer(var)
-                        current = k if k is not None else current
-            raw_layers.append(current)
-        found = [k for k in raw_layers if k is not None]
-        base = min(found) if found else 0
-        self.num_layers = max(found) - base + 1 if found else 1
-
         runtime_ops = [op for op in ops if not _is_load_time(op.op_type)]
-        for op, raw in zip(runtime_ops, raw_layers, strict=True):
+        produced = {o.name: i for i, op in enumerate(runtime_ops) for o in op.outputs}
+        missing = [v for v in self.layer_output_vars if v not in produced]
+        if missing:
+            raise RunnerError(
+                f"{self.path}: {LAYER_OUTPUTS_KEY} names {missing[0]!r}, which no op produces"
+            )
+        ends = [produced[v] for v in self.layer_output_vars]
+        if ends != sorted(ends):
+            raise RunnerError(f"{self.path}: {LAYER_OUTPUTS_KEY} is not in program order")
+        self.num_layers = max(len(ends), 1)
+        raw_layers = [
+            next((k for k, end in enumerate(ends) if i <= end), max(len(ends) - 1, 0))
+            for i in range(len(runtime_ops))
+        ]
+
+        for op, layer in zip(runtime_ops, raw_layers, strict=True):
             inputs: dict[str, str | tuple[str, ...]] = {}
             for key, v in op.inputs.items():
                 if isinstance(v, (list, tuple)):
@@ -255,7 +288,7 @@ class MILRunner:
                     outputs=tuple(o.name for o in op.outputs),
                     out_dtypes=tuple(_np_dtype(o.dtype) for o in op.outputs),
                     out_shapes=tuple(_static_shape(o) for o in op.outputs),
-                    layer=0 if raw is None else raw - base,
+                    layer=layer,
                     track=not view,
                     measure=not view and not from_mask,
                     extra=extra,
@@ -300,6 +333,19 @@ class MILRunner:
             raise RunnerError(f"{self.path}: no state {name!r} (states: {known})")
         return self._state_values[name].copy()
 
+    def write_state(self, name: str, value: np.ndarray) -> None:
+        """Replace a state's value (e.g. a KV cache filled from the reference)."""
+        if name not in self._state_values:
+            known = ", ".join(self._state_values) or "none"
+            raise RunnerError(f"{self.path}: no state {name!r} (states: {known})")
+        current = self._state_values[name]
+        value = np.asarray(value)
+        if value.shape != current.shape:
+            raise RunnerError(
+                f"state {name!r} has shape {current.shape}; cannot write {value.shape}"
+            )
+        self._state_values[name] = value.astype(current.dtype, copy=True)
+
     def _feeds(self, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [s.name for s in self.inputs]
         missing = [n for n in names if n not in given]
@@ -324,58 +370,54 @@ class MILRunner:
 
     def step(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the program once; states are read and updated in place."""
-        self.first_nonfinite, self.layer_max_abs = None, []  # not stale if this step fails
+        # Not stale if this step fails.
+        self.first_nonfinite, self.layer_max_abs, self.layer_outputs = None, [], []
         feeds = self._feeds(inputs)
         env: dict[str, Any] = dict(self._consts)
         env.update(self._state_refs)
         env.update(feeds)
         states = self._state_values
-        track = self.track_activations
-        first: dict[str, Any] | None = None
-        layer_max = [0.0] * self.num_layers if track else []
-        if track:
-            for name, arr in feeds.items():
-                if first is None and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-                    first = {"op": name, "op_type": "input", "layer": 0}
+        diag = _Diagnostics(self.num_layers) if self.track_activations else None
+        if diag is not None:
+            diag.inputs(feeds)
 
         # Overflow to inf is what fp16 does; numpy's warnings about it are expected here.
         with np.errstate(all="ignore"):
             for s in self._steps:
-                args = {
-                    k: env[v] if isinstance(v, str) else [env[n] for n in v]
-                    for k, v in s.inputs.items()
-                }
-                try:
-                    result = s.fn(s, args, states)
-                except RunnerError:
-                    raise
-                except Exception as exc:  # numpy shape/broadcast errors
-                    raise RunnerError(f"op {s.name} ({s.op_type}) failed: {exc}") from exc
-                results = result if isinstance(result, tuple) else (result,)
-                for name, value, dtype, shape in zip(
-                    s.outputs, results, s.out_dtypes, s.out_shapes, strict=True
-                ):
-                    value = np.asarray(value).astype(dtype, copy=False)
-                    if shape is not None and value.shape != shape:
-                        raise RunnerError(
-                            f"op {s.name} ({s.op_type}) produced shape {value.shape}, "
-                            f"the program declares {shape}"
-                        )
+                for name, value in zip(s.outputs, self._execute(s, env, states), strict=True):
                     env[name] = value
-                    if track and s.track and dtype.kind == "f" and value.size:
-                        peak = float(np.max(np.abs(value)))
-                        if not np.isfinite(peak):
-                            if first is None:
-                                first = {"op": s.name, "op_type": s.op_type, "layer": s.layer}
-                            finite = value[np.isfinite(value)]
-                            peak = float(np.max(np.abs(finite))) if finite.size else 0.0
-                        if s.measure:
-                            layer_max[s.layer] = max(layer_max[s.layer], peak)
+                    if diag is not None:
+                        diag.observe(s, value)
 
         # A state must not alias a caller's array or a view of one.
         for name, value in states.items():
             if not value.flags.owndata or any(value is f for f in feeds.values()):
                 states[name] = value.copy()
-        self.first_nonfinite = first
-        self.layer_max_abs = layer_max
+        if diag is not None:
+            self.first_nonfinite, self.layer_max_abs = diag.first, diag.layer_max
+        self.layer_outputs = [np.array(env[v]) for v in self.layer_output_vars]
         return {name: np.array(env[name]) for name in self._output_vars}
+
+    @staticmethod
+    def _execute(s: Step, env: dict[str, Any], states: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One op: its outputs in their declared dtypes, shapes checked."""
+        args = {
+            k: env[v] if isinstance(v, str) else [env[n] for n in v] for k, v in s.inputs.items()
+        }
+        try:
+            result = s.fn(s, args, states)
+        except RunnerError:
+            raise
+        except Exception as exc:  # numpy shape/broadcast errors
+            raise RunnerError(f"op {s.name} ({s.op_type}) failed: {exc}") from exc
+        results = result if isinstance(result, tuple) else (result,)
+        out = []
+        for value, dtype, shape in zip(results, s.out_dtypes, s.out_shapes, strict=True):
+            value = np.asarray(value).astype(dtype, copy=False)
+            if shape is not None and value.shape != shape:
+                raise RunnerError(
+                    f"op {s.name} ({s.op_type}) produced shape {value.shape}, "
+                    f"the program declares {shape}"
+                )
+            out.append(value)
+        return out
