@@ -26,10 +26,13 @@ from coremltools.models.compute_plan import (
     MLComputePlanDeviceUsage,
     MLModelStructure,
     MLModelStructureProgram,
+    MLModelStructureProgramArgument,
+    MLModelStructureProgramBinding,
     MLModelStructureProgramBlock,
     MLModelStructureProgramFunction,
     MLModelStructureProgramNamedValueType,
     MLModelStructureProgramOperation,
+    MLModelStructureProgramValue,
     MLModelStructureProgramValueType,
 )
 
@@ -62,7 +65,10 @@ DEVICES = {"ane": FakeNeuralEngine, "cpu": FakeCPU, "gpu": FakeGPU}
 
 @dataclass
 class Op:
-    """What a test says about one op; `preferred=None` means Core ML reports no device usage."""
+    """What a test says about one op; `preferred=None` means Core ML reports no device usage.
+
+    `name=""` makes an op without outputs (as `write_state`); `inputs` are its bindings.
+    """
 
     type: str
     name: str
@@ -70,6 +76,7 @@ class Op:
     supported: Sequence[str] = ("ane", "cpu")
     cost: float | None = None
     blocks: Sequence[Sequence[Op]] = field(default_factory=list)
+    inputs: dict[str, Sequence[str]] = field(default_factory=dict)
 
 
 class FakeComputePlanProxy:
@@ -90,18 +97,32 @@ class FakeComputePlanProxy:
 
     def _block(self, ops: Sequence[Op]) -> MLModelStructureProgramBlock:
         built = [self._op(o) for o in ops]
-        names = [b.outputs[0].name for b in built[-1:]]
+        names = [b.outputs[0].name for b in built[-1:] if b.outputs]
         return MLModelStructureProgramBlock(inputs=[], operations=built, output_names=names)
 
     def _op(self, o: Op) -> MLModelStructureProgramOperation:
         op = MLModelStructureProgramOperation(
-            inputs={},
+            inputs={
+                k: MLModelStructureProgramArgument(
+                    bindings=[
+                        MLModelStructureProgramBinding(name=n, value=None)
+                        if n != "<value>"
+                        else MLModelStructureProgramBinding(
+                            name=None, value=MLModelStructureProgramValue()
+                        )
+                        for n in names
+                    ]
+                )
+                for k, names in o.inputs.items()
+            },
             operator_name=o.type,
             outputs=[
                 MLModelStructureProgramNamedValueType(
                     name=o.name, type=MLModelStructureProgramValueType()
                 )
-            ],
+            ]
+            if o.name
+            else [],
             blocks=[self._block(b) for b in o.blocks],
             __proxy__=None,
         )
@@ -141,6 +162,67 @@ class PlanLoader:
     def __call__(self, compiled: str, compute_units: str) -> Any:
         self.calls.append((compiled, compute_units))
         return self.plan
+
+
+def _int_output(op: Any) -> bool:
+    from coremltools.proto import MIL_pb2
+
+    floats = {MIL_pb2.FLOAT16, MIL_pb2.FLOAT32, MIL_pb2.FLOAT64, MIL_pb2.BFLOAT16}
+    return any(
+        o.type.WhichOneof("type") == "tensorType" and o.type.tensorType.dataType not in floats
+        for o in op.outputs
+    )
+
+
+def anemll_placement(op: Any) -> str | None:
+    """Where ANEMLL's published profile of stateful models puts an op: integer results on the
+    CPU (it shows integer casts and `select` there), everything else, `slice_update` and
+    the state reads/writes included, on the ANE; constants have no device usage."""
+    if op.type == "const" or op.type.startswith("constexpr_"):
+        return None
+    return "cpu" if _int_output(op) else "ane"
+
+
+def plan_ops_for_package(
+    package: Path,
+    place: Any = anemll_placement,
+    opset: str = "ios18",
+    function: str = "main",
+) -> list[Op]:
+    """The ops Core ML's plan of `package` shows, read from the package's own protobuf (what the
+    compiler reads): opset-qualified names, `write_state` without outputs, the bindings.
+    `place(proto_op) -> device | None` chooses each op's preferred device."""
+    from anechain.package import load_spec
+
+    fn = load_spec(package).mlProgram.functions[function]
+
+    def ops_of(block: Any) -> list[Op]:
+        out = []
+        for op in block.operations:
+            device = place(op)
+            bound = {
+                k: [a.name if a.WhichOneof("binding") == "name" else "<value>" for a in v.arguments]
+                for k, v in op.inputs.items()
+            }
+            out.append(
+                Op(
+                    f"{opset}.{op.type}",
+                    op.outputs[0].name if op.outputs else "",
+                    preferred=device,
+                    supported=("ane", "cpu") if device == "ane" else ("cpu",),
+                    cost=None if device is None else (0.05 if op.type == "conv" else 0.002),
+                    blocks=[ops_of(b) for b in op.blocks],
+                    inputs=bound,
+                )
+            )
+        return out
+
+    return ops_of(fn.block_specializations[fn.opset])
+
+
+def plan_for_package(package: Path, place: Any = anemll_placement) -> MLComputePlan:
+    """A real coremltools MLComputePlan of `package`, devices chosen by `place`."""
+    return make_plan(plan_ops_for_package(package, place))
 
 
 def layer_ops(prefix: str = "l0", conv_device: str = "ane", other_device: str = "ane") -> list[Op]:
@@ -188,8 +270,10 @@ def write_compiled_metadata(
     compiled: Path,
     inputs: dict[str, tuple[tuple[int, ...], str]],
     outputs: dict[str, tuple[tuple[int, ...], str]],
+    states: dict[str, tuple[tuple[int, ...], str]] | None = None,
 ) -> None:
-    """A metadata.json in the Core ML compiler's format (shape as a string, CamelCase dtype)."""
+    """A metadata.json in the Core ML compiler's format (shape as a string, CamelCase dtype);
+    `stateSchema` only for a stateful model."""
 
     def schema(d: dict[str, tuple[tuple[int, ...], str]]) -> list[dict[str, str]]:
         return [
@@ -204,10 +288,11 @@ def write_compiled_metadata(
             for n, (s, t) in d.items()
         ]
 
+    entry = {"inputSchema": schema(inputs), "outputSchema": schema(outputs)}
+    if states:
+        entry["stateSchema"] = schema(states)
     compiled.mkdir(parents=True, exist_ok=True)
-    (compiled / "metadata.json").write_text(
-        json.dumps([{"inputSchema": schema(inputs), "outputSchema": schema(outputs)}])
-    )
+    (compiled / "metadata.json").write_text(json.dumps([entry]))
 
 
 # --- compiled model (CompiledMLModel look-alike) ------------------------------------------------
@@ -222,7 +307,7 @@ class FakeState:
     def read_state(self, name: str) -> np.ndarray:
         if name not in self.values:
             raise RuntimeError(f"no state named {name}")
-        return self.values[name].copy()
+        return self.values[name].astype(np.float32)  # Core ML hands fp16 states back as fp32
 
 
 class FakeCompiledModel:

@@ -76,15 +76,15 @@ def compile_cmd(packages: tuple[Path, ...], out_dir: Path | None, overwrite: boo
 @click.command("residency")
 @click.argument(
     "model",
-    metavar="[COMPILED_OR_PKG]",
-    required=False,
+    metavar="PKG_OR_COMPILED",
     type=click.Path(path_type=Path, exists=True, file_okay=False),
 )
 @click.option(
     "--compute-plan",
     "plan_file",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="Replay a saved compute plan (any OS) instead of asking Core ML.",
+    help="Replay a saved compute plan (any OS) instead of asking Core ML; it must match "
+    "PKG_OR_COMPILED's program.",
 )
 @click.option(
     "--save-plan",
@@ -95,7 +95,7 @@ def compile_cmd(packages: tuple[Path, ...], out_dir: Path | None, overwrite: boo
 @click.option(
     "--report-only",
     is_flag=True,
-    help="Show the counts without enforcing the gate (machines without an ANE).",
+    help="Show the counts without enforcing the gate (automatic on a Mac without an ANE).",
 )
 @click.option(
     "--compute-units",
@@ -117,7 +117,7 @@ def compile_cmd(packages: tuple[Path, ...], out_dir: Path | None, overwrite: boo
     help="Also write the residency report as JSON.",
 )
 def residency_cmd(
-    model: Path | None,
+    model: Path,
     plan_file: Path | None,
     save_to: Path | None,
     report_only: bool,
@@ -125,29 +125,30 @@ def residency_cmd(
     config_path: Path | None,
     json_out: Path | None,
 ) -> None:
-    """Check that every op of a shard is planned for the Neural Engine.
+    """Check that a shard's fp16 work is planned for the Neural Engine.
 
-    COMPILED_OR_PKG is an .mlmodelc (or an .mlpackage, compiled to a temporary folder). Core
-    ML's compute plan (macOS 14.4+) gives each op's preferred device; the strict gate needs
-    every conv and every compute op on the ANE. Exit 1 if the gate fails. A plan saved with
-    --save-plan replays on any OS with --compute-plan; given COMPILED_OR_PKG too, the plan
-    must belong to it.
+    PKG_OR_COMPILED is an .mlpackage (compiled to a temporary folder) or an .mlmodelc
+    compiled by `anechain compile` (its sidecar names the package). Core ML's compute plan
+    (macOS 14.4+) gives each op's preferred device; the package's program gives each op's
+    class. The strict gate needs every conv and every fp16 compute op on the ANE, and
+    bounds plumbing (int32 index ops, state read/write) off the ANE by its share of the
+    plan (`residency.max_plumbing_share`). Exit 1 if the gate fails. A plan saved with
+    --save-plan replays on any OS with --compute-plan, checked against the program.
 
     \b
     Examples:
       anechain residency artifacts/s0.mlmodelc --save-plan artifacts/s0.plan.json
-      anechain residency artifacts/s0.mlmodelc --report-only     # hosted CI, no ANE
-      anechain residency --compute-plan artifacts/s0.plan.json  # replay, any OS
+      anechain residency artifacts/s0.mlpackage --report-only     # count, don't gate
+      anechain residency artifacts/s0.mlpackage --compute-plan artifacts/s0.plan.json
     """
     from anechain.errors import PlatformError
     from anechain.fsutil import atomic_write_text
-    from anechain.residency import MIN_MACOS, STATUS_NOT_CHECKED, check_residency
+    from anechain.residency import STATUS_NOT_CHECKED, check_residency
+    from anechain.residency import render as r
 
-    if model is None and plan_file is None:
-        raise click.UsageError("give COMPILED_OR_PKG, or a saved plan with --compute-plan FILE")
-    if model is not None and model.suffix not in (".mlmodelc", ".mlpackage"):
+    if model.suffix not in (".mlmodelc", ".mlpackage"):
         raise click.BadParameter(
-            f"{model} is neither an .mlmodelc nor an .mlpackage", param_hint="COMPILED_OR_PKG"
+            f"{model} is neither an .mlmodelc nor an .mlpackage", param_hint="PKG_OR_COMPILED"
         )
     settings = resolve_config(config_path).residency
     say = progress_printer()
@@ -161,53 +162,28 @@ def residency_cmd(
         compute_units=compute_units,
     )
     if report.status == STATUS_NOT_CHECKED:
-        need = ".".join(map(str, MIN_MACOS))
         raise PlatformError(
-            f"reading a Core ML compute plan needs macOS {need}+; on this "
-            "machine replay a saved one with --compute-plan FILE"
+            f"reading a Core ML compute plan {report.reason}; on this machine replay a saved "
+            "one with --compute-plan FILE"
         )
     if save_to is not None:
         say(f"saved the compute plan to {save_to}")
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
 
-    c = report.counts
-    assert c is not None  # checked or report_only always carry counts
-    share = "-" if report.ane_cost_share is None else f"{100 * report.ane_cost_share:.1f}%"
-    rows = [
-        ["conv on ANE", f"{c.conv_ane}/{c.conv_total}"],
-        ["compute ops on ANE", f"{c.compute_ane}/{c.compute_total}"],
-        ["compute ops off ANE", str(c.compute_non_ane)],
-        ["ops (incl. const)", str(c.ops_total)],
-        ["by device", ", ".join(f"{d} {n}" for d, n in c.by_device.items())],
-        ["ANE share of est. cost", share],
-    ]
-    click.echo(render_table(["residency", "value"], rows))
-    if report.non_ane_ops:
-        click.echo()
-        click.echo(
-            render_table(
-                ["non-ANE op", "name", "preferred", "supported"],
-                [
-                    [op.type, op.name, op.preferred or "-", ",".join(op.supported) or "-"]
-                    for op in report.non_ane_ops
-                ],
-            )
-        )
+    click.echo(render_table(["residency", "value"], r.summary_rows(report)))
+    for headers, rows in (
+        (r.NON_ANE_HEADERS, r.non_ane_rows(report)),
+        (r.PLUMBING_HEADERS, r.plumbing_rows(report)),
+    ):
+        if rows:
+            click.echo()
+            click.echo(render_table(headers, rows))
     click.echo()
-    if report.status == "report_only":
-        verdict = "would pass" if not report.failures else "would FAIL"
-        click.echo(f"gate not enforced (report only): {verdict}")
-        for reason in report.failures:
-            click.echo(f"  - {reason}")
-        return
-    if report.passed:
-        click.echo("residency: PASS")
-        return
-    click.echo("residency: FAIL")
-    for reason in report.failures:
-        click.echo(f"  - {reason}")
-    click.get_current_context().exit(1)
+    for line in r.verdict_lines(report):
+        click.echo(line)
+    if report.status != STATUS_NOT_CHECKED and report.passed is False:
+        click.get_current_context().exit(1)
 
 
 COMMANDS = [compile_cmd, residency_cmd]
