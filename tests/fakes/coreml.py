@@ -259,7 +259,19 @@ class FakeCompiler:
             return
         dest.mkdir()
         (dest / "model.mil").write_text(f"compiled from {package.name} call {len(self.calls)}\n")
-        (dest / "metadata.json").write_text(json.dumps([{"inputSchema": [], "outputSchema": []}]))
+        try:
+            from anechain.package import load_spec
+            from anechain.runners.coreml import features_from_spec
+
+            inputs, outputs, states = features_from_spec(load_spec(package))
+        except Exception:  # a stand-in package without a real spec
+            inputs, outputs, states = [], [], []
+
+        def schema(features: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+            # The compiler's CamelCase type names: float16 -> Float16, int32 -> Int32.
+            return {f.name: (f.shape, f.dtype.name.capitalize()) for f in features}
+
+        write_compiled_metadata(dest, schema(inputs), schema(outputs), schema(states))
 
     @property
     def compiler(self) -> Compiler:
@@ -337,3 +349,69 @@ class FakeCompiledModel:
         for value in state.values.values():
             value[:, :, p, :] = p + 1
         return {"output_hidden_states": (data["hidden_states"] * 2).astype(np.float32)}
+
+
+# --- a real CompiledMLModel over a proxy that runs the MIL interpreter ----------------------
+
+
+class MILStateProxy:
+    """Stands in for Core ML's state proxy behind coremltools' real `MLState`: a MIL runner of
+    its own, whose state is this state (fp16 values read back as fp32, as Core ML does)."""
+
+    def __init__(self, package: Path) -> None:
+        from anechain.runners.mil import MILRunner
+
+        self.runner = MILRunner(package, track_activations=False)
+
+    def read_state(self, name: str) -> np.ndarray:
+        try:
+            return self.runner.read_state(name).astype(np.float32)
+        except Exception as exc:
+            raise RuntimeError(str(exc)) from None
+
+    def write_state(self, name: str, value: np.ndarray) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+class MILModelProxy:
+    """Stands in for `_MLModelProxy` behind coremltools' real `CompiledMLModel`: `predict`
+    receives what coremltools hands it (fp16 inputs already converted to fp32), casts to the
+    model's declared input types as Core ML does, and answers with fp32 arrays."""
+
+    def __init__(self, package: Path, nan_at_step: int | None = None) -> None:
+        from anechain.runners.mil import MILRunner
+
+        self.package = package
+        self.stateless = MILRunner(package, track_activations=False)
+        self.predicts = 0
+        self.nan_at_step = nan_at_step
+
+    def newState(self) -> MILStateProxy:  # noqa: N802 (Core ML's name)
+        return MILStateProxy(self.package)
+
+    def predict(self, data: dict[str, Any], state: MILStateProxy | None) -> dict[str, Any]:
+        runner = self.stateless if state is None else state.runner
+        feeds = {t.name: np.asarray(data[t.name]).astype(t.dtype) for t in runner.inputs}
+        out = runner.step(feeds)
+        self.predicts += 1
+        result = {k: np.asarray(v).astype(np.float32) for k, v in out.items()}
+        if self.nan_at_step is not None and self.predicts - 1 == self.nan_at_step:
+            for v in result.values():
+                if v.dtype.kind == "f":
+                    v.flat[0] = np.nan
+        return result
+
+
+def mil_compiled_model(package: Path, **proxy_options: Any) -> Any:
+    """A real coremltools `CompiledMLModel` whose Core ML proxy runs `package` with the MIL
+    interpreter: the `load_model` seam of the Core ML runner."""
+    from coremltools import ComputeUnit
+    from coremltools.models import CompiledMLModel
+
+    model = object.__new__(CompiledMLModel)  # __init__ insists on the native proxy
+    model.compute_unit = ComputeUnit.CPU_AND_NE
+    model.function_name = ""
+    model.path_or_asset = str(package)
+    model.optimization_hints = None
+    model._proxy = MILModelProxy(package, **proxy_options)
+    return model

@@ -1,4 +1,4 @@
-"""`anechain compile` and `anechain residency`: the stages that need macOS (or a saved plan)."""
+"""`anechain compile`, `residency` and `capture`: the stages that need macOS (or a saved plan)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from anechain.cli._common import progress_printer, render_table, resolve_config
+from anechain.cli._common import (
+    cache_dir_option,
+    config_option,
+    human_bytes,
+    model_option,
+    progress_printer,
+    render_table,
+    resolve_config,
+)
 
 
 @click.command("compile")
@@ -186,4 +194,80 @@ def residency_cmd(
         click.get_current_context().exit(1)
 
 
-COMMANDS = [compile_cmd, residency_cmd]
+@click.command("capture")
+@click.argument(
+    "packages",
+    metavar="PKG...",
+    nargs=-1,
+    required=True,
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+)
+@model_option()
+@config_option("anechain YAML config: validation and residency settings (default: phi-4-mini).")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder for the bundles (<stem>.capture.json).",
+)
+@click.option(
+    "--random-preset",
+    help="The checkpoint is `random-checkpoint --preset NAME --seed SEED` (checked by remaking "
+    "it), so a replay can remake it; give with --random-seed.",
+)
+@click.option("--random-seed", type=int, help="See --random-preset.")
+@cache_dir_option
+def capture_cmd(
+    packages: tuple[Path, ...],
+    model_dir: Path,
+    config_path: Path | None,
+    out_dir: Path,
+    random_preset: str | None,
+    random_seed: int | None,
+    cache_dir: Path | None,
+) -> None:
+    """Capture Core ML's ground truth for packages, to replay on any OS (macOS 15+).
+
+    For each PKG: the compute plan with its estimated costs, the program, the golden run's
+    inputs and Core ML's outputs and states on CPU_AND_NE and on CPU_ONLY, the results, and
+    the machine (chip, macOS, coremltools, Neural Engine cores), in one JSON file. Bundles
+    of the tiny model copied into tests/data/captures/ become tests on Linux.
+
+    \b
+    Examples:
+      anechain capture artifacts/build/*.mlpackage --model artifacts/build/checkpoint \\
+          --config configs/tiny.yaml --random-preset tiny --random-seed 0 --out captures
+    """
+    from anechain.capture import capture_package, verify_random_recipe
+    from anechain.checkpoint import Checkpoint
+    from anechain.platform import require_macos
+
+    if (random_preset is None) != (random_seed is None):
+        raise click.UsageError("give --random-preset and --random-seed together")
+    for pkg in packages:
+        if pkg.suffix != ".mlpackage":
+            raise click.BadParameter(f"{pkg} is not an .mlpackage", param_hint="PKG")
+    require_macos("capturing Core ML results", (15,))
+    config = resolve_config(config_path)
+    checkpoint = Checkpoint(model_dir)
+    recipe = None
+    if random_preset is not None and random_seed is not None:
+        recipe = verify_random_recipe(checkpoint, random_preset, random_seed)
+    say = progress_printer()
+    rows = []
+    for pkg in packages:
+        path = capture_package(
+            pkg,
+            checkpoint,
+            config,
+            out_dir,
+            random_recipe=recipe,
+            cache_dir=cache_dir,
+            progress=say,
+        )
+        rows.append([str(pkg), str(path), human_bytes(path.stat().st_size)])
+    click.echo(render_table(["package", "bundle", "size"], rows))
+
+
+COMMANDS = [compile_cmd, residency_cmd, capture_cmd]
