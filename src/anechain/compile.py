@@ -201,4 +201,3 @@ def compile_package(
     }
     atomic_write_text(sidecar_path(dest), json.dumps(record, indent=2, sort_keys=True) + "\n")
     return CompileResult(pkg, dest, sha, False, name, time.perf_counter() - t0)
-
