@@ -409,3 +409,21 @@ def test_cli_live_refuses_off_macos(shard):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("Error: reading a Core ML compute plan needs macOS 15+")
     assert "Traceback" not in result.output
+
+
+def test_macos_14_gives_not_checked_rather_than_a_platform_error(shard, monkeypatch):
+    """macOS 14.4-14.x has MLComputePlan but not the macOS 15 compiler stateful packages need."""
+    import anechain.compile as compile_mod
+    import anechain.residency as residency
+
+    monkeypatch.setattr(residency, "macos_at_least", lambda minimum: (14, 5) >= minimum)
+    report = check_residency(shard)
+    assert report.status == "not_checked" and "needs macOS 15+" in report.reason
+
+    def old_compiler(what, minimum=(15,)):
+        raise PlatformError(f"{what} needs macOS 15+; this machine runs macOS 14.5")
+
+    # Even when the plan is reachable, a refusing compiler is "not checked", not a crash.
+    monkeypatch.setattr(compile_mod, "require_macos", old_compiler)
+    report = check_residency(shard, load_plan=PlanLoader(plan_for_package(shard)))
+    assert report.status == "not_checked" and "this machine runs macOS 14.5" in report.reason
