@@ -26,12 +26,12 @@ from anechain.capture import (
     decode_array,
     encode_array,
     read_bundle,
-    replay_bundle,
     verify_random_recipe,
 )
 from anechain.checkpoint import Checkpoint, write_random_checkpoint
 from anechain.config import LayerRange, load_preset
 from anechain.errors import ResidencyError
+from anechain.replay import replay_bundle
 
 CAPTURES = Path(__file__).parent / "data" / "captures"
 MAC = {
