@@ -7,7 +7,8 @@ inference of the same op on the same input values, evaluated in float32 and roun
 the declared dtype: Core ML computes fp16 ops at higher precision and rounds the output,
 which is what the runner emulates. Where coremltools has no value inference (silu, conv,
 states, constexpr weights) or an incomplete one (concat ignores `interleave`), the reference
-is the op's documented semantics in float64 (tests/mil_references.py).
+is the op's documented semantics in float64 (tests/mil_references.py; the random
+instances are drawn in tests/mil_cases.py).
 
 Tolerances come from the output dtype, not from constants: integer outputs and data
 movement are exact; elementwise arithmetic is exact too (the runner and coremltools compute
@@ -23,7 +24,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tests.mil_references import CASES, Case, Constexpr, conv_reference
+from tests.mil_cases import CASES
+from tests.mil_references import Case, Constexpr, conv_reference
 
 from anechain.errors import RunnerError
 from anechain.runners import mil_ops
@@ -343,14 +345,14 @@ def _state_program(path: Path) -> Path:
     return _save(prog, path)
 
 
-def test_states_read_and_write(tmp_path: Path) -> None:
-    runner = MILRunner(_state_program(tmp_path / "state.mlpackage"))
+def _check_states(runner: MILRunner) -> None:
+    """read_state gives the content before this step's write, coreml_update_state writes."""
     rng = np.random.default_rng(0)
     cache = np.zeros((1, 2, 8, 4), np.float16)
     for position in (0, 3, 7, 3):
         row = rng.standard_normal((1, 2, 1, 4)).astype(np.float16)
         out = runner.step({"row": row, "position": np.array([position], np.int32)})
-        np.testing.assert_array_equal(out["before"], cache)  # read_state: the old content
+        np.testing.assert_array_equal(out["before"], cache)
         cache[:, :, position] = row[:, :, 0]
         np.testing.assert_array_equal(out["after"], cache)
         np.testing.assert_array_equal(runner.read_state("cache"), cache)
@@ -358,12 +360,28 @@ def test_states_read_and_write(tmp_path: Path) -> None:
     assert not runner.read_state("cache").any()
 
 
-def test_state_not_written_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(OPS, "coreml_update_state", lambda step, a, states: a["value"])
+def test_states_read_and_write(tmp_path: Path) -> None:
+    _check_states(MILRunner(_state_program(tmp_path / "state.mlpackage")))
+
+
+STATE_MUTANTS: dict[str, tuple[str, Any]] = {
+    "update_state does not write": ("coreml_update_state", lambda step, a, states: a["value"]),
+    "read_state reads zeros": (
+        "read_state",
+        lambda step, a, states: np.zeros_like(states[a["input"].name]),
+    ),
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(STATE_MUTANTS))
+def test_a_wrong_state_op_fails_its_check(
+    mutant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    op, fn = STATE_MUTANTS[mutant]
+    monkeypatch.setitem(OPS, op, fn)
     runner = MILRunner(_state_program(tmp_path / "state.mlpackage"))
-    row = np.ones((1, 2, 1, 4), np.float16)
-    runner.step({"row": row, "position": np.array([1], np.int32)})
-    assert not runner.read_state("cache").any()  # what test_states_read_and_write rejects
+    with pytest.raises(AssertionError):
+        _check_states(runner)
 
 
 def _tiny_program(path: Path) -> Path:
