@@ -475,3 +475,32 @@ def test_conv_reference_is_torch_conv() -> None:
         groups=2,
     ).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_each_op_rounds_to_its_declared_dtype(tmp_path: Path) -> None:
+    """fp16 ops round their own output (a chain computed in float32 would not); fp32 ops
+    keep float32; int32 ops stay exact beyond float32's 24 bits."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    specs = [mb.TensorSpec((4,), types.fp16), mb.TensorSpec((2,), types.int32)]
+
+    @mb.program(input_specs=specs, opset_version=ct.target.iOS18)
+    def prog(x: Any, i: Any) -> Any:
+        big = mb.add(x=x, y=np.float16(2048))  # fp16 spacing at 2048: 2
+        half = mb.sub(x=big, y=np.float16(2048), name="half")
+        wide = mb.cast(x=x, dtype="fp32")
+        fine = mb.sub(x=mb.add(x=wide, y=np.float32(2048)), y=np.float32(2048), name="fine")
+        exact = mb.sub(x=mb.add(x=i, y=np.int32(2**30)), y=np.int32(2**30), name="exact")
+        return half, fine, exact
+
+    runner = MILRunner(_save(prog, tmp_path / "rounding.mlpackage"))
+    x = np.array([0.5, 1.0, 1.5, -2.75], np.float16)
+    i = np.array([1, -(2**29) - 1], np.int32)
+    out = runner.step({"x": x, "i": i})
+    want = ((x + np.float16(2048)) - np.float16(2048)).astype(np.float16)  # numpy fp16 per op
+    assert out["half"].dtype == np.float16 and out["half"].tolist() == want.tolist()
+    assert want.tolist() != x.tolist()  # the rounding is visible
+    assert out["fine"].dtype == np.float32 and out["fine"].tolist() == x.astype(np.float32).tolist()
+    assert out["exact"].dtype == np.int32 and out["exact"].tolist() == i.tolist()
