@@ -322,7 +322,8 @@ _REDUCE = ("x", "axes", "keep_dims")
 # The inputs each op's function implements. An op carrying any other input (an attribute a
 # newer opset added, say) is refused at load rather than run without it. Inputs that set
 # the output dtype (cast's dtype, reduce_argmax's output_dtype) are implemented by the
-# runner's rounding to the declared dtype; conv's attributes are checked by the runner.
+# runner's rounding to the declared dtype; the runner accepts only convs this computes
+# (1x1, groups=1, no padding; dilations have no effect on a 1x1 kernel).
 INPUTS: dict[str, frozenset[str]] = {
     name: frozenset(inputs)
     for name, inputs in {
