@@ -212,6 +212,8 @@ def _matmul(rng: Rng) -> list[Case]:
         dtype = NUMBERS[i % 3]
         m, n, k = (int(d) for d in rng.integers(1, 7, 3))
         k *= 3
+        if i % 3 == 0:  # square operands: a transpose flag then changes values, not shape
+            m = n = k
         batch = _shape(rng, 2, 3)
         # coremltools' type inference refuses a rank-1 y and declares the wrong shape for a
         # rank-1 x with a y of rank > 2 (it removes a batch dimension): not drawn.
@@ -220,6 +222,8 @@ def _matmul(rng: Rng) -> list[Case]:
             ranks[1] = 2
         tx = ranks[0] > 1 and bool(rng.random() < 0.5)
         ty = ranks[1] > 1 and bool(rng.random() < 0.5)
+        if m == n == k:  # one flag each time, alternating
+            tx, ty = ranks[0] > 1 and i % 2 == 0, i % 2 == 1
         shapes = []
         for rank, last in (
             (ranks[0], (k, m) if tx else (m, k)),

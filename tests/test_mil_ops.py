@@ -206,6 +206,9 @@ def test_every_coremltools_input_is_implemented() -> None:
 # --- mutants: a plausible wrong op must fail its check ----------------------------------------
 
 
+OPS_REAL = dict(OPS)  # the registry as shipped (mutants call it, never the patched one)
+
+
 def _with(op: str, **changed: Any) -> Any:
     """The op, run with some of its inputs replaced (an attribute ignored)."""
     real = OPS[op]
@@ -219,6 +222,16 @@ def _without(op: str, *dropped: str) -> Any:
     )
 
 
+def _swapped(op: str) -> Any:
+    real = OPS[op]
+    return lambda step, a, states: real(step, {"x": a["y"], "y": a["x"]}, states)
+
+
+def _times(op: str, factor: float) -> Any:
+    real = OPS[op]
+    return lambda step, a, states: factor * real(step, a, states)
+
+
 def _float32_ints(fn: Callable[[Any, Any], Any]) -> Any:
     """Integers computed in float32, as a float-only interpreter would."""
     return lambda step, a, states: fn(
@@ -226,9 +239,27 @@ def _float32_ints(fn: Callable[[Any, Any], Any]) -> Any:
     )
 
 
-def _reshape_left_aligned(step: Any, a: dict[str, Any], states: Any) -> Any:
-    x, shape = np.asarray(a["x"]), ints(a["shape"])  # iOS15's rule applied to any rank
-    return x.reshape([x.shape[i] if s == 0 and i < x.ndim else s for i, s in enumerate(shape)])
+def _squeeze_ignores_begin_mask() -> Any:
+    """The reviewed bug: a squeezed axis picks begin[i] even when begin_mask[i] is set."""
+    real = OPS["slice_by_index"]
+
+    def run(step: Any, a: dict[str, Any], states: Any) -> Any:
+        if a.get("begin_mask") is None or a.get("squeeze_mask") is None:
+            return real(step, a, states)
+        mask = np.asarray(a["begin_mask"]) & ~np.asarray(a["squeeze_mask"])
+        return real(step, {**a, "begin_mask": mask}, states)
+
+    return run
+
+
+def _cast_rounds() -> Any:
+    real = OPS["cast"]
+
+    def run(step: Any, a: dict[str, Any], states: Any) -> Any:
+        out = real(step, a, states)
+        return np.rint(out) if step.out_dtypes[0].kind == "i" else out
+
+    return run
 
 
 def _silu_sigmoid_approx(step: Any, a: dict[str, Any], states: Any) -> Any:
@@ -236,54 +267,93 @@ def _silu_sigmoid_approx(step: Any, a: dict[str, Any], states: Any) -> Any:
     return x / (1 + np.exp(-1.702 * x))  # the GELU approximation, not SiLU
 
 
+def _transpose_reversed(step: Any, a: dict[str, Any], states: Any) -> Any:
+    return np.transpose(np.asarray(a["x"]))
+
+
+def _reshape_left_aligned(step: Any, a: dict[str, Any], states: Any) -> Any:
+    x, shape = np.asarray(a["x"]), ints(a["shape"])  # iOS15's rule applied to any rank
+    return x.reshape([x.shape[i] if s == 0 and i < x.ndim else s for i, s in enumerate(shape)])
+
+
 def _expand_dims_input_rank(step: Any, a: dict[str, Any], states: Any) -> Any:
     x = np.asarray(a["x"])  # negative axes counted from the input's rank, not the output's
     return np.expand_dims(x, tuple(d + x.ndim if d < 0 else d for d in ints(a["axes"])))
 
 
-MUTANTS: dict[str, tuple[str, Callable[[], Any]]] = {
-    "conv returns zeros": (
-        "conv",
-        lambda: lambda step, a, states: 0 * OPS["conv"](step, a, states),
-    ),
+# Wrong values of the right shape: each must fail its op's value comparison.
+VALUE_MUTANTS: dict[str, tuple[str, Callable[[], Any]]] = {
+    "conv returns zeros": ("conv", lambda: _times("conv", 0.0)),
     "matmul ignores transpose_x": ("matmul", lambda: _with("matmul", transpose_x=False)),
     "matmul ignores transpose_y": ("matmul", lambda: _with("matmul", transpose_y=False)),
     "concat ignores interleave": ("concat", lambda: _with("concat", interleave=False)),
+    "slice squeezes begin under begin_mask": ("slice_by_index", _squeeze_ignores_begin_mask),
     "slice ignores begin_mask": (
         "slice_by_index",
         lambda: _without("slice_by_index", "begin_mask"),
     ),
-    "slice ignores end_mask": ("slice_by_index", lambda: _without("slice_by_index", "end_mask")),
-    "slice ignores stride": ("slice_by_index", lambda: _without("slice_by_index", "stride")),
-    "slice_update ignores stride": ("slice_update", lambda: _without("slice_update", "stride")),
-    "reduce_mean ignores keep_dims": ("reduce_mean", lambda: _without("reduce_mean", "keep_dims")),
-    "reduce_max over all axes": (
-        "reduce_max",
-        lambda: _with("reduce_max", axes=None, keep_dims=True),
-    ),
     "softmax on the last axis": ("softmax", lambda: _without("softmax", "axis")),
     "rsqrt ignores epsilon": ("rsqrt", lambda: _without("rsqrt", "epsilon")),
     "inverse ignores epsilon": ("inverse", lambda: _without("inverse", "epsilon")),
+    "clip ignores beta": ("clip", lambda: _with("clip", beta=np.float32(np.inf))),
     "add of int32 in float32": ("add", lambda: _float32_ints(np.add)),
-    "reshape aligns 0 from the left": ("reshape", lambda: _reshape_left_aligned),
+    "mul of int32 in float32": ("mul", lambda: _float32_ints(np.multiply)),
+    "sub reversed": ("sub", lambda: _swapped("sub")),
+    "reduce_mean as a sum": ("reduce_mean", lambda: OPS_REAL["reduce_sum"]),
+    "cast to int32 rounds": ("cast", _cast_rounds),
     "silu as x * sigmoid(1.702 x)": ("silu", lambda: _silu_sigmoid_approx),
-    "expand_dims counts from the input rank": ("expand_dims", lambda: _expand_dims_input_rank),
-    "transpose ignores perm": ("transpose", lambda: _with("transpose", perm=None)),
+    "transpose reverses the axes": ("transpose", lambda: _transpose_reversed),
+}
+
+# Wrong shapes: the runner's check against the declared shape must refuse them.
+SHAPE_MUTANTS: dict[str, tuple[str, Callable[[], Any]]] = {
+    "reduce_mean ignores keep_dims": ("reduce_mean", lambda: _without("reduce_mean", "keep_dims")),
     "reduce_argmax ignores keep_dims": (
         "reduce_argmax",
         lambda: _without("reduce_argmax", "keep_dims"),
     ),
+    "reshape aligns 0 from the left": ("reshape", lambda: _reshape_left_aligned),
+    "expand_dims counts from the input rank": ("expand_dims", lambda: _expand_dims_input_rank),
+    "split ignores split_sizes": ("split", lambda: _without("split", "split_sizes")),
+    "slice ignores end_mask": ("slice_by_index", lambda: _without("slice_by_index", "end_mask")),
+    "slice ignores stride": ("slice_by_index", lambda: _without("slice_by_index", "stride")),
+    "slice_update ignores stride": ("slice_update", lambda: _without("slice_update", "stride")),
 }
 
 
-@pytest.mark.parametrize("mutant", sorted(MUTANTS))
-def test_a_wrong_op_fails_its_check(
+def _same_shape(real: Any, mutant: Any) -> Any:
+    """The mutant where it gives the real op's shape, else the real op: only values differ."""
+
+    def run(step: Any, a: dict[str, Any], states: Any) -> Any:
+        want = real(step, a, states)
+        try:
+            got = mutant(step, a, states)
+        except Exception:  # an error would reveal it: fall back to the real op
+            return want
+        return got if np.shape(got) == np.shape(want) else want
+
+    return run
+
+
+@pytest.mark.parametrize("mutant", sorted(VALUE_MUTANTS))
+def test_a_wrong_value_fails_its_check(
     mutant: str, suites: Callable[[str], Suite], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    op, make = MUTANTS[mutant]
+    op, make = VALUE_MUTANTS[mutant]
+    suite = suites(op)
+    monkeypatch.setitem(OPS, op, _same_shape(OPS[op], make()))
+    with pytest.raises(AssertionError, match=rf"{op}\{{"):  # the failing case, named
+        suite.check()
+
+
+@pytest.mark.parametrize("mutant", sorted(SHAPE_MUTANTS))
+def test_a_wrong_shape_fails_its_check(
+    mutant: str, suites: Callable[[str], Suite], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    op, make = SHAPE_MUTANTS[mutant]
     suite = suites(op)
     monkeypatch.setitem(OPS, op, make())
-    with pytest.raises((AssertionError, RunnerError)):
+    with pytest.raises(RunnerError, match=rf"\({op}\)"):  # the op, named
         suite.check()
 
 
