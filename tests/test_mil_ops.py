@@ -82,6 +82,14 @@ def _reference(case: Case, absolute: bool = False) -> list[np.ndarray]:
     return _coremltools_values(case, inputs, attrs)
 
 
+def _scale(case: Case, want: list[np.ndarray]) -> list[np.ndarray] | None:
+    """Per output element, sum|terms| of what the op sums (the op on |inputs|), or |output|
+    for ops whose float32 error is relative; None for ops compared exactly."""
+    if not case.terms:
+        return None
+    return [np.abs(w) for w in want] if case.relative else _reference(case, absolute=True)
+
+
 class Suite:
     """The cases of one op type, saved as one program, with their references."""
 
@@ -122,14 +130,7 @@ class Suite:
         prog.add_function("main", func)
         _save(prog, path)
         self.want = [_reference(c) for c in cases]
-        self.scale = [
-            None
-            if not c.terms
-            else [np.abs(w) for w in want]
-            if c.relative
-            else _reference(c, absolute=True)
-            for c, want in zip(cases, self.want, strict=True)
-        ]
+        self.scale = [_scale(c, want) for c, want in zip(cases, self.want, strict=True)]
 
     def check(self) -> None:
         """AssertionError (or RunnerError) unless the runner matches every reference."""
