@@ -33,7 +33,7 @@ def test_build_passes_end_to_end(tiny_build):
     assert result.passed
     names = [a.name for a in result.artifacts]
     assert names == ["0:3", "3:5", "5:6", "head", "embedding"]
-    assert all(a.report["verdict"] == "pass" for a in result.artifacts if a.report)
+    assert all(a.report.verdict == "pass" for a in result.artifacts if a.report)
     assert not any(a.reused for a in result.artifacts)
     checks = verify_manifest(result.manifest)
     assert sum(c.name == "sha256" for c in checks) == 5  # 3 shards, head, embedding
@@ -305,7 +305,7 @@ def test_changed_gates_or_a_corrupt_report_force_revalidation(
     again = build.run_build(strict, out, tiny_checkpoint_dir, backend="mil", cache_dir=cache)
     # Nothing re-exported, everything re-validated, and the stricter gate now fails 0:3.
     assert [a.reused for a in again.artifacts] == [False] * 4 + [True]
-    assert not again.passed and again.artifacts[0].report["verdict"] == "fail"
+    assert not again.passed and again.artifacts[0].report.verdict == "fail"
 
     (out / "layers_3_5.report.json").write_text("{")
     fixed = build.run_build(tiny_config, out, tiny_checkpoint_dir, backend="mil", cache_dir=cache)

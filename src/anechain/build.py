@@ -21,19 +21,15 @@ import numpy as np
 from anechain import __version__
 from anechain.checkpoint import Checkpoint, write_random_checkpoint
 from anechain.config import Config, LayerRange
-from anechain.errors import PlatformError
+from anechain.errors import ManifestError, PlatformError
 from anechain.export import LayerSpec, export_embedding, export_head, export_shard
 from anechain.fsutil import atomic_write_text, sha256_tree
 from anechain.head import head_tensor_names
-from anechain.manifest import build_manifest
+from anechain.manifest_build import build_manifest
 from anechain.platform import is_macos
+from anechain.report import ValidationReport, read_report, report_path_for
 from anechain.runners import resolve_backend
-from anechain.validate import (
-    ResidencyOptions,
-    default_report_path,
-    validate_shard,
-    write_report,
-)
+from anechain.validate import ResidencyOptions, validate_shard
 
 Progress = Callable[[str], None]
 STATE_FILE = "build-state.json"
@@ -45,11 +41,11 @@ class ArtifactResult:
     path: Path
     size_bytes: int
     reused: bool
-    report: dict[str, Any] | None = None  # validation report (packages only)
+    report: ValidationReport | None = None  # packages only
 
     @property
     def passed(self) -> bool:
-        return self.report is None or self.report["verdict"] == "pass"
+        return self.report is None or self.report.verdict == "pass"
 
 
 @dataclass
@@ -121,14 +117,13 @@ class _State:
         atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
 
 
-def _reusable_report(package: Path) -> dict[str, Any] | None:
+def _reusable_report(package: Path) -> ValidationReport | None:
     """The report beside `package` if it is readable and describes this very package."""
     try:
-        data = json.loads(default_report_path(package).read_text())
-        same = data["package"]["sha256"] == sha256_tree(package)
-    except (OSError, ValueError, KeyError, TypeError):
+        _, report = read_report(report_path_for(package))
+    except ManifestError:
         return None
-    return data if same and isinstance(data, dict) else None
+    return report if report.package_sha256 == sha256_tree(package) else None
 
 
 def run_build(
@@ -203,7 +198,8 @@ def run_build(
                 cache_dir=cache_dir,
                 progress=say,
             )
-            report = write_report(report_obj, default_report_path(path))
+            report_obj.write(report_path_for(path))
+            report = report_obj
             state.record(path, validation_key, verdict_entry)
         else:
             say(f"[{name}] {path.name} is up to date (same inputs, validated): reused")
@@ -256,6 +252,7 @@ def run_build(
         manifest,
         overwrite=True,
         embedding=emb_path,
+        gates=config.validation.gates,
     )
     result.manifest = manifest
     result.generation = _check_generation(

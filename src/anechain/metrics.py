@@ -1,6 +1,9 @@
 """Pure-numpy comparison metrics.
 
-Any NaN/Inf in the actual values is counted, never averaged away.
+Any NaN/Inf in the actual values is counted, never averaged away. Besides absolute errors,
+`rel_rmse` and `rel_max_abs` measure the error against the reference's own scale (its RMS),
+step by step: hidden states grow from ~1 to hundreds or thousands through a real model, so
+an absolute bound cannot fit every layer (see DESIGN.md, "Gates that fit the model's scale").
 """
 
 from __future__ import annotations
@@ -13,13 +16,19 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Comparison:
-    """Actual vs expected: cosine, RMSE, max_abs error, and the count of non-finite actuals."""
+    """Actual vs expected: cosine, RMSE, max_abs error, and the count of non-finite actuals.
+
+    `rel_rmse` and `rel_max_abs` are RMSE and max_abs of each row (a step: the last axis)
+    divided by the RMS of that row of the reference, the worst row reported.
+    """
 
     cosine: float
     rmse: float
     max_abs: float
     nonfinite: int
     count: int
+    rel_rmse: float = math.nan
+    rel_max_abs: float = math.nan
 
     @property
     def finite(self) -> bool:
@@ -33,7 +42,9 @@ class Comparison:
 
 
 def compare(actual: np.ndarray, expected: np.ndarray) -> Comparison:
-    """Metrics in float64. With any non-finite actual value, the metrics are NaN."""
+    """Metrics in float64 over all elements; the relative ones per row of the last axis
+    (e.g. per step of (S, C) hidden states). With any non-finite actual value, the metrics
+    are NaN."""
     a = np.asarray(actual, dtype=np.float64).ravel()
     e = np.asarray(expected, dtype=np.float64).ravel()
     if a.shape != e.shape:
@@ -41,7 +52,7 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> Comparison:
     nonfinite = int(a.size - np.count_nonzero(np.isfinite(a)))
     if nonfinite:
         nan = float("nan")
-        return Comparison(nan, nan, nan, nonfinite, int(a.size))
+        return Comparison(nan, nan, nan, nonfinite, int(a.size), nan, nan)
     diff = a - e
     na, ne = np.linalg.norm(a), np.linalg.norm(e)
     if na == 0 and ne == 0:
@@ -50,13 +61,33 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> Comparison:
         cosine = 0.0
     else:
         cosine = float(np.dot(a, e) / (na * ne))
+    rel_rmse, rel_max_abs = _relative_errors(actual, expected)
     return Comparison(
         cosine=cosine,
         rmse=float(np.sqrt(np.mean(diff * diff))) if a.size else 0.0,
         max_abs=float(np.max(np.abs(diff))) if a.size else 0.0,
         nonfinite=0,
         count=int(a.size),
+        rel_rmse=rel_rmse,
+        rel_max_abs=rel_max_abs,
     )
+
+
+def _relative_errors(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+    """(worst row's RMSE / RMS(reference row), worst row's max_abs / RMS(reference row))."""
+    e = np.asarray(expected, dtype=np.float64)
+    width = e.shape[-1] if e.ndim else 1
+    e = e.reshape(-1, width)
+    d = np.asarray(actual, dtype=np.float64).reshape(-1, width) - e
+    if not e.size:
+        return 0.0, 0.0
+    scale = np.sqrt(np.mean(e * e, axis=1))  # (rows,)
+    rmse = np.sqrt(np.mean(d * d, axis=1))
+    worst = np.max(np.abs(d), axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # A zero reference row: no error is 0, any error is infinitely large.
+        rel = [np.where(scale > 0, x / scale, np.where(x > 0, np.inf, 0.0)) for x in (rmse, worst)]
+    return float(np.max(rel[0])), float(np.max(rel[1]))
 
 
 @dataclass(frozen=True)
@@ -77,6 +108,8 @@ class ShardComparison:
             "cosine": out["cosine"],
             "rmse": out["rmse"],
             "max_abs": out["max_abs"],
+            "rel_rmse": out["rel_rmse"],
+            "rel_max_abs": out["rel_max_abs"],
             "delta_cosine": d["cosine"],
             "delta_rmse": d["rmse"],
             "delta_max_abs": d["max_abs"],

@@ -30,6 +30,7 @@ from anechain.checkpoint import Checkpoint
 from anechain.config import ExportSettings, LayerRange, ValidationSettings, to_dict
 from anechain.errors import CompileError, ExportError
 from anechain.fsutil import atomic_write_text, sha256_tree
+from anechain.report import ValidationReport, report_path_for
 from anechain.search import (  # noqa: F401  (re-exported)
     Attempt,
     PlanError,
@@ -68,38 +69,34 @@ def _dist_version(name: str) -> str | None:
 _RESIDENCY_TEXT = {"checked": "checked", "report_only": "report only", "not_checked": "not checked"}
 
 
-def range_result_from_report(data: dict[str, Any], report: Path | None = None) -> RangeResult:
-    """A validation report (JSON, as `write_report` writes it) as the search sees it."""
-    failed = [g["name"] for g in data["gates"] if not g["passed"]]
-    residency = data["residency"]
-    if residency.get("passed") is False:
-        failed.append("residency")
-    first = data["golden"].get("first_nonfinite") or None
+def range_result_from_report(report: ValidationReport, path: Path | None = None) -> RangeResult:
+    """A validation report (gates recomputed when read) as the search sees it."""
+    failed = report.failed_gates()
+    first = report.golden.first_nonfinite or None
     layer = first.get("layer") if first else None
-    reasons = []
-    if failed:
-        reasons.append(f"gate(s) {', '.join(failed)} failed")
+    reasons = [f"gate(s) failed: {report.failures()}"] if failed else []
     if first:
         where = f" in layer {layer}" if layer is not None else ""
         op = f" at op {first['op']}" if first.get("op") else ""
-        reasons.append(f"first non-finite value at step {first['step']}{where}{op}")
-    if residency.get("passed") is False:
+        reasons.append(f"first non-finite value at step {first.get('step')}{where}{op}")
+    residency = report.residency
+    if report.residency_passed is False:
         c = residency.get("counts") or {}
         reasons.append(
             f"residency: conv {c.get('conv_ane', '?')}/{c.get('conv_total', '?')} on the ANE, "
             f"{c.get('compute_non_ane', '?')} compute op(s) elsewhere"
         )
-    status = _RESIDENCY_TEXT.get(residency.get("status", ""), str(residency.get("status")))
-    if residency.get("passed") is False:
+    status = _RESIDENCY_TEXT.get(residency["status"], str(residency["status"]))
+    if report.residency_passed is False:
         status += " FAIL"
     return RangeResult(
-        passed=data["verdict"] == "pass",
+        passed=report.verdict == "pass",
         failed_gates=tuple(failed),
         failing_layer=int(layer) if layer is not None else None,
         reason="; ".join(reasons),
         residency=status,
-        size_bytes=data["package"].get("size_bytes"),
-        report=report,
+        size_bytes=report.size_bytes,
+        report=path,
     )
 
 
@@ -218,9 +215,7 @@ class RangeValidator:
         return self.report_dir / f"layers_{layers.start}_{layers.end}.mlpackage"
 
     def report_path(self, layers: LayerRange) -> Path:
-        from anechain.validate import default_report_path
-
-        return default_report_path(self.package_path(layers))
+        return report_path_for(self.package_path(layers))
 
     def _layer_fingerprint(self, layer: int) -> str:
         if layer not in self._layer_fingerprints:
@@ -261,7 +256,6 @@ class RangeValidator:
 
     def __call__(self, layers: LayerRange) -> RangeResult:
         from anechain.export import LayerSpec
-        from anechain.validate import write_report
 
         label = str(layers)
         package, report = self.package_path(layers), self.report_path(layers)
@@ -321,8 +315,8 @@ class RangeValidator:
             )
             self._save_index()
             return result
-        data = write_report(validation, report)
-        result = range_result_from_report(data, report)
+        validation.write(report)
+        result = range_result_from_report(validation, report)
         entry.update(validation_key=vkey, result=_result_to_dict(result))
         self._save_index()
         return result
@@ -377,7 +371,7 @@ def plan_topology(
 ) -> PlanOutcome:
     """Search for the topology (`search_topology`) with real, cached validation, then write
     the chosen shards' manifest (default REPORT_DIR/manifest.json) through `build_manifest`."""
-    from anechain.manifest import build_manifest
+    from anechain.manifest_build import build_manifest
 
     report_dir = Path(report_dir)
     out = Path(manifest_path) if manifest_path is not None else report_dir / "manifest.json"
@@ -404,5 +398,5 @@ def plan_topology(
     )
     search = search_topology(arch.num_hidden_layers, max_layers, validator, rebalance, progress)
     reports = [validator.report_path(r) for r in search.topology]
-    manifest = build_manifest(reports, out, overwrite=overwrite)
+    manifest = build_manifest(reports, out, overwrite=overwrite, gates=validation_settings.gates)
     return PlanOutcome(search, out, manifest, reports)

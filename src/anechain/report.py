@@ -1,0 +1,495 @@
+"""The validation report: one typed class, written by `validate`, read by `manifest`, `build`,
+`plan` and the tests (format in DESIGN.md).
+
+A report is evidence, not a vote. Reading one never trusts its `passed` or `verdict` fields:
+every gate's verdict is recomputed from its value, bound and comparison; each gate's value
+must be the metric it gates (`golden.metrics`); the kind's mandatory gates must all be there
+with the comparison they are defined with; and `check_bounds` refuses bounds looser than the
+config a reader applies. Every problem is a one-line ReportError naming the report.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import operator
+import os
+import platform
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from anechain import __version__
+from anechain.config import Architecture, Gates, LayerRange, from_dict, to_dict
+from anechain.contract import KIND_HEAD, KIND_LAYERS, IOContract, ShardMetadata
+from anechain.errors import ConfigError, ReportError
+from anechain.fsutil import atomic_write_text
+
+REPORT_SCHEMA = "anechain.validation-report/2"
+REPORT_SUFFIX = ".report.json"
+RESIDENCY_STATUSES = ("checked", "report_only", "not_checked")
+
+OPS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le}
+
+
+# ---- gates --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """A gate: `golden.metrics[metric] op bound`, the bound read from config.Gates."""
+
+    name: str
+    metric: str  # key in golden.metrics
+    bound_field: str | None  # field of config.Gates; None: the bound is always 0
+    op: str  # ">=" (higher is better) or "<="
+
+    def bound(self, gates: Gates) -> float:
+        return 0.0 if self.bound_field is None else float(getattr(gates, self.bound_field))
+
+    def looser(self, bound: float, required: float) -> bool:
+        """Would `bound` let through a value that `required` rejects?"""
+        return bound < required if self.op == ">=" else bound > required
+
+
+# The mandatory gates of each kind, in report order; a report must hold exactly these.
+# New gates (KV cache, per layer) are added here, and every reader then requires them.
+LAYER_GATES: tuple[GateSpec, ...] = (
+    GateSpec("finite", "nonfinite", None, "<="),
+    GateSpec("cosine", "cosine", "min_cosine", ">="),
+    # The skip connection hides a lost layer from the output cosine, not from the delta's.
+    GateSpec("delta_cosine", "delta_cosine", "min_delta_cosine", ">="),
+    # Relative to the reference's RMS, per step: hidden states grow through the model.
+    GateSpec("rmse", "rel_rmse", "max_rel_rmse", "<="),
+    GateSpec("max_abs", "rel_max_abs", "max_rel_abs", "<="),
+)
+HEAD_GATES: tuple[GateSpec, ...] = (
+    GateSpec("finite", "nonfinite", None, "<="),
+    GateSpec("top1_agreement", "top1_agreement", "min_top1_agreement", ">="),
+    # A flipped token only between near-ties (reference logit gap, in logit std units).
+    GateSpec("top1_margin", "worst_margin", "max_top1_margin", "<="),
+    GateSpec("logit_cosine", "cosine", "min_cosine", ">="),
+)
+GATE_SETS: dict[str, tuple[GateSpec, ...]] = {KIND_LAYERS: LAYER_GATES, KIND_HEAD: HEAD_GATES}
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One gate's evidence; `passed` is always computed, never stored."""
+
+    name: str
+    value: float | None  # None: the metric was not finite (fails)
+    bound: float
+    op: str
+
+    @property
+    def passed(self) -> bool:
+        v = self.value
+        return v is not None and math.isfinite(v) and OPS[self.op](v, self.bound)
+
+    def describe(self) -> str:
+        """e.g. 'cosine 0.5 < 0.998' for a failed gate, 'cosine 0.9991 >= 0.998' otherwise."""
+        op = self.op if self.passed else {">=": "<", "<=": ">"}[self.op]
+        value = "non-finite" if self.value is None else f"{self.value:.6g}"
+        return f"{self.name} {value} {op} {self.bound:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "value": self.value,
+            "bound": self.bound,
+            "op": self.op,
+            "passed": self.passed,
+        }
+
+
+def evaluate_gates(metrics: Mapping[str, Any], gates: Gates, kind: str) -> tuple[Gate, ...]:
+    """The kind's gates on these metrics with these bounds; a missing metric fails."""
+    out = []
+    for spec in GATE_SETS[kind]:
+        value = metrics.get(spec.metric)
+        out.append(Gate(spec.name, _number(value), spec.bound(gates), spec.op))
+    return tuple(out)
+
+
+def _number(value: Any) -> float | None:
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+# ---- the report ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Golden:
+    """Golden parity against transformers: overall metrics, per step, where NaN started."""
+
+    metrics: dict[str, Any]
+    per_step: list[dict[str, Any]]
+    first_nonfinite: dict[str, Any] | None
+    layer_max_abs: dict[int, float] = field(default_factory=dict)  # layer -> largest |x|
+
+
+def versions() -> dict[str, str]:
+    out = {"anechain": __version__, "python": platform.python_version()}
+    for dist in ("coremltools", "torch", "transformers", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # pragma: no cover
+            out[dist] = "unknown"
+    return out
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """One package's validation: golden parity, gates, residency, and one verdict."""
+
+    package: Path  # as written: relative to the report's folder once read back
+    package_sha256: str  # sha256_tree of the package that was validated
+    size_bytes: int
+    meta: ShardMetadata
+    backend: str
+    steps: int
+    golden: Golden
+    gates: tuple[Gate, ...]
+    residency: dict[str, Any]  # residency.ResidencyReport.to_dict()
+    created: str = field(default_factory=_now)
+    versions: dict[str, str] = field(default_factory=versions)
+
+    @property
+    def kind(self) -> str:
+        return self.meta.kind
+
+    @property
+    def layers(self) -> LayerRange | None:
+        return self.meta.layers
+
+    @property
+    def label(self) -> str:
+        return f"{self.package.name} ({self.layers or 'head'})"
+
+    @property
+    def rope(self) -> dict[str, Any] | None:
+        """Host-side RoPE data the exporter recorded (rope.RopeParameters.to_dict())."""
+        return json.loads(self.meta.extra["rope"]) if "rope" in self.meta.extra else None
+
+    @property
+    def head_chunk_rows(self) -> int | None:
+        rows = self.meta.extra.get("head_chunk_rows")
+        return int(rows) if rows is not None else None
+
+    @property
+    def residency_passed(self) -> bool | None:
+        passed = self.residency.get("passed")
+        return passed if isinstance(passed, bool) else None
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if not self.failed_gates() else "fail"
+
+    def failed_gates(self) -> list[str]:
+        names = [g.name for g in self.gates if not g.passed]
+        if self.residency_passed is False:
+            names.append("residency")
+        return names
+
+    def failures(self) -> str:
+        """The failed gates with their figures, e.g. 'finite 7 > 0, cosine 0.5 < 0.998'."""
+        parts = [g.describe() for g in self.gates if not g.passed]
+        if self.residency_passed is False:
+            parts.append("residency")
+        return ", ".join(parts)
+
+    # -- checks a reader applies --
+
+    def require_pass(self, where: Path | str) -> None:
+        """ReportError unless every gate (recomputed) and residency passed."""
+        if self.verdict != "pass":
+            raise ReportError(
+                f"shard {self.label} failed validation: {self.failures()} (report {where})"
+            )
+
+    def check_bounds(self, required: Gates, where: Path | str) -> None:
+        """ReportError if a gate was applied with a bound looser than `required`'s."""
+        specs = {s.name: s for s in GATE_SETS[self.kind]}
+        for g in self.gates:
+            spec = specs[g.name]
+            need = spec.bound(required)
+            if spec.looser(g.bound, need):
+                what = f" ({spec.bound_field})" if spec.bound_field else ""
+                raise ReportError(
+                    f"report {where}: gate {g.name} was applied with bound {g.op} {g.bound:g}, "
+                    f"looser than the required {g.op} {need:g}{what}; validate "
+                    f"{self.package.name} again with these gates"
+                )
+
+    # -- JSON --
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.meta
+        golden = {
+            "metrics": self.golden.metrics,
+            "per_step": self.golden.per_step,
+            "first_nonfinite": self.golden.first_nonfinite,
+            "layer_max_abs": {str(k): v for k, v in self.golden.layer_max_abs.items()},
+            # Written for readers of the JSON; never read back (recomputed from the gates).
+            "passed": all(g.passed for g in self.gates),
+        }
+        return {
+            "schema": REPORT_SCHEMA,
+            "package": {
+                "path": str(self.package),
+                "sha256": self.package_sha256,
+                "size_bytes": self.size_bytes,
+            },
+            "kind": m.kind,
+            "layers": str(m.layers) if m.layers is not None else None,
+            **({"head_chunk_rows": self.head_chunk_rows} if m.kind == KIND_HEAD else {}),
+            "num_hidden_layers": m.num_hidden_layers,
+            "checkpoint_fingerprint": m.checkpoint_fingerprint,
+            "weights_fingerprint": m.weights_fingerprint,
+            "quantization": m.quantization,
+            "architecture": to_dict(m.architecture),
+            "contract": m.contract.to_dict(),
+            "context_length": m.context_length,
+            "rope": self.rope,
+            "backend": self.backend,
+            "steps": self.steps,
+            "golden": golden,
+            "residency": self.residency,
+            "gates": [g.to_dict() for g in self.gates],
+            "verdict": self.verdict,
+            "versions": self.versions,
+            "created": self.created,
+        }
+
+    def write(self, path: str | Path) -> dict[str, Any]:
+        """Write the report as JSON (atomically), the package path relative to the report."""
+        path = Path(path)
+        data = self.to_dict()
+        # Relative to the report, so the pair can move together.
+        data["package"]["path"] = os.path.relpath(self.package.resolve(), path.resolve().parent)
+        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, where: Path | str = "report") -> ValidationReport:
+        """Parse and check a report's JSON; gates are recomputed (see the module docstring)."""
+        return _Parser(data, str(where)).report()
+
+
+def report_path_for(package: str | Path) -> Path:
+    """Reports live beside their package: layers_0_8.mlpackage -> layers_0_8.report.json."""
+    package = Path(package)
+    return package.with_name(package.stem + REPORT_SUFFIX)
+
+
+def read_report(source: str | Path, kind: str | None = None) -> tuple[Path, ValidationReport]:
+    """(report path, report) for a report file or the package it sits beside.
+
+    The returned report's `package` is resolved against the report's folder (see
+    `_package_of`). `kind` (layers | head) refuses a report about another kind of package.
+    """
+    source = Path(source)
+    report = source
+    if source.suffix == ".mlpackage":
+        report = report_path_for(source)
+        if not report.is_file():
+            raise ReportError(f"shard {source.name} was never validated: no report at {report}")
+    try:
+        data = json.loads(report.read_text())
+    except OSError as exc:
+        raise ReportError(f"cannot read report {report}: {exc.strerror}") from None
+    except ValueError as exc:  # not JSON, not UTF-8
+        raise ReportError(f"report {report} is not valid JSON ({exc})") from None
+    parsed = ValidationReport.from_dict(data, report)
+    if kind is not None and parsed.kind != kind:
+        raise ReportError(f"report {report} is about a {parsed.kind!r} package, not {kind!r}")
+    package = _package_of(report, parsed.package, source)
+    return report, replace(parsed, package=package)
+
+
+def _package_of(report: Path, named: Path, source: Path) -> Path:
+    """The package a report is about (its sha256 is checked by the reader).
+
+    A package given directly is the one. A report's own path is absolute, or relative to the
+    report's folder; failing that, NAME.mlpackage beside NAME.report.json if the report names
+    it (`anechain validate shard` may have been given another --report path).
+    """
+    if source != report:
+        if named.name != source.name:
+            raise ReportError(f"report {report} describes {named.name}, not {source.name}")
+        return source
+    package = named if named.is_absolute() else report.parent / named
+    beside = report.parent / named.name
+    conventional = named.name == report.name.removesuffix(REPORT_SUFFIX) + ".mlpackage"
+    return beside if not package.exists() and conventional and beside.exists() else package
+
+
+# ---- parsing ------------------------------------------------------------------------------
+
+_NONE = type(None)
+
+
+class _Parser:
+    """Reads one report's JSON, raising ReportError at the first problem."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        self.data, self.where = data, where
+
+    def fail(self, what: str) -> ReportError:
+        return ReportError(f"report {self.where} {what}")
+
+    def get(self, dotted: str, kinds: type | tuple[type, ...]) -> Any:
+        value = self.data
+        for key in dotted.split("."):
+            if not isinstance(value, dict) or key not in value:
+                raise self.fail(f"is malformed: it has no '{dotted}'")
+            value = value[key]
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join("null" if k is _NONE else k.__name__ for k in kinds)
+            raise self.fail(f"is malformed: '{dotted}' is not {names}")
+        return value
+
+    def report(self) -> ValidationReport:
+        if not isinstance(self.data, dict) or self.data.get("schema") != REPORT_SCHEMA:
+            found = self.data.get("schema") if isinstance(self.data, dict) else None
+            hint = "; validate the shard again" if isinstance(found, str) else ""
+            raise self.fail(f"is not an {REPORT_SCHEMA} report (schema {found!r}){hint}")
+        kind = self.get("kind", str)
+        if kind not in GATE_SETS:
+            raise self.fail(f"is about an unknown kind of package {kind!r}")
+        meta = self.metadata(kind)
+        metrics = self.get("golden.metrics", dict)
+        golden = Golden(
+            metrics=metrics,
+            per_step=self.get("golden.per_step", list),
+            first_nonfinite=self.get("golden.first_nonfinite", (dict, _NONE)),
+            layer_max_abs=self.layer_max_abs(),
+        )
+        return ValidationReport(
+            package=Path(self.get("package.path", str)),
+            package_sha256=self.get("package.sha256", str),
+            size_bytes=self.get("package.size_bytes", int),
+            meta=meta,
+            backend=self.get("backend", str),
+            steps=self.get("steps", int),
+            golden=golden,
+            gates=self.gates(kind, metrics),
+            residency=self.residency(),
+            created=self.get("created", str),
+            versions=self.get("versions", dict),
+        )
+
+    def metadata(self, kind: str) -> ShardMetadata:
+        get = self.get
+        try:
+            arch = from_dict(Architecture, get("architecture", dict), "architecture")
+            contract = IOContract.from_dict(get("contract", dict))
+            layers = LayerRange.parse(get("layers", str)) if kind == KIND_LAYERS else None
+        except ConfigError as exc:
+            raise self.fail(f"is malformed: {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self.fail(f"is malformed: its contract lacks {exc}") from None
+        if kind == KIND_HEAD and get("layers", (str, _NONE)) is not None:
+            raise self.fail("is malformed: a head report has layers")
+        if arch.num_hidden_layers != get("num_hidden_layers", int):
+            raise self.fail(
+                "is inconsistent: num_hidden_layers differs from architecture.num_hidden_layers"
+            )
+        extra: dict[str, str] = {}
+        rope = get("rope", (dict, _NONE))
+        if rope is not None:
+            extra["rope"] = json.dumps(rope, sort_keys=True)
+        if kind == KIND_HEAD:
+            extra["head_chunk_rows"] = str(get("head_chunk_rows", int))
+        return ShardMetadata(
+            version=str(get("versions", dict).get("anechain", "")),
+            kind=kind,
+            layers=layers,
+            num_hidden_layers=arch.num_hidden_layers,
+            checkpoint_fingerprint=get("checkpoint_fingerprint", str),
+            weights_fingerprint=get("weights_fingerprint", str),
+            quantization=get("quantization", str),
+            context_length=get("context_length", int),
+            architecture=arch,
+            contract=contract,
+            extra=extra,
+        )
+
+    def layer_max_abs(self) -> dict[int, float]:
+        peaks = self.get("golden.layer_max_abs", dict)
+        try:
+            return {int(k): float(v) for k, v in peaks.items()}
+        except (TypeError, ValueError):
+            raise self.fail("is malformed: golden.layer_max_abs is not layer -> number") from None
+
+    def gates(self, kind: str, metrics: dict[str, Any]) -> tuple[Gate, ...]:
+        """The kind's gates, each recomputed; refuses a missing, unknown, duplicate, re-defined
+        or inconsistent gate. Stored `passed` flags are never read."""
+        specs = {s.name: s for s in GATE_SETS[kind]}
+        entries = self.get("gates", list)
+        seen: dict[str, Gate] = {}
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                raise self.fail("is malformed: a gate has no name")
+            name = entry["name"]
+            spec = specs.get(name)
+            if spec is None:
+                raise self.fail(f"has an unknown {kind} gate {name!r}")
+            if name in seen:
+                raise self.fail(f"lists gate {name} twice")
+            op, bound = entry.get("op"), _number(entry.get("bound"))
+            if op != spec.op:
+                raise self.fail(f"has gate {name} with comparison {op!r}; it is {spec.op!r}")
+            if bound is None:
+                raise self.fail(f"has gate {name} without a finite numeric bound")
+            value = _number(entry.get("value"))
+            measured = metrics.get(spec.metric)
+            if value != _number(measured) or (measured is not None and _number(measured) is None):
+                raise self.fail(
+                    f"is inconsistent: gate {name} has value {entry.get('value')!r} but "
+                    f"golden.metrics.{spec.metric} is {measured!r}"
+                )
+            seen[name] = Gate(name, value, bound, op)
+        missing = [n for n in specs if n not in seen]
+        if missing:
+            raise self.fail(f"lacks the mandatory {kind} gate(s) {', '.join(missing)}")
+        return tuple(seen[n] for n in specs)
+
+    def residency(self) -> dict[str, Any]:
+        residency = self.get("residency", dict)
+        status = self.get("residency.status", str)
+        if status not in RESIDENCY_STATUSES:
+            raise self.fail(f"has an unknown residency status {status!r}")
+        self.get("residency.passed", (bool, _NONE))
+        counts = self.get("residency.counts", (dict, _NONE))
+        if status == "checked" and counts is None:
+            raise self.fail("is malformed: residency was checked but has no counts")
+        # Like a gate's, the residency verdict is recomputed from its evidence, the counts.
+        passed = (
+            _residency_passes(counts, residency.get("gate"), self) if status == "checked" else None
+        )
+        return {**residency, "passed": passed}
+
+
+def _residency_passes(counts: dict[str, Any], gate: Any, parser: _Parser) -> bool:
+    """Recompute the residency gate from the counts (residency.gate_failures)."""
+    from anechain.config import ResidencySettings
+    from anechain.residency import ResidencyCounts, gate_failures
+
+    try:
+        parsed = ResidencyCounts(**{k: int(v) for k, v in counts.items()})
+        settings = ResidencySettings(**gate) if isinstance(gate, dict) else ResidencySettings()
+    except (TypeError, ValueError) as exc:
+        raise parser.fail(f"is malformed: residency counts or gate ({exc})") from None
+    return not gate_failures(parsed, settings)
