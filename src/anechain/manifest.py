@@ -370,5 +370,3 @@ def verify_manifest(path: str | Path) -> list[Check]:
             )
         checks.append(Check("sha256", ref.path))
     return checks
-
-
