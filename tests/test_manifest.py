@@ -307,6 +307,14 @@ def _cosine_half_nan_7(d: dict[str, Any]) -> None:
             "changed after validation: sha256",
         ),
         (lambda d: d.update(schema="anechain.validation-report/1"), "validate the shard again"),
+        (
+            lambda d: d["residency"]["counts"].update(conv_ane=4, compute_ane=17, compute_cpu=3),
+            "failed validation: residency",
+        ),
+        (
+            lambda d: d["residency"]["gate"].update(strict=False, max_compute_non_ane=99),
+            "residency was judged with {'max_compute_non_ane': 99, 'strict': False}, looser",
+        ),
     ],
     ids=[
         "gates-emptied",
@@ -318,6 +326,8 @@ def _cosine_half_nan_7(d: dict[str, Any]) -> None:
         "gate-twice",
         "other-package-sha",
         "old-schema",
+        "residency-counts-off-ane-flag-left-true",
+        "residency-gate-loosened",
     ],
 )
 def test_cli_refuses_forged_layer_report(tmp_path: Path, forge: Any, message: str) -> None:
@@ -331,6 +341,20 @@ def test_cli_refuses_forged_layer_report(tmp_path: Path, forge: Any, message: st
     assert message in result.output
     assert "layers_3_5" in result.output  # names the report or the shard
     assert not out.exists()
+
+
+def test_report_round_trip_recomputes_and_ignores_stored_flags(tmp_path: Path) -> None:
+    from anechain.report import ValidationReport, read_report
+
+    path = make_shard(tmp_path, "0:3", metrics={"delta_cosine": 0.5})
+    _, report = read_report(path)
+    assert report.verdict == "fail" and report.failed_gates() == ["delta_cosine"]
+    assert ValidationReport.from_dict(report.to_dict(), path) == report
+    # Flags claiming a pass change nothing: they are never read.
+    edit_json(
+        path, lambda d: (d.update(verdict="pass"), _gate("delta_cosine")(d).update(passed=True))
+    )
+    assert read_report(path)[1].failures() == "delta_cosine 0.5 < 0.9"
 
 
 @pytest.mark.parametrize(

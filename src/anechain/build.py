@@ -190,6 +190,7 @@ def run_build(
         overwrite=True,
         embedding=emb_path,
         gates=config.validation.gates,
+        residency=config.residency,
     )
     result.manifest = manifest
     result.generation = _check_generation(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from anechain import __version__
-from anechain.config import Architecture, Gates, to_dict
+from anechain.config import Architecture, Gates, ResidencySettings, to_dict
 from anechain.contract import KIND_HEAD, KIND_LAYERS
 from anechain.errors import ManifestError
 from anechain.fsutil import atomic_write_text, sha256_tree
@@ -79,11 +79,13 @@ def validation_summary(report: ValidationReport) -> Validation:
     )
 
 
-def _read(source: Path, gates: Gates) -> tuple[Path, ValidationReport]:
-    """A report that passed, with bounds at least as strict as `gates`."""
+def _read(
+    source: Path, gates: Gates, residency: ResidencySettings | None
+) -> tuple[Path, ValidationReport]:
+    """A report that passed, with bounds at least as strict as `gates` (and `residency`)."""
     path, report = read_report(source)
     report.require_pass(path)
-    report.check_bounds(gates, path)
+    report.check_bounds(gates, path, residency)
     return path, report
 
 
@@ -94,6 +96,7 @@ def build_manifest(
     rope: dict[str, Any] | None = None,
     embedding: Path | None = None,
     gates: Gates | None = None,
+    residency: ResidencySettings | None = None,
 ) -> Manifest:
     """Check validated shards and write their manifest to `out` atomically.
 
@@ -106,14 +109,17 @@ def build_manifest(
         embedding: the fp16 token table (.npy) the host gathers from.
         gates: the bounds every report's gates must meet or beat (default: config.Gates());
             recorded in the manifest.
+        residency: the residency gate a counted plan must have been judged by, or a stricter
+            one (default: config.ResidencySettings(), strict).
     """
     out = Path(out)
     gates = gates or Gates()
+    residency = residency or ResidencySettings()
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise ManifestError(f"{out} already exists; pass --overwrite to replace it")
     if not reports:
         raise ManifestError("no shards given: pass validation reports or shard packages")
-    read = [_read(Path(src), gates) for src in reports]
+    read = [_read(Path(src), gates, residency) for src in reports]
     heads = [(p, r) for p, r in read if r.kind == KIND_HEAD]
     if len(heads) > 1:
         raise ManifestError(f"{len(heads)} heads given ({heads[0][0]}, {heads[1][0]})")

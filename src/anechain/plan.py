@@ -275,5 +275,11 @@ def plan_topology(
     )
     search = search_topology(arch.num_hidden_layers, max_layers, validator, rebalance, progress)
     reports = [validator.report_path(r) for r in search.topology]
-    manifest = build_manifest(reports, out, overwrite=overwrite, gates=validation_settings.gates)
+    manifest = build_manifest(
+        reports,
+        out,
+        overwrite=overwrite,
+        gates=validation_settings.gates,
+        residency=validator.residency.settings,
+    )
     return PlanOutcome(search, out, manifest, reports)

@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from anechain import __version__
-from anechain.config import Architecture, Gates, LayerRange, from_dict, to_dict
+from anechain.config import (
+    Architecture,
+    Gates,
+    LayerRange,
+    ResidencySettings,
+    from_dict,
+    to_dict,
+)
 from anechain.contract import KIND_HEAD, KIND_LAYERS, IOContract, ShardMetadata
 from anechain.errors import ConfigError, ReportError
 from anechain.fsutil import atomic_write_text
@@ -217,8 +224,19 @@ class ValidationReport:
                 f"shard {self.label} failed validation: {self.failures()} (report {where})"
             )
 
-    def check_bounds(self, required: Gates, where: Path | str) -> None:
-        """ReportError if a gate was applied with a bound looser than `required`'s."""
+    def check_bounds(
+        self, required: Gates, where: Path | str, residency: ResidencySettings | None = None
+    ) -> None:
+        """ReportError if a gate was applied with a bound looser than `required`'s, or a
+        counted residency plan was judged more leniently than `residency`."""
+        if residency is not None and self.residency["status"] != "not_checked":
+            applied = _residency_settings(self.residency.get("gate"))
+            if applied is None or _residency_limit(applied) > _residency_limit(residency):
+                raise ReportError(
+                    f"report {where}: residency was judged with {self.residency.get('gate')}, "
+                    f"looser than strict={residency.strict}, max_compute_non_ane="
+                    f"{residency.max_compute_non_ane}; validate {self.package.name} again"
+                )
         specs = {s.name: s for s in GATE_SETS[self.kind]}
         for g in self.gates:
             spec = specs[g.name]
@@ -482,14 +500,31 @@ class _Parser:
         return {**residency, "passed": passed}
 
 
+def _residency_settings(gate: Any) -> ResidencySettings | None:
+    """The residency gate a report records (residency.ResidencyReport.to_dict()['gate'])."""
+    if not isinstance(gate, dict):
+        return None
+    try:
+        settings: ResidencySettings = from_dict(ResidencySettings, gate, "residency.gate")
+    except ConfigError:
+        return None
+    return settings
+
+
+def _residency_limit(settings: ResidencySettings) -> int:
+    """How many compute ops off the ANE the gate lets through (strict: none)."""
+    return 0 if settings.strict else settings.max_compute_non_ane
+
+
 def _residency_passes(counts: dict[str, Any], gate: Any, parser: _Parser) -> bool:
     """Recompute the residency gate from the counts (residency.gate_failures)."""
-    from anechain.config import ResidencySettings
     from anechain.residency import ResidencyCounts, gate_failures
 
+    settings = _residency_settings(gate) if gate is not None else ResidencySettings()
+    if settings is None:
+        raise parser.fail("is malformed: residency.gate is not a residency gate")
     try:
         parsed = ResidencyCounts(**{k: int(v) for k, v in counts.items()})
-        settings = ResidencySettings(**gate) if isinstance(gate, dict) else ResidencySettings()
     except (TypeError, ValueError) as exc:
-        raise parser.fail(f"is malformed: residency counts or gate ({exc})") from None
+        raise parser.fail(f"is malformed: residency counts ({exc})") from None
     return not gate_failures(parsed, settings)

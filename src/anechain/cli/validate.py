@@ -114,7 +114,9 @@ def validate() -> None:
     "--max-rel-rmse", type=float, help="Gate override: worst step's RMSE / RMS(reference)."
 )
 @click.option(
-    "--max-rel-abs", type=float, help="Gate override: worst step's max |error| / RMS(reference)."
+    "--max-rel-abs",
+    type=float,
+    help="Gate override: worst |error_i| / (RMS(reference) + |reference_i|).",
 )
 @click.option(
     "--compute-plan",
