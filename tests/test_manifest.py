@@ -344,7 +344,8 @@ def test_cli_refuses_forged_layer_report(tmp_path: Path, forge: Any, message: st
 
 
 def test_report_round_trip_recomputes_and_ignores_stored_flags(tmp_path: Path) -> None:
-    from anechain.report import ValidationReport, read_report
+    from anechain.report import ValidationReport
+    from anechain.report_read import read_report
 
     path = make_shard(tmp_path, "0:3", metrics={"delta_cosine": 0.5})
     _, report = read_report(path)

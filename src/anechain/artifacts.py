@@ -36,7 +36,8 @@ from anechain.config import ExportSettings, LayerRange, ResidencySettings, Valid
 from anechain.config import to_dict as config_dict
 from anechain.errors import ManifestError
 from anechain.fsutil import atomic_write_text, sha256_tree
-from anechain.report import ValidationReport, read_report, report_path_for
+from anechain.report import ValidationReport, report_path_for
+from anechain.report_read import read_report
 
 if TYPE_CHECKING:
     from anechain.checkpoint import Checkpoint

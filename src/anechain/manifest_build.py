@@ -38,7 +38,8 @@ from anechain.manifest import (
     Validation,
     schema_check,
 )
-from anechain.report import ValidationReport, read_report
+from anechain.report import ValidationReport, as_number
+from anechain.report_read import read_report
 from anechain.shards import (
     ShardRecord,
     architecture_problems,
@@ -72,11 +73,16 @@ def validation_summary(report: ValidationReport) -> Validation:
         backend=report.backend,
         steps=report.steps,
         gates=tuple(Gate(g.name, g.value, g.bound, g.op, g.passed) for g in report.gates),
-        metrics={k: v for k, v in report.golden.metrics.items() if not isinstance(v, bool)},
+        # The scalar figures (per-layer or per-step detail stays in the report).
+        metrics={k: as_number(v) for k, v in report.golden.metrics.items() if _scalar(v)},
         residency=Residency(r["status"], report.residency_passed, r.get("counts")),
         created=report.created,
         versions=dict(report.versions),
     )
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
 
 
 def _read(

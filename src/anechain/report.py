@@ -6,6 +6,7 @@ every gate's verdict is recomputed from its value, bound and comparison; each ga
 must be the metric it gates (`golden.metrics`); the kind's mandatory gates must all be there
 with the comparison they are defined with; and `check_bounds` refuses bounds looser than the
 config a reader applies. Every problem is a one-line ReportError naming the report.
+Reading lives in report_read.py (`read_report`).
 """
 
 from __future__ import annotations
@@ -17,21 +18,14 @@ import operator
 import os
 import platform
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from anechain import __version__
-from anechain.config import (
-    Architecture,
-    Gates,
-    LayerRange,
-    ResidencySettings,
-    from_dict,
-    to_dict,
-)
-from anechain.contract import KIND_HEAD, KIND_LAYERS, IOContract, ShardMetadata
+from anechain.config import Gates, LayerRange, ResidencySettings, from_dict, to_dict
+from anechain.contract import KIND_HEAD, KIND_LAYERS, ShardMetadata
 from anechain.errors import ConfigError, ReportError
 from anechain.fsutil import atomic_write_text
 
@@ -118,11 +112,11 @@ def evaluate_gates(metrics: Mapping[str, Any], gates: Gates, kind: str) -> tuple
     out = []
     for spec in GATE_SETS[kind]:
         value = metrics.get(spec.metric)
-        out.append(Gate(spec.name, _number(value), spec.bound(gates), spec.op))
+        out.append(Gate(spec.name, as_number(value), spec.bound(gates), spec.op))
     return tuple(out)
 
 
-def _number(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None
@@ -230,7 +224,7 @@ class ValidationReport:
         """ReportError if a gate was applied with a bound looser than `required`'s, or a
         counted residency plan was judged more leniently than `residency`."""
         if residency is not None and self.residency["status"] != "not_checked":
-            applied = _residency_settings(self.residency.get("gate"))
+            applied = residency_gate(self.residency.get("gate"))
             if applied is None or _residency_limit(applied) > _residency_limit(residency):
                 raise ReportError(
                     f"report {where}: residency was judged with {self.residency.get('gate')}, "
@@ -301,7 +295,9 @@ class ValidationReport:
     @classmethod
     def from_dict(cls, data: Any, where: Path | str = "report") -> ValidationReport:
         """Parse and check a report's JSON; gates are recomputed (see the module docstring)."""
-        return _Parser(data, str(where)).report()
+        from anechain.report_read import parse_report
+
+        return parse_report(data, where)
 
 
 def report_path_for(package: str | Path) -> Path:
@@ -310,197 +306,7 @@ def report_path_for(package: str | Path) -> Path:
     return package.with_name(package.stem + REPORT_SUFFIX)
 
 
-def read_report(source: str | Path, kind: str | None = None) -> tuple[Path, ValidationReport]:
-    """(report path, report) for a report file or the package it sits beside.
-
-    The returned report's `package` is resolved against the report's folder (see
-    `_package_of`). `kind` (layers | head) refuses a report about another kind of package.
-    """
-    source = Path(source)
-    report = source
-    if source.suffix == ".mlpackage":
-        report = report_path_for(source)
-        if not report.is_file():
-            raise ReportError(f"shard {source.name} was never validated: no report at {report}")
-    try:
-        data = json.loads(report.read_text())
-    except OSError as exc:
-        raise ReportError(f"cannot read report {report}: {exc.strerror}") from None
-    except ValueError as exc:  # not JSON, not UTF-8
-        raise ReportError(f"report {report} is not valid JSON ({exc})") from None
-    parsed = ValidationReport.from_dict(data, report)
-    if kind is not None and parsed.kind != kind:
-        raise ReportError(f"report {report} is about a {parsed.kind!r} package, not {kind!r}")
-    package = _package_of(report, parsed.package, source)
-    return report, replace(parsed, package=package)
-
-
-def _package_of(report: Path, named: Path, source: Path) -> Path:
-    """The package a report is about (its sha256 is checked by the reader).
-
-    A package given directly is the one. A report's own path is absolute, or relative to the
-    report's folder; failing that, NAME.mlpackage beside NAME.report.json if the report names
-    it (`anechain validate shard` may have been given another --report path).
-    """
-    if source != report:
-        if named.name != source.name:
-            raise ReportError(f"report {report} describes {named.name}, not {source.name}")
-        return source
-    package = named if named.is_absolute() else report.parent / named
-    beside = report.parent / named.name
-    conventional = named.name == report.name.removesuffix(REPORT_SUFFIX) + ".mlpackage"
-    return beside if not package.exists() and conventional and beside.exists() else package
-
-
-# ---- parsing ------------------------------------------------------------------------------
-
-_NONE = type(None)
-
-
-class _Parser:
-    """Reads one report's JSON, raising ReportError at the first problem."""
-
-    def __init__(self, data: Any, where: str) -> None:
-        self.data, self.where = data, where
-
-    def fail(self, what: str) -> ReportError:
-        return ReportError(f"report {self.where} {what}")
-
-    def get(self, dotted: str, kinds: type | tuple[type, ...]) -> Any:
-        value = self.data
-        for key in dotted.split("."):
-            if not isinstance(value, dict) or key not in value:
-                raise self.fail(f"is malformed: it has no '{dotted}'")
-            value = value[key]
-        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            names = " or ".join("null" if k is _NONE else k.__name__ for k in kinds)
-            raise self.fail(f"is malformed: '{dotted}' is not {names}")
-        return value
-
-    def report(self) -> ValidationReport:
-        if not isinstance(self.data, dict) or self.data.get("schema") != REPORT_SCHEMA:
-            found = self.data.get("schema") if isinstance(self.data, dict) else None
-            hint = "; validate the shard again" if isinstance(found, str) else ""
-            raise self.fail(f"is not an {REPORT_SCHEMA} report (schema {found!r}){hint}")
-        kind = self.get("kind", str)
-        if kind not in GATE_SETS:
-            raise self.fail(f"is about an unknown kind of package {kind!r}")
-        meta = self.metadata(kind)
-        metrics = self.get("golden.metrics", dict)
-        golden = Golden(
-            metrics=metrics,
-            per_step=self.get("golden.per_step", list),
-            first_nonfinite=self.get("golden.first_nonfinite", (dict, _NONE)),
-            layer_max_abs=self.layer_max_abs(),
-        )
-        return ValidationReport(
-            package=Path(self.get("package.path", str)),
-            package_sha256=self.get("package.sha256", str),
-            size_bytes=self.get("package.size_bytes", int),
-            meta=meta,
-            backend=self.get("backend", str),
-            steps=self.get("steps", int),
-            golden=golden,
-            gates=self.gates(kind, metrics),
-            residency=self.residency(),
-            created=self.get("created", str),
-            versions=self.get("versions", dict),
-        )
-
-    def metadata(self, kind: str) -> ShardMetadata:
-        get = self.get
-        try:
-            arch = from_dict(Architecture, get("architecture", dict), "architecture")
-            contract = IOContract.from_dict(get("contract", dict))
-            layers = LayerRange.parse(get("layers", str)) if kind == KIND_LAYERS else None
-        except ConfigError as exc:
-            raise self.fail(f"is malformed: {exc}") from None
-        except (KeyError, TypeError, ValueError) as exc:
-            raise self.fail(f"is malformed: its contract lacks {exc}") from None
-        if kind == KIND_HEAD and get("layers", (str, _NONE)) is not None:
-            raise self.fail("is malformed: a head report has layers")
-        if arch.num_hidden_layers != get("num_hidden_layers", int):
-            raise self.fail(
-                "is inconsistent: num_hidden_layers differs from architecture.num_hidden_layers"
-            )
-        extra: dict[str, str] = {}
-        rope = get("rope", (dict, _NONE))
-        if rope is not None:
-            extra["rope"] = json.dumps(rope, sort_keys=True)
-        if kind == KIND_HEAD:
-            extra["head_chunk_rows"] = str(get("head_chunk_rows", int))
-        return ShardMetadata(
-            version=str(get("versions", dict).get("anechain", "")),
-            kind=kind,
-            layers=layers,
-            num_hidden_layers=arch.num_hidden_layers,
-            checkpoint_fingerprint=get("checkpoint_fingerprint", str),
-            weights_fingerprint=get("weights_fingerprint", str),
-            quantization=get("quantization", str),
-            context_length=get("context_length", int),
-            architecture=arch,
-            contract=contract,
-            extra=extra,
-        )
-
-    def layer_max_abs(self) -> dict[int, float]:
-        peaks = self.get("golden.layer_max_abs", dict)
-        try:
-            return {int(k): float(v) for k, v in peaks.items()}
-        except (TypeError, ValueError):
-            raise self.fail("is malformed: golden.layer_max_abs is not layer -> number") from None
-
-    def gates(self, kind: str, metrics: dict[str, Any]) -> tuple[Gate, ...]:
-        """The kind's gates, each recomputed; refuses a missing, unknown, duplicate, re-defined
-        or inconsistent gate. Stored `passed` flags are never read."""
-        specs = {s.name: s for s in GATE_SETS[kind]}
-        entries = self.get("gates", list)
-        seen: dict[str, Gate] = {}
-        for entry in entries:
-            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-                raise self.fail("is malformed: a gate has no name")
-            name = entry["name"]
-            spec = specs.get(name)
-            if spec is None:
-                raise self.fail(f"has an unknown {kind} gate {name!r}")
-            if name in seen:
-                raise self.fail(f"lists gate {name} twice")
-            op, bound = entry.get("op"), _number(entry.get("bound"))
-            if op != spec.op:
-                raise self.fail(f"has gate {name} with comparison {op!r}; it is {spec.op!r}")
-            if bound is None:
-                raise self.fail(f"has gate {name} without a finite numeric bound")
-            value = _number(entry.get("value"))
-            measured = metrics.get(spec.metric)
-            if value != _number(measured) or (measured is not None and _number(measured) is None):
-                raise self.fail(
-                    f"is inconsistent: gate {name} has value {entry.get('value')!r} but "
-                    f"golden.metrics.{spec.metric} is {measured!r}"
-                )
-            seen[name] = Gate(name, value, bound, op)
-        missing = [n for n in specs if n not in seen]
-        if missing:
-            raise self.fail(f"lacks the mandatory {kind} gate(s) {', '.join(missing)}")
-        return tuple(seen[n] for n in specs)
-
-    def residency(self) -> dict[str, Any]:
-        residency = self.get("residency", dict)
-        status = self.get("residency.status", str)
-        if status not in RESIDENCY_STATUSES:
-            raise self.fail(f"has an unknown residency status {status!r}")
-        self.get("residency.passed", (bool, _NONE))
-        counts = self.get("residency.counts", (dict, _NONE))
-        if status == "checked" and counts is None:
-            raise self.fail("is malformed: residency was checked but has no counts")
-        # Like a gate's, the residency verdict is recomputed from its evidence, the counts.
-        passed = (
-            _residency_passes(counts, residency.get("gate"), self) if status == "checked" else None
-        )
-        return {**residency, "passed": passed}
-
-
-def _residency_settings(gate: Any) -> ResidencySettings | None:
+def residency_gate(gate: Any) -> ResidencySettings | None:
     """The residency gate a report records (residency.ResidencyReport.to_dict()['gate'])."""
     if not isinstance(gate, dict):
         return None
@@ -514,17 +320,3 @@ def _residency_settings(gate: Any) -> ResidencySettings | None:
 def _residency_limit(settings: ResidencySettings) -> int:
     """How many compute ops off the ANE the gate lets through (strict: none)."""
     return 0 if settings.strict else settings.max_compute_non_ane
-
-
-def _residency_passes(counts: dict[str, Any], gate: Any, parser: _Parser) -> bool:
-    """Recompute the residency gate from the counts (residency.gate_failures)."""
-    from anechain.residency import ResidencyCounts, gate_failures
-
-    settings = _residency_settings(gate) if gate is not None else ResidencySettings()
-    if settings is None:
-        raise parser.fail("is malformed: residency.gate is not a residency gate")
-    try:
-        parsed = ResidencyCounts(**{k: int(v) for k, v in counts.items()})
-    except (TypeError, ValueError) as exc:
-        raise parser.fail(f"is malformed: residency counts ({exc})") from None
-    return not gate_failures(parsed, settings)
