@@ -74,7 +74,11 @@ def validation_summary(report: ValidationReport) -> Validation:
         steps=report.steps,
         gates=tuple(Gate(g.name, g.value, g.bound, g.op, g.passed) for g in report.gates),
         # The scalar figures (per-layer or per-step detail stays in the report).
-        metrics={k: as_number(v) for k, v in report.golden.metrics.items() if _scalar(v)},
+        metrics={
+            k: v if isinstance(v, int) else as_number(v)
+            for k, v in report.golden.metrics.items()
+            if _scalar(v)
+        },
         residency=Residency(r["status"], report.residency_passed, r.get("counts")),
         created=report.created,
         versions=dict(report.versions),
