@@ -147,10 +147,11 @@ class Gates:
     min_cosine: float = 0.998
     # Cosine of (output - input): catches a layer whose contribution vanished.
     min_delta_cosine: float = 0.9
-    # Worst step's RMSE / RMS(reference at that step): twice what min_cosine allows overall.
+    # Worst step's RMSE / s, s = max(the step's reference RMS, the median step's): twice
+    # what min_cosine allows over all steps.
     max_rel_rmse: float = 0.125
-    # Worst element's |error| / (RMS(reference at its step) + |reference element|): an
-    # allclose with atol = rtol * RMS, so outlier channels may err in proportion to their size.
+    # Worst element's |error| / (s + |reference element|): an allclose with atol = rtol * s,
+    # so outlier channels may err in proportion to their size.
     max_rel_abs: float = 0.5
     # The LM head: the shard's token must be the reference's on this share of steps, and
     # where it is not, the two tokens' reference logits may differ by at most

@@ -19,7 +19,8 @@ class Comparison:
     """Actual vs expected: cosine, RMSE, max_abs error, and the count of non-finite actuals.
 
     `rel_rmse` and `rel_max_abs` are scale-free figures of each row (a step: the last axis),
-    the worst row reported (see `_relative_errors`).
+    the worst row reported (see `_relative_errors`). For a single row they are relative to
+    that row alone; validation gates the figures of all steps compared at once.
     """
 
     cosine: float
@@ -74,14 +75,16 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> Comparison:
 
 
 def _relative_errors(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
-    """Per row r (a step) of the last axis, the worst row's:
+    """Per row r (a step) of the last axis, against the step's scale s_r, the worst row's:
 
-    rel_rmse    = RMSE_r / RMS(e_r)
-    rel_max_abs = max_i |a_ri - e_ri| / (RMS(e_r) + |e_ri|)
+    rel_rmse    = RMSE_r / s_r
+    rel_max_abs = max_i |a_ri - e_ri| / (s_r + |e_ri|)
 
-    The second is numpy's allclose turned into a figure (atol = rtol * RMS): an element may
-    err in proportion to its own size (fp16 rounding and INT8 error scale with the value, as
-    in the outlier channels real models have) or to the step's typical size, not more.
+    s_r = max(RMS(e_r), the median row's RMS): a step is judged against its own size, but
+    never a size below the sequence's typical one, since its error also comes through
+    attention from the other steps. The second figure is numpy's allclose turned into a
+    number (atol = rtol * s_r): an element may err in proportion to its own size (fp16
+    rounding and INT8 error grow with the value, as in outlier channels) or to the step's.
     """
     e = np.asarray(expected, dtype=np.float64)
     width = e.shape[-1] if e.ndim else 1
@@ -89,7 +92,8 @@ def _relative_errors(actual: np.ndarray, expected: np.ndarray) -> tuple[float, f
     d = np.asarray(actual, dtype=np.float64).reshape(-1, width) - e
     if not e.size:
         return 0.0, 0.0
-    scale = np.sqrt(np.mean(e * e, axis=1, keepdims=True))  # (rows, 1)
+    rms = np.sqrt(np.mean(e * e, axis=1, keepdims=True))  # (rows, 1)
+    scale = np.maximum(rms, np.median(rms))
     rmse = np.sqrt(np.mean(d * d, axis=1, keepdims=True))
     with np.errstate(divide="ignore", invalid="ignore"):
         # A zero reference: no error is 0, any error is infinitely large.
