@@ -22,7 +22,7 @@ R = LayerRange(0, 3)
 
 
 def how(config: Config, **changes: object) -> VerdictInputs:
-    base = VerdictInputs(config.validation, "mil", ResidencySettings(), False, False)
+    base = VerdictInputs(config.validation, "mil", ResidencySettings(), False, "not_checked")
     return dataclasses.replace(base, **changes)
 
 
@@ -74,7 +74,7 @@ def test_verdict_key_changes_with_gates_backend_residency_package_and_reference(
             "sha-a", R, how(tiny_config, residency=ResidencySettings(strict=False))
         ),
         "report_only": keys.verdict_key("sha-a", R, how(tiny_config, residency_report_only=True)),
-        "live": keys.verdict_key("sha-a", R, how(tiny_config, residency_live=True)),
+        "live": keys.verdict_key("sha-a", R, how(tiny_config, residency_live="checked")),
         "package": keys.verdict_key("sha-b", R, base),
         "checkpoint": InputKeys(overflow_checkpoint).verdict_key("sha-a", R, base),
     }

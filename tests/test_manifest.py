@@ -313,7 +313,12 @@ def _cosine_half_nan_7(d: dict[str, Any]) -> None:
         ),
         (
             lambda d: d["residency"]["gate"].update(strict=False, max_compute_non_ane=99),
-            "residency was judged with {'max_compute_non_ane': 99, 'strict': False}, looser",
+            "residency was judged with {'max_compute_non_ane': 99, 'max_plumbing_share': 0.05, "
+            "'strict': False}, looser than",
+        ),
+        (
+            lambda d: d["residency"]["plumbing"].update(share_off_ane=0.3),
+            "failed validation: residency",
         ),
     ],
     ids=[
@@ -328,6 +333,7 @@ def _cosine_half_nan_7(d: dict[str, Any]) -> None:
         "old-schema",
         "residency-counts-off-ane-flag-left-true",
         "residency-gate-loosened",
+        "residency-plumbing-share-raised",
     ],
 )
 def test_cli_refuses_forged_layer_report(tmp_path: Path, forge: Any, message: str) -> None:

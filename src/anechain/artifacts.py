@@ -70,7 +70,9 @@ class VerdictInputs:
     backend: str  # resolved: "mil" | "coreml"
     residency: ResidencySettings
     residency_report_only: bool
-    residency_live: bool  # can residency be checked on this machine (changes the verdict)
+    # What residency can be on this machine without a saved plan (checked | report_only |
+    # not_checked: residency.expected_live_status), which changes the verdict.
+    residency_live: str
 
 
 class InputKeys:

@@ -10,7 +10,7 @@ same inputs, and unchanged since, is reused rather than rebuilt.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from anechain.export import LayerSpec, export_embedding, export_head, export_sha
 from anechain.manifest_build import build_manifest
 from anechain.platform import is_macos
 from anechain.report import ValidationReport, report_path_for
-from anechain.residency import live_plan_available
+from anechain.residency import expected_live_status
 from anechain.runners import resolve_backend
 from anechain.validate import ResidencyOptions, validate_shard
 
@@ -118,7 +118,7 @@ def run_build(
     result = BuildResult(out_dir, checkpoint_dir)
     residency = ResidencyOptions(config.residency, report_only=residency_report_only)
     how = VerdictInputs(
-        config.validation, backend, config.residency, residency_report_only, live_plan_available()
+        config.validation, backend, config.residency, residency_report_only, expected_live_status()
     )
 
     def package_step(
@@ -137,18 +137,19 @@ def run_build(
             report = verdict.report
             say(f"[{name}] {path.name} is up to date (same inputs, validated): reused")
         else:
-            if is_macos():
-                _compile(path, say)
-                result.compiled = True
+            compiled = _compile(path, say) if is_macos() else None
+            result.compiled = result.compiled or compiled is not None
             say(f"[{name}] validating with the {backend} runner")
+            # Compiled once: the compute plan and the Core ML runner both use it.
             report = validate_shard(
                 path,
                 checkpoint,
                 config.validation,
                 backend=backend,
-                residency=residency,
+                residency=replace(residency, compiled=compiled),
                 cache_dir=cache_dir,
                 progress=say,
+                runner_options={"compiled": compiled} if compiled and backend == "coreml" else None,
             )
             report.write(report_path_for(path))
             cache.record_verdict(path, vkey)
@@ -205,15 +206,16 @@ def sha_size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _compile(package: Path, say: Progress) -> None:
+def _compile(package: Path, say: Progress) -> Path | None:
     from anechain.compile import compile_package
 
     try:
         r = compile_package(package)
     except PlatformError as exc:  # e.g. macOS older than 15: residency stays unchecked
         say(f"not compiling {package.name}: {exc}")
-        return
+        return None
     say(f"compiled {package.name} -> {r.compiled.name}" + (" (up to date)" if r.skipped else ""))
+    return r.compiled
 
 
 def _check_generation(

@@ -108,7 +108,7 @@ class RangeValidator:
         validate_fn: Callable[..., Any] | None = None,
     ) -> None:
         from anechain.export import export_shard
-        from anechain.residency import live_plan_available
+        from anechain.residency import expected_live_status
         from anechain.runners import resolve_backend
         from anechain.validate import ResidencyOptions, validate_shard
 
@@ -128,7 +128,7 @@ class RangeValidator:
             self.backend,
             self.residency.settings,
             self.residency.report_only,
-            live_plan_available(),
+            expected_live_status(),
         )
         self.cache = ArtifactCache(self.report_dir, progress)
         if not overwrite:

@@ -225,11 +225,14 @@ class ValidationReport:
         counted residency plan was judged more leniently than `residency`."""
         if residency is not None and self.residency["status"] != "not_checked":
             applied = residency_gate(self.residency.get("gate"))
-            if applied is None or _residency_limit(applied) > _residency_limit(residency):
+            if (
+                applied is None
+                or _residency_limit(applied) > _residency_limit(residency)
+                or applied.max_plumbing_share > residency.max_plumbing_share
+            ):
                 raise ReportError(
                     f"report {where}: residency was judged with {self.residency.get('gate')}, "
-                    f"looser than strict={residency.strict}, max_compute_non_ane="
-                    f"{residency.max_compute_non_ane}; validate {self.package.name} again"
+                    f"looser than {to_dict(residency)}; validate {self.package.name} again"
                 )
         specs = {s.name: s for s in GATE_SETS[self.kind]}
         for g in self.gates:

@@ -218,21 +218,26 @@ class _Parser:
         if status == "checked" and counts is None:
             raise self.fail("is malformed: residency was checked but has no counts")
         # Like a gate's, the residency verdict is recomputed from its evidence, the counts.
-        passed = (
-            _residency_passes(counts, residency.get("gate"), self) if status == "checked" else None
-        )
+        passed = _residency_passes(residency, self) if status == "checked" else None
         return {**residency, "passed": passed}
 
 
-def _residency_passes(counts: dict[str, Any], gate: Any, parser: _Parser) -> bool:
-    """Recompute the residency gate from the counts (residency.gate_failures)."""
-    from anechain.residency import ResidencyCounts, gate_failures
+def _residency_passes(residency: dict[str, Any], parser: _Parser) -> bool:
+    """Recompute the residency gate (residency.gate_failures) from its evidence: the counts and
+    the plumbing share the report records."""
+    from anechain.residency import ResidencyCounts
+    from anechain.residency.gate import gate_failures
 
+    gate = residency.get("gate")
     settings = residency_gate(gate) if gate is not None else ResidencySettings()
     if settings is None:
         raise parser.fail("is malformed: residency.gate is not a residency gate")
+    plumbing = residency.get("plumbing") or {}
+    share = as_number(plumbing.get("share_off_ane", 0.0)) if isinstance(plumbing, dict) else None
+    if share is None:
+        raise parser.fail("is malformed: residency.plumbing.share_off_ane is not a number")
     try:
-        parsed = ResidencyCounts(**{k: int(v) for k, v in counts.items()})
+        counts = ResidencyCounts(**{k: int(v) for k, v in residency["counts"].items()})
     except (TypeError, ValueError) as exc:
         raise parser.fail(f"is malformed: residency counts ({exc})") from None
-    return not gate_failures(parsed, settings)
+    return not gate_failures(counts, share, str(plumbing.get("basis", "")), settings)

@@ -72,7 +72,8 @@ def fake_package(folder: Path, name: str, payload: bytes) -> Path:
 
 
 def residency_dict(status: str = "checked") -> dict[str, Any]:
-    """A residency object as residency.ResidencyReport writes it (7 convs, all on the ANE)."""
+    """A residency object as residency.ResidencyReport writes it (7 convs, all on the ANE,
+    one plumbing op off it: 1 % of the plan's cost)."""
     if status == "not_checked":
         return ResidencyReport(status, None, None, reason="needs macOS").to_dict()
     counts = ResidencyCounts(
@@ -84,8 +85,15 @@ def residency_dict(status: str = "checked") -> dict[str, Any]:
         compute_non_ane=0,
         conv_total=7,
         conv_ane=7,
+        plumbing_total=4,
+        plumbing_non_ane=1,
+        index_ops=2,
+        state_ops=2,
     )
-    return ResidencyReport(status, counts, True if status == "checked" else None).to_dict()
+    passed = True if status == "checked" else None
+    return ResidencyReport(
+        status, counts, passed, plumbing_share=0.01, plumbing_basis="estimated cost"
+    ).to_dict()
 
 
 def layer_report(
