@@ -1,0 +1,341 @@
+"""The validation report: one typed class, written by `validate`, read by `manifest`, `build`,
+`plan` and the tests (format in DESIGN.md).
+
+A report is evidence, not a vote. Reading one never trusts its `passed` or `verdict` fields:
+every gate's verdict is recomputed from its value, bound and comparison; each gate's value
+must be the metric it gates (`golden.metrics`); the kind's mandatory gates must all be there
+with the comparison they are defined with; and `check_bounds` refuses bounds looser than the
+config a reader applies. Every problem is a one-line ReportError naming the report.
+Reading lives in report_read.py (`read_report`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import operator
+import os
+import platform
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from anechain import __version__
+from anechain.config import Gates, LayerRange, ResidencySettings, from_dict, to_dict
+from anechain.contract import KIND_HEAD, KIND_LAYERS, ShardMetadata
+from anechain.errors import ConfigError, ReportError
+from anechain.fsutil import atomic_write_text
+
+REPORT_SCHEMA = "anechain.validation-report/2"
+REPORT_SUFFIX = ".report.json"
+RESIDENCY_STATUSES = ("checked", "report_only", "not_checked")
+
+OPS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le}
+
+
+# ---- gates --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """A gate: `golden.metrics[metric] op bound`, the bound read from config.Gates."""
+
+    name: str
+    metric: str  # key in golden.metrics
+    bound_field: str | None  # field of config.Gates; None: the bound is always 0
+    op: str  # ">=" (higher is better) or "<="
+
+    def bound(self, gates: Gates) -> float:
+        return 0.0 if self.bound_field is None else float(getattr(gates, self.bound_field))
+
+    def looser(self, bound: float, required: float) -> bool:
+        """Would `bound` let through a value that `required` rejects?"""
+        return bound < required if self.op == ">=" else bound > required
+
+
+# The mandatory gates of each kind, in report order; a report must hold exactly these.
+# New gates (KV cache, per layer) are added here, and every reader then requires them.
+LAYER_GATES: tuple[GateSpec, ...] = (
+    GateSpec("finite", "nonfinite", None, "<="),
+    GateSpec("cosine", "cosine", "min_cosine", ">="),
+    # The skip connection hides a lost layer from the output cosine, not from the delta's.
+    GateSpec("delta_cosine", "delta_cosine", "min_delta_cosine", ">="),
+    # Relative to the reference's RMS, per step: hidden states grow through the model.
+    GateSpec("rmse", "rel_rmse", "max_rel_rmse", "<="),
+    GateSpec("max_abs", "rel_max_abs", "max_rel_abs", "<="),
+    # The worst single step's delta: one large step (a massive activation) dominates the
+    # whole-run cosines.
+    GateSpec("step_delta_cosine", "step_delta_cosine", "min_step_delta_cosine", ">="),
+    # Each layer's own delta inside the shard (mil); the shard's for runners without layer
+    # outputs (Core ML).
+    GateSpec("layer_delta_cosine", "layer_delta_cosine", "min_delta_cosine", ">="),
+    # The KV cache read back from the state: transformers' cache where written, worst
+    # layer; exactly zero where nothing was written.
+    GateSpec("kv_cosine", "kv_cosine", "min_kv_cosine", ">="),
+    GateSpec("kv_unwritten", "kv_unwritten_max_abs", None, "<="),
+)
+HEAD_GATES: tuple[GateSpec, ...] = (
+    GateSpec("finite", "nonfinite", None, "<="),
+    GateSpec("top1_agreement", "top1_agreement", "min_top1_agreement", ">="),
+    # A flipped token only between near-ties (reference logit gap, in logit std units).
+    GateSpec("top1_margin", "worst_margin", "max_top1_margin", "<="),
+    GateSpec("logit_cosine", "cosine", "min_cosine", ">="),
+)
+GATE_SETS: dict[str, tuple[GateSpec, ...]] = {KIND_LAYERS: LAYER_GATES, KIND_HEAD: HEAD_GATES}
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One gate's evidence; `passed` is always computed, never stored."""
+
+    name: str
+    value: float | None  # None: the metric was not finite (fails)
+    bound: float
+    op: str
+
+    @property
+    def passed(self) -> bool:
+        v = self.value
+        return v is not None and math.isfinite(v) and OPS[self.op](v, self.bound)
+
+    def describe(self) -> str:
+        """e.g. 'cosine 0.5 < 0.998' for a failed gate, 'cosine 0.9991 >= 0.998' otherwise."""
+        op = self.op if self.passed else {">=": "<", "<=": ">"}[self.op]
+        value = "non-finite" if self.value is None else f"{self.value:.6g}"
+        return f"{self.name} {value} {op} {self.bound:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "value": self.value,
+            "bound": self.bound,
+            "op": self.op,
+            "passed": self.passed,
+        }
+
+
+def evaluate_gates(metrics: Mapping[str, Any], gates: Gates, kind: str) -> tuple[Gate, ...]:
+    """The kind's gates on these metrics with these bounds; a missing metric fails."""
+    out = []
+    for spec in GATE_SETS[kind]:
+        value = metrics.get(spec.metric)
+        out.append(Gate(spec.name, as_number(value), spec.bound(gates), spec.op))
+    return tuple(out)
+
+
+def as_number(value: Any) -> float | None:
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+# ---- the report ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Golden:
+    """Golden parity against transformers: overall metrics, per step, where NaN started."""
+
+    metrics: dict[str, Any]
+    per_step: list[dict[str, Any]]
+    first_nonfinite: dict[str, Any] | None
+    layer_max_abs: dict[int, float] = field(default_factory=dict)  # layer -> largest |x|
+    windows: dict[str, Any] = field(default_factory=dict)  # "early"/"late" -> metrics
+    kv: list[dict[str, Any]] = field(default_factory=list)  # per window, state, layer
+    layers: list[dict[str, Any]] = field(default_factory=list)  # per-layer metrics (mil)
+
+
+def versions() -> dict[str, str]:
+    out = {"anechain": __version__, "python": platform.python_version()}
+    for dist in ("coremltools", "torch", "transformers", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # pragma: no cover
+            out[dist] = "unknown"
+    return out
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """One package's validation: golden parity, gates, residency, and one verdict."""
+
+    package: Path  # as written: relative to the report's folder once read back
+    package_sha256: str  # sha256_tree of the package that was validated
+    size_bytes: int
+    meta: ShardMetadata
+    backend: str
+    steps: int
+    golden: Golden
+    gates: tuple[Gate, ...]
+    residency: dict[str, Any]  # residency.ResidencyReport.to_dict()
+    created: str = field(default_factory=_now)
+    versions: dict[str, str] = field(default_factory=versions)
+
+    @property
+    def kind(self) -> str:
+        return self.meta.kind
+
+    @property
+    def layers(self) -> LayerRange | None:
+        return self.meta.layers
+
+    @property
+    def label(self) -> str:
+        return f"{self.package.name} ({self.layers or 'head'})"
+
+    @property
+    def rope(self) -> dict[str, Any] | None:
+        """Host-side RoPE data the exporter recorded (rope.RopeParameters.to_dict())."""
+        return json.loads(self.meta.extra["rope"]) if "rope" in self.meta.extra else None
+
+    @property
+    def head_chunk_rows(self) -> int | None:
+        rows = self.meta.extra.get("head_chunk_rows")
+        return int(rows) if rows is not None else None
+
+    @property
+    def residency_passed(self) -> bool | None:
+        passed = self.residency.get("passed")
+        return passed if isinstance(passed, bool) else None
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if not self.failed_gates() else "fail"
+
+    def failed_gates(self) -> list[str]:
+        names = [g.name for g in self.gates if not g.passed]
+        if self.residency_passed is False:
+            names.append("residency")
+        return names
+
+    def failures(self) -> str:
+        """The failed gates with their figures, e.g. 'finite 7 > 0, cosine 0.5 < 0.998'."""
+        parts = [g.describe() for g in self.gates if not g.passed]
+        if self.residency_passed is False:
+            parts.append("residency")
+        return ", ".join(parts)
+
+    # -- checks a reader applies --
+
+    def require_pass(self, where: Path | str) -> None:
+        """ReportError unless every gate (recomputed) and residency passed."""
+        if self.verdict != "pass":
+            raise ReportError(
+                f"shard {self.label} failed validation: {self.failures()} (report {where})"
+            )
+
+    def check_bounds(
+        self, required: Gates, where: Path | str, residency: ResidencySettings | None = None
+    ) -> None:
+        """ReportError if a gate was applied with a bound looser than `required`'s, or a
+        counted residency plan was judged more leniently than `residency`."""
+        if residency is not None and self.residency["status"] != "not_checked":
+            applied = residency_gate(self.residency.get("gate"))
+            if (
+                applied is None
+                or _residency_limit(applied) > _residency_limit(residency)
+                or applied.max_plumbing_share > residency.max_plumbing_share
+            ):
+                raise ReportError(
+                    f"report {where}: residency was judged with {self.residency.get('gate')}, "
+                    f"looser than {to_dict(residency)}; validate {self.package.name} again"
+                )
+        specs = {s.name: s for s in GATE_SETS[self.kind]}
+        for g in self.gates:
+            spec = specs[g.name]
+            need = spec.bound(required)
+            if spec.looser(g.bound, need):
+                what = f" ({spec.bound_field})" if spec.bound_field else ""
+                raise ReportError(
+                    f"report {where}: gate {g.name} was applied with bound {g.op} {g.bound:g}, "
+                    f"looser than the required {g.op} {need:g}{what}; validate "
+                    f"{self.package.name} again with these gates"
+                )
+
+    # -- JSON --
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.meta
+        golden = {
+            "metrics": self.golden.metrics,
+            "per_step": self.golden.per_step,
+            "first_nonfinite": self.golden.first_nonfinite,
+            "layer_max_abs": {str(k): v for k, v in self.golden.layer_max_abs.items()},
+            "windows": self.golden.windows,
+            "kv": self.golden.kv,
+            "layers": self.golden.layers,
+            # Written for readers of the JSON; never read back (recomputed from the gates).
+            "passed": all(g.passed for g in self.gates),
+        }
+        return {
+            "schema": REPORT_SCHEMA,
+            "package": {
+                "path": str(self.package),
+                "sha256": self.package_sha256,
+                "size_bytes": self.size_bytes,
+            },
+            "kind": m.kind,
+            "layers": str(m.layers) if m.layers is not None else None,
+            **({"head_chunk_rows": self.head_chunk_rows} if m.kind == KIND_HEAD else {}),
+            "num_hidden_layers": m.num_hidden_layers,
+            "checkpoint_fingerprint": m.checkpoint_fingerprint,
+            "weights_fingerprint": m.weights_fingerprint,
+            "quantization": m.quantization,
+            "architecture": to_dict(m.architecture),
+            "contract": m.contract.to_dict(),
+            "context_length": m.context_length,
+            "rope": self.rope,
+            "backend": self.backend,
+            "steps": self.steps,
+            "golden": golden,
+            "residency": self.residency,
+            "gates": [g.to_dict() for g in self.gates],
+            "verdict": self.verdict,
+            "versions": self.versions,
+            "created": self.created,
+        }
+
+    def write(self, path: str | Path) -> dict[str, Any]:
+        """Write the report as JSON (atomically), the package path relative to the report."""
+        path = Path(path)
+        data = self.to_dict()
+        # Relative to the report, so the pair can move together.
+        data["package"]["path"] = os.path.relpath(self.package.resolve(), path.resolve().parent)
+        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, where: Path | str = "report") -> ValidationReport:
+        """Parse and check a report's JSON; gates are recomputed (see the module docstring)."""
+        from anechain.report_read import parse_report
+
+        return parse_report(data, where)
+
+
+def report_path_for(package: str | Path) -> Path:
+    """Reports live beside their package: layers_0_8.mlpackage -> layers_0_8.report.json."""
+    package = Path(package)
+    return package.with_name(package.stem + REPORT_SUFFIX)
+
+
+def residency_gate(gate: Any) -> ResidencySettings | None:
+    """The residency gate a report records (residency.ResidencyReport.to_dict()['gate'])."""
+    if not isinstance(gate, dict):
+        return None
+    try:
+        settings: ResidencySettings = from_dict(ResidencySettings, gate, "residency.gate")
+    except ConfigError:
+        return None
+    return settings
+
+
+def _residency_limit(settings: ResidencySettings) -> int:
+    """How many compute ops off the ANE the gate lets through (strict: none)."""
+    return 0 if settings.strict else settings.max_compute_non_ane
