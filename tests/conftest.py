@@ -117,3 +117,22 @@ def odd_checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def odd_checkpoint(odd_checkpoint_dir: Path) -> Checkpoint:
     return Checkpoint(odd_checkpoint_dir)
+
+
+def save_offline_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A small word-level tokenizer built here (never downloaded), saved the way a Hugging
+    Face checkpoint ships one (tokenizer.json + tokenizer_config.json)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from anechain.golden import CALIBRATION_TEXT
+
+    words = [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(CALIBRATION_TEXT)]
+    vocab = {"<unk>": 0, "<s>": 1}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    assert len(vocab) < vocab_size
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
+    fast.save_pretrained(str(folder))

@@ -69,3 +69,29 @@ def test_calibration_tokens(tiny_checkpoint):
         calibration_tokens(ValidationSettings(steps=1, calibration_tokens=(5000,)), ck)
     with pytest.raises(ConfigError, match="need as many"):
         calibration_tokens(ValidationSettings(steps=3, calibration_tokens=(1,)), ck)
+
+
+def test_calibration_from_the_checkpoints_tokenizer(tiny_checkpoint_dir, tmp_path):
+    """With a tokenizer in the folder: BOS + the fixed text, never a download."""
+    from tests.conftest import save_offline_tokenizer
+    from transformers import AutoTokenizer
+
+    from anechain.checkpoint import Checkpoint, copy_checkpoint
+    from anechain.golden import CALIBRATION_TEXT
+
+    folder = copy_checkpoint(tiny_checkpoint_dir, tmp_path / "with-tokenizer")
+    save_offline_tokenizer(folder, 512)
+    ckpt = Checkpoint(folder)
+    settings = ValidationSettings(steps=16)
+    tokens = calibration_tokens(settings, ckpt)
+    ids = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)(
+        CALIBRATION_TEXT, add_special_tokens=False
+    )["input_ids"]
+    assert tokens == [511, *ids[:15]]  # the checkpoint's BOS, then the text
+    assert tokens != calibration_tokens(settings, Checkpoint(tiny_checkpoint_dir))
+    # Longer than the text: repeated (the late window's prefix), still BOS first.
+    long = calibration_tokens(settings, ckpt, 3 * len(ids))
+    assert long[: 1 + len(ids)] == [511, *ids] and long[1 + len(ids)] == 511
+    # Explicit ids still win over the text.
+    explicit = ValidationSettings(steps=2, calibration_tokens=(5, 6))
+    assert calibration_tokens(explicit, ckpt) == [5, 6]

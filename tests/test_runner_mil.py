@@ -331,3 +331,42 @@ def test_runs_the_exporters_shards_in_a_chain(
         assert not np.array_equal(out["output_hidden_states"], hidden)
         hidden = out["output_hidden_states"]
     assert np.isfinite(hidden).all()
+
+
+def test_layers_come_from_the_exporters_record(int8_shard: Path, tmp_path: Path) -> None:
+    """Layer outputs and op attribution follow `anechain.layer_outputs`; a record naming a
+    var the program does not produce, or out of program order, is refused."""
+    import coremltools as ct
+
+    runner = MILRunner(int8_shard)
+    contract_inputs = {s.name: np.zeros(s.shape, np.dtype(s.dtype)) for s in runner.inputs}
+    contract_inputs["hidden_states"] = np.full(runner.inputs[0].shape, 0.5, np.float16)
+    out = runner.step(contract_inputs)["output_hidden_states"]
+    assert len(runner.layer_outputs) == 2
+    np.testing.assert_array_equal(runner.layer_outputs[-1], out)  # the last layer's output
+    assert not np.array_equal(runner.layer_outputs[0], runner.layer_outputs[1])
+
+    model = ct.models.MLModel(str(int8_shard), skip_model_load=True)
+    names = json.loads(model.user_defined_metadata["anechain.layer_outputs"])
+    for bad, why in ((["nope", names[1]], "which no op produces"), (names[::-1], "order")):
+        model.user_defined_metadata["anechain.layer_outputs"] = json.dumps(bad)
+        path = tmp_path / f"bad{len(why)}.mlpackage"
+        model.save(str(path))
+        with pytest.raises(RunnerError, match=why):
+            MILRunner(path)
+
+
+def test_write_state_replaces_a_state(int8_shard: Path) -> None:
+    runner = MILRunner(int8_shard)
+    spec = runner.states[0]
+    value = np.full(spec.shape, 0.25, np.float16)
+    runner.write_state(spec.name, value)
+    np.testing.assert_array_equal(runner.read_state(spec.name), value)
+    value[:] = 0  # the runner holds its own copy
+    assert runner.read_state(spec.name).max() == np.float16(0.25)
+    with pytest.raises(RunnerError, match="cannot write"):
+        runner.write_state(spec.name, np.zeros((1, 2), np.float16))
+    with pytest.raises(RunnerError, match="no state"):
+        runner.write_state("nope", value)
+    runner.reset()
+    assert runner.read_state(spec.name).max() == 0

@@ -279,3 +279,71 @@ def test_compute_units_belong_to_the_coreml_backend(tiny_shards, tiny_checkpoint
         pkg, "--model", tiny_checkpoint_dir, "--backend", "coreml", "--compute-units", "cpu_only"
     )
     assert result.exit_code == 1 and seen == {"backend": "coreml", "compute_units": "cpu_only"}
+
+
+def _edit_rope(src, dst, **changes):
+    """A copy of a package whose anechain.rope metadata was edited after export."""
+    import coremltools as ct
+
+    model = ct.models.MLModel(str(src), skip_model_load=True)
+    rope = json.loads(model.user_defined_metadata["anechain.rope"])
+    model.user_defined_metadata["anechain.rope"] = json.dumps({**rope, **changes})
+    model.save(str(dst))
+    return dst
+
+
+def test_validation_uses_the_packages_rope_and_refuses_an_edited_one(
+    tiny_shards, tiny_checkpoint, tmp_path, cache, monkeypatch
+):
+    import anechain.validate as validate
+
+    pkg = tiny_shards[LayerRange(5, 6)]
+    rope = json.loads(validate.read_package_metadata(pkg).extra["rope"])
+    scaled = _edit_rope(pkg, tmp_path / "scaled.mlpackage", attention_scaling=1.0)
+    with pytest.raises(PackageError, match="attention_scaling 1.0"):
+        validate_shard(scaled, tiny_checkpoint, ValidationSettings(), backend="mil")
+    freqs = [f * 1.01 for f in rope["inv_freq_long"]]
+    longer = _edit_rope(pkg, tmp_path / "freqs.mlpackage", inv_freq_long=freqs)
+    with pytest.raises(PackageError, match="inv_freq_long differ"):
+        validate_shard(longer, tiny_checkpoint, ValidationSettings(), backend="mil")
+    # The host inputs are built from what the package carries.
+    seen = []
+    real = validate.step_inputs
+    monkeypatch.setattr(validate, "step_inputs", lambda r, *a: seen.append(r) or real(r, *a))
+    validate_shard(
+        pkg, tiny_checkpoint, ValidationSettings(steps=2), backend="mil", cache_dir=cache
+    )
+    assert seen and all(r.to_dict() == rope for r in seen)
+
+
+def test_late_window_crosses_into_the_long_longrope_factors(tmp_path, tiny_config, monkeypatch):
+    """A context past original_max_position_embeddings: the late window decodes with the long
+    factors, the early one with the short; a host that never switches is rejected."""
+    import dataclasses
+
+    import anechain.validate as validate
+    from anechain.checkpoint import Checkpoint, write_random_checkpoint
+    from anechain.rope import RopeParameters
+
+    arch = dataclasses.replace(
+        tiny_config.architecture, num_hidden_layers=2, original_max_position_embeddings=32
+    )
+    ckpt = Checkpoint(write_random_checkpoint(tmp_path / "ckpt", arch))
+    pkg = tmp_path / "layers_0_2.mlpackage"
+    export_shard(ckpt, LayerSpec(LayerRange(0, 2), pkg), tiny_config.export)  # context 64
+    rope = RopeParameters.from_hf_config(ckpt.hf_config)
+    assert rope.inv_freq_long != rope.inv_freq_short
+    settings = tiny_config.validation
+    good = validate_shard(pkg, ckpt, settings, backend="mil", cache_dir=tmp_path / "c")
+    data = good.to_dict()
+    assert data["verdict"] == "pass", good.failures()
+    assert [s["step"] for s in data["golden"]["per_step"]][-4:] == [60, 61, 62, 63]
+
+    real_step_inputs = validate.step_inputs
+
+    def short_only(r, *args):  # a host that ignores original_max_position_embeddings
+        return real_step_inputs(dataclasses.replace(r, inv_freq_long=r.inv_freq_short), *args)
+
+    monkeypatch.setattr(validate, "step_inputs", short_only)
+    bad = validate_shard(pkg, ckpt, settings, backend="mil", cache_dir=tmp_path / "c")
+    assert bad.verdict == "fail" and "kv_cosine" in bad.failed_gates(), bad.failures()
