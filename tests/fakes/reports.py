@@ -44,6 +44,10 @@ LAYER_METRICS = {
     "delta_rmse": 0.01,
     "delta_max_abs": 0.1,
     "nonfinite": 0,
+    "step_delta_cosine": 0.98,
+    "layer_delta_cosine": 0.99,
+    "kv_cosine": 0.9995,
+    "kv_unwritten_max_abs": 0.0,
 }
 HEAD_METRICS = {
     "top1_agreement": 1.0,
