@@ -135,6 +135,9 @@ def test_cli_pass_writes_report_beside_the_package(
     assert result.exit_code == 0, result.output
     for gate in ("finite", "cosine", "delta_cosine", "rmse", "max_abs", "residency"):
         assert gate in result.stdout
+    for gate in ("step_delta_cosine", "layer_delta_cosine", "kv_cosine", "kv_unwritten"):
+        assert gate in result.stdout
+    assert "delta cosine per layer: 5: " in result.stdout and "late window:" in result.stdout
     if expected_live_status() == "not_checked":
         assert "verdict: PASS (residency not checked)" in result.stdout
     report = json.loads((tmp_path / "s.report.json").read_text())

@@ -13,6 +13,7 @@ macOS, coremltools, Neural Engine cores).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import json
 import tempfile
@@ -108,7 +109,9 @@ def golden_run(
         head = run_head_golden(runner, meta, checkpoint, settings, cache_dir)
         metrics, gates = head["metrics"], evaluate_gates(head["metrics"], settings.gates, KIND_HEAD)
     else:
-        golden, gates = run_golden(runner, meta, checkpoint, settings, cache_dir)
+        # One window: a bundle records the first `steps` and the states they leave.
+        one = dataclasses.replace(settings, late_steps=0)
+        golden, gates = run_golden(runner, meta, checkpoint, one, cache_dir)
         metrics = golden.metrics
     return {
         "metrics": metrics,

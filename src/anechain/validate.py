@@ -141,16 +141,18 @@ def run_golden(
     meta: ShardMetadata,
     checkpoint: Checkpoint,
     settings: ValidationSettings,
-    rope: RopeParameters,
     cache_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
+    rope: RopeParameters | None = None,
 ) -> tuple[Golden, tuple[Gate, ...]]:
     """The decode loop: reference in, shard out, compared per step, per layer (when the
     runner exposes layer outputs), and for the KV cache read back from the shard's state.
 
     Two windows: the first `steps` positions from an empty cache, and `late_steps` at the
-    end of the context with the cache filled from the reference before them.
+    end of the context with the cache filled from the reference before them. The host
+    inputs come from the package's rope metadata (`rope`, read and checked if not given).
     """
+    rope = rope or package_rope(meta, checkpoint, "the package")
     context = meta.context_length
     if settings.steps > context:
         raise PackageError(
@@ -311,8 +313,7 @@ def validate_shard(
             first_nonfinite=head["first_nonfinite"],
         )
     else:
-        assert rope is not None  # a layer package
-        golden, gates = run_golden(runner, meta, checkpoint, settings, rope, cache_dir, progress)
+        golden, gates = run_golden(runner, meta, checkpoint, settings, cache_dir, progress, rope)
     return ValidationReport(
         package=package,
         package_sha256=sha256_tree(package),

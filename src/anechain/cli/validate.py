@@ -65,6 +65,14 @@ def render_report(report: dict) -> str:
     if golden["layer_max_abs"]:
         peaks = ", ".join(f"{k}: {_fmt(v)}" for k, v in golden["layer_max_abs"].items())
         lines.append(f"largest |activation| per layer: {peaks}")
+    if golden.get("layers"):
+        deltas = ", ".join(f"{m['layer']}: {_fmt(m['delta_cosine'])}" for m in golden["layers"])
+        lines.append(f"delta cosine per layer: {deltas}")
+    for name, window in (golden.get("windows") or {}).items():
+        lines.append(
+            f"{name} window: cosine {_fmt(window['cosine'])}, delta cosine "
+            f"{_fmt(window['delta_cosine'])}"
+        )
     status = report["residency"]["status"]
     caveat = {
         "not_checked": " (residency not checked)",
