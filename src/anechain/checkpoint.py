@@ -277,6 +277,7 @@ QK_GAIN = 1.6
 # write a few hundred into MASSIVE_CHANNELS; the residual carries it to the last layer.
 MASSIVE_LAYER = 1
 MASSIVE_VALUE = 300.0
+_UNIT_PROJECTION = 8.0
 
 
 def massive_channels(hidden_size: int) -> tuple[int, ...]:
@@ -368,24 +369,28 @@ def _add_massive_units(
     """Make a few MLP units respond to the trigger direction and write massive values.
 
     On the normed input x (rms 1), a unit with gate and up rows a*u computes
-    silu(a x.u) * a x.u: about a^2 for an ordinary token (x.u ~ N(0, 1)) but
-    a^2 (0.5 sqrt(H))^2 for BOS, whose normed state lies near u. Spread over several units
-    (and both massive channels) so INT8 rounding errors average out.
+    silu(a x.u) * a x.u: small for an ordinary token (x.u ~ N(0, 1)) but about
+    (a sqrt(H))^2 for BOS, whose normed state lies near u.
     """
     h, i = arch.hidden_size, arch.intermediate_size
-    n = max(4, i // 16)
+    # A few units (as many as a tiny model has at any width): each carries a sizeable part
+    # of the massive value, so its down_proj weights set their INT8 row scales, rather than
+    # vanishing below them (at 3072 wide, 512 units each writing 3e-4 rounded to 0).
+    n = max(4, min(16, i // 16))
     units = torch.arange(n) * (i // n)
     u = trigger.direction
-
     # Each row is u plus its own noise (as large as u): BOS still dominates every unit, and
     # the rows' INT8 rounding errors are independent, so they average out over the units.
+    # Scaled so BOS's projection on a row is the same at any width (1 at hidden 64).
+    scale = _UNIT_PROJECTION / math.sqrt(h)
+
     def rows() -> torch.Tensor:
-        return u[None] + torch.randn(n, h, generator=gen) / math.sqrt(h)  # (n, H)
+        return scale * (u[None] + torch.randn(n, h, generator=gen) / math.sqrt(h))  # (n, H)
 
     gate_up[units] = rows()
     gate_up[i + units] = rows()
-    # BOS reaches x.u ~ sqrt(H) (its normed state lies along u): each unit gives about H.
-    per_unit = float(h)
+    # BOS's normed state lies along u (x.u ~ sqrt(H)): each unit gives ~_UNIT_PROJECTION^2.
+    per_unit = _UNIT_PROJECTION**2
     weight = MASSIVE_VALUE / (n * per_unit)
     for c in massive_channels(h):
         down[c, units] = weight * (1.0 + 0.1 * torch.randn(n, generator=gen))

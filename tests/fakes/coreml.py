@@ -369,8 +369,11 @@ class MILStateProxy:
         except Exception as exc:
             raise RuntimeError(str(exc)) from None
 
-    def write_state(self, name: str, value: np.ndarray) -> None:  # pragma: no cover
-        raise NotImplementedError
+    def write_state(self, name: str, value: np.ndarray) -> None:
+        try:
+            self.runner.write_state(name, value)
+        except Exception as exc:
+            raise RuntimeError(str(exc)) from None
 
 
 class MILModelProxy:
