@@ -50,7 +50,7 @@ def test_build_residency_follows_the_machine(tiny_build):
     reports = [a.report for a in result.artifacts if a.report is not None]
     assert len(reports) == 4
     for report in reports:
-        assert report["residency"]["status"] == expected_live_status()
+        assert report.residency["status"] == expected_live_status()
 
 
 def test_generate_matches_transformers_greedy_exactly(tiny_build, tiny_checkpoint_dir):
