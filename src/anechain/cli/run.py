@@ -53,7 +53,7 @@ def render_build(result) -> str:  # type: ignore[no-untyped-def]
         else:
             golden = (
                 f"cos {_fmt(m['cosine'])}, delta {_fmt(m['delta_cosine'])}, "
-                f"rmse/rms {_fmt(m.get('rel_rmse'), 4)}, max/rms {_fmt(m.get('rel_max_abs'), 3)}"
+                f"rel rmse {_fmt(m.get('rel_rmse'), 4)}, rel max {_fmt(m.get('rel_max_abs'), 3)}"
             )
         verdict = "pass" if r.verdict == "pass" else "FAIL " + ",".join(r.failed_gates())
         rows.append(
