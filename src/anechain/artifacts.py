@@ -124,8 +124,9 @@ class InputKeys:
     ) -> str:
         """`layers` None: the head, whose reference runs every layer."""
         n = self.checkpoint.architecture.num_hidden_layers
-        # The reference input of [start, end) comes out of layers [0, start): they count.
-        reference = self._layers(LayerRange(0, layers.end if layers else n))
+        # The reference input of [start, end) comes out of the embedding and layers [0, start).
+        reference = self._holds("embedding", None)
+        reference += self._layers(LayerRange(0, layers.end if layers else n))
         if layers is None:
             reference += self._holds("head", None)
         return digest(
