@@ -33,8 +33,9 @@ _ARRAY_DTYPES = {
     "INT8": np.int8,
 }
 
-# (compiled path, compute units name) -> an object with predict(data, state=) and make_state().
-ModelLoader = Callable[[str, str], Any]
+# (compiled path, compute units name) -> an object with predict(data, state=) and make_state();
+# a third argument, when given, names the function of a multifunction model to load.
+ModelLoader = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,11 @@ def _dtype(type_name: str, where: str) -> np.dtype:
         raise RunnerError(f"{where}: unsupported array data type {type_name!r}") from None
 
 
-def features_from_spec(spec: Any) -> tuple[list[FeatureSpec], list[FeatureSpec], list[str]]:
-    """(inputs, outputs, state names) of a model spec (coremltools protobuf)."""
+def features_from_spec(
+    spec: Any, function: str | None = None
+) -> tuple[list[FeatureSpec], list[FeatureSpec], list[str]]:
+    """(inputs, outputs, state names) of a model spec (coremltools protobuf); for a
+    multifunction model, of `function` (default: its default function)."""
 
     def arrays(descriptions: Any, kind: str) -> list[FeatureSpec]:
         out = []
@@ -71,6 +75,15 @@ def features_from_spec(spec: Any) -> tuple[list[FeatureSpec], list[FeatureSpec],
         return out
 
     desc = spec.description
+    if len(desc.functions):
+        name = function or desc.defaultFunctionName
+        found = [f for f in desc.functions if f.name == name]
+        if not found:
+            names = ", ".join(f.name for f in desc.functions)
+            raise RunnerError(f"the model has no function {name!r} (it has {names})")
+        desc = found[0]
+    elif function not in (None, "main"):
+        raise RunnerError(f"the model has one function, `main`, not {function!r}")
     return (
         arrays(desc.input, "input"),
         arrays(desc.output, "output"),
@@ -128,17 +141,22 @@ def check_inputs(expected: list[FeatureSpec], inputs: dict[str, np.ndarray]) -> 
             )
 
 
-def _coremltools_load_model(compiled: str, compute_units: str) -> Any:
+def _coremltools_load_model(compiled: str, compute_units: str, function: str | None = None) -> Any:
     import coremltools as ct
 
-    return ct.models.CompiledMLModel(compiled, compute_units=ct.ComputeUnit[compute_units.upper()])
+    return ct.models.CompiledMLModel(
+        compiled, compute_units=ct.ComputeUnit[compute_units.upper()], function_name=function
+    )
 
 
 class CoreMLRunner:
     """ShardRunner over Core ML: `CompiledMLModel` + `make_state()` + `predict(state=)`.
 
     Takes an .mlpackage (compiled to a temporary folder, removed with the runner) or an
-    .mlmodelc. `load_model` and `compiler` replace the Core ML calls (tests).
+    .mlmodelc. `load_model` and `compiler` replace the Core ML calls (tests). `function`
+    picks a function of a multifunction model; `state_from` is a runner of another function
+    of the same model whose state this one shares (Core ML states work across a model's
+    functions: prefill fills the KV cache decode reads).
     """
 
     name = "coreml"
@@ -150,6 +168,8 @@ class CoreMLRunner:
         *,
         load_model: ModelLoader | None = None,
         compiler: Any = None,
+        function: str | None = None,
+        state_from: CoreMLRunner | None = None,
     ) -> None:
         from anechain.compile import compile_to
 
@@ -170,30 +190,47 @@ class CoreMLRunner:
         if path.suffix == ".mlpackage":
             from anechain.package import load_spec
 
-            inputs, outputs, states = features_from_spec(load_spec(path))
-            self._tmp = Path(tempfile.mkdtemp(prefix="anechain-coreml-"))
-            self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
-            compiled = self._tmp / (path.stem + ".mlmodelc")
-            compile_to(path, compiled, compiler)
+            inputs, outputs, states = features_from_spec(load_spec(path), function)
+            if state_from is not None:  # the same package: compiled once
+                compiled = state_from.compiled
+            else:
+                self._tmp = Path(tempfile.mkdtemp(prefix="anechain-coreml-"))
+                self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
+                compiled = self._tmp / (path.stem + ".mlmodelc")
+                compile_to(path, compiled, compiler)
         elif path.suffix == ".mlmodelc":
             if not path.is_dir():
                 raise RunnerError(f"{path} does not exist")
             inputs, outputs = features_from_compiled(path)
             states = []
             compiled = path
+            if function is not None:
+                # metadata.json describes the default function only; Core ML checks the rest.
+                inputs, outputs = None, []
         else:
             raise RunnerError(f"{path} is neither an .mlpackage nor an .mlmodelc")
         self.compiled = compiled
         self.inputs = inputs
         self.outputs = outputs
         self.state_names = states
+        self.function = function
+        load_args = (str(compiled), compute_units) + ((function,) if function else ())
         try:
-            self._model = load_model(str(compiled), compute_units)
+            self._model = load_model(*load_args)
         except Exception as exc:  # Core ML surfaces load failures as bare Exceptions
             raise RunnerError(f"Core ML could not load {compiled}: {exc}") from None
         # A .mlpackage says whether it has states; for an .mlmodelc we find out.
         self._stateful = bool(states) or path.suffix == ".mlmodelc"
-        self._state = self._new_state()
+        self._shares: CoreMLRunner | None = None
+        if state_from is not None:
+            if path.resolve() != state_from.path.resolve() or states != state_from.state_names:
+                raise RunnerError(
+                    f"{path} ({function}) cannot share the state of {state_from.path} "
+                    f"({state_from.function}): another model or other states"
+                )
+            self._shares = state_from  # its state object, also after either resets
+        else:
+            self._state = self._new_state()
 
     def _new_state(self) -> Any:
         if not self._stateful:
@@ -208,12 +245,24 @@ class CoreMLRunner:
             self._stateful = False
             return None
 
+    @property
+    def _state(self) -> Any:
+        return self._shares._state if self._shares is not None else self._own_state
+
+    @_state.setter
+    def _state(self, value: Any) -> None:
+        if self._shares is not None:
+            self._shares._state = value
+        else:
+            self._own_state = value
+
     def reset(self) -> None:
-        """A fresh state: Core ML's new states start zeroed."""
+        """A fresh state (Core ML's new states start zeroed), for every runner sharing it."""
         self._state = self._new_state()
 
     def step(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_inputs(self.inputs, inputs)
+        if self.inputs is not None:
+            check_inputs(self.inputs, inputs)
         try:
             # predict converts fp16 arrays in the dict it is given; hand it a copy.
             raw = self._model.predict(dict(inputs), state=self._state)

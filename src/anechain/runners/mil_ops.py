@@ -178,6 +178,10 @@ def _reshape(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> An
     return x.reshape(shape)
 
 
+def _transpose(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    return np.transpose(np.asarray(a["x"]), ints(a["perm"]))
+
+
 def _expand_dims(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
     return np.expand_dims(np.asarray(a["x"]), tuple(ints(a["axes"])))
 
@@ -276,6 +280,7 @@ OPS: dict[str, OpFn] = {
     "conv": _conv,
     "reshape": _reshape,
     "expand_dims": _expand_dims,
+    "transpose": _transpose,
     "concat": _concat,
     "slice_by_index": _slice_by_index,
     "slice_update": _slice_update,
