@@ -1,7 +1,13 @@
 """Export decoder-layer ranges as fused, stateful, INT8 Core ML packages.
 
-trace (torch.jit) -> ct.convert (ML Program, iOS18, fp16, KV states) -> INT8 per-channel
-weights (projections only) -> metadata -> save into a temporary folder -> rename.
+Each projection tensor is read from the checkpoint, quantized to INT8 and placed in an ML
+Program built directly with coremltools' MIL Builder (`anechain.program`); the program
+is converted with no graph passes, checked, given its metadata and saved into a temporary
+folder that is renamed into place. The package is a pure function of its inputs: the
+same checkpoint and settings give byte-identical packages.
+
+The traced torch path (`anechain._traced`: torch.jit.trace -> ct.convert -> INT8 pass) is
+the executable specification, kept for the equivalence test and the benchmark only.
 """
 
 from __future__ import annotations
@@ -10,8 +16,9 @@ import gc
 import json
 import logging
 import time
+import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,13 +40,15 @@ from anechain.contract import (
 from anechain.errors import ExportError
 from anechain.fsutil import atomic_path
 from anechain.head import head_tensor_names
-from anechain.model import LayerRangeModel, LMHeadModel
 from anechain.package import package_size
 from anechain.rope import RopeParameters
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+
+# Metadata key: JSON list of each layer's output var in `main`, in layer order.
+LAYER_OUTPUTS_KEY = "layer_outputs"
 
 
 @dataclass(frozen=True)
@@ -74,58 +83,16 @@ class ExportResult:
         }
 
 
-def _example_inputs(contract: IOContract) -> tuple[torch.Tensor, ...]:
-    # fp32 example inputs: the module is traced in fp32 and converted with fp16 compute.
-    out = []
-    for spec in contract.inputs:
-        if spec.dtype == "int32":
-            out.append(torch.zeros(spec.shape, dtype=torch.int32))
-        else:
-            out.append(torch.zeros(spec.shape, dtype=torch.float32))
-    return tuple(out)
+def iter_tensors(
+    checkpoint: Checkpoint, names: Iterable[str]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The range's tensors, one at a time, in order: the one place export reads weights.
 
-
-def _convert(traced: Any, contract: IOContract) -> Any:
-    import coremltools as ct
-
-    inputs = [
-        ct.TensorType(name=s.name, shape=s.shape, dtype=np.dtype(s.dtype).type)
-        for s in contract.inputs
-    ]
-    outputs = [ct.TensorType(name=s.name, dtype=np.dtype(s.dtype).type) for s in contract.outputs]
-    states = [
-        ct.StateType(wrapped_type=ct.TensorType(shape=s.shape, dtype=np.float16), name=s.name)
-        for s in contract.states
-    ]
-    return ct.convert(
-        traced,
-        inputs=inputs,
-        outputs=outputs,
-        states=states or None,
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS18,
-        compute_precision=ct.precision.FLOAT16,
-        skip_model_load=True,
-    )
-
-
-def _quantize_int8(mlmodel: Any) -> Any:
-    """Per-output-channel symmetric INT8 for conv weights only.
-
-    Restricted by op type: in the conv layout the RMSNorm gains (1, C, 1, 1) would exceed
-    the default size threshold and be quantized too; they must stay fp16.
+    Only one tensor is alive at a time (the caller quantizes it and drops it), so memory
+    never holds a layer range in bf16 or fp32.
     """
-    from coremltools.optimize.coreml import (
-        OpLinearQuantizerConfig,
-        OptimizationConfig,
-        linear_quantize_weights,
-    )
-
-    op_config = OpLinearQuantizerConfig(
-        mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0
-    )
-    config = OptimizationConfig(global_config=None, op_type_configs={"conv": op_config})
-    return linear_quantize_weights(mlmodel, config=config)
+    for name in names:
+        yield name, checkpoint.read_tensors([name])[name]
 
 
 def program_op_counts(prog: Any) -> Counter[str]:
@@ -142,25 +109,32 @@ def program_op_counts(prog: Any) -> Counter[str]:
     return counts
 
 
-def _build_package(
-    module: torch.nn.Module,
+class _Stages:
+    """Per-stage wall time, reported as progress."""
+
+    def __init__(self, label: str, say: Progress, t0: float) -> None:
+        self.label, self.say, self.t0 = label, say, t0
+        self.t = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self.t
+        self.say(f"{self.label} {name} done in {now - self.t:.1f}s")
+        self.t = now
+
+
+def _metadata(
     checkpoint: Checkpoint,
     kind: str,
     layers: LayerRange | None,
     tensor_names: list[str],
     contract: IOContract,
-    dest: Path,
     settings: ExportSettings,
-    expected_conv: int,
-    description: str,
-    overwrite: bool,
-    say: Progress,
-    t0: float,
-    extra: dict[str, str] | None = None,
-) -> ExportResult:
-    """trace -> convert -> INT8 -> check the program -> metadata -> atomic save."""
-    label = f"[{layers or kind}]"
-    meta = ShardMetadata(
+    extra: dict[str, str],
+) -> ShardMetadata:
+    rope = RopeParameters.from_hf_config(checkpoint.hf_config)
+    return ShardMetadata(
         version=__version__,
         kind=kind,
         layers=layers,
@@ -171,36 +145,43 @@ def _build_package(
         context_length=settings.context_length,
         architecture=checkpoint.architecture,
         contract=contract,
-        extra={**(extra or {}), **_rope_metadata(checkpoint)},
+        # LongRoPE frequencies and scaling, so a runtime can build cos/sin without the checkpoint.
+        extra={**extra, "rope": json.dumps(rope.to_dict(), sort_keys=True)},
     )
-    t = time.perf_counter()
-    stages: dict[str, float] = {"load": t - t0}
 
-    def stage(name: str, since: float) -> float:
-        now = time.perf_counter()
-        stages[name] = now - since
-        say(f"{label} {name} done in {now - since:.1f}s")
-        return now
 
-    with torch.no_grad():
-        traced = torch.jit.trace(module, _example_inputs(contract), check_trace=False)
-    t = stage("trace", t)
-    try:
-        mlmodel = _convert(traced, contract)
-    except Exception as exc:
-        raise ExportError(f"{label} conversion failed: {exc}") from exc
-    del traced
-    gc.collect()
-    t = stage("convert", t)
+def _deterministic_manifest(package: Path) -> None:
+    """Replace the package's random item identifiers with ones derived from the item paths.
 
-    if settings.quantization == "int8":
-        try:
-            mlmodel = _quantize_int8(mlmodel)
-        except Exception as exc:
-            raise ExportError(f"{label} INT8 quantization failed: {exc}") from exc
-        gc.collect()
-        t = stage("quantize", t)
+    coremltools' ModelPackage names each item with a fresh UUID4; everything else it
+    writes is a function of the program, so this makes the whole folder reproducible.
+    """
+    manifest_path = package / "Manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    renamed = {}
+    for old, entry in manifest["itemInfoEntries"].items():
+        new = str(uuid.uuid5(uuid.NAMESPACE_URL, "anechain:" + entry["path"])).upper()
+        renamed[old] = new
+    manifest["itemInfoEntries"] = {
+        renamed[k]: v for k, v in sorted(manifest["itemInfoEntries"].items())
+    }
+    manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
 
+
+def _save(
+    mlmodel: Any,
+    meta: ShardMetadata,
+    description: str,
+    dest: Path,
+    expected_conv: int,
+    settings: ExportSettings,
+    overwrite: bool,
+    stages: _Stages,
+    t0: float,
+) -> ExportResult:
+    """Check the program's op counts, write metadata, save atomically and reproducibly."""
+    label = stages.label
     counts = program_op_counts(mlmodel._mil_program)
     if counts["conv"] != expected_conv or counts["linear"]:
         raise ExportError(
@@ -216,25 +197,20 @@ def _build_package(
     mlmodel.version = __version__
     with atomic_path(dest, overwrite=overwrite) as tmp:
         mlmodel.save(str(tmp))
+        _deterministic_manifest(tmp)
     del mlmodel
     gc.collect()
-    stage("save", t)
+    stages.done("save")
     return ExportResult(
         path=dest,
-        layers=layers,
+        layers=meta.layers,
         op_counts=dict(counts),
         quantized_weights=quantized,
         size_bytes=package_size(dest),
         seconds=time.perf_counter() - t0,
-        stage_seconds=stages,
-        kind=kind,
+        stage_seconds=stages.seconds,
+        kind=meta.kind,
     )
-
-
-def _rope_metadata(checkpoint: Checkpoint) -> dict[str, str]:
-    """LongRoPE frequencies and scaling, so a runtime can build cos/sin without the checkpoint."""
-    rope = RopeParameters.from_hf_config(checkpoint.hf_config)
-    return {"rope": json.dumps(rope.to_dict(), sort_keys=True)}
 
 
 def _check_dest(dest: Path, overwrite: bool) -> None:
@@ -242,6 +218,29 @@ def _check_dest(dest: Path, overwrite: bool) -> None:
         raise ExportError(f"{dest}: the output must end in .mlpackage")
     if dest.exists() and not overwrite:
         raise ExportError(f"{dest} already exists; pass --overwrite to replace it")
+
+
+def _convert(prog: Any, label: str) -> Any:
+    from anechain.program import to_mlmodel
+
+    try:
+        return to_mlmodel(prog)
+    except Exception as exc:  # coremltools raises assorted types for an invalid program
+        raise ExportError(f"{label} conversion failed: {exc}") from exc
+
+
+def _layers_description(layers: LayerRange, settings: ExportSettings) -> str:
+    return (
+        f"Phi-4-mini decoder layers [{layers.start}, {layers.end}) for single-token decode, "
+        f"{settings.quantization} weights, KV cache as state"
+    )
+
+
+def _head_description(n_chunks: int, settings: ExportSettings) -> str:
+    return (
+        f"Phi-4-mini final norm + LM head in {n_chunks} chunks of <= "
+        f"{settings.head_chunk_rows} rows, each returning its max logit and argmax"
+    )
 
 
 def export_shard(
@@ -252,6 +251,8 @@ def export_shard(
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export one layer range to one .mlpackage, atomically."""
+    from anechain.program import layer_program, read_layer_weights
+
     say = progress or (lambda msg: log.info(msg))
     arch = checkpoint.architecture
     layers = spec.layers
@@ -259,27 +260,41 @@ def export_shard(
     _check_dest(spec.path, overwrite)
 
     t0 = time.perf_counter()
+    label = f"[{layers}]"
     contract = layer_contract(arch, settings.context_length, layers.num_layers)
-    say(f"[{layers}] reading {layers.num_layers} layers from {checkpoint.path}")
+    say(f"{label} reading and quantizing {layers.num_layers} layers from {checkpoint.path}")
     names = checkpoint.layer_tensor_names(layers)
-    tensors = checkpoint.read_tensors(names)
-    model = LayerRangeModel(arch, layers, settings.context_length).eval()
-    model.load_hf_layer_weights(tensors)
-    del tensors
-    return _build_package(
-        model,
+    stages = _Stages(label, say, t0)
+    tensors = iter_tensors(checkpoint, names)
+    weights = [
+        read_layer_weights(tensors, layers.start + k, k, settings.quantization)
+        for k in range(layers.num_layers)
+    ]
+    stages.done("read+quantize")
+    prog, outputs = layer_program(contract, weights, arch, settings.context_length)
+    del weights
+    stages.done("build")
+    mlmodel = _convert(prog, label)
+    del prog
+    stages.done("convert")
+    meta = _metadata(
         checkpoint,
         KIND_LAYERS,
         layers,
         names,
         contract,
-        spec.path,
         settings,
+        {LAYER_OUTPUTS_KEY: json.dumps(outputs)},
+    )
+    return _save(
+        mlmodel,
+        meta,
+        _layers_description(layers, settings),
+        spec.path,
         4 * layers.num_layers,
-        f"Phi-4-mini decoder layers [{layers.start}, {layers.end}) for single-token decode, "
-        f"{settings.quantization} weights, KV cache as state",
+        settings,
         overwrite,
-        say,
+        stages,
         t0,
     )
 
@@ -291,34 +306,46 @@ def export_head(
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> ExportResult:
-    """Export the final RMSNorm + chunked LM head (INT8 like the layers)."""
+    """Export the final RMSNorm + chunked LM head (INT8 like the layers), chunk by chunk."""
+    from anechain.program import head_program, read_head_weights
+
     say = progress or (lambda msg: log.info(msg))
     arch = checkpoint.architecture
     _check_dest(dest, overwrite)
     t0 = time.perf_counter()
-    say(f"[head] reading the final norm and LM head from {checkpoint.path}")
-    names = head_tensor_names(checkpoint)
-    tensors = checkpoint.read_tensors(names)
-    model = LMHeadModel(arch, settings.head_chunk_rows).eval()
-    model.load_hf_weights(tensors[names[0]], tensors[names[1]])
-    del tensors
-    n_chunks = len(model.chunks)
-    return _build_package(
-        model,
+    label = "[head]"
+    say(f"{label} reading the final norm and LM head from {checkpoint.path}")
+    names = list(head_tensor_names(checkpoint))
+    stages = _Stages(label, say, t0)
+    weights = read_head_weights(checkpoint, names, settings.head_chunk_rows, settings.quantization)
+    stages.done("read+quantize")
+    n_chunks = len(weights.chunks)
+    contract = head_contract(arch, n_chunks)
+    prog = head_program(contract, weights, arch)
+    del weights
+    stages.done("build")
+    mlmodel = _convert(prog, label)
+    del prog
+    stages.done("convert")
+    meta = _metadata(
         checkpoint,
         KIND_HEAD,
         None,
-        list(names),
-        head_contract(arch, n_chunks),
-        dest,
+        names,
+        contract,
         settings,
+        {"head_chunk_rows": str(settings.head_chunk_rows)},
+    )
+    return _save(
+        mlmodel,
+        meta,
+        _head_description(n_chunks, settings),
+        dest,
         n_chunks,
-        f"Phi-4-mini final norm + LM head in {n_chunks} chunks of <= "
-        f"{settings.head_chunk_rows} rows, each returning its max logit and argmax",
+        settings,
         overwrite,
-        say,
+        stages,
         t0,
-        extra={"head_chunk_rows": str(settings.head_chunk_rows)},
     )
 
 
@@ -330,7 +357,8 @@ def export_embedding(
 ) -> ExportResult:
     """The token embedding as an fp16 .npy table the host gathers rows from (mmap-able).
 
-    Phi-4-mini ties it with the LM head; the head package holds its own INT8 copy.
+    Phi-4-mini ties it with the LM head; the head package holds its own INT8 copy. Written
+    in row blocks, so memory holds one block, not the 200064 x 3072 table.
     """
     say = progress or (lambda msg: log.info(msg))
     if dest.suffix != ".npy":
@@ -340,11 +368,15 @@ def export_embedding(
     t0 = time.perf_counter()
     name = "model.embed_tokens.weight"
     say(f"[embedding] reading {name} from {checkpoint.path}")
-    table = checkpoint.read_tensors([name])[name].to(torch.float16).numpy()  # (vocab, hidden)
+    rows, cols = checkpoint.tensor_shape(name)
     with atomic_path(dest, overwrite=overwrite) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, table, allow_pickle=False)
-    say(f"[embedding] {table.shape[0]} x {table.shape[1]} fp16 written")
+        table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, cols))
+        for start in range(0, rows, 16384):
+            block = checkpoint.read_rows(name, start, min(start + 16384, rows))
+            table[start : start + block.shape[0]] = block.to(torch.float16).numpy()
+        table.flush()
+        del table
+    say(f"[embedding] {rows} x {cols} fp16 written")
     return ExportResult(
         path=dest,
         layers=None,
@@ -365,7 +397,7 @@ def export_shards(
 ) -> list[ExportResult]:
     """Export several ranges one after another, freeing memory in between.
 
-    Every spec is checked before the first (slow) export starts.
+    Every spec is checked before the first export starts.
     """
     arch = checkpoint.architecture
     seen: dict[Path, LayerSpec] = {}
