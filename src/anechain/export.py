@@ -30,10 +30,12 @@ from anechain import __version__
 from anechain.checkpoint import Checkpoint
 from anechain.config import ExportSettings, LayerRange
 from anechain.contract import (
+    DECODE_ONLY,
     KIND_HEAD,
     KIND_LAYERS,
     IOContract,
     ShardMetadata,
+    function_names,
     head_contract,
     layer_contract,
 )
@@ -95,8 +97,8 @@ def iter_tensors(
         yield name, checkpoint.read_tensors([name])[name]
 
 
-def program_op_counts(prog: Any) -> Counter[str]:
-    """Op types in the main function, nested blocks included."""
+def program_op_counts(prog: Any, function: str | None = None) -> Counter[str]:
+    """Op types in one function (default: the program's default one), nested blocks included."""
     counts: Counter[str] = Counter()
 
     def walk(ops: Any) -> None:
@@ -105,7 +107,7 @@ def program_op_counts(prog: Any) -> Counter[str]:
             for block in getattr(op, "blocks", ()):
                 walk(block.operations)
 
-    walk(prog.functions["main"].operations)
+    walk(prog.functions[function or prog.default_function_name].operations)
     return counts
 
 
@@ -132,6 +134,7 @@ def _metadata(
     contract: IOContract,
     settings: ExportSettings,
     extra: dict[str, str],
+    functions: dict[str, int] | None = None,
 ) -> ShardMetadata:
     rope = RopeParameters.from_hf_config(checkpoint.hf_config)
     return ShardMetadata(
@@ -147,6 +150,7 @@ def _metadata(
         contract=contract,
         # LongRoPE frequencies and scaling, so a runtime can build cos/sin without the checkpoint.
         extra={**extra, "rope": json.dumps(rope.to_dict(), sort_keys=True)},
+        functions=functions or dict(DECODE_ONLY),
     )
 
 
@@ -182,15 +186,19 @@ def _save(
 ) -> ExportResult:
     """Check the program's op counts, write metadata, save atomically and reproducibly."""
     label = stages.label
-    counts = program_op_counts(mlmodel._mil_program)
-    if counts["conv"] != expected_conv or counts["linear"]:
-        raise ExportError(
-            f"{label} unexpected program: {counts['conv']} conv ops (want {expected_conv}), "
-            f"{counts['linear']} linear"
-        )
-    quantized = counts["constexpr_blockwise_shift_scale"]
-    if settings.quantization == "int8" and quantized != expected_conv:
-        raise ExportError(f"{label} {quantized} INT8 weights in the program, want {expected_conv}")
+    for function in meta.functions if meta.kind == KIND_LAYERS else (None,):
+        counts = program_op_counts(mlmodel._mil_program, function)
+        where = f" ({function})" if function else ""
+        if counts["conv"] != expected_conv or counts["linear"]:
+            raise ExportError(
+                f"{label} unexpected program{where}: {counts['conv']} conv ops (want "
+                f"{expected_conv}), {counts['linear']} linear"
+            )
+        quantized = counts["constexpr_blockwise_shift_scale"]
+        if settings.quantization == "int8" and quantized != expected_conv:
+            raise ExportError(
+                f"{label} {quantized} INT8 weights in the program{where}, want {expected_conv}"
+            )
 
     mlmodel.user_defined_metadata.update(meta.to_user_metadata())
     mlmodel.short_description = description
@@ -230,9 +238,11 @@ def _convert(prog: Any, label: str) -> Any:
 
 
 def _layers_description(layers: LayerRange, settings: ExportSettings) -> str:
+    t = settings.prefill_tokens
     return (
-        f"Phi-4-mini decoder layers [{layers.start}, {layers.end}) for single-token decode, "
-        f"{settings.quantization} weights, KV cache as state"
+        f"Phi-4-mini decoder layers [{layers.start}, {layers.end}) for single-token decode"
+        + (f" and {t}-token prefill" if t else "")
+        + f", {settings.quantization} weights, KV cache as state"
     )
 
 
@@ -251,7 +261,7 @@ def export_shard(
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export one layer range to one .mlpackage, atomically."""
-    from anechain.program import layer_program, read_layer_weights
+    from anechain.program import layer_functions_program, layer_program, read_layer_weights
 
     say = progress or (lambda msg: log.info(msg))
     arch = checkpoint.architecture
@@ -271,7 +281,13 @@ def export_shard(
         for k in range(layers.num_layers)
     ]
     stages.done("read+quantize")
-    prog, outputs = layer_program(contract, weights, arch, settings.context_length)
+    functions = function_names(settings.prefill_tokens)
+    if settings.prefill_tokens:  # decode + prefill from the same quantized weights
+        prog, outputs = layer_functions_program(
+            arch, settings.context_length, weights, settings.prefill_tokens
+        )
+    else:
+        prog, outputs = layer_program(contract, weights, arch, settings.context_length)
     del weights
     stages.done("build")
     mlmodel = _convert(prog, label)
@@ -285,6 +301,7 @@ def export_shard(
         contract,
         settings,
         {LAYER_OUTPUTS_KEY: json.dumps(outputs)},
+        functions,
     )
     return _save(
         mlmodel,

@@ -558,6 +558,34 @@ def layer_program(
     return prog, [v.name for v in outputs]
 
 
+def layer_functions_program(
+    arch: Architecture, context: int, layers: list[LayerWeights], prefill_tokens: int
+) -> tuple[Any, list[str]]:
+    """`decode` (T = 1, the default function) and `prefill` (T tokens) in one Program.
+
+    Both functions emit the same LayerWeights, so each weight const carries the same
+    `weight_id` in both and the package stores one blob per weight; the two functions
+    declare the same states, which Core ML shares across a model's functions.
+    """
+    from coremltools.converters.mil import mil
+
+    from anechain.contract import FUNCTION_DECODE, FUNCTION_PREFILL, layer_contract
+
+    prog = mil.Program()
+    names: list[str] = []
+    for name, tokens in ((FUNCTION_DECODE, 1), (FUNCTION_PREFILL, prefill_tokens)):
+        contract = layer_contract(arch, context, len(layers), tokens)
+        with _function(contract) as func:
+            io = LayerIO(**{n: func.inputs[n] for n in func.inputs})
+            outputs = emit_layers(io, layers, arch, context, tokens=tokens)
+            func.set_outputs([outputs[-1]])
+            prog.add_function(name, func)
+        names = names or [v.name for v in outputs]  # decode's, as layer_program's
+    prog.default_function_name = FUNCTION_DECODE
+    prog.export_as_multifunction = True
+    return prog, names
+
+
 def head_program(contract: IOContract, weights: HeadWeights, arch: Architecture) -> Any:
     from coremltools.converters.mil import mil
 
