@@ -6,6 +6,10 @@ export of the same layers (the trace -> convert path without INT8); the figures 
 these machines for the plain path (8 layers: 118.8 s, 8.03 GiB) are printed beside them.
 
     python scripts/bench_export.py --layers 1 2 8 [--context 2048] [--workdir DIR]
+        [--prefill-tokens 0 64]
+
+INT8 exports run once per --prefill-tokens value (0: decode only; T: decode + a T-token
+prefill function sharing the weights), with the size ratio to the decode-only package.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ def child(args: argparse.Namespace) -> None:
         load_preset("phi-4-mini").export,
         context_length=args.context,
         quantization=args.quantization,
+        prefill_tokens=args.prefill,
     )
     result = export_shard(
         Checkpoint(args.checkpoint), LayerSpec(LayerRange(0, args.n), Path(args.out)), settings
@@ -40,8 +45,10 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(result.to_dict()))
 
 
-def run_one(checkpoint: Path, n: int, quantization: str, context: int, work: Path) -> dict:
-    out = work / f"bench_{n}_{quantization}.mlpackage"
+def run_one(
+    checkpoint: Path, n: int, quantization: str, context: int, work: Path, prefill: int = 0
+) -> dict:
+    out = work / f"bench_{n}_{quantization}_t{prefill}.mlpackage"
     cmd = [
         sys.executable,
         __file__,
@@ -54,6 +61,8 @@ def run_one(checkpoint: Path, n: int, quantization: str, context: int, work: Pat
         quantization,
         "--context",
         str(context),
+        "--prefill",
+        str(prefill),
         "--out",
         str(out),
     ]
@@ -77,6 +86,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--workdir", type=Path)
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--prefill-tokens", type=int, nargs="+", default=[0, 64])
+    p.add_argument("--prefill", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -104,18 +115,24 @@ def main() -> None:
         )
     print(f"command: python {shlex.join(sys.argv)}")
     print(
-        f"{'N':>2} {'mode':5} {'wall s':>7} {'convert':>8} {'quantize':>8} {'peak GiB':>8} "
-        f"{'package MB':>11}   plain path (notes)"
+        f"{'N':>2} {'mode':5} {'T':>3} {'wall s':>7} {'convert':>8} {'quantize':>8} "
+        f"{'peak GiB':>8} {'package MB':>11}   plain path (notes)"
     )
-    modes = ["int8"] if args.no_baseline else ["none", "int8"]
+    runs = [("int8", t) for t in args.prefill_tokens]
+    runs = runs if args.no_baseline else [("none", 0), *runs]
     for n in args.layers:
-        for mode in modes:
-            r = run_one(ckpt, n, mode, args.context, work)
+        decode_only = None
+        for mode, t in runs:
+            r = run_one(ckpt, n, mode, args.context, work, t)
+            if mode == "int8" and t == 0:
+                decode_only = r["size_bytes"]
             st = r["stage_seconds"]
             ref = PLAIN_PATH.get(n)
             note = f"{ref[0]:.1f} s, {ref[1]:.2f} GiB" if ref and mode == "int8" else ""
+            if t and decode_only:
+                note = f"size {r['size_bytes'] / decode_only:.5f} x decode-only"
             print(
-                f"{n:>2} {mode:5} {r['wall']:7.1f} {st.get('convert', 0):8.1f} "
+                f"{n:>2} {mode:5} {t:>3} {r['wall']:7.1f} {st.get('convert', 0):8.1f} "
                 f"{st.get('quantize', 0):8.1f} {r['peak_rss_gib']:8.2f} "
                 f"{r['size_bytes'] / 1e6:11.1f}   {note}",
                 flush=True,
