@@ -45,7 +45,10 @@ def tiny_checkpoint(tiny_checkpoint_dir: Path) -> Checkpoint:
 def tiny_shards(
     tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Checkpoint, tiny_config: Config
 ) -> dict[LayerRange, Path]:
-    """The tiny preset's asymmetric topology, exported once per session."""
+    """The tiny preset's asymmetric topology, exported once per session, decode-only (one
+    `main` function); two-function packages (decode + prefill) are in tests/test_prefill_*."""
+    import dataclasses
+
     from anechain.export import LayerSpec, export_shards
 
     out = tmp_path_factory.mktemp("shards")
@@ -53,7 +56,7 @@ def tiny_shards(
         LayerSpec(r, out / f"layers_{r.start}_{r.end}.mlpackage")
         for r in tiny_config.export.layer_ranges
     ]
-    export_shards(tiny_checkpoint, specs, tiny_config.export)
+    export_shards(tiny_checkpoint, specs, dataclasses.replace(tiny_config.export, prefill_tokens=0))
     return {s.layers: s.path for s in specs}
 
 

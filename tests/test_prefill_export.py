@@ -58,6 +58,11 @@ def test_two_functions_share_every_weight_blob_and_the_states(packages, tiny_con
         contract = layer_contract(tiny_config.architecture, 64, 3, t)
         assert runner.inputs == contract.inputs and runner.outputs == contract.outputs
         assert runner.states == contract.states
+    # The mil runner keeps one float32 copy of weights equal in both functions.
+    decode = MILRunner(both)
+    prefill = MILRunner(both, function="prefill", state_from=decode)
+    assert len(prefill._matrices) == 12
+    assert all(prefill._matrices[k] is decode._matrices[k] for k in prefill._matrices)
 
 
 def test_the_two_function_package_is_reproducible(packages, tiny_checkpoint, tiny_config, tmp_path):
@@ -143,6 +148,10 @@ def test_a_prefill_function_from_other_weights_fails(
     settings = dataclasses.replace(tiny_config.export, prefill_tokens=4)
     bad = export_shard(tiny_checkpoint, LayerSpec(RANGE, tmp_path / "bad.mlpackage"), settings)
     monkeypatch.undo()
+    decode = MILRunner(bad.path)
+    prefill = MILRunner(bad.path, function="prefill", state_from=decode)
+    shared = [k for k in prefill._matrices if prefill._matrices[k] is decode._matrices.get(k)]
+    assert len(shared) < 12  # layer 0's differ: compared by value, not trusted by name
     report = validate_shard(
         bad.path, tiny_checkpoint, tiny_config.validation, "mil", cache_dir=tmp_path
     )
@@ -183,3 +192,18 @@ def test_reference_kv_is_transformers_cache(tiny_checkpoint, tmp_path):
     q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
     v = qkv[:, q + kv :].reshape(len(tokens), arch.num_key_value_heads, arch.head_dim)
     np.testing.assert_allclose(values[0], v.transpose(1, 0, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_validate_cli_shows_the_prefill_gates(packages, tiny_checkpoint_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from anechain.cli import cli
+
+    report = tmp_path / "r.json"
+    args = ["validate", "shard", str(packages[4]), "--model", str(tiny_checkpoint_dir)]
+    config = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+    args += ["--config", str(config), "--backend", "mil", "--report", str(report)]
+    run = CliRunner().invoke(cli, [*args, "--cache-dir", str(tmp_path)])
+    assert run.exit_code == 0, run.output
+    assert "prefill_kv_keys_cosine" in run.stdout and "prefill_decode_cosine" in run.stdout
+    assert "prefill T=4: chunks 0+4, 4+4, 8+3, then decode from that cache" in run.stdout

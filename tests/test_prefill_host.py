@@ -24,6 +24,7 @@ from anechain.rope import (
     prefill_plan,
     step_inputs,
 )
+from anechain.runners import ShardRunner
 from anechain.runners.coreml import CoreMLRunner
 from anechain.runners.mil import MILRunner
 
@@ -115,8 +116,8 @@ def test_prefill_plan_pads_the_last_chunk_and_leaves_the_context_end_to_decode()
 
 
 def run_prefill(
-    decode: MILRunner,
-    prefill: MILRunner,
+    decode: ShardRunner,
+    prefill: ShardRunner,
     rope: RopeParameters,
     hidden: np.ndarray,
     poison: float = 0.0,
@@ -133,7 +134,7 @@ def run_prefill(
     return out
 
 
-def run_decode(runner: MILRunner, rope, hidden: np.ndarray, start: int) -> list[np.ndarray]:
+def run_decode(runner: ShardRunner, rope, hidden: np.ndarray, start: int) -> list[np.ndarray]:
     return [
         runner.step(step_inputs(rope, h, start + i, CONTEXT))["output_hidden_states"].reshape(-1)
         for i, h in enumerate(hidden)
@@ -243,3 +244,21 @@ def test_coreml_runner_loads_a_function_and_shares_one_state(attention_package, 
     assert not prefill.read_state("key_cache").any()
     with pytest.raises(RunnerError, match="no function 'verify'"):
         CoreMLRunner(attention_package, load_model=load_model, function="verify")
+
+
+@pytest.mark.macos
+def test_core_ml_shares_one_state_across_the_functions(attention_package, rope, arch):
+    """Real Core ML: prefill chunks then decode from the same state, as the mil runner does."""
+    decode = CoreMLRunner(attention_package)
+    prefill = CoreMLRunner(attention_package, function="prefill", state_from=decode)
+    hidden = np.random.default_rng(3).standard_normal((12, arch.hidden_size)).astype(np.float32)
+    got = np.concatenate(run_prefill(decode, prefill, rope, hidden[:10]))  # 8 + 2
+    after = run_decode(decode, rope, hidden[10:], 10)
+    mil_decode, mil_prefill = runners(attention_package)
+    want = np.concatenate(run_prefill(mil_decode, mil_prefill, rope, hidden[:10]))
+    want_after = run_decode(mil_decode, rope, hidden[10:], 10)
+    np.testing.assert_allclose(got, want, atol=5e-2)
+    np.testing.assert_allclose(np.stack(after), np.stack(want_after), atol=5e-2)
+    np.testing.assert_allclose(
+        decode.read_state("key_cache"), mil_decode.read_state("key_cache"), atol=5e-2
+    )

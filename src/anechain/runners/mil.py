@@ -119,7 +119,7 @@ class MILRunner:
         if self.function not in prog.functions:
             raise RunnerError(
                 f"{self.path}: the program has no {self.function!r} function "
-                f"(it has {', '.join(prog.functions)})"
+                f"(it has {', '.join(sorted(prog.functions))})"
             )
         func = prog.functions[self.function]
         ops = list(func.operations)
@@ -132,7 +132,9 @@ class MILRunner:
 
         self._consts: dict[str, Any] = {}
         self._matrices: dict[str, np.ndarray] = {}  # conv weight var -> float32 (out, in)
-        self._materialize(ops)
+        # Functions of one package share weight blobs: reuse the other runner's matrix where
+        # the values are equal (compared, never assumed from the name), one copy in memory.
+        self._materialize(ops, state_from._matrices if state_from is not None else {})
         self._steps: list[Step] = []
         self.num_layers = 1
         self._plan(ops)
@@ -197,7 +199,7 @@ class MILRunner:
             inputs.append(TensorSpec(name, shape, _np_dtype(var.dtype).name))
         self.inputs, self.states = tuple(inputs), tuple(states)
 
-    def _materialize(self, ops: list[Any]) -> None:
+    def _materialize(self, ops: list[Any], reuse: dict[str, np.ndarray]) -> None:
         """Evaluate consts and constexprs once; conv-only weights are kept only as matrices."""
         for op in ops:
             if not _is_load_time(op.op_type):
@@ -217,7 +219,11 @@ class MILRunner:
                 ]
                 if conv_uses:
                     self._check_conv_weight(conv_uses[0], np.shape(value))
-                    self._matrices[var.name] = conv_matrix(np.asarray(value))
+                    matrix = conv_matrix(np.asarray(value))
+                    same = reuse.get(var.name)
+                    if same is not None and np.array_equal(same, matrix):
+                        matrix = same
+                    self._matrices[var.name] = matrix
                 if len(conv_uses) < len(children) or not children:
                     self._consts[var.name] = value if isinstance(value, str) else np.asarray(value)
                 del value
