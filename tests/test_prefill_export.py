@@ -207,3 +207,13 @@ def test_validate_cli_shows_the_prefill_gates(packages, tiny_checkpoint_dir, tmp
     assert run.exit_code == 0, run.output
     assert "prefill_kv_keys_cosine" in run.stdout and "prefill_decode_cosine" in run.stdout
     assert "prefill T=4: chunks 0+4, 4+4, 8+3, then decode from that cache" in run.stdout
+
+
+def test_prefill_of_an_odd_shaped_model_passes(odd_checkpoint, odd_config, tmp_path):
+    """3 query heads per KV head, rotary over half the head, hidden 96, T = 3."""
+    settings = dataclasses.replace(odd_config.export, prefill_tokens=3)
+    spec = LayerSpec(LayerRange(0, 2), tmp_path / "odd.mlpackage")
+    path = export_shard(odd_checkpoint, spec, settings).path
+    report = validate_shard(path, odd_checkpoint, odd_config.validation, "mil", cache_dir=tmp_path)
+    assert report.verdict == "pass", report.failed_gates()
+    assert report.prefill["chunks"] == [[0, 3], [3, 3], [6, 3], [9, 2]]

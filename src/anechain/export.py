@@ -19,6 +19,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ Progress = Callable[[str], None]
 
 # Metadata key: JSON list of each layer's output var in `main`, in layer order.
 LAYER_OUTPUTS_KEY = "layer_outputs"
+_CONVERSION_DATE_KEY = "com.github.apple.coremltools.conversion_date"
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,8 @@ def iter_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The range's tensors, one at a time, in order: the one place export reads weights.
 
-    Only one tensor is alive at a time (the caller quantizes it and drops it), so memory
-    never holds a layer range in bf16 or fp32.
+    The consumer quantizes each and drops it (a few in flight), so memory never holds a
+    layer range in bf16 or fp32.
     """
     for name in names:
         yield name, checkpoint.read_tensors([name])[name]
@@ -130,7 +132,7 @@ def _metadata(
     checkpoint: Checkpoint,
     kind: str,
     layers: LayerRange | None,
-    tensor_names: list[str],
+    weights_fingerprint: str,
     contract: IOContract,
     settings: ExportSettings,
     extra: dict[str, str],
@@ -143,7 +145,7 @@ def _metadata(
         layers=layers,
         num_hidden_layers=checkpoint.architecture.num_hidden_layers,
         checkpoint_fingerprint=checkpoint.fingerprint,
-        weights_fingerprint=checkpoint.weights_fingerprint(tensor_names),
+        weights_fingerprint=weights_fingerprint,
         quantization=settings.quantization,
         context_length=settings.context_length,
         architecture=checkpoint.architecture,
@@ -154,21 +156,28 @@ def _metadata(
     )
 
 
-def _deterministic_manifest(package: Path) -> None:
-    """Replace the package's random item identifiers with ones derived from the item paths.
+def _make_reproducible(package: Path) -> None:
+    """Rewrite the two parts of a saved package that vary between identical saves.
 
-    coremltools' ModelPackage names each item with a fresh UUID4; everything else it
-    writes is a function of the program, so this makes the whole folder reproducible.
+    coremltools' ModelPackage names each item with a fresh UUID4 (Manifest.json), and the
+    protobuf serializes map fields (the user metadata) in hash order. Item identifiers are
+    derived from the item paths instead and the spec is re-serialized deterministically;
+    the weight blob is already a function of the program.
     """
+    from coremltools.proto import Model_pb2
+
+    spec_path = package / "Data/com.apple.CoreML/model.mlmodel"
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_path.read_bytes())
+    spec_path.write_bytes(spec.SerializeToString(deterministic=True))
+
     manifest_path = package / "Manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    renamed = {}
-    for old, entry in manifest["itemInfoEntries"].items():
-        new = str(uuid.uuid5(uuid.NAMESPACE_URL, "anechain:" + entry["path"])).upper()
-        renamed[old] = new
-    manifest["itemInfoEntries"] = {
-        renamed[k]: v for k, v in sorted(manifest["itemInfoEntries"].items())
+    renamed = {
+        old: str(uuid.uuid5(uuid.NAMESPACE_URL, "anechain:" + entry["path"])).upper()
+        for old, entry in manifest["itemInfoEntries"].items()
     }
+    manifest["itemInfoEntries"] = {renamed[k]: v for k, v in manifest["itemInfoEntries"].items()}
     manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
     manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
 
@@ -200,14 +209,17 @@ def _save(
                 f"{label} {quantized} INT8 weights in the program{where}, want {expected_conv}"
             )
 
-    mlmodel.user_defined_metadata.update(meta.to_user_metadata())
+    metadata = mlmodel.user_defined_metadata
+    # The conversion date is the only time-dependent content coremltools writes.
+    if _CONVERSION_DATE_KEY in metadata:
+        del metadata[_CONVERSION_DATE_KEY]
+    metadata.update(meta.to_user_metadata())
     mlmodel.short_description = description
     mlmodel.version = __version__
     with atomic_path(dest, overwrite=overwrite) as tmp:
         mlmodel.save(str(tmp))
-        _deterministic_manifest(tmp)
+        _make_reproducible(tmp)
     del mlmodel
-    gc.collect()
     stages.done("save")
     return ExportResult(
         path=dest,
@@ -261,7 +273,8 @@ def export_shard(
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export one layer range to one .mlpackage, atomically."""
-    from anechain.program import layer_functions_program, layer_program, read_layer_weights
+    from anechain.program import layer_functions_program, layer_program
+    from anechain.weights import read_range_weights
 
     say = progress or (lambda msg: log.info(msg))
     arch = checkpoint.architecture
@@ -275,11 +288,11 @@ def export_shard(
     say(f"{label} reading and quantizing {layers.num_layers} layers from {checkpoint.path}")
     names = checkpoint.layer_tensor_names(layers)
     stages = _Stages(label, say, t0)
-    tensors = iter_tensors(checkpoint, names)
-    weights = [
-        read_layer_weights(tensors, layers.start + k, k, settings.quantization)
-        for k in range(layers.num_layers)
-    ]
+    with ThreadPoolExecutor(1) as pool:
+        # sha256 of the range's bytes on the second core while this one quantizes.
+        fingerprint = pool.submit(checkpoint.weights_fingerprint, names)
+        weights = read_range_weights(iter_tensors(checkpoint, names), layers, settings.quantization)
+        weights_fingerprint = fingerprint.result()
     stages.done("read+quantize")
     functions = function_names(settings.prefill_tokens)
     if settings.prefill_tokens:  # decode + prefill from the same quantized weights
@@ -297,7 +310,7 @@ def export_shard(
         checkpoint,
         KIND_LAYERS,
         layers,
-        names,
+        weights_fingerprint,
         contract,
         settings,
         {LAYER_OUTPUTS_KEY: json.dumps(outputs)},
@@ -324,7 +337,8 @@ def export_head(
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export the final RMSNorm + chunked LM head (INT8 like the layers), chunk by chunk."""
-    from anechain.program import head_program, read_head_weights
+    from anechain.program import head_program
+    from anechain.weights import read_head_weights
 
     say = progress or (lambda msg: log.info(msg))
     arch = checkpoint.architecture
@@ -334,7 +348,12 @@ def export_head(
     say(f"{label} reading the final norm and LM head from {checkpoint.path}")
     names = list(head_tensor_names(checkpoint))
     stages = _Stages(label, say, t0)
-    weights = read_head_weights(checkpoint, names, settings.head_chunk_rows, settings.quantization)
+    with ThreadPoolExecutor(1) as pool:
+        fingerprint = pool.submit(checkpoint.weights_fingerprint, names)
+        weights = read_head_weights(
+            checkpoint, names, settings.head_chunk_rows, settings.quantization
+        )
+        weights_fingerprint = fingerprint.result()
     stages.done("read+quantize")
     n_chunks = len(weights.chunks)
     contract = head_contract(arch, n_chunks)
@@ -348,7 +367,7 @@ def export_head(
         checkpoint,
         KIND_HEAD,
         None,
-        names,
+        weights_fingerprint,
         contract,
         settings,
         {"head_chunk_rows": str(settings.head_chunk_rows)},

@@ -1,25 +1,23 @@
-"""Shard ML Programs written directly with coremltools' MIL Builder, INT8 weights streamed in.
+"""Shard ML Programs written directly with coremltools' MIL Builder.
 
-No torch tracing, no conversion of a float graph, no quantization pass: each projection
-tensor is read from the checkpoint, quantized (per-output-channel symmetric INT8, bit for
-bit what coremltools' `linear_quantize_weights` computes) and placed in the program as
-`constexpr_blockwise_shift_scale` data, one tensor at a time. The emitted ops are the ones
-the traced torch module (`anechain.model`, the executable specification) converts to, in
-the same order with the same constants, so both programs compute the same fp16 values.
+No torch tracing, no conversion of a float graph, no quantization pass: the weights come
+quantized from `anechain.weights` and are placed as `constexpr_blockwise_shift_scale` data;
+the ops emitted are the ones the traced torch module (`anechain.model`, the executable
+specification) converts to, in the same order with the same constants, so both programs
+compute the same fp16 values (tests/test_program_equivalence.py).
 
-API (small on purpose; `h/prefill` adds a T-token `prefill` function with it):
+API (small on purpose; a T-token `prefill` function is built from the same pieces):
 
-    quantize_int8(w) -> QuantizedWeight          coremltools' rounding, in torch
-    Weight / LayerWeights / HeadWeights          numpy arrays, made once, emitted in any
-                                                 number of functions (shared `weight_id`s,
-                                                 so a multifunction package stores one blob)
-    read_layer_weights(ckpt, layer, offset, q)   one layer, tensor by tensor
-    read_head_weights(ckpt, chunk_rows, q)       final norm + LM head, chunk by chunk
-    LayerIO.placeholders(arch, ctx, L, T)        the function's inputs (contract names)
-    emit_layers(io, weights, arch, T) -> outputs each layer's output var, activations
-                                                 (1, C, 1, T); decode is T = 1
-    layer_program(...) / head_program(...)       a one-function `main` Program
-    to_mlmodel(prog)                             ct.convert with the minimal pass pipeline
+    LayerIO.placeholders(contract)         a function's inputs + states, contract names
+    emit_layers(io, weights, arch, context, tokens=T) -> [Var]
+                                           decoder layers over (1, C, 1, T) activations,
+                                           each layer's output var; decode is T = 1. The
+                                           weight consts carry their name as `weight_id`,
+                                           so a second function emitting the same
+                                           `LayerWeights` shares their blobs.
+    emit_head(x, head_weights, eps)        final norm + chunked LM head
+    layer_program / head_program           a one-function `main` Program
+    to_mlmodel(prog)                       ct.convert with no graph passes (DESIGN.md)
 
 Naming is deterministic: every op of shard-relative layer k starts with `layers_{k}_`
 (the MIL runner attributes ops to layers by it), weights keep the Hugging Face names
@@ -29,201 +27,14 @@ Naming is deterministic: every op of shard-relative layer k starts with `layers_
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from anechain.config import Architecture
 from anechain.contract import IOContract
-from anechain.errors import ExportError
-
-# Row block for quantization: bounds the float temporaries (~100 MB) of a 16384-row tensor.
-_QUANT_ROWS = 2048
-# coremltools' linear_symmetric INT8 range.
-_QMAX = 127
-
-
-@dataclass(frozen=True)
-class QuantizedWeight:
-    """Per-output-channel symmetric INT8: weight ~= data * scale."""
-
-    data: np.ndarray  # int8 (out, in, 1, 1)
-    scale: np.ndarray  # fp16 (out, 1, 1, 1)
-
-
-def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
-    """INT8 data and fp16 scales exactly as coremltools' per-channel linear_symmetric INT8.
-
-    coremltools quantizes the program's fp16 constant in numpy fp16 arithmetic
-    (optimize/_utils.py `quantize_weight_by_dtype`): scale = (max|w| - (-max|w|)) / 254 and
-    data = clip(round(w / scale), -127, 127), every operation rounded to fp16. Each fp16
-    operation here is computed in fp32 and rounded to fp16, which is the correctly rounded
-    fp16 result (fp32 carries more than 2 x 11 + 2 bits), so the two agree bit for bit
-    (tests/test_program.py checks it against coremltools itself).
-
-    Two cases coremltools has no fp16 answer for: a zero row (scale 0) gets data 0 instead
-    of NaN cast to int8; a row block beyond fp16's range (which the converter would keep in
-    fp32) is quantized in fp32 arithmetic, its scale then rounded to fp16.
-    """
-    w = weight.reshape(weight.shape[0], -1)  # (out, in)
-    out_rows, cols = w.shape
-    data = np.empty((out_rows, cols), dtype=np.int8)
-    scale = np.empty((out_rows, 1), dtype=np.float16)
-    data_t, scale_t = torch.from_numpy(data), torch.from_numpy(scale)
-    with torch.inference_mode():
-        for r in range(0, out_rows, _QUANT_ROWS):
-            block = w[r : r + _QUANT_ROWS]
-            w16 = block.to(torch.float16)
-            if torch.isfinite(w16).all():
-                amax = w16.abs().amax(dim=1, keepdim=True)  # exact in fp16
-                span = (amax.float() * 2).half()  # max - (-max)
-                s = (span.float() / (2 * _QMAX)).half().float()
-                q = (w16.float() / s).half().float()
-            else:
-                w32 = block.float()
-                if not torch.isfinite(w32).all():
-                    raise ExportError("a projection weight holds inf or NaN")
-                s = w32.abs().amax(dim=1, keepdim=True) * 2 / (2 * _QMAX)
-                q = w32 / s
-            q = q.round_().nan_to_num_(0.0).clamp_(-_QMAX, _QMAX)
-            data_t[r : r + _QUANT_ROWS] = q.to(torch.int8)
-            scale_t[r : r + _QUANT_ROWS] = s.half()
-    return QuantizedWeight(data.reshape(out_rows, cols, 1, 1), scale.reshape(out_rows, 1, 1, 1))
-
-
-@dataclass(frozen=True)
-class Weight:
-    """One conv weight (out, in, 1, 1): INT8 + scales, or fp16; `name` is its var name."""
-
-    name: str
-    quantized: QuantizedWeight | None = None
-    fp16: np.ndarray | None = None
-
-    @classmethod
-    def from_tensor(cls, name: str, tensor: torch.Tensor, quantization: str) -> Weight:
-        """(out, in) checkpoint tensor -> conv weight (out, in, 1, 1)."""
-        if quantization == "int8":
-            return cls(name, quantized=quantize_int8(tensor))
-        w = tensor.to(torch.float16).numpy()
-        return cls(name, fp16=w.reshape(*w.shape, 1, 1))
-
-    @property
-    def out_channels(self) -> int:
-        arr = self.quantized.data if self.quantized is not None else self.fp16
-        assert arr is not None
-        return int(arr.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        if self.quantized is not None:
-            return self.quantized.data.nbytes + self.quantized.scale.nbytes
-        assert self.fp16 is not None
-        return self.fp16.nbytes
-
-    def emit(self) -> Any:
-        """The weight var in the function being built (consts named and shared by name)."""
-        from coremltools.converters.mil import Builder as mb
-
-        if self.quantized is None:
-            return _const(self.fp16, self.name)
-        data = _const(self.quantized.data, self.name + "_data")
-        scale = _const(self.quantized.scale, self.name + "_scale")
-        return mb.constexpr_blockwise_shift_scale(data=data, scale=scale, name=self.name)
-
-
-def _const(val: Any, name: str) -> Any:
-    """A named const whose blob is shared by every function that emits it (`weight_id`)."""
-    from coremltools.converters.mil import Builder as mb
-
-    var = mb.const(val=val, name=name)
-    var.op.weight_id = name
-    return var
-
-
-@dataclass(frozen=True)
-class LayerWeights:
-    """One decoder layer's weights; `prefix` is `layers_{k}_` with k shard-relative."""
-
-    prefix: str
-    input_layernorm: np.ndarray  # fp16 (1, C, 1, 1)
-    qkv_proj: Weight
-    o_proj: Weight
-    post_attention_layernorm: np.ndarray
-    gate_up_proj: Weight
-    down_proj: Weight
-
-    def projections(self) -> tuple[Weight, ...]:
-        return (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
-
-    def gains(self) -> tuple[np.ndarray, ...]:
-        return (self.input_layernorm, self.post_attention_layernorm)
-
-
-def _gain(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.to(torch.float16).numpy().reshape(1, -1, 1, 1)
-
-
-def read_layer_weights(
-    tensors: Iterator[tuple[str, torch.Tensor]], layer_index: int, offset: int, quantization: str
-) -> LayerWeights:
-    """Consume one layer's six tensors (the order of `model.hf_layer_tensor_names`).
-
-    Each projection is quantized as soon as it is read and its bf16 tensor dropped.
-    """
-    from anechain.model import hf_layer_tensor_names
-
-    hf_prefix = f"model.layers.{layer_index}."
-    prefix = f"layers_{offset}_"
-    got: dict[str, Any] = {}
-    for expected in hf_layer_tensor_names(layer_index):
-        name, tensor = next(tensors)
-        if name != expected:  # internal invariant: the caller iterates the same names
-            raise ExportError(f"read {name} where {expected} was expected")
-        short = name[len(hf_prefix) :].removesuffix(".weight")
-        var = prefix + name[len(hf_prefix) :].replace(".", "_")
-        if short.endswith("layernorm"):
-            got[short] = _gain(tensor)
-        else:
-            got[short.split(".")[-1]] = Weight.from_tensor(var, tensor, quantization)
-        del tensor
-    return LayerWeights(
-        prefix=prefix,
-        input_layernorm=got["input_layernorm"],
-        qkv_proj=got["qkv_proj"],
-        o_proj=got["o_proj"],
-        post_attention_layernorm=got["post_attention_layernorm"],
-        gate_up_proj=got["gate_up_proj"],
-        down_proj=got["down_proj"],
-    )
-
-
-@dataclass(frozen=True)
-class HeadWeights:
-    norm: np.ndarray  # fp16 (1, C, 1, 1)
-    chunks: tuple[Weight, ...]  # (rows_i, C, 1, 1), rows_i <= chunk_rows
-
-
-def read_head_weights(
-    checkpoint: Any, names: list[str], chunk_rows: int, quantization: str
-) -> HeadWeights:
-    """Final norm + the LM head in vocabulary chunks, read and quantized chunk by chunk.
-
-    Per-output-channel scales make each chunk's quantization independent of the others,
-    so it equals quantizing the whole matrix; only one chunk of bf16 rows is in memory.
-    """
-    norm_name, head_name = names
-    norm = _gain(checkpoint.read_tensors([norm_name])[norm_name])
-    vocab = checkpoint.tensor_shape(head_name)[0]
-    chunks = []
-    for n, start in enumerate(range(0, vocab, chunk_rows)):
-        rows = checkpoint.read_rows(head_name, start, min(start + chunk_rows, vocab))
-        chunks.append(Weight.from_tensor(f"chunks_{n}_weight", rows, quantization))
-        del rows
-    return HeadWeights(norm, tuple(chunks))
-
+from anechain.weights import HeadWeights, LayerWeights, _const
 
 # --- emission -------------------------------------------------------------------------------
 
