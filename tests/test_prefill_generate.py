@@ -85,3 +85,27 @@ def test_generate_cli_profiles_prefill_and_decode(fp16_build):
     off = CliRunner().invoke(cli, [*args, "--no-prefill"])
     assert off.exit_code == 0 and off.stdout == run.stdout
     assert "prompt 10 tokens (0 by prefill, T=-)" in off.stderr
+
+
+def test_manifest_refuses_forged_prefill_reports(fp16_build, tmp_path):
+    """A report naming a prefill function without its validation, or with malformed
+    functions, does not enter a manifest."""
+    import json
+
+    from anechain.errors import ManifestError
+    from anechain.manifest import build_manifest
+
+    out = fp16_build.out_dir
+    report = json.loads((out / "layers_0_3.report.json").read_text())
+    others = [out / "layers_3_5.report.json", out / "layers_5_6.report.json"]
+    for change, message in (
+        ({"prefill": None}, "names a prefill function but has no prefill validation"),
+        ({"functions": {"decode": 1, "prefill": "4"}}, "'functions' is not name -> tokens"),
+    ):
+        forged = out / "layers_0_3.forged.json"
+        forged.write_text(json.dumps({**report, **change}))
+        with pytest.raises(ManifestError, match=message):
+            build_manifest([forged, *others], out / "forged-manifest.json", overwrite=True)
+    forged.write_text(json.dumps(report))  # unchanged: accepted
+    m = build_manifest([forged, *others], out / "forged-manifest.json", overwrite=True)
+    assert m.shards[0].prefill_tokens == 4
