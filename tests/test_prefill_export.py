@@ -217,3 +217,16 @@ def test_prefill_of_an_odd_shaped_model_passes(odd_checkpoint, odd_config, tmp_p
     report = validate_shard(path, odd_checkpoint, odd_config.validation, "mil", cache_dir=tmp_path)
     assert report.verdict == "pass", report.failed_gates()
     assert report.prefill["chunks"] == [[0, 3], [3, 3], [6, 3], [9, 2]]
+
+
+@pytest.mark.macos
+def test_both_functions_pass_validation_through_core_ml(
+    packages, tiny_checkpoint, tiny_config, tmp_path
+):
+    """The same validation, both functions compiled and run by Core ML with one state."""
+    report = validate_shard(
+        packages[4], tiny_checkpoint, tiny_config.validation, "coreml", cache_dir=tmp_path
+    )
+    gates = _gates(report)
+    assert gates["prefill_cosine"] and gates["prefill_kv_keys_cosine"], report.failed_gates()
+    assert gates["prefill_decode_cosine"]
