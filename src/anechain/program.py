@@ -160,8 +160,43 @@ def emit_rope(x: Any, cos: Any, sin: Any, arch: Architecture, p: str) -> Any:
 class _Shared:
     """Values every layer of one function uses, made once (as the converter shares them)."""
 
-    position_end: Any = None  # position + T, int32 (1,)
+    kv_bounds: list[tuple[Any, Any]]  # per layer: KV write (begin, end), int32 (4,)
     mask: Any = None  # attention mask reshaped for the scores
+
+
+def emit_kv_bounds(position: Any, num_layers: int, arch: Architecture, tokens: int) -> list:
+    """Each layer's KV write window [k, 0, p, 0] .. [k + 1, KVH, p + T, D], emitted together.
+
+    This is all the program's int32 arithmetic (one add, two concats per layer); made
+    before the first fp16 op, it forms one block ahead of the graph instead of sitting
+    between every layer's fp16 ops.
+    """
+    from coremltools.converters.mil import Builder as mb
+
+    i32 = np.int32
+    nkv, d = arch.num_key_value_heads, arch.head_dim
+    position_end = mb.add(x=position, y=i32(tokens), name="position_end")
+    bounds = []
+    for k in range(num_layers):
+        begin = mb.concat(
+            values=[np.array([k], i32), np.array([0], i32), position, np.array([0], i32)],
+            axis=0,
+            interleave=False,
+            name=f"layers_{k}_self_attn_kv_begin",
+        )
+        end = mb.concat(
+            values=[
+                np.array([k + 1], i32),
+                np.array([nkv], i32),
+                position_end,
+                np.array([d], i32),
+            ],
+            axis=0,
+            interleave=False,
+            name=f"layers_{k}_self_attn_kv_end",
+        )
+        bounds.append((begin, end))
+    return bounds
 
 
 def _heads(x: Any, heads: int, d: int, tokens: int, name: str) -> Any:
@@ -206,29 +241,10 @@ def emit_attention(
     q = mb.mul(x=emit_rope(q, io.cos, io.sin, arch, p + "q_"), y=_fp16(d**-0.5), name=p + "q")
     k = emit_rope(k, io.cos, io.sin, arch, p + "k_")
 
-    if shared.position_end is None:
-        shared.position_end = mb.add(x=io.position, y=np.int32(tokens), name="position_end")
     if "key_cache" not in state:
         state["key_cache"] = mb.read_state(input=io.key_cache, name="key_cache_read")
         state["value_cache"] = mb.read_state(input=io.value_cache, name="value_cache_read")
-    i32 = np.int32
-    begin = mb.concat(
-        values=[np.array([offset], i32), np.array([0], i32), io.position, np.array([0], i32)],
-        axis=0,
-        interleave=False,
-        name=p + "kv_begin",
-    )
-    end = mb.concat(
-        values=[
-            np.array([offset + 1], i32),
-            np.array([nkv], i32),
-            shared.position_end,
-            np.array([d], i32),
-        ],
-        axis=0,
-        interleave=False,
-        name=p + "kv_end",
-    )
+    begin, end = shared.kv_bounds[offset]
     views = {}
     for cache, update in (("key_cache", k), ("value_cache", v)):
         written = mb.slice_update(
@@ -306,7 +322,8 @@ def emit_layers(
     """
     from coremltools.converters.mil import Builder as mb
 
-    shared, state = _Shared(), {}
+    shared = _Shared(emit_kv_bounds(io.position, len(layers), arch, tokens))
+    state: dict[str, Any] = {}
     x, outputs = io.hidden_states, []
     for n, w in enumerate(layers):
         offset = int(w.prefix.split("_")[1])
