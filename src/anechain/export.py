@@ -50,6 +50,7 @@ Progress = Callable[[str], None]
 
 # Metadata key: JSON list of each layer's output var in `main`, in layer order.
 LAYER_OUTPUTS_KEY = "layer_outputs"
+# The only time-dependent content coremltools writes.
 _CONVERSION_DATE_KEY = "com.github.apple.coremltools.conversion_date"
 
 
@@ -152,19 +153,26 @@ def _metadata(
     )
 
 
-def _make_reproducible(package: Path) -> None:
-    """Rewrite the two parts of a saved package that vary between identical saves.
+def _finish_package(package: Path, meta: ShardMetadata, description: str) -> None:
+    """Write the metadata into a saved package's spec, and make the package reproducible.
 
-    coremltools' ModelPackage names each item with a fresh UUID4 (Manifest.json), and the
-    protobuf serializes map fields (the user metadata) in hash order. Item identifiers are
-    derived from the item paths instead and the spec is re-serialized deterministically;
-    the weight blob is already a function of the program.
+    Two parts of a saved package vary between identical saves: coremltools' ModelPackage
+    names each item with a fresh UUID4 (Manifest.json), and protobuf serializes map fields
+    (the user metadata) in hash order; coremltools also stamps the conversion date. The
+    spec is re-serialized deterministically without the date, and item identifiers are
+    derived from the item paths; the weight blob is already a function of the program.
     """
     from coremltools.proto import Model_pb2
 
     spec_path = package / "Data/com.apple.CoreML/model.mlmodel"
     spec = Model_pb2.Model()
     spec.ParseFromString(spec_path.read_bytes())
+    metadata = spec.description.metadata
+    if _CONVERSION_DATE_KEY in metadata.userDefined:
+        del metadata.userDefined[_CONVERSION_DATE_KEY]
+    metadata.userDefined.update(meta.to_user_metadata())
+    metadata.shortDescription = description
+    metadata.versionString = __version__
     spec_path.write_bytes(spec.SerializeToString(deterministic=True))
 
     manifest_path = package / "Manifest.json"
@@ -178,19 +186,8 @@ def _make_reproducible(package: Path) -> None:
     manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
 
 
-def _save(
-    mlmodel: Any,
-    meta: ShardMetadata,
-    description: str,
-    dest: Path,
-    expected_conv: int,
-    settings: ExportSettings,
-    overwrite: bool,
-    stages: _Stages,
-    t0: float,
-) -> ExportResult:
-    """Check the program's op counts, write metadata, save atomically and reproducibly."""
-    label = stages.label
+def _check_program(mlmodel: Any, expected_conv: int, settings: ExportSettings, label: str):
+    """Op counts of the converted program; an ExportError if they are not a shard's."""
     counts = program_op_counts(mlmodel._mil_program)
     if counts["conv"] != expected_conv or counts["linear"]:
         raise ExportError(
@@ -200,24 +197,33 @@ def _save(
     quantized = counts["constexpr_blockwise_shift_scale"]
     if settings.quantization == "int8" and quantized != expected_conv:
         raise ExportError(f"{label} {quantized} INT8 weights in the program, want {expected_conv}")
+    return counts
 
-    metadata = mlmodel.user_defined_metadata
-    # The conversion date is the only time-dependent content coremltools writes.
-    if _CONVERSION_DATE_KEY in metadata:
-        del metadata[_CONVERSION_DATE_KEY]
-    metadata.update(meta.to_user_metadata())
-    mlmodel.short_description = description
-    mlmodel.version = __version__
+
+def _save(
+    write: Callable[[Path], Any],
+    meta: ShardMetadata,
+    description: str,
+    dest: Path,
+    expected_conv: int,
+    settings: ExportSettings,
+    overwrite: bool,
+    stages: _Stages,
+    t0: float,
+) -> ExportResult:
+    """`write(tmp)` saves a package at tmp and returns its MLModel; check it, finish it,
+    rename it into place (atomic: an error or interrupt leaves nothing at dest)."""
     with atomic_path(dest, overwrite=overwrite) as tmp:
-        mlmodel.save(str(tmp))
-        _make_reproducible(tmp)
-    del mlmodel
+        mlmodel = write(tmp)
+        counts = _check_program(mlmodel, expected_conv, settings, stages.label)
+        del mlmodel
+        _finish_package(tmp, meta, description)
     stages.done("save")
     return ExportResult(
         path=dest,
         layers=meta.layers,
         op_counts=dict(counts),
-        quantized_weights=quantized,
+        quantized_weights=counts["constexpr_blockwise_shift_scale"],
         size_bytes=package_size(dest),
         seconds=time.perf_counter() - t0,
         stage_seconds=stages.seconds,
@@ -232,13 +238,17 @@ def _check_dest(dest: Path, overwrite: bool) -> None:
         raise ExportError(f"{dest} already exists; pass --overwrite to replace it")
 
 
-def _convert(prog: Any, label: str) -> Any:
+def _converter(prog: Any, label: str) -> Callable[[Path], Any]:
+    """Convert the built program straight into the package folder (no second copy)."""
     from anechain.program import to_mlmodel
 
-    try:
-        return to_mlmodel(prog)
-    except Exception as exc:  # coremltools raises assorted types for an invalid program
-        raise ExportError(f"{label} conversion failed: {exc}") from exc
+    def write(package: Path) -> Any:
+        try:
+            return to_mlmodel(prog, package)
+        except Exception as exc:  # coremltools raises assorted types for an invalid program
+            raise ExportError(f"{label} conversion failed: {exc}") from exc
+
+    return write
 
 
 def _layers_description(layers: LayerRange, settings: ExportSettings) -> str:
@@ -287,9 +297,6 @@ def export_shard(
     prog, outputs = layer_program(contract, weights, arch, settings.context_length)
     del weights
     stages.done("build")
-    mlmodel = _convert(prog, label)
-    del prog
-    stages.done("convert")
     meta = _metadata(
         checkpoint,
         KIND_LAYERS,
@@ -300,7 +307,7 @@ def export_shard(
         {LAYER_OUTPUTS_KEY: json.dumps(outputs)},
     )
     return _save(
-        mlmodel,
+        _converter(prog, label),
         meta,
         _layers_description(layers, settings),
         spec.path,
@@ -343,9 +350,6 @@ def export_head(
     prog = head_program(contract, weights, arch)
     del weights
     stages.done("build")
-    mlmodel = _convert(prog, label)
-    del prog
-    stages.done("convert")
     meta = _metadata(
         checkpoint,
         KIND_HEAD,
@@ -356,7 +360,7 @@ def export_head(
         {"head_chunk_rows": str(settings.head_chunk_rows)},
     )
     return _save(
-        mlmodel,
+        _converter(prog, label),
         meta,
         _head_description(n_chunks, settings),
         dest,

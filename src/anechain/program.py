@@ -411,8 +411,9 @@ def pass_pipeline() -> Any:
     return ct.PassPipeline.EMPTY
 
 
-def to_mlmodel(prog: Any) -> Any:
-    """ct.convert of a built program (iOS18 ML Program, fp16), not loaded."""
+def to_mlmodel(prog: Any, package_dir: Any = None) -> Any:
+    """ct.convert of a built program (iOS18 ML Program, fp16), not loaded; saved at
+    `package_dir` (an .mlpackage path) if given."""
     import coremltools as ct
 
     return ct.convert(
@@ -422,4 +423,5 @@ def to_mlmodel(prog: Any) -> Any:
         compute_precision=ct.precision.FLOAT16,
         pass_pipeline=pass_pipeline(),
         skip_model_load=True,
+        package_dir=None if package_dir is None else str(package_dir),
     )
