@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from coremltools.converters.mil import Builder as mb
 
 from anechain.config import Architecture
 from anechain.contract import IOContract
-from anechain.weights import HeadWeights, LayerWeights, _const
+from anechain.weights import HeadWeights, LayerWeights, emit_const
 
 # --- emission -------------------------------------------------------------------------------
 
@@ -54,7 +55,6 @@ class LayerIO:
     @staticmethod
     def placeholders(contract: IOContract) -> dict[str, Any]:
         """Function input placeholders for a contract (inputs then states, in its order)."""
-        from coremltools.converters.mil import Builder as mb
         from coremltools.converters.mil.mil import types
 
         dtypes = {"float16": types.fp16, "int32": types.int32}
@@ -76,8 +76,6 @@ def emit_rms_norm(x: Any, gain: Any, eps: float, p: str) -> Any:
     eps / scale / scale is emitted as inverse(scale) * eps / scale, which is what the torch
     converter makes of `(eps / scale) / scale` (inverse's epsilon 1e-4 in fp32 included).
     """
-    from coremltools.converters.mil import Builder as mb
-
     a = mb.abs(x=x, name=p + "abs")
     m = mb.reduce_max(x=a, axes=[1], keep_dims=True, name=p + "absmax")
     s = mb.clip(x=m, alpha=_fp16(1.0), beta=_fp16(np.inf), name=p + "scale")  # (1, 1, 1, T)
@@ -94,8 +92,6 @@ def emit_rms_norm(x: Any, gain: Any, eps: float, p: str) -> Any:
 
 
 def _conv(x: Any, weight: Any, name: str) -> Any:
-    from coremltools.converters.mil import Builder as mb
-
     return mb.conv(
         x=x,
         weight=weight,
@@ -110,8 +106,6 @@ def _conv(x: Any, weight: Any, name: str) -> Any:
 
 def _slice_channels(x: Any, start: int, stop: int, total: int, name: str) -> Any:
     """x[:, start:stop] of a (1, total, 1, T) tensor, as the converter writes it."""
-    from coremltools.converters.mil import Builder as mb
-
     shape = list(x.shape)
     return mb.slice_by_index(
         x=x,
@@ -124,8 +118,6 @@ def _slice_channels(x: Any, start: int, stop: int, total: int, name: str) -> Any
 
 def _slice_last(x: Any, start: int, stop: int, name: str) -> Any:
     """x[..., start:stop] of a rank-4 tensor."""
-    from coremltools.converters.mil import Builder as mb
-
     shape = [int(d) for d in x.shape]
     return mb.slice_by_index(
         x=x,
@@ -138,8 +130,6 @@ def _slice_last(x: Any, start: int, stop: int, name: str) -> Any:
 
 def emit_rope(x: Any, cos: Any, sin: Any, arch: Architecture, p: str) -> Any:
     """Partial rotary (Phi3) on x (1, heads, T, D): rotate the first rotary_dim dims."""
-    from coremltools.converters.mil import Builder as mb
-
     d, r = arch.head_dim, arch.rotary_dim
     half = r // 2
     rot = _slice_last(x, 0, r, p + "rot")
@@ -171,8 +161,6 @@ def emit_kv_bounds(position: Any, num_layers: int, arch: Architecture, tokens: i
     before the first fp16 op, it forms one block ahead of the graph instead of sitting
     between every layer's fp16 ops.
     """
-    from coremltools.converters.mil import Builder as mb
-
     i32 = np.int32
     nkv, d = arch.num_key_value_heads, arch.head_dim
     position_end = mb.add(x=position, y=i32(tokens), name="position_end")
@@ -201,8 +189,6 @@ def emit_kv_bounds(position: Any, num_layers: int, arch: Architecture, tokens: i
 
 def _heads(x: Any, heads: int, d: int, tokens: int, name: str) -> Any:
     """(1, heads * D, 1, T) -> (1, heads, T, D)."""
-    from coremltools.converters.mil import Builder as mb
-
     if tokens == 1:
         return mb.reshape(x=x, shape=[1, heads, 1, d], name=name)
     x = mb.reshape(x=x, shape=[1, heads, d, tokens], name=name + "_split")
@@ -225,8 +211,6 @@ def emit_attention(
     `state` holds the latest value of each cache (read_state once, then each layer's
     coreml_update_state output), so the in-place writes chain through the layers.
     """
-    from coremltools.converters.mil import Builder as mb
-
     p = w.prefix + "self_attn_"
     nh, nkv, d = arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim
     q_size, kv_size = nh * d, nkv * d
@@ -297,8 +281,6 @@ def emit_attention(
 
 
 def emit_mlp(h: Any, w: LayerWeights, arch: Architecture) -> Any:
-    from coremltools.converters.mil import Builder as mb
-
     p = w.prefix + "mlp_"
     i = arch.intermediate_size
     gate_up = _conv(h, w.gate_up_proj.emit(), p + "gate_up")  # (1, 2I, 1, T)
@@ -320,15 +302,15 @@ def emit_layers(
 
     The last layer's output is named `output_name`; layer k's is `layers_{k}_output`.
     """
-    from coremltools.converters.mil import Builder as mb
-
     shared = _Shared(emit_kv_bounds(io.position, len(layers), arch, tokens))
     state: dict[str, Any] = {}
     x, outputs = io.hidden_states, []
     for n, w in enumerate(layers):
         offset = int(w.prefix.split("_")[1])
-        gain_in = _const(w.input_layernorm, w.prefix + "input_layernorm_weight")
-        gain_post = _const(w.post_attention_layernorm, w.prefix + "post_attention_layernorm_weight")
+        gain_in = emit_const(w.input_layernorm, w.prefix + "input_layernorm_weight")
+        gain_post = emit_const(
+            w.post_attention_layernorm, w.prefix + "post_attention_layernorm_weight"
+        )
         h = emit_rms_norm(x, gain_in, arch.rms_norm_eps, w.prefix + "input_layernorm_")
         attn = emit_attention(h, w, io, shared, state, arch, context, offset, tokens)
         x = mb.add(x=x, y=attn, name=w.prefix + "attn_residual")
@@ -341,9 +323,7 @@ def emit_layers(
 
 def emit_head(x: Any, w: HeadWeights, eps: float) -> tuple[Any, Any]:
     """Final norm + chunked LM head: (chunk_max (1, n) fp16, chunk_argmax (1, n) int32)."""
-    from coremltools.converters.mil import Builder as mb
-
-    h = emit_rms_norm(x, _const(w.norm, "norm_weight"), eps, "norm_")
+    h = emit_rms_norm(x, emit_const(w.norm, "norm_weight"), eps, "norm_")
     maxes, indices = [], []
     for n, chunk in enumerate(w.chunks):
         p = f"chunks_{n}_"
