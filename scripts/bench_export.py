@@ -168,7 +168,7 @@ def main() -> None:
     print(f"# command: python {shlex.join(sys.argv)}")
     print(f"# load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(
-        f"{'case':<16} {'path':<7} {'wall s':>7} {'peak GiB':>8} {'package MB':>10} "
+        f"{'case':<16} {'path':<7} {'wall s':>7} {'CPU s':>6} {'peak GiB':>8} {'package MB':>10} "
         f"{'size/payload':>8}  stages (s)"
     )
     rows = {}

@@ -298,3 +298,31 @@ def test_package_path_is_not_in_the_package(tiny_shards):
     blob = (path / "Data/com.apple.CoreML/model.mlmodel").read_bytes()
     assert b"/tmp" not in blob and str(Path.home()).encode() not in blob
     assert b"2026-" not in blob
+
+
+def test_export_never_traces_or_runs_the_quantization_pass(
+    tiny_checkpoint, tiny_config, tmp_path, monkeypatch
+):
+    """plan and build export through export_shard/export_head: no torch.jit, no INT8 pass."""
+    import coremltools.optimize.coreml as cto
+
+    from anechain import export as export_mod
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the traced path was used")
+
+    monkeypatch.setattr(torch.jit, "trace", forbidden)
+    monkeypatch.setattr(cto, "linear_quantize_weights", forbidden)
+    export_mod.export_shard(
+        tiny_checkpoint, LayerSpec(LayerRange(5, 6), tmp_path / "s.mlpackage"), tiny_config.export
+    )
+    export_mod.export_head(tiny_checkpoint, tmp_path / "h.mlpackage", tiny_config.export)
+    # The guard is live: the traced path trips it.
+    from anechain._traced import export_shard_traced
+
+    with pytest.raises(AssertionError, match="traced path"):
+        export_shard_traced(
+            tiny_checkpoint,
+            LayerSpec(LayerRange(5, 6), tmp_path / "t.mlpackage"),
+            tiny_config.export,
+        )

@@ -226,3 +226,25 @@ def test_comparison_rejects_a_seeded_difference(
     spec = LayerSpec(LayerRange(5, 6), tmp_path / "round.mlpackage")
     export_shard(tiny_checkpoint, spec, settings)
     assert any("INT8 data" in d for d in _differences(spec.path, traced))
+
+
+def _int32_layout(path: Path) -> tuple[int, bool]:
+    """(number of int32-computing ops, whether all of them precede the first fp16 op)."""
+    from coremltools.converters.mil.mil import types
+
+    _, prog = load_program(path)
+    ops = [op for op in prog.functions["main"].operations if op.op_type != "const"]
+    is_int = [any(v.dtype == types.int32 for v in op.outputs) for op in ops]
+    first_fp16 = next(
+        i for i, op in enumerate(ops) if any(v.dtype == types.fp16 for v in op.outputs)
+    )
+    return sum(is_int), all(i < first_fp16 for i, flag in enumerate(is_int) if flag)
+
+
+def test_int32_index_arithmetic_is_one_block_ahead_of_the_graph(request, both_ways):
+    """2 concats per layer + 1 add (the KV write windows), all before the first fp16 op;
+    the traced program has the same ops interleaved with the layers (the check sees it)."""
+    checkpoint, settings = _checkpoint(request, "tiny")
+    built, traced = both_ways("tiny", LayerRange(0, 3), checkpoint, settings)
+    assert _int32_layout(built) == (2 * 3 + 1, True)
+    assert _int32_layout(traced) == (2 * 3 + 1, False)

@@ -114,6 +114,14 @@ def _trace_convert(
     return mlmodel
 
 
+def _saver(mlmodel: Any) -> Any:
+    def write(package: Path) -> Any:
+        mlmodel.save(str(package))
+        return mlmodel
+
+    return write
+
+
 def _layer_output_names(mlmodel: Any, num_layers: int) -> list[str]:
     """Each layer's output var in the traced program: the adds of the residual stream.
 
@@ -164,7 +172,7 @@ def export_shard_traced(
         {LAYER_OUTPUTS_KEY: json.dumps(outputs)},
     )
     return _save(
-        mlmodel,
+        _saver(mlmodel),
         meta,
         _layers_description(layers, settings),
         spec.path,
@@ -208,7 +216,7 @@ def export_head_traced(
         {"head_chunk_rows": str(settings.head_chunk_rows)},
     )
     return _save(
-        mlmodel,
+        _saver(mlmodel),
         meta,
         _head_description(n_chunks, settings),
         dest,

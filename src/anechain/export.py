@@ -52,6 +52,7 @@ Progress = Callable[[str], None]
 
 # Metadata key: JSON list of each layer's output var in `main`, in layer order.
 LAYER_OUTPUTS_KEY = "layer_outputs"
+# The only time-dependent content coremltools writes.
 _CONVERSION_DATE_KEY = "com.github.apple.coremltools.conversion_date"
 
 
@@ -156,19 +157,26 @@ def _metadata(
     )
 
 
-def _make_reproducible(package: Path) -> None:
-    """Rewrite the two parts of a saved package that vary between identical saves.
+def _finish_package(package: Path, meta: ShardMetadata, description: str) -> None:
+    """Write the metadata into a saved package's spec, and make the package reproducible.
 
-    coremltools' ModelPackage names each item with a fresh UUID4 (Manifest.json), and the
-    protobuf serializes map fields (the user metadata) in hash order. Item identifiers are
-    derived from the item paths instead and the spec is re-serialized deterministically;
-    the weight blob is already a function of the program.
+    Two parts of a saved package vary between identical saves: coremltools' ModelPackage
+    names each item with a fresh UUID4 (Manifest.json), and protobuf serializes map fields
+    (the user metadata) in hash order; coremltools also stamps the conversion date. The
+    spec is re-serialized deterministically without the date, and item identifiers are
+    derived from the item paths; the weight blob is already a function of the program.
     """
     from coremltools.proto import Model_pb2
 
     spec_path = package / "Data/com.apple.CoreML/model.mlmodel"
     spec = Model_pb2.Model()
     spec.ParseFromString(spec_path.read_bytes())
+    metadata = spec.description.metadata
+    if _CONVERSION_DATE_KEY in metadata.userDefined:
+        del metadata.userDefined[_CONVERSION_DATE_KEY]
+    metadata.userDefined.update(meta.to_user_metadata())
+    metadata.shortDescription = description
+    metadata.versionString = __version__
     spec_path.write_bytes(spec.SerializeToString(deterministic=True))
 
     manifest_path = package / "Manifest.json"
@@ -182,20 +190,17 @@ def _make_reproducible(package: Path) -> None:
     manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
 
 
-def _save(
+def _check_program(
     mlmodel: Any,
-    meta: ShardMetadata,
-    description: str,
-    dest: Path,
     expected_conv: int,
     settings: ExportSettings,
-    overwrite: bool,
-    stages: _Stages,
-    t0: float,
-) -> ExportResult:
-    """Check the program's op counts, write metadata, save atomically and reproducibly."""
-    label = stages.label
-    for function in meta.functions if meta.kind == KIND_LAYERS else (None,):
+    label: str,
+    functions: tuple[str | None, ...] = (None,),
+) -> Counter[str]:
+    """Op counts of each function of the converted program (None: the default one); an
+    ExportError if they are not a shard's. Returns the first function's counts."""
+    first: Counter[str] | None = None
+    for function in functions:
         counts = program_op_counts(mlmodel._mil_program, function)
         where = f" ({function})" if function else ""
         if counts["conv"] != expected_conv or counts["linear"]:
@@ -208,24 +213,36 @@ def _save(
             raise ExportError(
                 f"{label} {quantized} INT8 weights in the program{where}, want {expected_conv}"
             )
+        first = first if first is not None else counts
+    assert first is not None
+    return first
 
-    metadata = mlmodel.user_defined_metadata
-    # The conversion date is the only time-dependent content coremltools writes.
-    if _CONVERSION_DATE_KEY in metadata:
-        del metadata[_CONVERSION_DATE_KEY]
-    metadata.update(meta.to_user_metadata())
-    mlmodel.short_description = description
-    mlmodel.version = __version__
+
+def _save(
+    write: Callable[[Path], Any],
+    meta: ShardMetadata,
+    description: str,
+    dest: Path,
+    expected_conv: int,
+    settings: ExportSettings,
+    overwrite: bool,
+    stages: _Stages,
+    t0: float,
+) -> ExportResult:
+    """`write(tmp)` saves a package at tmp and returns its MLModel; check it, finish it,
+    rename it into place (atomic: an error or interrupt leaves nothing at dest)."""
     with atomic_path(dest, overwrite=overwrite) as tmp:
-        mlmodel.save(str(tmp))
-        _make_reproducible(tmp)
-    del mlmodel
+        mlmodel = write(tmp)
+        functions = tuple(meta.functions) if meta.kind == KIND_LAYERS else (None,)
+        counts = _check_program(mlmodel, expected_conv, settings, stages.label, functions)
+        del mlmodel
+        _finish_package(tmp, meta, description)
     stages.done("save")
     return ExportResult(
         path=dest,
         layers=meta.layers,
         op_counts=dict(counts),
-        quantized_weights=quantized,
+        quantized_weights=counts["constexpr_blockwise_shift_scale"],
         size_bytes=package_size(dest),
         seconds=time.perf_counter() - t0,
         stage_seconds=stages.seconds,
@@ -240,13 +257,17 @@ def _check_dest(dest: Path, overwrite: bool) -> None:
         raise ExportError(f"{dest} already exists; pass --overwrite to replace it")
 
 
-def _convert(prog: Any, label: str) -> Any:
+def _converter(prog: Any, label: str) -> Callable[[Path], Any]:
+    """Convert the built program straight into the package folder (no second copy)."""
     from anechain.program import to_mlmodel
 
-    try:
-        return to_mlmodel(prog)
-    except Exception as exc:  # coremltools raises assorted types for an invalid program
-        raise ExportError(f"{label} conversion failed: {exc}") from exc
+    def write(package: Path) -> Any:
+        try:
+            return to_mlmodel(prog, package)
+        except Exception as exc:  # coremltools raises assorted types for an invalid program
+            raise ExportError(f"{label} conversion failed: {exc}") from exc
+
+    return write
 
 
 def _layers_description(layers: LayerRange, settings: ExportSettings) -> str:
@@ -303,9 +324,6 @@ def export_shard(
         prog, outputs = layer_program(contract, weights, arch, settings.context_length)
     del weights
     stages.done("build")
-    mlmodel = _convert(prog, label)
-    del prog
-    stages.done("convert")
     meta = _metadata(
         checkpoint,
         KIND_LAYERS,
@@ -317,7 +335,7 @@ def export_shard(
         functions,
     )
     return _save(
-        mlmodel,
+        _converter(prog, label),
         meta,
         _layers_description(layers, settings),
         spec.path,
@@ -360,9 +378,6 @@ def export_head(
     prog = head_program(contract, weights, arch)
     del weights
     stages.done("build")
-    mlmodel = _convert(prog, label)
-    del prog
-    stages.done("convert")
     meta = _metadata(
         checkpoint,
         KIND_HEAD,
@@ -373,7 +388,7 @@ def export_head(
         {"head_chunk_rows": str(settings.head_chunk_rows)},
     )
     return _save(
-        mlmodel,
+        _converter(prog, label),
         meta,
         _head_description(n_chunks, settings),
         dest,

@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from coremltools.converters.mil import Builder as mb
 
 from anechain.config import Architecture
 from anechain.contract import IOContract
-from anechain.weights import HeadWeights, LayerWeights, _const
+from anechain.weights import HeadWeights, LayerWeights, emit_const
 
 # --- emission -------------------------------------------------------------------------------
 
@@ -54,7 +55,6 @@ class LayerIO:
     @staticmethod
     def placeholders(contract: IOContract) -> dict[str, Any]:
         """Function input placeholders for a contract (inputs then states, in its order)."""
-        from coremltools.converters.mil import Builder as mb
         from coremltools.converters.mil.mil import types
 
         dtypes = {"float16": types.fp16, "int32": types.int32}
@@ -76,8 +76,6 @@ def emit_rms_norm(x: Any, gain: Any, eps: float, p: str) -> Any:
     eps / scale / scale is emitted as inverse(scale) * eps / scale, which is what the torch
     converter makes of `(eps / scale) / scale` (inverse's epsilon 1e-4 in fp32 included).
     """
-    from coremltools.converters.mil import Builder as mb
-
     a = mb.abs(x=x, name=p + "abs")
     m = mb.reduce_max(x=a, axes=[1], keep_dims=True, name=p + "absmax")
     s = mb.clip(x=m, alpha=_fp16(1.0), beta=_fp16(np.inf), name=p + "scale")  # (1, 1, 1, T)
@@ -94,8 +92,6 @@ def emit_rms_norm(x: Any, gain: Any, eps: float, p: str) -> Any:
 
 
 def _conv(x: Any, weight: Any, name: str) -> Any:
-    from coremltools.converters.mil import Builder as mb
-
     return mb.conv(
         x=x,
         weight=weight,
@@ -110,8 +106,6 @@ def _conv(x: Any, weight: Any, name: str) -> Any:
 
 def _slice_channels(x: Any, start: int, stop: int, total: int, name: str) -> Any:
     """x[:, start:stop] of a (1, total, 1, T) tensor, as the converter writes it."""
-    from coremltools.converters.mil import Builder as mb
-
     shape = list(x.shape)
     return mb.slice_by_index(
         x=x,
@@ -124,8 +118,6 @@ def _slice_channels(x: Any, start: int, stop: int, total: int, name: str) -> Any
 
 def _slice_last(x: Any, start: int, stop: int, name: str) -> Any:
     """x[..., start:stop] of a rank-4 tensor."""
-    from coremltools.converters.mil import Builder as mb
-
     shape = [int(d) for d in x.shape]
     return mb.slice_by_index(
         x=x,
@@ -138,8 +130,6 @@ def _slice_last(x: Any, start: int, stop: int, name: str) -> Any:
 
 def emit_rope(x: Any, cos: Any, sin: Any, arch: Architecture, p: str) -> Any:
     """Partial rotary (Phi3) on x (1, heads, T, D): rotate the first rotary_dim dims."""
-    from coremltools.converters.mil import Builder as mb
-
     d, r = arch.head_dim, arch.rotary_dim
     half = r // 2
     rot = _slice_last(x, 0, r, p + "rot")
@@ -160,14 +150,45 @@ def emit_rope(x: Any, cos: Any, sin: Any, arch: Architecture, p: str) -> Any:
 class _Shared:
     """Values every layer of one function uses, made once (as the converter shares them)."""
 
-    position_end: Any = None  # position + T, int32 (1,)
+    kv_bounds: list[tuple[Any, Any]]  # per layer: KV write (begin, end), int32 (4,)
     mask: Any = None  # attention mask reshaped for the scores
+
+
+def emit_kv_bounds(position: Any, num_layers: int, arch: Architecture, tokens: int) -> list:
+    """Each layer's KV write window [k, 0, p, 0] .. [k + 1, KVH, p + T, D], emitted together.
+
+    This is all the program's int32 arithmetic (one add, two concats per layer); made
+    before the first fp16 op, it forms one block ahead of the graph instead of sitting
+    between every layer's fp16 ops.
+    """
+    i32 = np.int32
+    nkv, d = arch.num_key_value_heads, arch.head_dim
+    position_end = mb.add(x=position, y=i32(tokens), name="position_end")
+    bounds = []
+    for k in range(num_layers):
+        begin = mb.concat(
+            values=[np.array([k], i32), np.array([0], i32), position, np.array([0], i32)],
+            axis=0,
+            interleave=False,
+            name=f"layers_{k}_self_attn_kv_begin",
+        )
+        end = mb.concat(
+            values=[
+                np.array([k + 1], i32),
+                np.array([nkv], i32),
+                position_end,
+                np.array([d], i32),
+            ],
+            axis=0,
+            interleave=False,
+            name=f"layers_{k}_self_attn_kv_end",
+        )
+        bounds.append((begin, end))
+    return bounds
 
 
 def _heads(x: Any, heads: int, d: int, tokens: int, name: str) -> Any:
     """(1, heads * D, 1, T) -> (1, heads, T, D)."""
-    from coremltools.converters.mil import Builder as mb
-
     if tokens == 1:
         return mb.reshape(x=x, shape=[1, heads, 1, d], name=name)
     x = mb.reshape(x=x, shape=[1, heads, d, tokens], name=name + "_split")
@@ -190,8 +211,6 @@ def emit_attention(
     `state` holds the latest value of each cache (read_state once, then each layer's
     coreml_update_state output), so the in-place writes chain through the layers.
     """
-    from coremltools.converters.mil import Builder as mb
-
     p = w.prefix + "self_attn_"
     nh, nkv, d = arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim
     q_size, kv_size = nh * d, nkv * d
@@ -206,29 +225,10 @@ def emit_attention(
     q = mb.mul(x=emit_rope(q, io.cos, io.sin, arch, p + "q_"), y=_fp16(d**-0.5), name=p + "q")
     k = emit_rope(k, io.cos, io.sin, arch, p + "k_")
 
-    if shared.position_end is None:
-        shared.position_end = mb.add(x=io.position, y=np.int32(tokens), name="position_end")
     if "key_cache" not in state:
         state["key_cache"] = mb.read_state(input=io.key_cache, name="key_cache_read")
         state["value_cache"] = mb.read_state(input=io.value_cache, name="value_cache_read")
-    i32 = np.int32
-    begin = mb.concat(
-        values=[np.array([offset], i32), np.array([0], i32), io.position, np.array([0], i32)],
-        axis=0,
-        interleave=False,
-        name=p + "kv_begin",
-    )
-    end = mb.concat(
-        values=[
-            np.array([offset + 1], i32),
-            np.array([nkv], i32),
-            shared.position_end,
-            np.array([d], i32),
-        ],
-        axis=0,
-        interleave=False,
-        name=p + "kv_end",
-    )
+    begin, end = shared.kv_bounds[offset]
     views = {}
     for cache, update in (("key_cache", k), ("value_cache", v)):
         written = mb.slice_update(
@@ -281,8 +281,6 @@ def emit_attention(
 
 
 def emit_mlp(h: Any, w: LayerWeights, arch: Architecture) -> Any:
-    from coremltools.converters.mil import Builder as mb
-
     p = w.prefix + "mlp_"
     i = arch.intermediate_size
     gate_up = _conv(h, w.gate_up_proj.emit(), p + "gate_up")  # (1, 2I, 1, T)
@@ -304,14 +302,15 @@ def emit_layers(
 
     The last layer's output is named `output_name`; layer k's is `layers_{k}_output`.
     """
-    from coremltools.converters.mil import Builder as mb
-
-    shared, state = _Shared(), {}
+    shared = _Shared(emit_kv_bounds(io.position, len(layers), arch, tokens))
+    state: dict[str, Any] = {}
     x, outputs = io.hidden_states, []
     for n, w in enumerate(layers):
         offset = int(w.prefix.split("_")[1])
-        gain_in = _const(w.input_layernorm, w.prefix + "input_layernorm_weight")
-        gain_post = _const(w.post_attention_layernorm, w.prefix + "post_attention_layernorm_weight")
+        gain_in = emit_const(w.input_layernorm, w.prefix + "input_layernorm_weight")
+        gain_post = emit_const(
+            w.post_attention_layernorm, w.prefix + "post_attention_layernorm_weight"
+        )
         h = emit_rms_norm(x, gain_in, arch.rms_norm_eps, w.prefix + "input_layernorm_")
         attn = emit_attention(h, w, io, shared, state, arch, context, offset, tokens)
         x = mb.add(x=x, y=attn, name=w.prefix + "attn_residual")
@@ -324,9 +323,7 @@ def emit_layers(
 
 def emit_head(x: Any, w: HeadWeights, eps: float) -> tuple[Any, Any]:
     """Final norm + chunked LM head: (chunk_max (1, n) fp16, chunk_argmax (1, n) int32)."""
-    from coremltools.converters.mil import Builder as mb
-
-    h = emit_rms_norm(x, _const(w.norm, "norm_weight"), eps, "norm_")
+    h = emit_rms_norm(x, emit_const(w.norm, "norm_weight"), eps, "norm_")
     maxes, indices = [], []
     for n, chunk in enumerate(w.chunks):
         p = f"chunks_{n}_"
@@ -422,8 +419,9 @@ def pass_pipeline() -> Any:
     return ct.PassPipeline.EMPTY
 
 
-def to_mlmodel(prog: Any) -> Any:
-    """ct.convert of a built program (iOS18 ML Program, fp16), not loaded."""
+def to_mlmodel(prog: Any, package_dir: Any = None) -> Any:
+    """ct.convert of a built program (iOS18 ML Program, fp16), not loaded; saved at
+    `package_dir` (an .mlpackage path) if given."""
     import coremltools as ct
 
     return ct.convert(
@@ -433,4 +431,5 @@ def to_mlmodel(prog: Any) -> Any:
         compute_precision=ct.precision.FLOAT16,
         pass_pipeline=pass_pipeline(),
         skip_model_load=True,
+        package_dir=None if package_dir is None else str(package_dir),
     )

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from coremltools.converters.mil import Builder as mb
 
 from anechain.config import LayerRange
 from anechain.errors import ExportError
@@ -125,19 +126,15 @@ class Weight:
 
     def emit(self) -> Any:
         """The weight var in the function being built (consts named and shared by name)."""
-        from coremltools.converters.mil import Builder as mb
-
         if self.quantized is None:
-            return _const(self.fp16, self.name)
-        data = _const(self.quantized.data, self.name + "_data")
-        scale = _const(self.quantized.scale, self.name + "_scale")
+            return emit_const(self.fp16, self.name)
+        data = emit_const(self.quantized.data, self.name + "_data")
+        scale = emit_const(self.quantized.scale, self.name + "_scale")
         return mb.constexpr_blockwise_shift_scale(data=data, scale=scale, name=self.name)
 
 
-def _const(val: Any, name: str) -> Any:
+def emit_const(val: Any, name: str) -> Any:
     """A named const whose blob is shared by every function that emits it (`weight_id`)."""
-    from coremltools.converters.mil import Builder as mb
-
     var = mb.const(val=val, name=name)
     var.op.weight_id = name
     return var
