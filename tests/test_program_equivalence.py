@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -233,12 +234,19 @@ def _int32_layout(path: Path) -> tuple[int, bool]:
     from coremltools.converters.mil.mil import types
 
     _, prog = load_program(path)
-    ops = [op for op in prog.functions["main"].operations if op.op_type != "const"]
-    is_int = [any(v.dtype == types.int32 for v in op.outputs) for op in ops]
-    first_fp16 = next(
-        i for i, op in enumerate(ops) if any(v.dtype == types.fp16 for v in op.outputs)
-    )
-    return sum(is_int), all(i < first_fp16 for i, flag in enumerate(is_int) if flag)
+
+    def layout(function: Any) -> tuple[int, bool]:
+        ops = [op for op in function.operations if op.op_type != "const"]
+        is_int = [any(v.dtype == types.int32 for v in op.outputs) for op in ops]
+        first_fp16 = next(
+            i for i, op in enumerate(ops) if any(v.dtype == types.fp16 for v in op.outputs)
+        )
+        return sum(is_int), all(i < first_fp16 for i, flag in enumerate(is_int) if flag)
+
+    # Every function (decode, and prefill when the preset has it) has the same layout.
+    layouts = {name: layout(f) for name, f in prog.functions.items()}
+    assert len(set(layouts.values())) == 1, layouts
+    return next(iter(layouts.values()))
 
 
 def test_int32_index_arithmetic_is_one_block_ahead_of_the_graph(request, both_ways):
