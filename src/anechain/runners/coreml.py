@@ -54,16 +54,20 @@ def _dtype(type_name: str, where: str) -> np.dtype:
 
 def features_from_spec(
     spec: Any, function: str | None = None
-) -> tuple[list[FeatureSpec], list[FeatureSpec], list[str]]:
-    """(inputs, outputs, state names) of a model spec (coremltools protobuf); for a
-    multifunction model, of `function` (default: its default function)."""
+) -> tuple[list[FeatureSpec], list[FeatureSpec], list[FeatureSpec]]:
+    """(inputs, outputs, states) of a model spec (coremltools protobuf); for a multifunction
+    model, of `function` (default: its default function)."""
 
     def arrays(descriptions: Any, kind: str) -> list[FeatureSpec]:
         out = []
         for d in descriptions:
-            if d.type.WhichOneof("Type") != "multiArrayType":
+            which = d.type.WhichOneof("Type")
+            if which == "multiArrayType":
+                arr = d.type.multiArrayType
+            elif which == "stateType" and d.type.stateType.WhichOneof("Type") == "arrayType":
+                arr = d.type.stateType.arrayType
+            else:
                 raise RunnerError(f"{kind} {d.name!r} is not a multi-array")
-            arr = d.type.multiArrayType
             type_name = arr.ArrayDataType.Name(arr.dataType)
             out.append(
                 FeatureSpec(
@@ -79,7 +83,7 @@ def features_from_spec(
         name = function or desc.defaultFunctionName
         found = [f for f in desc.functions if f.name == name]
         if not found:
-            names = ", ".join(f.name for f in desc.functions)
+            names = ", ".join(sorted(f.name for f in desc.functions))
             raise RunnerError(f"the model has no function {name!r} (it has {names})")
         desc = found[0]
     elif function not in (None, "main"):
@@ -87,12 +91,15 @@ def features_from_spec(
     return (
         arrays(desc.input, "input"),
         arrays(desc.output, "output"),
-        [s.name for s in desc.state],
+        arrays(desc.state, "state"),
     )
 
 
-def features_from_compiled(compiled: Path) -> tuple[list[FeatureSpec], list[FeatureSpec]]:
-    """(inputs, outputs) from the metadata.json the Core ML compiler writes into an .mlmodelc."""
+def features_from_compiled(
+    compiled: Path,
+) -> tuple[list[FeatureSpec], list[FeatureSpec], list[FeatureSpec]]:
+    """(inputs, outputs, states) from the metadata.json the Core ML compiler writes into an
+    .mlmodelc; a model without `stateSchema` has no state."""
     meta_path = Path(compiled) / "metadata.json"
     try:
         meta = json.loads(meta_path.read_text())
@@ -108,7 +115,7 @@ def features_from_compiled(compiled: Path) -> tuple[list[FeatureSpec], list[Feat
                 for f in entry.get(key, [])
             ]
 
-        return arrays("inputSchema"), arrays("outputSchema")
+        return arrays("inputSchema"), arrays("outputSchema"), arrays("stateSchema")
     except FileNotFoundError:
         raise RunnerError(
             f"{compiled} has no metadata.json; is it a compiled Core ML model?"
@@ -141,6 +148,18 @@ def check_inputs(expected: list[FeatureSpec], inputs: dict[str, np.ndarray]) -> 
             )
 
 
+def _verified_source(compiled: Path) -> Path | None:
+    """The package an .mlmodelc was compiled from, if its sidecar names one that is unchanged."""
+    from anechain.compile import read_sidecar
+    from anechain.fsutil import sha256_tree
+
+    recorded = read_sidecar(compiled) or {}
+    package = Path(str(recorded.get("package", "")))
+    if package.suffix != ".mlpackage" or not package.is_dir():
+        return None
+    return package if sha256_tree(package) == recorded.get("source_sha256") else None
+
+
 def _coremltools_load_model(compiled: str, compute_units: str, function: str | None = None) -> Any:
     import coremltools as ct
 
@@ -152,11 +171,14 @@ def _coremltools_load_model(compiled: str, compute_units: str, function: str | N
 class CoreMLRunner:
     """ShardRunner over Core ML: `CompiledMLModel` + `make_state()` + `predict(state=)`.
 
-    Takes an .mlpackage (compiled to a temporary folder, removed with the runner) or an
-    .mlmodelc. `load_model` and `compiler` replace the Core ML calls (tests). `function`
-    picks a function of a multifunction model; `state_from` is a runner of another function
-    of the same model whose state this one shares (Core ML states work across a model's
-    functions: prefill fills the KV cache decode reads).
+    Takes an .mlpackage (compiled to a temporary folder removed with the runner, unless
+    `compiled` is that package already compiled) or an .mlmodelc. The model's states come
+    from its description (the package's spec, or the compiled model's `stateSchema`): a
+    stateless model (the head) is predicted without a state; Core ML would hand it an empty
+    one rather than refuse. `load_model` and `compiler` replace the Core ML calls (tests).
+    `function` picks a function of a multifunction model; `state_from` is a runner of another
+    function of the same model whose state this one shares (Core ML states work across a
+    model's functions: prefill fills the KV cache decode reads).
     """
 
     name = "coreml"
@@ -166,6 +188,7 @@ class CoreMLRunner:
         package_or_compiled: str | Path,
         compute_units: str = "cpu_and_ne",
         *,
+        compiled: str | Path | None = None,
         load_model: ModelLoader | None = None,
         compiler: Any = None,
         function: str | None = None,
@@ -191,9 +214,9 @@ class CoreMLRunner:
             from anechain.package import load_spec
 
             inputs, outputs, states = features_from_spec(load_spec(path), function)
-            if state_from is not None:  # the same package: compiled once
+            if compiled is None and state_from is not None:  # the same package: compiled once
                 compiled = state_from.compiled
-            else:
+            if compiled is None:
                 self._tmp = Path(tempfile.mkdtemp(prefix="anechain-coreml-"))
                 self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
                 compiled = self._tmp / (path.stem + ".mlmodelc")
@@ -201,29 +224,32 @@ class CoreMLRunner:
         elif path.suffix == ".mlmodelc":
             if not path.is_dir():
                 raise RunnerError(f"{path} does not exist")
-            inputs, outputs = features_from_compiled(path)
-            states = []
+            inputs, outputs, states = features_from_compiled(path)
+            if not states and (source := _verified_source(path)) is not None:
+                from anechain.package import load_spec
+
+                # Compilers that write no stateSchema: the package it came from knows.
+                states = features_from_spec(load_spec(source), function)[2]
             compiled = path
             if function is not None:
                 # metadata.json describes the default function only; Core ML checks the rest.
                 inputs, outputs = None, []
         else:
             raise RunnerError(f"{path} is neither an .mlpackage nor an .mlmodelc")
-        self.compiled = compiled
+        self.compiled = Path(compiled)
         self.inputs = inputs
         self.outputs = outputs
-        self.state_names = states
+        self.states = states
+        self.state_names = [f.name for f in states]
         self.function = function
-        load_args = (str(compiled), compute_units) + ((function,) if function else ())
+        load_args = (str(self.compiled), compute_units) + ((function,) if function else ())
         try:
             self._model = load_model(*load_args)
         except Exception as exc:  # Core ML surfaces load failures as bare Exceptions
-            raise RunnerError(f"Core ML could not load {compiled}: {exc}") from None
-        # A .mlpackage says whether it has states; for an .mlmodelc we find out.
-        self._stateful = bool(states) or path.suffix == ".mlmodelc"
+            raise RunnerError(f"Core ML could not load {self.compiled}: {exc}") from None
         self._shares: CoreMLRunner | None = None
         if state_from is not None:
-            if path.resolve() != state_from.path.resolve() or states != state_from.state_names:
+            if path.resolve() != state_from.path.resolve() or states != state_from.states:
                 raise RunnerError(
                     f"{path} ({function}) cannot share the state of {state_from.path} "
                     f"({state_from.function}): another model or other states"
@@ -233,17 +259,14 @@ class CoreMLRunner:
             self._state = self._new_state()
 
     def _new_state(self) -> Any:
-        if not self._stateful:
+        if not self.states:
             return None  # the head: stateless, predicted without a state
         try:
             return self._model.make_state()
-        except Exception as exc:  # Core ML refuses make_state on a stateless model
-            if self.state_names:
-                raise RunnerError(
-                    f"Core ML could not make a state for {self.compiled}: {exc}"
-                ) from None
-            self._stateful = False
-            return None
+        except Exception as exc:
+            raise RunnerError(
+                f"Core ML could not make a state for {self.compiled}: {exc}"
+            ) from None
 
     @property
     def _state(self) -> Any:
@@ -277,9 +300,12 @@ class CoreMLRunner:
         return out
 
     def read_state(self, name: str) -> np.ndarray:
-        if self.state_names and name not in self.state_names:
+        declared = {f.name: f for f in self.states}
+        if name not in declared:
             raise RunnerError(f"no state {name!r}; the model has {self.state_names}")
         try:
-            return np.asarray(self._state.read_state(name))
+            value = np.asarray(self._state.read_state(name))
         except RuntimeError as exc:
             raise RunnerError(f"cannot read state {name!r}: {exc}") from None
+        # Core ML hands an fp16 state back as fp32; report it as the model declares.
+        return value.astype(declared[name].dtype, copy=False)
