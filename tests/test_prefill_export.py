@@ -234,3 +234,17 @@ def test_both_functions_pass_validation_through_core_ml(
         decode, prefill, meta, tiny_checkpoint, tiny_config.validation, tmp_path
     )
     assert result.passed, [g for g in result.gates if not g.passed]
+
+
+def test_residency_reads_the_decode_function_of_a_two_function_package(packages):
+    """Residency counts the package's default function (decode); see DESIGN.md."""
+    from anechain.errors import ResidencyError
+    from anechain.residency import read_program
+
+    program = read_program(packages[4])
+    assert program.function == "decode"
+    assert sum(op.type == "conv" for op in program.ops) == 12
+    assert read_program(packages[0]).function == "main"
+    assert read_program(packages[4], "prefill").function == "prefill"
+    with pytest.raises(ResidencyError, match="no function 'main'"):
+        read_program(packages[4], "main")
