@@ -310,7 +310,7 @@ def export_shard(
     names = checkpoint.layer_tensor_names(layers)
     stages = _Stages(label, say, t0)
     with ThreadPoolExecutor(1) as pool:
-        # sha256 of the range's bytes on the second core while this one quantizes.
+        # sha256 of the range's bytes (the metadata fingerprint) on a thread meanwhile.
         fingerprint = pool.submit(checkpoint.weights_fingerprint, names)
         weights = read_range_weights(iter_tensors(checkpoint, names), layers, settings.quantization)
         weights_fingerprint = fingerprint.result()
@@ -420,13 +420,17 @@ def export_embedding(
     name = "model.embed_tokens.weight"
     say(f"[embedding] reading {name} from {checkpoint.path}")
     rows, cols = checkpoint.tensor_shape(name)
-    with atomic_path(dest, overwrite=overwrite) as tmp:
-        table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, cols))
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+        "fortran_order": False,
+        "shape": (rows, cols),
+    }
+    with atomic_path(dest, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
+        # Plain writes, not a memmap: written pages of a mapping would count as our memory.
+        np.lib.format.write_array_header_1_0(f, header)
         for start in range(0, rows, 16384):
             block = checkpoint.read_rows(name, start, min(start + 16384, rows))
-            table[start : start + block.shape[0]] = block.to(torch.float16).numpy()
-        table.flush()
-        del table
+            f.write(block.to(torch.float16).numpy().tobytes())
     say(f"[embedding] {rows} x {cols} fp16 written")
     return ExportResult(
         path=dest,
