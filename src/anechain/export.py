@@ -210,11 +210,13 @@ def _save(
     overwrite: bool,
     stages: _Stages,
     t0: float,
+    write_stage: str = "convert",
 ) -> ExportResult:
     """`write(tmp)` saves a package at tmp and returns its MLModel; check it, finish it,
     rename it into place (atomic: an error or interrupt leaves nothing at dest)."""
     with atomic_path(dest, overwrite=overwrite) as tmp:
         mlmodel = write(tmp)
+        stages.done(write_stage)
         counts = _check_program(mlmodel, expected_conv, settings, stages.label)
         del mlmodel
         _finish_package(tmp, meta, description)
