@@ -326,3 +326,15 @@ def test_export_never_traces_or_runs_the_quantization_pass(
             LayerSpec(LayerRange(5, 6), tmp_path / "t.mlpackage"),
             tiny_config.export,
         )
+
+
+def test_weight_arrays_flatten_to_a_view_with_the_same_bytes():
+    """coremltools flattens each weight before writing it; ours hands it a view, not a copy."""
+    from anechain.weights import _FlatView
+
+    a = np.arange(24, dtype=np.int8).reshape(6, 4, 1, 1).view(_FlatView)
+    flat = a.flatten()
+    assert np.shares_memory(flat, a) and np.array_equal(flat, np.asarray(a).ravel())
+    f_order = a.flatten("F")  # any other order is numpy's copy
+    assert not np.shares_memory(f_order, a)
+    assert np.array_equal(f_order, np.asarray(a).flatten("F"))

@@ -181,6 +181,7 @@ def export_shard_traced(
         overwrite,
         stages,
         t0,
+        write_stage="write",
     )
 
 
@@ -225,4 +226,5 @@ def export_head_traced(
         overwrite,
         stages,
         t0,
+        write_stage="write",
     )

@@ -228,11 +228,13 @@ def _save(
     overwrite: bool,
     stages: _Stages,
     t0: float,
+    write_stage: str = "convert",
 ) -> ExportResult:
     """`write(tmp)` saves a package at tmp and returns its MLModel; check it, finish it,
     rename it into place (atomic: an error or interrupt leaves nothing at dest)."""
     with atomic_path(dest, overwrite=overwrite) as tmp:
         mlmodel = write(tmp)
+        stages.done(write_stage)
         functions = tuple(meta.functions) if meta.kind == KIND_LAYERS else (None,)
         counts = _check_program(mlmodel, expected_conv, settings, stages.label, functions)
         del mlmodel

@@ -127,10 +127,25 @@ class Weight:
     def emit(self) -> Any:
         """The weight var in the function being built (consts named and shared by name)."""
         if self.quantized is None:
-            return emit_const(self.fp16, self.name)
-        data = emit_const(self.quantized.data, self.name + "_data")
+            return emit_const(self.fp16.view(_FlatView), self.name)
+        data = emit_const(self.quantized.data.view(_FlatView), self.name + "_data")
         scale = emit_const(self.quantized.scale, self.name + "_scale")
         return mb.constexpr_blockwise_shift_scale(data=data, scale=scale, name=self.name)
+
+
+class _FlatView(np.ndarray):
+    """A weight array whose `flatten()` is a view, not a copy.
+
+    coremltools' weight writer calls `val.flatten()` on every constant before writing its
+    bytes (backend/mil/helper.py): a full copy, ~800 MB per 8-layer shard. The bytes
+    written are the same; only the copy is saved.
+    """
+
+    def flatten(self, order: Any = "C") -> np.ndarray:
+        base = np.asarray(self)
+        if order == "C" and base.flags.c_contiguous:
+            return base.reshape(-1)
+        return base.flatten(order)
 
 
 def emit_const(val: Any, name: str) -> Any:
