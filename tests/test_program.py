@@ -338,3 +338,100 @@ def test_weight_arrays_flatten_to_a_view_with_the_same_bytes():
     f_order = a.flatten("F")  # any other order is numpy's copy
     assert not np.shares_memory(f_order, a)
     assert np.array_equal(f_order, np.asarray(a).flatten("F"))
+
+
+def _assert_within_ulps(got: np.ndarray, want: np.ndarray, ulps: int) -> None:
+    """fp16 arrays equal within `ulps` fp16 ulps of the expected array's largest magnitude.
+
+    A value that ends a sum of larger terms (the residual stream) carries the rounding of
+    those terms, so the unit is the ulp at the array's scale, not at each value (measured
+    here: at most 1 such ulp, in about a sixth of the first chunk's values; the second
+    chunk exact)."""
+    assert got.shape == want.shape and got.dtype == want.dtype == np.float16
+    tolerance = ulps * float(np.spacing(np.abs(want).max()))
+    diff = np.abs(got.astype(np.float32) - want.astype(np.float32))
+    assert np.all(diff <= tolerance), f"max {float(diff.max())} beyond {ulps} ulps ({tolerance})"
+
+
+def _prefill_inputs(rope, hidden: np.ndarray, start: int, context: int) -> dict[str, np.ndarray]:
+    """T-token inputs for positions start .. start + T - 1 (hidden: (T, C))."""
+    from anechain.rope import step_inputs
+
+    steps = [step_inputs(rope, h, start + t, context) for t, h in enumerate(hidden)]
+    return {
+        "hidden_states": np.concatenate([s["hidden_states"] for s in steps], axis=3),
+        "position": steps[0]["position"],
+        "cos": np.concatenate([s["cos"] for s in steps], axis=2),
+        "sin": np.concatenate([s["sin"] for s in steps], axis=2),
+        "attention_mask": np.concatenate([s["attention_mask"] for s in steps], axis=2),
+    }
+
+
+def test_t_token_layers_compute_what_t_decode_steps_do(tiny_checkpoint, tiny_config, tmp_path):
+    """The T = 4 emission (prefill) from the same weights: its outputs and KV states equal
+    four decode steps within 2 fp16 ulps (the runner's fp32 sums run in another order for a
+    (C, T) GEMM than for T GEMVs, so an fp16 rounding can land one ulp apart)."""
+    from coremltools.converters.mil import mil
+
+    from anechain.contract import IOContract, TensorSpec, layer_contract
+    from anechain.export import iter_tensors
+    from anechain.program import LayerIO, emit_layers, layer_program, to_mlmodel
+    from anechain.rope import RopeParameters, step_inputs
+    from anechain.runners.mil import MILRunner
+    from anechain.weights import read_range_weights
+
+    arch = tiny_checkpoint.architecture
+    ctx, t, layers = tiny_config.export.context_length, 4, LayerRange(3, 5)
+    names = tiny_checkpoint.layer_tensor_names(layers)
+    weights = read_range_weights(iter_tensors(tiny_checkpoint, names), layers, "int8")
+    decode = layer_contract(arch, ctx, layers.num_layers)
+    shaped = {
+        "hidden_states": (1, arch.hidden_size, 1, t),
+        "cos": (1, 1, t, arch.rotary_dim),
+        "sin": (1, 1, t, arch.rotary_dim),
+        "attention_mask": (1, 1, t, ctx),
+    }
+    inputs = tuple(TensorSpec(s.name, shaped.get(s.name, s.shape), s.dtype) for s in decode.inputs)
+    prefill_contract = IOContract(inputs, decode.outputs, decode.states)
+    prog = mil.Program()
+    with mil.Function(LayerIO.placeholders(prefill_contract), opset_version=_ios18()) as func:
+        outs = emit_layers(LayerIO(**func.inputs), weights, arch, ctx, tokens=t)
+        func.set_outputs([outs[-1]])
+        prog.add_function("main", func)
+    to_mlmodel(prog, tmp_path / "prefill.mlpackage")
+    decode_prog, _ = layer_program(decode, weights, arch, ctx)
+    to_mlmodel(decode_prog, tmp_path / "decode.mlpackage")
+
+    rope = RopeParameters.from_hf_config(tiny_checkpoint.hf_config)
+    hidden = np.random.default_rng(5).standard_normal((2 * t, arch.hidden_size)) * 2.0
+    one = MILRunner(tmp_path / "decode.mlpackage")
+    many = MILRunner(tmp_path / "prefill.mlpackage")
+    one.reset()
+    many.reset()
+    # Two chunks: positions 0..3, then 4..7 (the second reads what the first wrote).
+    for chunk in range(2):
+        rows = hidden[chunk * t : (chunk + 1) * t]
+        want = [
+            one.step(step_inputs(rope, h, chunk * t + i, ctx))["output_hidden_states"]
+            for i, h in enumerate(rows)
+        ]
+        got = many.step(_prefill_inputs(rope, rows, chunk * t, ctx))["output_hidden_states"]
+        assert got.shape == (1, arch.hidden_size, 1, t)
+        _assert_within_ulps(got, np.concatenate(want, axis=3), 2)
+    for name in ("key_cache", "value_cache"):
+        written = many.read_state(name)
+        assert np.count_nonzero(written[:, :, : 2 * t]) and not np.any(written[:, :, 2 * t :])
+        _assert_within_ulps(written, one.read_state(name), 2)
+
+    # The comparison sees a wrong prefill: every token attending to the whole chunk.
+    many.reset()
+    leaky = _prefill_inputs(rope, hidden[:t], 0, ctx)
+    leaky["attention_mask"][..., :t] = 0
+    got = many.step(leaky)["output_hidden_states"]
+    one.reset()
+    want = [
+        one.step(step_inputs(rope, h, i, ctx))["output_hidden_states"]
+        for i, h in enumerate(hidden[:t])
+    ]
+    with pytest.raises(AssertionError, match="ulps"):
+        _assert_within_ulps(got, np.concatenate(want, axis=3), 2)
