@@ -175,6 +175,21 @@ class Checkpoint:
                 raise CheckpointError(f"{file} cannot be read: {exc}") from None
         return out
 
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape from the safetensors header (no data read)."""
+        return self._location(name).shape
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, reading only their bytes (large matrices in blocks)."""
+        from safetensors import safe_open
+
+        file = self._location(name).file
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return f.get_slice(name)[start:stop]
+        except Exception as exc:  # SafetensorError has no importable base class
+            raise CheckpointError(f"{file} cannot be read: {exc}") from None
+
     def layer_tensor_names(self, layers: LayerRange) -> list[str]:
         from anechain.model import hf_layer_tensor_names
 
