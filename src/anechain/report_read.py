@@ -134,9 +134,9 @@ class _Parser:
             backend=self.get("backend", str),
             steps=self.get("steps", int),
             golden=golden,
+            prefill=self.prefill(meta.functions),  # before the gates that read it
             gates=self.gates(kind, meta.functions),
             residency=self.residency(),
-            prefill=self.prefill(meta.functions),
             created=self.get("created", str),
             versions=self.get("versions", dict),
         )
