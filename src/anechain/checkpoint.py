@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import struct
 from collections.abc import Callable, Iterable
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from anechain.config import Architecture, LayerRange
-from anechain.errors import CheckpointError
+from anechain.errors import CheckpointError, ConfigError
 from anechain.fsutil import atomic_path
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -29,6 +30,18 @@ CONFIG_NAME = "config.json"
 # Bytes sampled per tensor for the checkpoint fingerprint: cheap, yet different weights
 # (another seed, an altered layer) give a different fingerprint.
 _SAMPLE_CHUNKS, _SAMPLE_CHUNK_BYTES = 8, 4096
+# safetensors dtypes a weight may have (Phi-4-mini ships bf16), with their sizes.
+_FLOAT_DTYPES = {"BF16": 2, "F16": 2, "F32": 4}
+# config.json fields the architecture is built from: integers, all positive.
+_INT_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+)
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,7 @@ class Checkpoint:
                 "Phi-4-mini (model_type 'phi3')"
             )
         self.raw_config = raw
+        _check_raw_config(raw, config_path)
 
     @cached_property
     def hf_config(self) -> Any:
@@ -88,10 +102,19 @@ class Checkpoint:
         try:
             return Phi3Config.from_pretrained(str(self.path), local_files_only=True)
         except Exception as exc:  # transformers raises several types for bad configs
-            raise CheckpointError(f"{self.path / CONFIG_NAME}: {exc}") from None
+            # Its validators print a field per line: one line for the user.
+            detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            raise CheckpointError(f"{self.path / CONFIG_NAME}: {detail}") from None
 
     @cached_property
     def architecture(self) -> Architecture:
+        try:
+            return self._architecture()
+        except ConfigError as exc:
+            msg = str(exc).removeprefix("architecture.")
+            raise CheckpointError(f"{self.path / CONFIG_NAME}: {msg}") from None
+
+    def _architecture(self) -> Architecture:
         c = self.hf_config
         rope = getattr(c, "rope_parameters", None) or {}
         return Architecture(
@@ -158,8 +181,106 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"{self.path} has no tensor {name!r}") from None
 
+    def expected_shape(self, name: str) -> tuple[int, ...]:
+        """The shape the architecture (config.json) gives tensor `name`."""
+        a = self.architecture
+        h, d = a.hidden_size, a.head_dim
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            return (a.vocab_size, h)
+        if name == "model.norm.weight":
+            return (h,)
+        by_suffix = {
+            "input_layernorm.weight": (h,),
+            "post_attention_layernorm.weight": (h,),
+            "self_attn.qkv_proj.weight": (
+                (a.num_attention_heads + 2 * a.num_key_value_heads) * d,
+                h,
+            ),
+            "self_attn.o_proj.weight": (h, a.num_attention_heads * d),
+            "mlp.gate_up_proj.weight": (2 * a.intermediate_size, h),
+            "mlp.down_proj.weight": (h, a.intermediate_size),
+        }
+        parts = name.split(".", 3)
+        if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in by_suffix:
+            return by_suffix[parts[3]]
+        raise CheckpointError(f"{name} is not a tensor of the Phi-4-mini architecture")
+
+    def check_tensors(self, names: Iterable[str]) -> None:
+        """Every tensor's shape and dtype against the architecture, from the headers only.
+
+        A row missing, or a matrix transposed (same element count), would otherwise be
+        reshaped into place and exported without complaint.
+        """
+        for name in names:
+            loc = self._location(name)
+            expected = self.expected_shape(name)
+            if loc.shape != expected:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name} has shape {list(loc.shape)}, expected "
+                    f"{list(expected)} from {CONFIG_NAME}"
+                )
+            if loc.dtype not in _FLOAT_DTYPES:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name} has dtype {loc.dtype}, expected one of "
+                    f"{', '.join(_FLOAT_DTYPES)}"
+                )
+            if loc.end - loc.begin != math.prod(loc.shape) * _FLOAT_DTYPES[loc.dtype]:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name} holds {loc.end - loc.begin} bytes, not the "
+                    f"{math.prod(loc.shape) * _FLOAT_DTYPES[loc.dtype]} its shape needs"
+                )
+
+    def check_layers(self, layers: LayerRange, context_length: int | None = None) -> None:
+        """Before exporting [start, end): its tensors' shapes and dtypes, and, given a
+        context length, that the model supports it and its KV cache fits in memory."""
+        self.check_tensors(self.layer_tensor_names(layers))
+        if context_length is None:
+            return
+        a = self.architecture
+        if context_length > a.max_position_embeddings:
+            raise CheckpointError(
+                f"context {context_length} is beyond the model's max_position_embeddings "
+                f"({a.max_position_embeddings})"
+            )
+        # Key and value caches, fp32 while tracing: (layers, kv_heads, context, head_dim).
+        need = 2 * layers.num_layers * a.num_key_value_heads * context_length * a.head_dim * 4
+        free = available_memory()
+        if free is not None and need > free:
+            raise CheckpointError(
+                f"context {context_length} needs {need / 1e9:.1f} GB of KV cache for "
+                f"{layers.num_layers} layers; {free / 1e9:.1f} GB of memory is available "
+                "(use a smaller context or fewer layers per shard)"
+            )
+
+    def check_reference(self, upto: int) -> None:
+        """`check_tensors` for what the golden reference reads: the embedding, layers < upto."""
+        from anechain.model import hf_layer_tensor_names
+
+        self.check_tensors(
+            [
+                "model.embed_tokens.weight",
+                *(n for i in range(upto) for n in hf_layer_tensor_names(i)),
+            ]
+        )
+
+    @staticmethod
+    def check_finite(name: str, tensor: torch.Tensor) -> None:
+        """Refuse a tensor holding NaN or Inf, naming it (as it is read: one cheap pass)."""
+        if tensor.numel() == 0 or not tensor.is_floating_point():
+            return
+        # aminmax propagates NaN and shows +-Inf; ~20x faster than isfinite().all() on bf16.
+        lo, hi = torch.aminmax(tensor)
+        if math.isfinite(float(lo)) and math.isfinite(float(hi)):
+            return
+        nan = int(torch.isnan(tensor).sum())
+        inf = int(torch.isinf(tensor).sum())
+        found = ", ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "Inf")) if n)
+        raise CheckpointError(
+            f"tensor {name} holds non-finite values ({found}); the weights are corrupt"
+        )
+
     def read_tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Load just these tensors (in their stored dtype)."""
+        """Load just these tensors (in their stored dtype); a NaN or Inf in one is an error."""
         from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
@@ -173,6 +294,8 @@ class Checkpoint:
                         out[name] = f.get_tensor(name)
             except Exception as exc:  # SafetensorError has no importable base class
                 raise CheckpointError(f"{file} cannot be read: {exc}") from None
+            for name in file_names:
+                self.check_finite(name, out[name])
         return out
 
     def layer_tensor_names(self, layers: LayerRange) -> list[str]:
@@ -221,6 +344,48 @@ class Checkpoint:
             h.update(f"{name}|{loc.dtype}|{loc.shape}\n".encode())
             self._hash_bytes(h, loc, sample=True)
         return h.hexdigest()
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can get (Linux: MemAvailable; else physical)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_raw_config(raw: dict[str, Any], config_path: Path) -> None:
+    """The architecture fields of config.json, one line naming the first bad one.
+
+    transformers' own validators would report these as multi-line dumps, or not at all.
+    """
+    for name in _INT_FIELDS:
+        if name not in raw and name == "num_key_value_heads":
+            continue  # Phi3Config defaults it to num_attention_heads
+        value = raw.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise CheckpointError(
+                f"{config_path}: {name} must be a positive integer, got {value!r}"
+            )
+    heads = raw["num_attention_heads"]
+    kv_heads = raw.get("num_key_value_heads", heads)
+    if raw["hidden_size"] % heads:
+        raise CheckpointError(
+            f"{config_path}: hidden_size {raw['hidden_size']} is not a multiple of "
+            f"num_attention_heads {heads}"
+        )
+    if heads % kv_heads:
+        raise CheckpointError(
+            f"{config_path}: num_attention_heads {heads} is not a multiple of "
+            f"num_key_value_heads {kv_heads}"
+        )
 
 
 # --- random checkpoints -------------------------------------------------------------------

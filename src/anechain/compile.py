@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from anechain.errors import CompileError
-from anechain.fsutil import atomic_path, atomic_write_text, sha256_tree
+from anechain.fsutil import atomic_path, atomic_write_json, sha256_tree
 from anechain.package import check_package
 from anechain.platform import require_macos
 
@@ -194,5 +194,5 @@ def compile_package(
     sidecar_path(dest).unlink(missing_ok=True)
     name = compile_to(pkg, dest, compiler, overwrite=True)
     record = {"schema": SIDECAR_SCHEMA, "package": str(pkg), "source_sha256": sha, "compiler": name}
-    atomic_write_text(sidecar_path(dest), json.dumps(record, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(sidecar_path(dest), record)
     return CompileResult(pkg, dest, sha, False, name, time.perf_counter() - t0)

@@ -8,6 +8,8 @@ its overrides with `dataclasses.replace`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +22,16 @@ import yaml
 from anechain.errors import ConfigError
 
 PRESETS = ("tiny", "phi-4-mini")
+
+# ASCII only: int() also accepts other scripts' digits (Arabic-Indic, fullwidth) and
+# refuses superscripts, so "¹" would be a traceback and "١" silently 1.
+_ASCII_INT = re.compile(r"[0-9]+")
+
+
+def parse_ascii_int(text: str) -> int | None:
+    """The non-negative integer `text` spells in ASCII digits (spaces around allowed), else None."""
+    text = text.strip(" \t")
+    return int(text) if _ASCII_INT.fullmatch(text) else None
 
 
 @dataclass(frozen=True, order=True)
@@ -35,10 +47,10 @@ class LayerRange:
 
     @classmethod
     def parse(cls, text: str) -> LayerRange:
-        parts = text.split(":")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        parts = [parse_ascii_int(p) for p in text.split(":")]
+        if len(parts) != 2 or parts[0] is None or parts[1] is None:
             raise ConfigError(f"layer range {text!r} is not START:END (e.g. 8:16)")
-        return cls(int(parts[0]), int(parts[1]))
+        return cls(parts[0], parts[1])
 
     @property
     def num_layers(self) -> int:
@@ -233,9 +245,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        if not math.isfinite(number):  # a NaN bound passes nothing and prints as bare NaN
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
@@ -287,13 +302,21 @@ def load_config(path: str | Path) -> Config:
     """Load and validate a YAML config file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config {path} is not UTF-8 text (byte {exc.start}: {raw[exc.start]:#04x})"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    except RecursionError:  # PyYAML's parser recurses once per nesting level
+        raise ConfigError(f"config {path} is nested too deeply to be an anechain config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level")
     try:

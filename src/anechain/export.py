@@ -31,7 +31,7 @@ from anechain.contract import (
     layer_contract,
 )
 from anechain.errors import ExportError
-from anechain.fsutil import atomic_path
+from anechain.fsutil import atomic_path, isolated_tempdir
 from anechain.head import head_tensor_names
 from anechain.model import LayerRangeModel, LMHeadModel
 from anechain.package import package_size
@@ -244,6 +244,7 @@ def _check_dest(dest: Path, overwrite: bool) -> None:
         raise ExportError(f"{dest} already exists; pass --overwrite to replace it")
 
 
+@isolated_tempdir("spec")
 def export_shard(
     checkpoint: Checkpoint,
     spec: LayerSpec,
@@ -256,6 +257,7 @@ def export_shard(
     arch = checkpoint.architecture
     layers = spec.layers
     layers.check_within(arch.num_hidden_layers)
+    checkpoint.check_layers(layers, settings.context_length)
     _check_dest(spec.path, overwrite)
 
     t0 = time.perf_counter()
@@ -284,6 +286,7 @@ def export_shard(
     )
 
 
+@isolated_tempdir("dest")
 def export_head(
     checkpoint: Checkpoint,
     dest: Path,
@@ -294,6 +297,7 @@ def export_head(
     """Export the final RMSNorm + chunked LM head (INT8 like the layers)."""
     say = progress or (lambda msg: log.info(msg))
     arch = checkpoint.architecture
+    checkpoint.check_tensors(head_tensor_names(checkpoint))
     _check_dest(dest, overwrite)
     t0 = time.perf_counter()
     say(f"[head] reading the final norm and LM head from {checkpoint.path}")
@@ -339,6 +343,7 @@ def export_embedding(
         raise ExportError(f"{dest} already exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
     name = "model.embed_tokens.weight"
+    checkpoint.check_tensors([name])
     say(f"[embedding] reading {name} from {checkpoint.path}")
     table = checkpoint.read_tensors([name])[name].to(torch.float16).numpy()  # (vocab, hidden)
     with atomic_path(dest, overwrite=overwrite) as tmp:

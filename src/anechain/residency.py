@@ -21,7 +21,7 @@ from typing import Any
 
 from anechain.config import ResidencySettings
 from anechain.errors import ConfigError, ResidencyError
-from anechain.fsutil import atomic_write_text, sha256_tree
+from anechain.fsutil import atomic_write_json, sha256_tree
 from anechain.platform import is_macos, macos_version, require_macos
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class ComputePlan:
 def save_plan(plan: ComputePlan, path: str | Path) -> Path:
     """Write the plan as JSON, atomically."""
     path = Path(path)
-    atomic_write_text(path, json.dumps(plan.to_dict(), indent=1, sort_keys=True) + "\n")
+    atomic_write_json(path, plan.to_dict(), indent=1)
     return path
 
 

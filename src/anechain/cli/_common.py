@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,32 @@ class LayerSpecType(click.ParamType):
         if not path.endswith(".mlpackage"):
             self.fail(f"{value!r}: PATH must end in .mlpackage", param, ctx)
         return LayerSpec(layers, Path(path))
+
+
+class FiniteFloat(click.ParamType):
+    """A float that is finite: a NaN bound passes nothing and is not valid JSON."""
+
+    name = "FLOAT"
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+def check_outputs(*paths: Path | None) -> None:
+    """Before any work: recover what an interrupted run left at each output, and refuse
+    outputs that cannot be written (FIFOs, sockets, block devices; exit 2)."""
+    from anechain.fsutil import check_output, recover
+
+    for path in paths:
+        if path is not None:
+            recover(path)
+            check_output(path)
 
 
 class LayerRangeType(click.ParamType):

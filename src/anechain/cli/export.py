@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import click
 
 from anechain.cli._common import (
     LayerSpecType,
+    check_outputs,
     config_option,
     human_bytes,
     model_option,
@@ -114,6 +114,13 @@ def export(
         settings = dataclasses.replace(settings, quantization=quantization)
     checkpoint = Checkpoint(model_dir)
     n_layers = checkpoint.architecture.num_hidden_layers
+    limit = checkpoint.architecture.max_position_embeddings
+    if settings.context_length > limit:
+        raise click.BadParameter(
+            f"{settings.context_length} is beyond {model_dir}'s max_position_embeddings ({limit})",
+            param_hint="--context" if context is not None else "--config",
+        )
+    check_outputs(*(s.path for s in specs), head_path, embedding_path, json_out)
     seen: dict[Path, str] = {}
     for spec in specs:
         label = f"{spec.layers}:{spec.path}"
@@ -160,9 +167,9 @@ def export(
     ]
     click.echo(render_table(["package", "layers", "conv", "int8 weights", "size", "time"], rows))
     if json_out is not None:
-        from anechain.fsutil import atomic_write_text
+        from anechain.fsutil import atomic_write_json
 
-        atomic_write_text(json_out, json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+        atomic_write_json(json_out, [r.to_dict() for r in results], sort_keys=False)
 
 
 COMMANDS = [export]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -139,9 +138,15 @@ def residency_cmd(
       anechain residency artifacts/s0.mlmodelc --report-only     # hosted CI, no ANE
       anechain residency --compute-plan artifacts/s0.plan.json  # replay, any OS
     """
+    from anechain.cli._common import check_outputs
     from anechain.errors import PlatformError
-    from anechain.fsutil import atomic_write_text
-    from anechain.residency import MIN_MACOS, STATUS_NOT_CHECKED, check_residency
+    from anechain.fsutil import atomic_write_json
+    from anechain.residency import (
+        MIN_MACOS,
+        STATUS_NOT_CHECKED,
+        check_residency,
+        live_plan_available,
+    )
 
     if model is None and plan_file is None:
         raise click.UsageError("give COMPILED_OR_PKG, or a saved plan with --compute-plan FILE")
@@ -149,6 +154,13 @@ def residency_cmd(
         raise click.BadParameter(
             f"{model} is neither an .mlmodelc nor an .mlpackage", param_hint="COMPILED_OR_PKG"
         )
+    if save_to is not None and plan_file is None and not live_plan_available():
+        raise click.BadParameter(
+            "this machine cannot read a live compute plan (macOS 14.4+), so there is none "
+            "to save; replay a saved one with --compute-plan",
+            param_hint="--save-plan",
+        )
+    check_outputs(save_to, json_out)
     settings = resolve_config(config_path).residency
     say = progress_printer()
     say(f"replaying {plan_file}" if plan_file else f"reading the compute plan of {model}")
@@ -169,7 +181,7 @@ def residency_cmd(
     if save_to is not None:
         say(f"saved the compute plan to {save_to}")
     if json_out is not None:
-        atomic_write_text(json_out, json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write_json(json_out, report.to_dict())
 
     c = report.counts
     assert c is not None  # checked or report_only always carry counts

@@ -61,12 +61,13 @@ def build(
       anechain manifest build --report artifacts/layers_0_8.report.json \\
           --report artifacts/layers_8_32.report.json -o artifacts/manifest.json --overwrite
     """
-    from anechain.cli._common import human_bytes
+    from anechain.cli._common import check_outputs, human_bytes
     from anechain.manifest import build_manifest
 
     sources = [*reports, *shards]
     if not sources:
         raise click.UsageError("give shard packages or --report files to build from")
+    check_outputs(out)
     if out.exists() and not overwrite:
         raise click.UsageError(f"{out} already exists; pass --overwrite to replace it")
     manifest = build_manifest(sources, out, overwrite=overwrite, embedding=embedding)

@@ -8,6 +8,7 @@ import click
 
 from anechain.cli._common import (
     cache_dir_option,
+    check_outputs,
     config_option,
     human_bytes,
     model_option,
@@ -140,6 +141,7 @@ def plan(
     from anechain.validate import ResidencyOptions
 
     out = manifest_path or report_dir / "manifest.json"
+    check_outputs(out)
     try:
         check_plan_outputs(report_dir, out, overwrite)
     except PlanError as exc:
