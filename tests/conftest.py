@@ -57,6 +57,20 @@ def tiny_shards(
     return {s.layers: s.path for s in specs}
 
 
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory, tiny_config, tiny_checkpoint_dir):
+    """The one-command pipeline on the tiny default (asymmetric 3/2/1 topology).
+
+    Shared by the pipeline and bad-input tests; tests that alter it work on a copy.
+    """
+    from anechain.build import run_build
+
+    out = tmp_path_factory.mktemp("build")
+    cache = tmp_path_factory.mktemp("golden")
+    result = run_build(tiny_config, out, tiny_checkpoint_dir, backend="mil", cache_dir=cache)
+    return result, cache
+
+
 def scale_tensor(checkpoint_dir: Path, name: str, factor: float) -> None:
     """Alter one tensor of a checkpoint in place (tests work on copies)."""
     import json

@@ -23,7 +23,7 @@ import torch
 
 from anechain.config import Architecture, LayerRange
 from anechain.errors import CheckpointError, ConfigError
-from anechain.fsutil import atomic_path
+from anechain.fsutil import atomic_path, human_size
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -247,8 +247,8 @@ class Checkpoint:
         free = available_memory()
         if free is not None and need > free:
             raise CheckpointError(
-                f"context {context_length} needs {need / 1e9:.1f} GB of KV cache for "
-                f"{layers.num_layers} layers; {free / 1e9:.1f} GB of memory is available "
+                f"context {context_length} needs {human_size(need)} of KV cache for "
+                f"{layers.num_layers} layers; {human_size(free)} of memory is available "
                 "(use a smaller context or fewer layers per shard)"
             )
 

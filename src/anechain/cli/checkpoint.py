@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from anechain.cli._common import human_bytes, progress_printer
+from anechain.cli._common import check_outputs, human_bytes, progress_printer
 from anechain.config import PRESETS, load_preset
 
 
@@ -47,6 +47,7 @@ def random_checkpoint(
     arch = load_preset(preset).architecture
     if num_layers is not None:
         arch = dataclasses.replace(arch, num_hidden_layers=num_layers)
+    check_outputs(out_dir)
     if out_dir.exists() and not overwrite:
         raise click.UsageError(f"{out_dir} already exists; pass --overwrite to replace it")
     say = progress_printer()
