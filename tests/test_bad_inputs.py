@@ -26,26 +26,6 @@ from anechain.fsutil import sha256_tree
 TINY = str(preset_path("tiny"))
 
 
-def error_line(result: Result, code: int) -> str:
-    """The one error line of a failed command (its message), after checking the contract."""
-    assert result.exit_code == code, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
-        result.exception
-    )
-    assert "Traceback" not in result.output
-    # Progress lines start with "[<time>s]"; a usage error adds click's usage hint.
-    lines = [line for line in result.stderr.splitlines() if not line.startswith("[")]
-    errors = [line for line in lines if line.startswith("Error: ")]
-    assert len(errors) == 1, result.stderr
-    if code == 1:
-        assert lines == errors, result.stderr
-    else:
-        assert lines[-1] == errors[0] and all(
-            line.startswith(("Usage:", "Try ")) or not line for line in lines[:-1]
-        ), result.stderr
-    return errors[0].removeprefix("Error: ")
-
-
 def invoke(*args: str | Path) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args])
 
@@ -90,7 +70,7 @@ def no_leftovers(folder: Path) -> None:
     ],
 )
 def test_export_refuses_a_tensor_that_does_not_fit_the_architecture(
-    ckpt, tmp_path, name, change, found
+    ckpt, tmp_path, name, change, found, error_line
 ):
     rewrite_tensor(ckpt, name, change)
     dest = tmp_path / "out" / "a.mlpackage"
@@ -106,7 +86,7 @@ def test_export_refuses_a_tensor_that_does_not_fit_the_architecture(
     no_leftovers(dest.parent)
 
 
-def test_head_and_embedding_exports_check_their_tensors(ckpt, tmp_path):
+def test_head_and_embedding_exports_check_their_tensors(ckpt, tmp_path, error_line):
     rewrite_tensor(ckpt, "model.embed_tokens.weight", lambda t: t[:, :-1])
     for option, dest in (("--head", "h.mlpackage"), ("--embedding", "e.npy")):
         result = invoke("export", "--model", ckpt, "--config", TINY, option, tmp_path / dest)
@@ -130,7 +110,7 @@ def test_golden_reference_checks_shapes_before_running(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize(("value", "what"), [(float("nan"), "1 NaN"), (float("inf"), "1 Inf")])
-def test_export_names_a_non_finite_tensor(ckpt, tmp_path, value, what):
+def test_export_names_a_non_finite_tensor(ckpt, tmp_path, value, what, error_line):
     name = "model.layers.1.self_attn.o_proj.weight"
 
     def poison(t: torch.Tensor) -> torch.Tensor:
@@ -171,7 +151,7 @@ def test_check_finite_counts_what_it_finds():
 # --- tracebacks that are now one line -------------------------------------------------------
 
 
-def test_config_that_is_not_utf8(tmp_path, tiny_checkpoint_dir):
+def test_config_that_is_not_utf8(tmp_path, tiny_checkpoint_dir, error_line):
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes("name: caf\xe9\n".encode("latin-1"))
     result = invoke(
@@ -181,7 +161,7 @@ def test_config_that_is_not_utf8(tmp_path, tiny_checkpoint_dir):
     assert not (tmp_path / "e.npy").exists()
 
 
-def test_yaml_nested_past_the_recursion_limit(tmp_path, tiny_checkpoint_dir):
+def test_yaml_nested_past_the_recursion_limit(tmp_path, tiny_checkpoint_dir, error_line):
     deep = tmp_path / "deep.yaml"
     deep.write_text("validation: " + "[" * 5000 + "]" * 5000 + "\n")
     result = invoke(
@@ -205,12 +185,14 @@ def test_yaml_nested_past_the_recursion_limit(tmp_path, tiny_checkpoint_dir):
         "0:1\u00b2:a.mlpackage",
     ],
 )
-def test_non_ascii_digits_in_a_layer_spec_are_usage_errors(tiny_checkpoint_dir, tmp_path, spec):
+def test_non_ascii_digits_in_a_layer_spec_are_usage_errors(
+    tiny_checkpoint_dir, tmp_path, spec, error_line
+):
     result = invoke("export", "--model", tiny_checkpoint_dir, "--layer-spec", spec)
     assert "is not START:END" in error_line(result, 2)
 
 
-def test_non_ascii_digits_in_a_topology(tmp_path, tiny_checkpoint_dir):
+def test_non_ascii_digits_in_a_topology(tmp_path, tiny_checkpoint_dir, error_line):
     config = tmp_path / "topo.yaml"
     config.write_text(Path(TINY).read_text().replace('"3:5"', '"3:\u2075"'))
     result = invoke(
@@ -290,7 +272,7 @@ def resigned_build(tiny_build, tmp_path):
         (np.array([{"a": 1}] * 3, dtype=object), "is not a readable .npy table"),
     ],
 )
-def test_generate_refuses_a_resigned_embedding(resigned_build, table, message):
+def test_generate_refuses_a_resigned_embedding(resigned_build, table, message, error_line):
     manifest = resigned_build(table)
     result = invoke("generate", "--manifest", manifest, "--prompt-ids", "1,2", "--backend", "mil")
     assert message in error_line(result, 1)
@@ -299,7 +281,9 @@ def test_generate_refuses_a_resigned_embedding(resigned_build, table, message):
 # --- limits ---------------------------------------------------------------------------------
 
 
-def test_context_beyond_max_position_embeddings_is_a_usage_error(tiny_checkpoint_dir, tmp_path):
+def test_context_beyond_max_position_embeddings_is_a_usage_error(
+    tiny_checkpoint_dir, tmp_path, error_line
+):
     dest = tmp_path / "a.mlpackage"
     result = invoke(
         "export", "--model", tiny_checkpoint_dir, "--config", TINY,
@@ -310,7 +294,7 @@ def test_context_beyond_max_position_embeddings_is_a_usage_error(tiny_checkpoint
 
 
 def test_a_kv_cache_that_cannot_fit_is_refused_before_allocating(
-    tiny_checkpoint_dir, tmp_path, monkeypatch
+    tiny_checkpoint_dir, tmp_path, monkeypatch, error_line
 ):
     import anechain.checkpoint as checkpoint_module
     import anechain.model as model_module
@@ -349,7 +333,9 @@ def test_a_kv_cache_that_cannot_fit_is_refused_before_allocating(
         ("hidden_size", None, "hidden_size must be a positive integer, got None"),
     ],
 )
-def test_architecture_errors_in_config_json_are_one_line(ckpt, tmp_path, field, value, message):
+def test_architecture_errors_in_config_json_are_one_line(
+    ckpt, tmp_path, field, value, message, error_line
+):
     config = json.loads((ckpt / "config.json").read_text())
     if value is None:
         del config[field]
@@ -360,7 +346,7 @@ def test_architecture_errors_in_config_json_are_one_line(ckpt, tmp_path, field, 
     assert message in error_line(result, 1)
 
 
-def test_transformers_config_errors_are_joined_into_one_line(ckpt, tmp_path):
+def test_transformers_config_errors_are_joined_into_one_line(ckpt, tmp_path, error_line):
     config = json.loads((ckpt / "config.json").read_text())
     config["rope_scaling"]["short_factor"] = [1.0]  # transformers' validator: multi-line
     (ckpt / "config.json").write_text(json.dumps(config))
@@ -373,7 +359,7 @@ def test_transformers_config_errors_are_joined_into_one_line(ckpt, tmp_path):
 
 @pytest.mark.parametrize(("option", "value"), [("--max-abs", "nan"), ("--min-cosine", "inf")])
 def test_non_finite_gate_bounds_are_usage_errors(
-    tiny_shards, tiny_checkpoint_dir, tmp_path, option, value
+    tiny_shards, tiny_checkpoint_dir, tmp_path, option, value, error_line
 ):
     package = next(iter(tiny_shards.values()))
     report = tmp_path / "r.json"
@@ -385,7 +371,7 @@ def test_non_finite_gate_bounds_are_usage_errors(
     assert not report.exists()
 
 
-def test_non_finite_gate_bounds_in_a_config_are_refused(tmp_path, tiny_checkpoint_dir):
+def test_non_finite_gate_bounds_in_a_config_are_refused(tmp_path, tiny_checkpoint_dir, error_line):
     config = tmp_path / "nan.yaml"
     config.write_text(Path(TINY).read_text().replace("max_abs: 1.0", "max_abs: .nan"))
     result = invoke(
@@ -441,7 +427,9 @@ def test_json_writer_turns_non_finite_values_into_null(tmp_path):
     __import__("anechain.residency").residency.live_plan_available(),
     reason="a live compute plan exists here, so --save-plan has something to save",
 )
-def test_save_plan_without_a_live_plan_is_a_usage_error(tiny_shards, tiny_checkpoint_dir, tmp_path):
+def test_save_plan_without_a_live_plan_is_a_usage_error(
+    tiny_shards, tiny_checkpoint_dir, tmp_path, error_line
+):
     package = next(iter(tiny_shards.values()))
     plan = tmp_path / "plan.json"
     result = invoke(
@@ -467,7 +455,7 @@ def test_save_plan_without_a_live_plan_is_a_usage_error(tiny_shards, tiny_checkp
         ("-1", "is not a comma-separated list"),
     ],
 )
-def test_bad_prompt_ids_are_usage_errors(tiny_build, ids, message):
+def test_bad_prompt_ids_are_usage_errors(tiny_build, ids, message, error_line):
     result, _ = tiny_build
     run = invoke("generate", "--manifest", result.manifest, "--prompt-ids", ids, "--backend", "mil")
     assert message in error_line(run, 2)

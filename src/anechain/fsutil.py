@@ -43,36 +43,42 @@ F = TypeVar("F", bound=Callable[..., Any])
 # --- what an output may be ---------------------------------------------------------------
 
 
-def output_is_device(dest: str | Path) -> bool:
+# Streams: what is there is written to, never replaced (a terminal, /dev/null, a pipe).
+_STREAM_ROOTS = ("/dev/", "/proc/")
+
+
+def writes_in_place(dest: str | Path, folder: bool = False) -> bool:
     """Decide what writing to `dest` means; the one place every output goes through.
 
-    Missing, a regular file or a folder: written atomically (replaced). A character device
-    (/dev/null, /dev/stdout, a terminal): written to in place, never replaced, so True.
-    Anything else (a FIFO, a socket, a block device): refused.
+    Missing, a regular file or a folder: written atomically (replaced), so False. A
+    character device or a FIFO (/dev/null, a terminal, /dev/stdout piped), or anything
+    that exists under /dev or /proc (/dev/stdout redirected to a file): written to in
+    place, never replaced, so True. A socket or a block device is refused, and so is a
+    stream where a folder (`folder`) would have to go.
     """
     try:
-        mode = os.stat(dest).st_mode  # follows symlinks: a link to /dev/null is a device
+        mode = os.stat(dest).st_mode  # follows symlinks: /dev/stdout -> /proc/self/fd/1
     except FileNotFoundError:
         return False
     except OSError as exc:
         raise OutputPathError(f"cannot use {dest} as an output: {exc.strerror}") from None
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-        return False
-    if stat.S_ISCHR(mode):
+    special = str(Path(dest).absolute()).startswith(_STREAM_ROOTS)
+    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode) or (special and stat.S_ISREG(mode)):
+        if folder:
+            raise OutputPathError(f"{dest} is a stream, not a place a folder can be written")
         return True
+    if stat.S_ISREG(mode) or (stat.S_ISDIR(mode) and not special):
+        return False
     kind = (
-        "a FIFO"
-        if stat.S_ISFIFO(mode)
-        else "a socket"
+        "a socket"
         if stat.S_ISSOCK(mode)
-        else ("a block device" if stat.S_ISBLK(mode) else "a special file")
+        else "a block device"
+        if stat.S_ISBLK(mode)
+        else "a special folder"
+        if stat.S_ISDIR(mode)
+        else "a special file"
     )
-    raise OutputPathError(f"{dest} is {kind}; outputs must be regular files or folders")
-
-
-def check_output(dest: str | Path) -> None:
-    """Refuse an output path that can never be written (a FIFO, socket or block device)."""
-    output_is_device(dest)
+    raise OutputPathError(f"{dest} is {kind}; outputs must be regular files, folders or streams")
 
 
 # --- work folders, locks, recovery ---------------------------------------------------------
@@ -314,18 +320,18 @@ def atomic_path(
 
     Works for files and folders (.mlpackage, .mlmodelc). The temporary lives in dest's
     folder so the final move is atomic on one filesystem; a folder replaces a folder by
-    an atomic swap where the OS has one. A character device at `dest` (/dev/null) is
-    written to in place, never replaced. A full disk is one DiskFullError naming `dest`
-    (`expected_bytes`, when the caller knows it, is the space it needed).
+    an atomic swap where the OS has one. A stream at `dest` (/dev/null, /dev/stdout, a
+    FIFO; see `writes_in_place`) is written to in place, never replaced. A full disk is
+    one DiskFullError naming `dest` (`expected_bytes`, if known, is the space needed).
     """
     dest = Path(dest)
-    device = output_is_device(dest)
+    device = writes_in_place(dest)
     if not device:
         dest.parent.mkdir(parents=True, exist_ok=True)
         recover(dest)
     tmp: Path | None = None
     try:
-        # A device's folder (/dev) is no place for ours: its copy goes through TMPDIR.
+        # A stream's folder (/dev) is no place for ours: its copy goes through TMPDIR.
         with work_folder(dest, Path(tempfile.gettempdir()) if device else None) as work:
             tmp = work / dest.name
             yield tmp
@@ -333,8 +339,9 @@ def atomic_path(
                 raise FileNotFoundError(f"nothing was written for {dest}")
             if device:
                 if not tmp.is_file():
-                    raise OutputPathError(f"{dest} is a device; a folder cannot be written to it")
-                with open(tmp, "rb") as src, open(dest, "wb") as out:
+                    raise OutputPathError(f"{dest} is a stream; a folder cannot be written to it")
+                # Append: /dev/stdout may be a file the shell opened with >>.
+                with open(tmp, "rb") as src, open(dest, "ab") as out:
                     shutil.copyfileobj(src, out)
                 return
             exists = dest.exists() or dest.is_symlink()

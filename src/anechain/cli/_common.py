@@ -51,15 +51,15 @@ class FiniteFloat(click.ParamType):
         return number
 
 
-def check_outputs(*paths: Path | None) -> None:
+def check_outputs(*paths: Path | None, folders: tuple[Path, ...] = ()) -> None:
     """Before any work: recover what an interrupted run left at each output, and refuse
-    outputs that cannot be written (FIFOs, sockets, block devices; exit 2)."""
-    from anechain.fsutil import check_output, recover
+    outputs that cannot be written (sockets, block devices, a stream where a folder must
+    go; exit 2). Streams (/dev/null, /dev/stdout, FIFOs) are written to in place."""
+    from anechain.fsutil import recover, writes_in_place
 
-    for path in paths:
-        if path is not None:
+    for path, folder in [*((p, False) for p in paths), *((p, True) for p in folders)]:
+        if path is not None and not writes_in_place(path, folder):
             recover(path)
-            check_output(path)
 
 
 class LayerRangeType(click.ParamType):

@@ -47,7 +47,7 @@ def random_checkpoint(
     arch = load_preset(preset).architecture
     if num_layers is not None:
         arch = dataclasses.replace(arch, num_hidden_layers=num_layers)
-    check_outputs(out_dir)
+    check_outputs(folders=(out_dir,))
     if out_dir.exists() and not overwrite:
         raise click.UsageError(f"{out_dir} already exists; pass --overwrite to replace it")
     say = progress_printer()

@@ -120,7 +120,9 @@ def export(
             f"{settings.context_length} is beyond {model_dir}'s max_position_embeddings ({limit})",
             param_hint="--context" if context is not None else "--config",
         )
-    check_outputs(*(s.path for s in specs), head_path, embedding_path, json_out)
+    check_outputs(
+        embedding_path, json_out, folders=(*(s.path for s in specs), *filter(None, [head_path]))
+    )
     seen: dict[Path, str] = {}
     for spec in specs:
         label = f"{spec.layers}:{spec.path}"
