@@ -459,3 +459,75 @@ def test_bad_prompt_ids_are_usage_errors(tiny_build, ids, message, error_line):
     result, _ = tiny_build
     run = invoke("generate", "--manifest", result.manifest, "--prompt-ids", ids, "--backend", "mil")
     assert message in error_line(run, 2)
+
+
+# --- siblings in other commands -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", ["nan", "inf", "0", "-5"])
+def test_plan_size_budget_must_be_a_finite_positive_number(
+    tiny_checkpoint_dir, tmp_path, budget, error_line
+):
+    result = invoke(
+        "plan", "--model", tiny_checkpoint_dir, "--size-budget", budget,
+        "--report-dir", tmp_path / "plan",
+    )  # fmt: skip
+    assert "--size-budget" in error_line(result, 2)
+    assert not (tmp_path / "plan").exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**63), "99999999999999999999999"])
+def test_random_checkpoint_seed_out_of_range(tmp_path, seed, error_line):
+    result = invoke("random-checkpoint", tmp_path / "c", "--seed", seed)
+    assert "--seed" in error_line(result, 2)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("  seed: 0", f"  seed: {2**64}", "build.seed must be in 0.."),
+        ("  calibration_seed: 0", "  calibration_seed: -3", "validation.calibration_seed"),
+    ],
+)
+def test_seeds_in_a_config_out_of_range(tmp_path, old, new, message, error_line):
+    config = tmp_path / "c.yaml"
+    config.write_text(Path(TINY).read_text().replace(old, new))
+    result = invoke("build", "--config", config, "--out", tmp_path / "out")
+    assert message in error_line(result, 1)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["manifest", "show"], ["manifest", "verify"]])
+def test_json_nested_past_the_recursion_limit(tmp_path, command, error_line):
+    deep = tmp_path / "m.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    result = invoke(*command, deep)
+    assert "nested too deeply" in error_line(result, 1)
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [
+        ("config.json", b"[1, 2]", "config.json is not a JSON object"),
+        ("config.json", b"[" * 100_000, "config.json is not valid JSON (nested too deeply"),
+        ("model.safetensors.index.json", b'{"weight_map": [1]}', "not a valid safetensors index"),
+        ("model.safetensors.index.json", b"\xff\xfe", "not a valid safetensors index"),
+    ],
+)
+def test_malformed_checkpoint_files(ckpt, tmp_path, file, content, message, error_line):
+    (ckpt / file).write_bytes(content)
+    result = invoke("export", "--model", ckpt, "--embedding", tmp_path / "e.npy")
+    assert message in error_line(result, 1)
+    assert not (tmp_path / "e.npy").exists()
+
+
+def test_malformed_safetensors_header(ckpt, tmp_path, error_line):
+    import struct
+
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    file = ckpt / index["weight_map"]["model.norm.weight"]
+    header = b'{"model.norm.weight": {"dtype": "BF16", "shape": "x", "data_offsets": [0, 2]}}'
+    file.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0")
+    result = invoke("export", "--model", ckpt, "--embedding", tmp_path / "e.npy")
+    assert "malformed header entry for model.norm.weight" in error_line(result, 1)

@@ -23,7 +23,7 @@ import torch
 
 from anechain.config import Architecture, LayerRange
 from anechain.errors import CheckpointError, ConfigError
-from anechain.fsutil import atomic_path, human_size
+from anechain.fsutil import atomic_path, human_size, loads_json
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -62,9 +62,11 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
         if size > 100_000_000:
             raise CheckpointError(f"{path} is not a safetensors file (bad header size)")
         try:
-            header = json.loads(f.read(size))
+            header = loads_json(f.read(size))
         except ValueError:
             raise CheckpointError(f"{path} is not a safetensors file (bad header)") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path} is not a safetensors file (bad header)")
     header["__data_start__"] = 8 + size
     return header
 
@@ -83,9 +85,11 @@ class Checkpoint:
             )
         self.config_bytes = config_path.read_bytes()
         try:
-            raw = json.loads(self.config_bytes)
+            raw = loads_json(self.config_bytes)
         except ValueError as exc:
             raise CheckpointError(f"{config_path} is not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{config_path} is not a JSON object")
         if raw.get("model_type") != "phi3":
             raise CheckpointError(
                 f"{config_path}: model_type is {raw.get('model_type')!r}; anechain supports "
@@ -142,10 +146,10 @@ class Checkpoint:
         index = self.path / INDEX_NAME
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError):
+                weight_map = loads_json(index.read_bytes())["weight_map"]
+                files = sorted({self.path / f for f in weight_map.values()})
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise CheckpointError(f"{index} is not a valid safetensors index") from None
-            files = sorted({self.path / f for f in weight_map.values()})
         else:
             files = sorted(self.path.glob("*.safetensors"))
             weight_map = None
@@ -160,12 +164,14 @@ class Checkpoint:
             header.pop("__metadata__", None)
             size = file.stat().st_size
             for name, info in header.items():
-                b, e = info["data_offsets"]
-                if start + e > size:
+                try:
+                    b, e = (int(x) for x in info["data_offsets"])
+                    dtype, shape = str(info["dtype"]), tuple(int(d) for d in info["shape"])
+                except (KeyError, TypeError, ValueError):
+                    raise CheckpointError(f"{file}: malformed header entry for {name}") from None
+                if not 0 <= b <= e or start + e > size:
                     raise CheckpointError(f"{file} is truncated: {name} runs past its end")
-                locations[name] = _TensorLocation(
-                    file, info["dtype"], tuple(info["shape"]), start + b, start + e
-                )
+                locations[name] = _TensorLocation(file, dtype, shape, start + b, start + e)
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(locations))
             if missing:

@@ -22,6 +22,7 @@ import yaml
 from anechain.errors import ConfigError
 
 PRESETS = ("tiny", "phi-4-mini")
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
 
 # ASCII only: int() also accepts other scripts' digits (Arabic-Indic, fullwidth) and
 # refuses superscripts, so "¹" would be a traceback and "١" silently 1.
@@ -175,6 +176,10 @@ class ValidationSettings:
     def __post_init__(self) -> None:
         if self.steps <= 0:
             raise ConfigError(f"validation.steps must be positive, got {self.steps}")
+        if not 0 <= self.calibration_seed <= SEED_MAX:
+            raise ConfigError(
+                f"validation.calibration_seed must be in 0..{SEED_MAX}, got {self.calibration_seed}"
+            )
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,8 @@ class BuildSettings:
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise ConfigError(f"build.max_new_tokens must be positive, got {self.max_new_tokens}")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(f"build.seed must be in 0..{SEED_MAX}, got {self.seed}")
 
 
 @dataclass(frozen=True)

@@ -375,6 +375,14 @@ def finite_or_null(value: Any) -> Any:
     return value
 
 
+def loads_json(text: str | bytes) -> Any:
+    """json.loads whose every failure is a ValueError: deep nesting (RecursionError) too."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to read") from None
+
+
 def dumps_json(data: Any, indent: int | None = 2, sort_keys: bool = True) -> str:
     """Strict JSON (no bare NaN/Infinity: strict readers refuse them), finite-or-null."""
     return json.dumps(finite_or_null(data), indent=indent, sort_keys=sort_keys, allow_nan=False)

@@ -75,7 +75,9 @@ def _embed(checkpoint: Checkpoint, tokens: list[int]) -> np.ndarray:
             rows = [table[t : t + 1] for t in tokens]  # only these rows are read
     except Exception as exc:  # SafetensorError has no importable base class
         raise CheckpointError(f"{file} cannot be read: {exc}") from None
-    return torch.cat(rows).float().numpy()
+    table_rows = torch.cat(rows)
+    Checkpoint.check_finite(name, table_rows)  # only the calibration tokens' rows
+    return table_rows.float().numpy()
 
 
 class _LayerRunner:

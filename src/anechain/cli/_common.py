@@ -37,9 +37,12 @@ class LayerSpecType(click.ParamType):
 
 
 class FiniteFloat(click.ParamType):
-    """A float that is finite: a NaN bound passes nothing and is not valid JSON."""
+    """A finite float (a NaN bound passes nothing and is not valid JSON), optionally > above."""
 
     name = "FLOAT"
+
+    def __init__(self, above: float | None = None) -> None:
+        self.above = above
 
     def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
         try:
@@ -48,6 +51,8 @@ class FiniteFloat(click.ParamType):
             self.fail(f"{value!r} is not a number", param, ctx)
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.above is not None and not number > self.above:
+            self.fail(f"{value!r} is not above {self.above:g}", param, ctx)
         return number
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from anechain.cli._common import (
+    FiniteFloat,
     cache_dir_option,
     check_outputs,
     config_option,
@@ -58,7 +59,7 @@ def render_attempts(attempts: tuple) -> str:
 @click.option(
     "--size-budget",
     "size_budget_mb",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(above=0),
     default=2000.0,
     show_default=True,
     help="Largest package in MB, estimated from the architecture (macOS loads about 2 GB "
