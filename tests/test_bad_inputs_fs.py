@@ -356,3 +356,30 @@ def test_sigterm_cleans_up_on_the_way_out(tmp_path):
     assert run_child("in-write", "SIGTERM", args, tmpdir) == 128 + signal.SIGTERM
     assert sha256_tree(ckpt) == before
     assert partials(tmp_path) == [] and list(tmpdir.iterdir()) == []
+
+
+def test_an_output_path_that_is_not_utf8_is_a_usage_error(
+    tiny_checkpoint_dir, tmp_path, error_line
+):
+    # How Python hands over argv bytes the locale cannot decode (surrogateescape).
+    bad = tmp_path / "sub" / "\udcff.mlpackage"
+    result = invoke("export", "--model", tiny_checkpoint_dir, "--layer-spec", f"0:1:{bad}")
+    assert "is not a UTF-8 path" in error_line(result, 2)
+    assert not (tmp_path / "sub").exists()
+
+
+def test_a_failed_export_leaves_no_new_folders(
+    tiny_checkpoint_dir, tmp_path, monkeypatch, error_line
+):
+    import anechain.checkpoint as checkpoint_module
+
+    def fail(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise checkpoint_module.CheckpointError("simulated failure after the work folder exists")
+
+    monkeypatch.setattr(checkpoint_module.Checkpoint, "read_tensors", fail)
+    dest = tmp_path / "new" / "deeper" / "a.mlpackage"
+    result = invoke(
+        "export", "--model", tiny_checkpoint_dir, "--config", TINY, "--layer-spec", f"0:1:{dest}"
+    )
+    assert "simulated failure" in error_line(result, 1)
+    assert not (tmp_path / "new").exists()

@@ -54,8 +54,13 @@ def writes_in_place(dest: str | Path, folder: bool = False) -> bool:
     character device or a FIFO (/dev/null, a terminal, /dev/stdout piped), or anything
     that exists under /dev or /proc (/dev/stdout redirected to a file): written to in
     place, never replaced, so True. A socket or a block device is refused, and so is a
-    stream where a folder (`folder`) would have to go.
+    stream where a folder (`folder`) would have to go, and so is a path that is not UTF-8
+    (bytes the terminal could not decode: coremltools takes paths as str).
     """
+    try:
+        str(dest).encode("utf-8")
+    except UnicodeEncodeError:
+        raise OutputPathError(f"{dest!r} is not a UTF-8 path; name outputs in UTF-8") from None
     try:
         mode = os.stat(dest).st_mode  # follows symlinks: /dev/stdout -> /proc/self/fd/1
     except FileNotFoundError:
@@ -158,6 +163,22 @@ def work_folder(dest: str | Path, parent: Path | None = None) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def _parents_of(dest: Path) -> Iterator[None]:
+    """Create dest's missing folders, and remove those still empty at the end: a failed
+    write leaves no trace at its destination."""
+    missing = [p for p in dest.parents if not p.exists()]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    finally:
+        for folder in missing:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty: it holds the output (or someone else's files)
+
+
+@contextlib.contextmanager
 def scratch_tempdir(dest: str | Path) -> Iterator[Path]:
     """Point `tempfile` at a work folder beside `dest` for the duration of the block.
 
@@ -167,10 +188,10 @@ def scratch_tempdir(dest: str | Path) -> Iterator[Path]:
     exit or swept by the next run.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    writes_in_place(dest, folder=True)
     recover(dest)
     saved = tempfile.tempdir
-    with work_folder(dest) as work:
+    with _parents_of(dest), work_folder(dest) as work:
         tempfile.tempdir = str(work)
         try:
             yield work
@@ -327,12 +348,14 @@ def atomic_path(
     dest = Path(dest)
     device = writes_in_place(dest)
     if not device:
-        dest.parent.mkdir(parents=True, exist_ok=True)
         recover(dest)
     tmp: Path | None = None
     try:
         # A stream's folder (/dev) is no place for ours: its copy goes through TMPDIR.
-        with work_folder(dest, Path(tempfile.gettempdir()) if device else None) as work:
+        with (
+            contextlib.nullcontext() if device else _parents_of(dest),
+            work_folder(dest, Path(tempfile.gettempdir()) if device else None) as work,
+        ):
             tmp = work / dest.name
             yield tmp
             if not tmp.exists():

@@ -51,6 +51,9 @@ def compile_cmd(packages: tuple[Path, ...], out_dir: Path | None, overwrite: boo
             )
         seen[dest] = pkg
 
+    from anechain.cli._common import check_outputs
+
+    check_outputs(folders=tuple(seen))
     compiler = default_compiler()  # refuses early, before any work, off macOS
     say = progress_printer()
     rows = []
