@@ -346,7 +346,7 @@ def export_embedding(
     checkpoint.check_tensors([name])
     say(f"[embedding] reading {name} from {checkpoint.path}")
     table = checkpoint.read_tensors([name])[name].to(torch.float16).numpy()  # (vocab, hidden)
-    with atomic_path(dest, overwrite=overwrite) as tmp:
+    with atomic_path(dest, overwrite=overwrite, expected_bytes=table.nbytes) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, table, allow_pickle=False)
     say(f"[embedding] {table.shape[0]} x {table.shape[1]} fp16 written")
