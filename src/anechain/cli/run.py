@@ -139,7 +139,7 @@ def build(
     config = resolve_config(config_path, preset="tiny")
     checkpoint = model_dir or (Path(config.build.checkpoint) if config.build.checkpoint else None)
     out = out_dir or Path(config.build.out_dir or f"artifacts/{config.name or 'build'}")
-    check_outputs(json_out)
+    check_outputs(json_out, folders=(out,))
     if checkpoint is not None:
         arch = Checkpoint(checkpoint).architecture
         if arch != config.architecture:
