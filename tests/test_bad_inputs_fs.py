@@ -228,6 +228,20 @@ def test_recover_restores_only_a_missing_destination(tmp_path):
     assert (dest / "v").read_text() == "old" and not stale.exists()
 
 
+def test_writing_any_output_sweeps_its_folder(tmp_path):
+    # Left by a run killed mid-swap on another output in the same folder.
+    stale = tmp_path / ".emb.npy.0123456789ab.partial"
+    stale.mkdir()
+    (stale / "emb.npy.old").write_text("old table")
+    (stale / "emb.npy").write_text("half a new table")
+    foreign = tmp_path / ".notes.partial"  # not ours: never touched
+    foreign.mkdir()
+    with atomic_path(tmp_path / "summary.json") as tmp:
+        tmp.write_text("{}")
+    assert (tmp_path / "emb.npy").read_text() == "old table" and not stale.exists()
+    assert foreign.is_dir()
+
+
 def test_an_interrupt_while_the_work_folder_is_created_leaves_nothing(
     tiny_checkpoint_dir, tmp_path, monkeypatch
 ):

@@ -15,13 +15,13 @@ import ctypes.util
 import errno
 import fcntl
 import functools
-import glob
 import hashlib
 import inspect
 import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -103,30 +103,37 @@ def _try_lock(path: Path) -> int | None:
     return fd
 
 
-def _partials(dest: Path) -> list[Path]:
-    pattern = f".{glob.escape(dest.name)}.*{PARTIAL_SUFFIX}"
-    return sorted(p for p in dest.parent.glob(pattern) if p.is_dir() and not p.is_symlink())
+# `.NAME.<12 hex>.partial` (ours) or `.NAME.<8 chars>.partial` (tempfile.mkdtemp, as
+# anechain named them before the work folders were locked).
+_PARTIAL_NAME = re.compile(
+    r"\.(?P<name>.+)\.(?:[0-9a-f]{12}|[a-z0-9_]{8})" + re.escape(PARTIAL_SUFFIX)
+)
 
 
 def recover(dest: str | Path) -> None:
-    """Sweep what killed runs left for `dest`, restoring a package stranded mid-swap.
+    """Sweep what killed runs left in dest's folder, restoring packages stranded mid-swap.
 
-    A work folder that no live process holds is stale. If it holds `NAME.old` and `dest`
-    is gone, the run died between moving the old copy aside and moving the new one in:
-    the old copy goes back to its path. Everything else in it is deleted.
+    A work folder that no live process holds (its flock is free) is stale. If it holds
+    `NAME.old` and NAME is gone, its run died between moving the old copy aside and moving
+    the new one in: the old copy goes back to its path. Everything else in it is deleted.
+    Every output's folder is swept before the output is written, so nothing stays.
     """
-    dest = Path(dest)
-    if not dest.parent.is_dir():
+    folder = Path(dest).parent
+    if not folder.is_dir():
         return
-    for partial in _partials(dest):
+    for partial in sorted(folder.glob(f".*{PARTIAL_SUFFIX}")):
+        match = _PARTIAL_NAME.fullmatch(partial.name)
+        if match is None or not partial.is_dir() or partial.is_symlink():
+            continue
         fd = _try_lock(partial)
         if fd is None:
             continue  # a live run's work folder
         try:
-            old = partial / (dest.name + _OLD_SUFFIX)
-            if (old.exists() or old.is_symlink()) and not (dest.exists() or dest.is_symlink()):
-                os.replace(old, dest)
-                log.warning("restored %s from an interrupted overwrite", dest)
+            name = match["name"]
+            old, target = partial / (name + _OLD_SUFFIX), folder / name
+            if (old.exists() or old.is_symlink()) and not (target.exists() or target.is_symlink()):
+                os.replace(old, target)
+                log.warning("restored %s from an interrupted overwrite", target)
             shutil.rmtree(partial, ignore_errors=True)
             log.info("removed %s, left by an interrupted run", partial)
         finally:
