@@ -306,60 +306,6 @@ def test_non_1x1_conv_is_refused(tmp_path: Path) -> None:
         MILRunner(package)
 
 
-def test_op_semantics(tmp_path: Path) -> None:
-    """Ops the tiny shard does not exercise (or not every form of), against numpy."""
-    from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.mil import types
-
-    rng = np.random.default_rng(0)
-    w = (0.5 * rng.standard_normal((5, 3, 1, 1))).astype(np.float16)
-    bias = rng.standard_normal(5).astype(np.float16)
-
-    def build(x: Any, i: Any) -> Any:
-        a = mb.conv(x=x, weight=w, bias=bias, strides=[2, 1])  # (1, 5, 2, 4)
-        b = mb.sub(x=a, y=np.float16(0.25))
-        c = mb.expand_dims(x=b, axes=[0])  # (1, 1, 5, 2, 4)
-        d = mb.reduce_mean(x=c, axes=[2], keep_dims=False)  # (1, 1, 2, 4)
-        d2 = mb.reshape(x=d, shape=[0, 0, 4, -1])  # (1, 1, 4, 2)
-        e = mb.slice_by_index(
-            x=d2, begin=[0, 0, -1, 0], end=[1, 1, 0, 2], squeeze_mask=[True, True, True, False]
-        )  # (2,)
-        f = mb.concat(values=[e, e], axis=0, interleave=True)  # (4,)
-        col = mb.expand_dims(x=e, axes=[-1])  # (2, 1)
-        g = mb.matmul(x=mb.reshape(x=f, shape=[2, 2]), y=col, transpose_x=True)  # (2, 1)
-        g = mb.reshape(x=g, shape=[-1])  # (2,)
-        h = mb.inverse(x=mb.clip(x=g, alpha=np.float16(0.5), beta=np.float16(4.0)))
-        k = mb.cast(x=mb.mul(x=i, y=np.int32(3)), dtype="fp16")  # (2,)
-        return mb.add(x=h, y=k, name="out")
-
-    specs = {
-        "x": mb.TensorSpec(shape=(1, 3, 4, 4), dtype=types.fp16),
-        "i": mb.TensorSpec(shape=(2,), dtype=types.int32),
-    }
-    package = _mil_package(build, tmp_path / "ops.mlpackage", **specs)
-    _, prog = load_program(package)
-    emitted = {op.op_type for op in prog.functions["main"].operations}
-    assert {"cast", "conv", "sub", "expand_dims", "concat", "matmul", "inverse"} <= emitted
-    runner = MILRunner(package)
-    x = rng.standard_normal((1, 3, 4, 4)).astype(np.float16)
-    i = np.array([1, -2], np.int32)
-    out = runner.step({"x": x, "i": i})["out"]
-
-    def fp16(v: np.ndarray) -> np.ndarray:  # each op rounds its output to fp16
-        return v.astype(np.float16).astype(np.float32)
-
-    a = fp16(np.einsum("oi,nihw->nohw", w[:, :, 0, 0].astype(np.float32), x[:, :, ::2]))
-    a = fp16(a + bias.astype(np.float32)[None, :, None, None])
-    d = fp16(fp16(a - 0.25)[None].mean(axis=2))
-    e = d.reshape(1, 1, 4, 2)[0, 0, -1, 0:2]
-    f = np.stack([e, e], axis=1).reshape(4)
-    g = fp16(f.reshape(2, 2).T @ e)
-    h = fp16(1.0 / (np.clip(g, 0.5, 4.0) + 1e-4))
-    want = fp16(h + (i * 3).astype(np.float32))
-    assert out.dtype == np.float16
-    np.testing.assert_allclose(out.astype(np.float32), want, rtol=2e-3)
-
-
 def test_runs_the_exporters_shards_in_a_chain(
     arch: Architecture, tiny_shards: dict[LayerRange, Path]
 ) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 
 from anechain.contract import TensorSpec
 from anechain.errors import RunnerError
-from anechain.runners.mil_ops import OPS, StateRef, Step, conv_matrix, ints
+from anechain.runners.mil_ops import OPS, StateRef, Step, check_inputs, conv_matrix, ints
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,8 @@ class MILRunner:
                     f"{self.path}: op {op.name!r} has type {op.op_type!r}, which the MIL "
                     "runner does not implement"
                 )
+            if not _is_load_time(op.op_type):
+                check_inputs(op.name, op.op_type, op.inputs)
 
     def _read_io(self, func: Any) -> None:
         from coremltools.converters.mil.mil import types
@@ -315,11 +317,12 @@ class MILRunner:
                 raise RunnerError(
                     f"input {spec.name!r} has shape {arr.shape}, expected {spec.shape}"
                 )
-            want = np.dtype(spec.dtype)
-            ok = "iu" if want.kind in "iu" else "fiu"
-            if arr.dtype.kind not in ok:
-                raise RunnerError(f"input {spec.name!r} has dtype {arr.dtype}, expected {want}")
-            feeds[spec.name] = arr.astype(want, copy=False)
+            if arr.dtype != np.dtype(spec.dtype):  # Core ML refuses a cast (fp32 for fp16)
+                raise RunnerError(
+                    f"input {spec.name!r} has dtype {arr.dtype} and shape {arr.shape}, the "
+                    f"program declares {spec.dtype} {spec.shape}"
+                )
+            feeds[spec.name] = arr
         return feeds
 
     def step(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ dtypes the program declares (fp16 emulation). Semantics follow coremltools' op d
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,8 +87,10 @@ def _rsqrt(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
 
 
 def _silu(x: np.ndarray) -> np.ndarray:
-    # sigmoid via tanh: no exp overflow for large |x|.
-    return x * (np.float32(0.5) * (np.float32(1.0) + np.tanh(np.float32(0.5) * x)))
+    # sigmoid from exp(-|x|) <= 1: no overflow, and no cancellation in the negative tail
+    # (0.5 * (1 + tanh(x / 2)) is 0 below x = -17, where silu(x) is still an fp16 subnormal).
+    e = np.exp(-np.abs(x))
+    return x * np.where(x >= 0, np.float32(1.0), e) / (np.float32(1.0) + e)
 
 
 def _clip(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
@@ -173,8 +175,10 @@ def _conv(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
 def _reshape(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
     x = np.asarray(a["x"])
     shape = ints(a["shape"])
-    if len(shape) == x.ndim:  # MIL: 0 inherits the input's dimension when ranks match
-        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    # MIL (iOS17 rule, a superset of iOS15's same-rank one): a 0 takes the input's dimension
+    # aligned from the right, or 1 where the input has no dimension there.
+    lead = len(shape) - x.ndim
+    shape = [s if s != 0 else (x.shape[i - lead] if i >= lead else 1) for i, s in enumerate(shape)]
     return x.reshape(shape)
 
 
@@ -196,7 +200,8 @@ def _concat(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any
 
 
 def _slices(x: np.ndarray, a: dict[str, Any]) -> tuple[tuple[slice, ...], list[int]]:
-    """MIL slice semantics (numpy style; masks ignore begin/end; squeeze picks begin)."""
+    """MIL slice semantics: numpy style; a masked begin/end is the axis' start/end; a
+    squeezed axis picks begin (0 when begin is masked too, as coremltools does)."""
     rank = x.ndim
     begin, end = ints(a["begin"]), ints(a["end"])
     stride = [1] * rank if a.get("stride") is None else ints(a["stride"])
@@ -206,7 +211,8 @@ def _slices(x: np.ndarray, a: dict[str, Any]) -> tuple[tuple[slice, ...], list[i
     slices = []
     for i in range(rank):
         if squeeze_mask[i]:
-            b = begin[i] + x.shape[i] if begin[i] < 0 else begin[i]
+            b = 0 if begin_mask[i] else begin[i]
+            b = b + x.shape[i] if b < 0 else b
             slices.append(slice(b, b + 1, 1))
             continue
         slices.append(
@@ -252,8 +258,28 @@ def _update_state(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) 
             f"op {step.name}: writes shape {value.shape} into state {ref.name!r} of shape "
             f"{states[ref.name].shape}"
         )
-    states[ref.name] = value.astype(np.float16, copy=False)
+    states[ref.name] = value.astype(states[ref.name].dtype, copy=False)
     return value
+
+
+def _transpose(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    return np.transpose(np.asarray(a["x"]), ints(a["perm"]))
+
+
+def _squeeze(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    x = np.asarray(a["x"])
+    axes = a.get("axes")
+    return np.squeeze(x) if axes is None else np.squeeze(x, axis=tuple(ints(axes)))
+
+
+def _split(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
+    x = np.asarray(a["x"])
+    axis = int(a["axis"])
+    if a.get("split_sizes") is not None:
+        bounds = np.cumsum(ints(a["split_sizes"]))[:-1]
+    else:  # equal parts
+        bounds = np.arange(1, int(a["num_splits"])) * (x.shape[axis] // int(a["num_splits"]))
+    return tuple(np.split(x, bounds, axis=axis))
 
 
 # Op type -> implementation. `const` and `constexpr_*` ops are evaluated at load instead.
@@ -262,7 +288,10 @@ OPS: dict[str, OpFn] = {
     "sub": _binary(np.subtract),
     "mul": _binary(np.multiply),
     "real_div": _binary(np.divide),
+    "maximum": _binary(np.maximum),
+    "minimum": _binary(np.minimum),
     "abs": _unary(np.abs),
+    "sqrt": _unary(np.sqrt),
     "silu": _unary(_silu),
     "inverse": _inverse,
     "rsqrt": _rsqrt,
@@ -270,15 +299,66 @@ OPS: dict[str, OpFn] = {
     "cast": _cast,
     "reduce_max": _reduce(np.max),
     "reduce_mean": _reduce(np.mean),
+    "reduce_sum": _reduce(np.sum),
     "reduce_argmax": _reduce_argmax,
     "softmax": _softmax,
     "matmul": _matmul,
     "conv": _conv,
     "reshape": _reshape,
     "expand_dims": _expand_dims,
+    "squeeze": _squeeze,
+    "transpose": _transpose,
+    "split": _split,
     "concat": _concat,
     "slice_by_index": _slice_by_index,
     "slice_update": _slice_update,
     "read_state": _read_state,
     "coreml_update_state": _update_state,
 }
+
+_SLICE = ("x", "begin", "end", "stride", "begin_mask", "end_mask", "squeeze_mask")
+_REDUCE = ("x", "axes", "keep_dims")
+
+# The inputs each op's function implements. An op carrying any other input (an attribute a
+# newer opset added, say) is refused at load rather than run without it. Inputs that set
+# the output dtype (cast's dtype, reduce_argmax's output_dtype) are implemented by the
+# runner's rounding to the declared dtype; the runner accepts only convs this computes
+# (1x1, groups=1, no padding; dilations have no effect on a 1x1 kernel).
+INPUTS: dict[str, frozenset[str]] = {
+    name: frozenset(inputs)
+    for name, inputs in {
+        **{op: ("x", "y") for op in ("add", "sub", "mul", "real_div", "maximum", "minimum")},
+        **{op: ("x",) for op in ("abs", "sqrt", "silu")},
+        "inverse": ("x", "epsilon"),
+        "rsqrt": ("x", "epsilon"),
+        "clip": ("x", "alpha", "beta"),
+        "cast": ("x", "dtype"),
+        "reduce_max": _REDUCE,
+        "reduce_mean": _REDUCE,
+        "reduce_sum": _REDUCE,
+        "reduce_argmax": ("x", "axis", "keep_dims", "output_dtype"),
+        "softmax": ("x", "axis"),
+        "matmul": ("x", "y", "transpose_x", "transpose_y"),
+        "conv": ("x", "weight", "bias", "strides", "pad_type", "pad", "dilations", "groups"),
+        "reshape": ("x", "shape"),
+        "expand_dims": ("x", "axes"),
+        "squeeze": ("x", "axes"),
+        "transpose": ("x", "perm"),
+        "split": ("x", "num_splits", "split_sizes", "axis"),
+        "concat": ("values", "axis", "interleave"),
+        "slice_by_index": _SLICE,
+        "slice_update": (*_SLICE, "update"),
+        "read_state": ("input",),
+        "coreml_update_state": ("state", "value"),
+    }.items()
+}
+
+
+def check_inputs(op_name: str, op_type: str, names: Iterable[str]) -> None:
+    """RunnerError unless the runner implements every input an op of this type carries."""
+    unknown = sorted(set(names) - INPUTS[op_type])
+    if unknown:
+        raise RunnerError(
+            f"op {op_name!r} ({op_type}) has input {unknown[0]!r}, which the MIL runner "
+            "does not implement"
+        )
