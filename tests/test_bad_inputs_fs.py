@@ -397,3 +397,68 @@ def test_a_failed_export_leaves_no_new_folders(
     )
     assert "simulated failure" in error_line(result, 1)
     assert not (tmp_path / "new").exists()
+
+
+def _socket_at(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    return sock
+
+
+@pytest.mark.parametrize(
+    ("name", "command"),
+    [
+        ("ckpt", lambda ck, b, out: ["random-checkpoint", out]),
+        ("e.npy", lambda ck, b, out: ["export", "--model", ck, "--embedding", out]),
+        ("s.mlpackage", lambda ck, b, out: ["export", "--model", ck, "--layer-spec", f"0:1:{out}"]),
+        ("r.json", lambda ck, b, out: [
+            "validate", "shard", b / "layers_0_3.mlpackage", "--model", ck, "--report", out,
+        ]),
+        ("m.json", lambda ck, b, out: ["manifest", "build", b / "layers_0_3.mlpackage", "-o", out]),
+        ("s.json", lambda ck, b, out: ["build", "--model", ck, "--out", b, "--json", out]),
+        ("m.json", lambda ck, b, out: ["plan", "--model", ck, "--report-dir", b / "p", "-o", out]),
+        ("layers_0_3.mlmodelc", lambda ck, b, out: [
+            "compile", b / "layers_0_3.mlpackage", "--out", out.parent,
+        ]),
+    ],
+    ids=["random-checkpoint", "export-embedding", "export-shard", "validate", "manifest",
+         "build", "plan", "compile"],
+)  # fmt: skip
+def test_every_command_refuses_a_socket_output_before_any_work(
+    tiny_build, tiny_checkpoint_dir, tmp_path, name, command, error_line
+):
+    result, _ = tiny_build
+    build = tmp_path / "b"
+    shutil.copytree(result.out_dir, build)
+    before = sha256_tree(build)
+    out = tmp_path / "x" / name
+    out.parent.mkdir()
+    with _socket_at(out):
+        run = invoke(*command(tiny_checkpoint_dir, build, out))
+        assert "is a socket" in error_line(run, 2)
+        assert stat.S_ISSOCK(os.stat(out).st_mode)
+    assert sha256_tree(build) == before  # nothing written, nothing started
+    assert os.listdir(out.parent) == [name]
+
+
+def test_a_full_disk_writing_a_manifest(tiny_build, tmp_path, monkeypatch, error_line):
+    result, _ = tiny_build
+    build = tmp_path / "b"
+    shutil.copytree(result.out_dir, build)
+    manifest = build / "manifest.json"
+    before = manifest.read_bytes()
+    real = Path.write_bytes
+
+    def write_bytes(self: Path, data: bytes) -> int:
+        if self.name == "manifest.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    shards = sorted(build.glob("*.mlpackage"))
+    run = invoke(
+        "manifest", "build", *shards, "--embedding", build / "embedding.npy", "-o", manifest,
+        "--overwrite",
+    )  # fmt: skip
+    assert f"no space left on device writing {manifest}: needs " in error_line(run, 1)
+    assert manifest.read_bytes() == before and partials(build) == []
