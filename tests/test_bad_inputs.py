@@ -413,7 +413,7 @@ def test_a_report_with_non_finite_metrics_is_strict_json(
 
 
 def test_json_writer_turns_non_finite_values_into_null(tmp_path):
-    from anechain.fsutil import atomic_write_json
+    from anechain.jsonio import atomic_write_json
 
     out = tmp_path / "x.json"
     atomic_write_json(out, {"a": float("nan"), "b": [np.float32("inf"), 1.5], "c": {"d": -np.inf}})

@@ -23,8 +23,9 @@ from anechain.checkpoint import Checkpoint, write_random_checkpoint
 from anechain.config import Config, LayerRange
 from anechain.errors import PlatformError
 from anechain.export import LayerSpec, export_embedding, export_head, export_shard
-from anechain.fsutil import atomic_write_json, sha256_tree
+from anechain.fsutil import sha256_tree
 from anechain.head import head_tensor_names
+from anechain.jsonio import atomic_write_json
 from anechain.manifest import build_manifest
 from anechain.platform import is_macos
 from anechain.runners import resolve_backend

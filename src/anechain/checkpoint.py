@@ -23,7 +23,8 @@ import torch
 
 from anechain.config import Architecture, LayerRange
 from anechain.errors import CheckpointError, ConfigError
-from anechain.fsutil import atomic_path, human_size, loads_json
+from anechain.fsutil import atomic_path, human_size
+from anechain.jsonio import loads_json
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"

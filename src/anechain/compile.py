@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from anechain.errors import CompileError
-from anechain.fsutil import atomic_path, atomic_write_json, sha256_tree
+from anechain.fsutil import atomic_path, sha256_tree
+from anechain.jsonio import atomic_write_json
 from anechain.package import check_package
 from anechain.platform import require_macos
 

@@ -28,7 +28,8 @@ from anechain import __version__
 from anechain.config import Architecture, LayerRange, to_dict
 from anechain.contract import KIND_HEAD, MASK_VALUE, IOContract, TensorSpec
 from anechain.errors import ConfigError, ManifestError
-from anechain.fsutil import atomic_write_text, dumps_json, sha256_tree
+from anechain.fsutil import atomic_write_text, sha256_tree
+from anechain.jsonio import dumps_json
 from anechain.shards import (
     ShardRecord,
     ValidatedHead,

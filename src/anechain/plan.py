@@ -29,7 +29,8 @@ from anechain import __version__
 from anechain.checkpoint import Checkpoint
 from anechain.config import ExportSettings, LayerRange, ValidationSettings, to_dict
 from anechain.errors import CompileError, ExportError
-from anechain.fsutil import atomic_write_json, sha256_tree
+from anechain.fsutil import sha256_tree
+from anechain.jsonio import atomic_write_json
 from anechain.search import (  # noqa: F401  (re-exported)
     Attempt,
     PlanError,

@@ -21,7 +21,8 @@ from typing import Any
 
 from anechain.config import ResidencySettings
 from anechain.errors import ConfigError, ResidencyError
-from anechain.fsutil import atomic_write_json, sha256_tree
+from anechain.fsutil import sha256_tree
+from anechain.jsonio import atomic_write_json
 from anechain.platform import is_macos, macos_version, require_macos
 
 log = logging.getLogger(__name__)

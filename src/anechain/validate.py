@@ -26,9 +26,10 @@ from anechain.checkpoint import Checkpoint
 from anechain.config import Gates, ResidencySettings, ValidationSettings, to_dict
 from anechain.contract import KIND_HEAD, KIND_LAYERS, ShardMetadata, read_package_metadata
 from anechain.errors import PackageError
-from anechain.fsutil import atomic_write_json, sha256_tree
+from anechain.fsutil import sha256_tree
 from anechain.golden import calibration_tokens, reference_boundaries
 from anechain.head import head_tensor_names, run_head_golden
+from anechain.jsonio import atomic_write_json
 from anechain.metrics import ShardComparison, compare_shard
 from anechain.package import package_size
 from anechain.rope import RopeParameters, step_inputs

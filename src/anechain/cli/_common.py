@@ -11,6 +11,7 @@ import click
 
 from anechain.config import Config, LayerRange, load_config, load_preset
 from anechain.errors import ConfigError
+from anechain.fsutil import human_size as human_bytes  # noqa: F401  (the commands' name)
 
 
 class LayerSpecType(click.ParamType):
@@ -129,14 +130,6 @@ def progress_printer() -> Callable[[str], None]:
         click.echo(f"[{time.perf_counter() - t0:7.1f}s] {message}", err=True)
 
     return say
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"  # pragma: no cover
 
 
 def render_table(headers: list[str], rows: list[list[str]]) -> str:

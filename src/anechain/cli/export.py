@@ -169,7 +169,7 @@ def export(
     ]
     click.echo(render_table(["package", "layers", "conv", "int8 weights", "size", "time"], rows))
     if json_out is not None:
-        from anechain.fsutil import atomic_write_json
+        from anechain.jsonio import atomic_write_json
 
         atomic_write_json(json_out, [r.to_dict() for r in results], sort_keys=False)
 

@@ -143,7 +143,7 @@ def residency_cmd(
     """
     from anechain.cli._common import check_outputs
     from anechain.errors import PlatformError
-    from anechain.fsutil import atomic_write_json
+    from anechain.jsonio import atomic_write_json
     from anechain.residency import (
         MIN_MACOS,
         STATUS_NOT_CHECKED,

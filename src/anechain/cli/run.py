@@ -159,7 +159,7 @@ def build(
     )
     click.echo(render_build(result))
     if json_out is not None:
-        from anechain.fsutil import atomic_write_json
+        from anechain.jsonio import atomic_write_json
 
         summary = {
             "passed": result.passed,
