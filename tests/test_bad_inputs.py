@@ -9,6 +9,7 @@ test_bad_inputs_fs.py.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -190,6 +191,25 @@ def test_non_ascii_digits_in_a_layer_spec_are_usage_errors(
 ):
     result = invoke("export", "--model", tiny_checkpoint_dir, "--layer-spec", spec)
     assert "is not START:END" in error_line(result, 2)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["export", "--embedding", "e.npy", "--context", "\u0666\u0664"],  # Arabic-Indic 64
+        ["random-checkpoint", "c", "--num-layers", "\uff12"],  # fullwidth 2
+        ["random-checkpoint", "c", "--seed", "\u00b3"],  # superscript 3
+    ],
+)
+def test_non_ascii_digits_in_integer_options_are_usage_errors(
+    tiny_checkpoint_dir, tmp_path, args, error_line
+):
+    if args[0] == "export":
+        args = [args[0], "--model", str(tiny_checkpoint_dir), *args[1:]]
+    with CliRunner().isolated_filesystem(temp_dir=tmp_path):
+        result = CliRunner().invoke(cli, args)
+        assert "is not an integer (ASCII digits)" in error_line(result, 2)
+        assert os.listdir(".") == []
 
 
 def test_non_ascii_digits_in_a_topology(tmp_path, tiny_checkpoint_dir, error_line):

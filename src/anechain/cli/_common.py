@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,8 @@ import click
 from anechain.config import Config, LayerRange, load_config, load_preset
 from anechain.errors import ConfigError
 from anechain.fsutil import human_size as human_bytes  # noqa: F401  (the commands' name)
+
+_ASCII_SIGNED_INT = re.compile(r"[+-]?[0-9]+")
 
 
 class LayerSpecType(click.ParamType):
@@ -35,6 +38,15 @@ class LayerSpecType(click.ParamType):
         if not path.endswith(".mlpackage"):
             self.fail(f"{value!r}: PATH must end in .mlpackage", param, ctx)
         return LayerSpec(layers, Path(path))
+
+
+class AsciiIntRange(click.IntRange):
+    """click.IntRange over ASCII digits only: int() would also take "١٦" (16) silently."""
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, str) and not _ASCII_SIGNED_INT.fullmatch(value.strip()):
+            self.fail(f"{value!r} is not an integer (ASCII digits)", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 class FiniteFloat(click.ParamType):

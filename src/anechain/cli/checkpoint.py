@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from anechain.cli._common import check_outputs, human_bytes, progress_printer
+from anechain.cli._common import AsciiIntRange, check_outputs, human_bytes, progress_printer
 from anechain.config import PRESETS, SEED_MAX, load_preset
 
 
@@ -22,11 +22,11 @@ from anechain.config import PRESETS, SEED_MAX, load_preset
 )
 @click.option(
     "--num-layers",
-    type=click.IntRange(min=1),
+    type=AsciiIntRange(min=1),
     default=None,
     help="Override the number of decoder layers (benchmarks).",
 )
-@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True)
+@click.option("--seed", type=AsciiIntRange(0, SEED_MAX), default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 def random_checkpoint(
     out_dir: Path, preset: str, num_layers: int | None, seed: int, overwrite: bool

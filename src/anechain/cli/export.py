@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from anechain.cli._common import (
+    AsciiIntRange,
     LayerSpecType,
     check_outputs,
     config_option,
@@ -49,7 +50,7 @@ def _multiple_of_32(value: int | None) -> int | None:
 @config_option("anechain YAML config (default: the phi-4-mini preset's export settings).")
 @click.option(
     "--context",
-    type=click.IntRange(min=32),
+    type=AsciiIntRange(min=32),
     default=None,
     callback=lambda ctx, param, v: _multiple_of_32(v),
     help="Context length (KV cache size, a multiple of 32); overrides the config.",

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from anechain.cli._common import (
+    AsciiIntRange,
     FiniteFloat,
     cache_dir_option,
     check_outputs,
@@ -53,7 +54,7 @@ def render_attempts(attempts: tuple) -> str:
 )
 @click.option(
     "--max-layers-per-shard",
-    type=click.IntRange(min=1),
+    type=AsciiIntRange(min=1),
     help="At most this many decoder layers in one shard (default: no limit but the size).",
 )
 @click.option(

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from anechain.cli._common import (
+    AsciiIntRange,
     cache_dir_option,
     check_outputs,
     config_option,
@@ -210,7 +211,7 @@ def _parse_ids(text: str) -> list[int]:
     type=click.Path(path_type=Path, exists=True, file_okay=False),
     help="Folder with the checkpoint's tokenizer (for --prompt).",
 )
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-new-tokens", type=AsciiIntRange(min=1), default=16, show_default=True)
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option(
     "--profile",

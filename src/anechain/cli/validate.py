@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from anechain.cli._common import (
+    AsciiIntRange,
     FiniteFloat,
     cache_dir_option,
     check_outputs,
@@ -95,7 +96,7 @@ def validate() -> None:
 @config_option(
     "anechain YAML config for steps, calibration and gates (default: the phi-4-mini preset)."
 )
-@click.option("--steps", type=click.IntRange(min=1), help="Decode steps to compare.")
+@click.option("--steps", type=AsciiIntRange(min=1), help="Decode steps to compare.")
 @click.option(
     "--compute-units",
     type=click.Choice(COMPUTE_UNITS),
