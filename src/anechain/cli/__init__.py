@@ -3,7 +3,8 @@
 Each command parses its options, builds a typed config, calls one library function and
 renders the result. Library errors become one line in one place, `AnechainGroup.invoke`:
 exit 2 for a UsageError (like click's own usage errors), 1 for any other AnechainError or
-OSError; never a traceback. SIGTERM unwinds like Ctrl-C, so work folders are removed.
+OSError; never a traceback. SIGTERM and SIGHUP unwind like Ctrl-C, so work folders are
+removed.
 """
 
 from __future__ import annotations
@@ -46,29 +47,38 @@ def describe_os_error(exc: OSError) -> str:
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is so that `finally` blocks clean up."""
+    """SIGTERM or SIGHUP, raised where the process is so that `finally` blocks clean up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+# Signals that end a run and can be caught (SIGKILL cannot: the next run sweeps).
+_UNWIND_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
 @contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
+def _signals_unwind() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: object) -> None:
-        raise _Terminated()
+        raise _Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in _UNWIND_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class AnechainGroup(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         try:
-            with _sigterm_unwinds():
+            with _signals_unwind():
                 return super().invoke(ctx)
         except UsageError as exc:
             raise click.UsageError(one_line(str(exc))) from None
@@ -81,7 +91,7 @@ class AnechainGroup(click.Group):
                 "an input file is nested too deeply to read (Python's recursion limit)"
             ) from None
         except KeyboardInterrupt as exc:
-            signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
+            signum = exc.signum if isinstance(exc, _Terminated) else signal.SIGINT
             click.echo("interrupted; nothing half-written was left behind", err=True)
             sys.exit(128 + signum)
 
