@@ -551,3 +551,21 @@ def test_malformed_safetensors_header(ckpt, tmp_path, error_line):
     file.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0")
     result = invoke("export", "--model", ckpt, "--embedding", tmp_path / "e.npy")
     assert "malformed header entry for model.norm.weight" in error_line(result, 1)
+
+
+def test_running_out_of_memory_is_one_line(
+    tiny_shards, tiny_checkpoint_dir, tmp_path, monkeypatch, error_line
+):
+    import anechain.runners.mil as mil
+
+    def no_memory(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise MemoryError
+
+    monkeypatch.setattr(mil.MILRunner, "reset", no_memory)
+    package = next(iter(tiny_shards.values()))
+    result = invoke(
+        "validate", "shard", package, "--model", tiny_checkpoint_dir, "--config", TINY,
+        "--backend", "mil", "--steps", "2", "--report", tmp_path / "oom.json",
+    )  # fmt: skip
+    assert "out of memory" in error_line(result, 1)
+    assert not (tmp_path / "oom.json").exists()

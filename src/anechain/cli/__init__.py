@@ -86,6 +86,10 @@ class AnechainGroup(click.Group):
             raise click.ClickException(one_line(str(exc))) from None
         except OSError as exc:  # a path the user gave: missing folder, no permission, full disk
             raise click.ClickException(describe_os_error(exc)) from None
+        except MemoryError:  # an allocation no up-front check foresaw
+            raise click.ClickException(
+                "out of memory; a smaller --context or fewer layers per shard need less"
+            ) from None
         except RecursionError:  # a reader without jsonio.loads_json met a deeply nested file
             raise click.ClickException(
                 "an input file is nested too deeply to read (Python's recursion limit)"
