@@ -569,3 +569,24 @@ def test_running_out_of_memory_is_one_line(
     )  # fmt: skip
     assert "out of memory" in error_line(result, 1)
     assert not (tmp_path / "oom.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "dest", "name"),
+    [
+        ("--head", "h.mlpackage", "model.norm.weight"),
+        ("--embedding", "e.npy", "model.embed_tokens.weight"),
+    ],
+)
+def test_head_and_embedding_exports_name_a_non_finite_tensor(
+    ckpt, tmp_path, option, dest, name, error_line
+):
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        t.view(-1)[3] = float("-inf")
+        return t
+
+    rewrite_tensor(ckpt, name, poison)
+    result = invoke("export", "--model", ckpt, "--config", TINY, option, tmp_path / dest)
+    assert f"tensor {name} holds non-finite values (1 Inf)" in error_line(result, 1)
+    assert not (tmp_path / dest).exists()
