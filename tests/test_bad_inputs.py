@@ -590,3 +590,25 @@ def test_head_and_embedding_exports_name_a_non_finite_tensor(
     result = invoke("export", "--model", ckpt, "--config", TINY, option, tmp_path / dest)
     assert f"tensor {name} holds non-finite values (1 Inf)" in error_line(result, 1)
     assert not (tmp_path / dest).exists()
+
+
+def test_validating_a_package_made_from_a_corrupt_checkpoint_is_one_line(
+    ckpt, tmp_path, monkeypatch, error_line
+):
+    """A package an older anechain exported from a transposed tensor: validation names it
+    (it used to end in transformers' load_state_dict traceback)."""
+    name = "model.layers.1.mlp.down_proj.weight"
+    rewrite_tensor(ckpt, name, lambda t: t.T)
+    dest = tmp_path / "old.mlpackage"
+    with monkeypatch.context() as m:  # export as it was: no shape check
+        m.setattr(Checkpoint, "check_tensors", lambda self, names: None)
+        made = invoke("export", "--model", ckpt, "--config", TINY, "--layer-spec", f"0:2:{dest}")
+        assert made.exit_code == 0, made.output
+    report = tmp_path / "r.json"
+    result = invoke(
+        "validate", "shard", dest, "--model", ckpt, "--config", TINY, "--backend", "mil",
+        "--steps", "2", "--report", report, "--cache-dir", tmp_path / "cache",
+    )  # fmt: skip
+    message = error_line(result, 1)
+    assert name in message and "[128, 64], expected [64, 128]" in message
+    assert not report.exists()
