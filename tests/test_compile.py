@@ -263,3 +263,90 @@ def test_cli_usage_errors(tmp_path, monkeypatch):
     not_pkg.mkdir()
     result = CliRunner().invoke(cli, ["compile", str(not_pkg)])
     assert result.exit_code == 2 and "not an .mlpackage" in result.output
+
+
+# --- one compile per package: the plan and the Core ML runner share it ---------------------
+
+
+class MacWithANE:
+    """This process as a Mac with a Neural Engine for the residency code: Core ML's plan of a
+    compiled model comes from its package's protobuf (coremltools' MLComputePlan over a
+    stand-in proxy). The package is the compiled model's sidecar's, else `package`."""
+
+    def __init__(self) -> None:
+        self.planned: list[str] = []
+        self.package: Path | None = None
+
+    def load_plan(self, compiled: str, units: str):
+        from tests.fakes.coreml import plan_for_package
+
+        from anechain.compile import read_sidecar
+
+        self.planned.append(compiled)
+        recorded = read_sidecar(Path(compiled))
+        return plan_for_package(Path(recorded["package"]) if recorded else self.package)
+
+
+@pytest.fixture
+def a_mac(monkeypatch) -> MacWithANE:
+    import anechain.residency as residency
+    import anechain.residency.plan as residency_plan
+
+    mac = MacWithANE()
+    monkeypatch.setattr(residency, "macos_at_least", lambda minimum: True)
+    monkeypatch.setattr(residency, "has_neural_engine", lambda: True)
+    monkeypatch.setattr(residency_plan, "require_macos", lambda *args: None)
+    monkeypatch.setattr(residency_plan, "_coremltools_load_plan", mac.load_plan)
+    return mac
+
+
+def test_validate_compiles_once_for_the_plan_and_the_runner(
+    a_mac, tiny_shards, tiny_checkpoint, tiny_config, tmp_path
+):
+    from tests.fakes.coreml import mil_compiled_model
+
+    from anechain.config import LayerRange
+    from anechain.validate import validate_shard
+
+    pkg = a_mac.package = tiny_shards[LayerRange(5, 6)]
+    fake = FakeCompiler()
+    report = validate_shard(
+        pkg,
+        tiny_checkpoint,
+        tiny_config.validation,
+        backend="coreml",
+        cache_dir=tmp_path / "cache",
+        runner_options={
+            "load_model": lambda compiled, units: mil_compiled_model(pkg),
+            "compiler": fake.compiler,
+        },
+    ).to_dict()
+    assert len(fake.calls) == 1  # the runner's compile serves the plan too
+    [planned] = a_mac.planned
+    assert planned.endswith("layers_5_6.mlmodelc") and "anechain-coreml-" in planned
+    assert report["residency"]["status"] == "checked" and report["verdict"] == "pass"
+
+
+def test_build_compiles_each_package_once(
+    a_mac, monkeypatch, tiny_checkpoint_dir, tiny_config, tmp_path
+):
+    import dataclasses
+
+    import anechain.build as build
+    import anechain.compile as compile_mod
+
+    fake = FakeCompiler()
+    monkeypatch.setattr(build, "is_macos", lambda: True)
+    monkeypatch.setattr(compile_mod, "default_compiler", lambda: fake.compiler)
+    config = dataclasses.replace(
+        tiny_config, export=dataclasses.replace(tiny_config.export, topology=("0:3", "3:6"))
+    )
+    out = tmp_path / "b"
+    result = build.run_build(
+        config, out, tiny_checkpoint_dir, backend="mil", cache_dir=tmp_path / "c"
+    )
+    assert result.passed and result.compiled
+    assert len(fake.calls) == 3  # two shards and the head, once each
+    # The plans were read from the build's own compiled models (with their sidecars).
+    names = ["head.mlmodelc", "layers_0_3.mlmodelc", "layers_3_6.mlmodelc"]
+    assert sorted(a_mac.planned) == [str(out / n) for n in names]

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.fakes.coreml import FakeCompiledModel, FakeCompiler, write_compiled_metadata
+from tests.fakes.coreml import (
+    FakeCompiledModel,
+    FakeCompiler,
+    FakeState,
+    write_compiled_metadata,
+)
 
 from anechain.config import LayerRange
 from anechain.contract import read_package_metadata
@@ -51,7 +56,7 @@ def test_features_from_the_package_spec_match_the_contract(shard):
     contract = read_package_metadata(shard).contract
     assert inputs == [FeatureSpec(t.name, t.shape, np.dtype(t.dtype)) for t in contract.inputs]
     assert outputs == [FeatureSpec(t.name, t.shape, np.dtype(t.dtype)) for t in contract.outputs]
-    assert states == [t.name for t in contract.states]
+    assert states == [FeatureSpec(t.name, t.shape, np.dtype(t.dtype)) for t in contract.states]
 
 
 def test_runner_over_a_package_steps_and_keeps_state(shard):
@@ -70,6 +75,7 @@ def test_runner_over_a_package_steps_and_keeps_state(shard):
     np.testing.assert_array_equal(out["output_hidden_states"], inputs["hidden_states"] * 2)
     runner.step(contract_inputs(shard, position=1))
     key = runner.read_state("key_cache")
+    assert key.dtype == np.float16  # as declared, though Core ML hands back fp32
     assert (key[:, :, 0, :] == 1).all() and (key[:, :, 1, :] == 2).all()
     assert (key[:, :, 2:, :] == 0).all()
 
@@ -120,6 +126,7 @@ def test_runner_over_a_compiled_model_reads_its_metadata(tmp_path):
         compiled,
         {"hidden_states": ((1, 8, 1, 1), "Float16"), "position": ((1,), "Int32")},
         {"output_hidden_states": ((1, 8, 1, 1), "Float16")},
+        {"key_cache": ((1, 1, 4, 2), "Float16")},
     )
     model = FakeCompiledModel({"key_cache": (1, 1, 4, 2)})
     runner = CoreMLRunner(compiled, "cpu_only", load_model=lambda path, units: model)
@@ -178,7 +185,7 @@ def test_open_runner_builds_a_coreml_runner(shard):
 @pytest.mark.macos
 def test_real_compile_plan_and_predict(shard, tiny_checkpoint, tmp_path):
     from anechain.compile import compile_package
-    from anechain.residency import count_plan, read_live_plan, residency_report
+    from anechain.residency import check_residency, expected_live_status
     from anechain.rope import RopeParameters, step_inputs
     from anechain.runners.mil import MILRunner
 
@@ -186,12 +193,11 @@ def test_real_compile_plan_and_predict(shard, tiny_checkpoint, tmp_path):
     assert result.compiled.is_dir() and not result.skipped
     assert compile_package(shard, tmp_path).skipped
 
-    plan = read_live_plan(result.compiled)
-    counts = count_plan(plan)
-    assert counts.conv_total == 4 * SHARD.num_layers
-    assert counts.compute_total > counts.conv_total
-    report = residency_report(plan, report_only=True)  # hosted runners have no ANE
-    assert report.status == "report_only" and report.counts == counts
+    # The live plan matches the package's program (else ResidencyError) and is classed by it.
+    report = check_residency(result.compiled)
+    assert report.status == expected_live_status(".mlmodelc")
+    assert report.counts.conv_total == 4 * SHARD.num_layers
+    assert report.counts.compute_total > report.counts.conv_total
 
     arch = tiny_checkpoint.architecture
     context = read_package_metadata(shard).context_length
@@ -199,6 +205,7 @@ def test_real_compile_plan_and_predict(shard, tiny_checkpoint, tmp_path):
     rng = np.random.default_rng(0)
     # CPU_ONLY computes in fp32; compare with the fp16 MIL reference loosely.
     coreml = CoreMLRunner(result.compiled, "cpu_only")
+    assert coreml.state_names == ["key_cache", "value_cache"]  # from the compiled schema
     reference = MILRunner(shard)
     for p in range(3):
         inputs = step_inputs(rope, rng.standard_normal(arch.hidden_size), p, context)
@@ -208,6 +215,7 @@ def test_real_compile_plan_and_predict(shard, tiny_checkpoint, tmp_path):
         cosine = float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
         assert cosine > 0.999, (p, cosine)
     key = coreml.read_state("key_cache")
+    assert key.dtype == np.float16
     assert key.shape == (SHARD.num_layers, arch.num_key_value_heads, context, arch.head_dim)
     assert np.abs(key[:, :, :3]).sum() > 0 and (key[:, :, 3:] == 0).all()
     coreml.reset()
@@ -219,15 +227,25 @@ def test_real_compile_plan_and_predict(shard, tiny_checkpoint, tmp_path):
     assert np.isfinite(out["output_hidden_states"]).all()
 
 
+@pytest.mark.ane
+def test_strict_residency_on_the_neural_engine(shard):
+    """On a Mac whose Core ML lists a Neural Engine, a tiny shard passes the strict gate."""
+    from anechain.residency import check_residency
+
+    report = check_residency(shard)
+    assert report.status == "checked" and report.passed is True, report.failures
+
+
 class FakeStatelessHead:
-    """Like CompiledMLModel of the head: no state (make_state refuses), chunk outputs."""
+    """Like CompiledMLModel of the head: make_state gives an empty state rather than refusing
+    (so it cannot tell a stateless model), chunk outputs."""
 
     def __init__(self) -> None:
         self.states_asked = 0
 
     def make_state(self):
         self.states_asked += 1
-        raise RuntimeError("This model has no state")
+        return FakeState({})
 
     def predict(self, data, state=None):
         assert state is None
@@ -260,5 +278,7 @@ def test_the_stateless_head_runs_without_a_state(tmp_path, tiny_checkpoint, tiny
     runner.reset()
     assert runner.step(x)["chunk_argmax"].tolist() == [[1, 0]]
     assert out["chunk_max"].dtype == np.float16
-    # A package says it has no state: make_state is never asked for.
-    assert model.states_asked == (0 if kind == "mlpackage" else 1)
+    # The description says there is no state (spec, or no stateSchema): none is made.
+    assert model.states_asked == 0
+    with pytest.raises(RunnerError, match="no state 'key_cache'"):
+        runner.read_state("key_cache")

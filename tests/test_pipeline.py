@@ -16,6 +16,7 @@ from anechain.export import program_op_counts
 from anechain.head import reduce_chunks
 from anechain.manifest import load_manifest, verify_manifest
 from anechain.package import load_program
+from anechain.residency import expected_live_status
 from anechain.runtime import transformers_greedy
 
 
@@ -31,6 +32,16 @@ def test_build_passes_end_to_end(tiny_build):
     m = load_manifest(result.manifest)
     assert m.head is not None and m.embedding is not None
     assert m.embedding.shape == (512, 64) and m.rope.precomputed is not None
+
+
+def test_build_residency_follows_the_machine(tiny_build):
+    """Not checked off macOS, counted without a gate on a Mac without a Neural Engine,
+    checked (and passed) on one: the predicate the code itself applies."""
+    result, _ = tiny_build
+    reports = [a.report for a in result.artifacts if a.report is not None]
+    assert len(reports) == 4
+    for report in reports:
+        assert report["residency"]["status"] == expected_live_status()
 
 
 def test_generate_matches_transformers_greedy_exactly(tiny_build, tiny_checkpoint_dir):

@@ -25,6 +25,7 @@ from anechain.plan import (
     search_topology,
     split_range,
 )
+from anechain.residency import expected_live_status
 from anechain.validate import validate_shard
 
 
@@ -176,7 +177,10 @@ def test_limits_give_the_starting_partition():
     assert start(PlanLimits(7)) == [7, 7, 6, 6, 6]
     assert start(PlanLimits(size_budget_bytes=700_000_000)) == [6, 6, 5, 5, 5, 5]
     assert start(PlanLimits(size_budget_bytes=2_000_000_000), "none") == [8, 8, 8, 8]  # 9 fit
-    assert start(PlanLimits()) == [32]
+    assert start(PlanLimits(size_budget_bytes=None)) == [32]
+    # The default budget follows documented limits (iOS: ~1 GB per file): 9 layers fit.
+    assert PlanLimits().size_budget_bytes == 1_000_000_000
+    assert start(PlanLimits()) == [8, 8, 8, 8]
     with pytest.raises(PlanError, match="one decoder layer needs about 100.7 MB"):
         layers_per_shard_limit(arch, PlanLimits(size_budget_bytes=50_000_000), "int8")
 
@@ -380,6 +384,9 @@ def test_cli_help_has_examples(cli):
     assert result.exit_code == 0
     for text in ("Examples:", "--max-layers-per-shard", "--size-budget", "--report-dir"):
         assert text in result.output
+    # The default budget and the documented limits it follows.
+    flat = " ".join(result.output.split())
+    assert "default: 1000.0" in flat and "about 1 GB" in flat and "about 1.4 GB" in flat
 
 
 def test_cli_prints_topology_manifest_and_table(
@@ -397,13 +404,18 @@ def test_cli_prints_topology_manifest_and_table(
     assert "ranges tried (2):" in out and "decision" in out
     table = out.split("ranges tried (2):\n", 1)[1].splitlines()
     assert table[0].split() == [
-        *("#", "layers", "size", "phase", "work", "residency", "result", "decision")
-    ]
+        *("#", "layers", "est.", "size", "size", "phase", "work", "residency", "result")
+    ] + ["decision"]
     rows = [line.split() for line in table[2:]]
-    assert [r[:2] + r[4:] for r in rows] == [  # r[2:4]: the size, e.g. "213.6 KB"
-        ["1", "0:3", "initial", "cached", "not", "checked", "pass", "chosen"],
-        ["2", "3:6", "initial", "cached", "not", "checked", "pass", "chosen"],
+    status = {"not_checked": "not checked", "report_only": "report only", "checked": "checked"}
+    residency = status[expected_live_status()].split()
+    # r[2:6]: the estimated and real sizes, e.g. "172.0 KB 213.6 KB"
+    assert [r[:2] + r[6:] for r in rows] == [
+        ["1", "0:3", "initial", "cached", *residency, "pass", "chosen"],
+        ["2", "3:6", "initial", "cached", *residency, "pass", "chosen"],
     ]
+    est = estimate_shard_bytes(load_preset("tiny").architecture, 3, "int8")
+    assert rows[0][2] == f"{est / 1e3:.1f}"  # the estimate of every range considered
     assert "chosen: 0:3 3:6" in result.stderr  # the search's progress
     verify_manifest(root / "plan" / "manifest.json")
 

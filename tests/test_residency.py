@@ -1,10 +1,11 @@
-"""Residency: the live path over coremltools' compute-plan object graph (faked proxy), replay
-from JSON, the gate, and the `anechain residency` command."""
+"""Residency: plans of the real tiny shards (coremltools' MLComputePlan over a faked proxy,
+built from each package's own protobuf), op classes from the program, the plan/program match,
+replay, the gate, and the `anechain residency` command."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -14,199 +15,236 @@ from tests.fakes.coreml import (
     FakeCompiler,
     Op,
     PlanLoader,
-    layer_ops,
+    anemll_placement,
     make_plan,
-    write_compiled_metadata,
+    plan_for_package,
+    plan_ops_for_package,
 )
 
 from anechain.cli import AnechainGroup
 from anechain.cli.macos import COMMANDS
-from anechain.config import ResidencySettings
+from anechain.compile import compile_package, read_sidecar, sidecar_path
+from anechain.config import LayerRange, ResidencySettings
 from anechain.errors import PlatformError, ResidencyError
+from anechain.fsutil import sha256_tree
+from anechain.platform import macos_at_least
 from anechain.residency import (
     ComputePlan,
     PlanOp,
     check_residency,
-    count_plan,
+    expected_live_status,
     normalise_plan,
     read_live_plan,
+    read_program,
     read_saved_plan,
-    residency_report,
     save_plan,
 )
 
+S03 = LayerRange(0, 3)
+
 
 @pytest.fixture
-def compiled(tmp_path: Path) -> Path:
-    """An .mlmodelc folder to point the live path at (the fake plan does not read it)."""
-    path = tmp_path / "s0.mlmodelc"
-    write_compiled_metadata(path, {}, {})
-    return path
+def shard(tiny_shards) -> Path:
+    return tiny_shards[S03]
 
 
-def live(ops: list[Op], compiled: Path, **settings: object):
-    loader = PlanLoader(make_plan(ops))
-    report = check_residency(compiled, ResidencySettings(**settings), load_plan=loader)
-    assert loader.calls == [(str(compiled), "cpu_and_ne")]
+def placing(**by_type: str):
+    """ANEMLL's placement, with some op types moved to another device."""
+
+    def place(op):
+        device = anemll_placement(op)
+        return by_type.get(op.type, device) if device is not None else None
+
+    return place
+
+
+def live(pkg: Path, place=anemll_placement, ane: bool = True, **settings):
+    loader = PlanLoader(plan_for_package(pkg, place))
+    report = check_residency(
+        pkg,
+        ResidencySettings(**settings),
+        load_plan=loader,
+        compiler=FakeCompiler().compiler,
+        ane_present=ane,
+    )
+    assert len(loader.calls) == 1 and loader.calls[0][1] == "cpu_and_ne"
     return report
 
 
-def test_all_ane_passes(compiled):
-    report = live(layer_ops("l0") + layer_ops("l1"), compiled)
+def test_a_real_shard_with_int32_index_ops_on_the_cpu_passes_strict(shard):
+    report = live(shard)
     c = report.counts
-    assert report.status == "checked" and report.passed is True and report.failures == ()
-    assert (c.conv_total, c.conv_ane, c.compute_non_ane) == (8, 8, 0)
-    assert c.ops_total == 18 and c.compute_total == 14
-    assert c.by_device == {"ane": 14, "cpu": 0, "gpu": 0}
-    assert report.ane_cost_share == pytest.approx(1.0)
-    assert report.non_ane_ops == ()
+    assert report.status == "checked" and report.passed is True, report.failures
+    assert (c.conv_total, c.conv_ane, c.compute_non_ane) == (12, 12, 0)
+    # Per layer: position + 1 is shared; two int32 concats build slice_update's begin/end.
+    assert c.index_ops == c.plumbing_non_ane == 1 + 2 * 3
+    # Per layer a read and a write of each cache (and a read-back where the value is used).
+    assert c.state_ops == sum(op.op_class == "state" for op in read_program(shard).ops) >= 3 * 4
+    index = [p.op for p in report.plumbing_ops if p.op_class == "index"]
+    assert {op.type for op in index} == {"add", "concat"}
+    assert all(op.preferred == "cpu" for op in index)
+    assert 0 < report.plumbing_share < 0.05 and report.plumbing_basis == "estimated cost"
 
 
-def test_conv_on_cpu_fails(compiled):
-    report = live(layer_ops("l0") + layer_ops("l1", conv_device="cpu"), compiled)
-    c = report.counts
+def test_the_head_reports_its_argmax_plumbing(tiny_build_head):
+    report = live(tiny_build_head)
+    assert report.passed is True
+    kinds = sorted(p.op.type for p in report.plumbing_ops)
+    assert kinds == ["concat"] + ["reduce_argmax"] * 4  # int32 outputs, on the CPU
+
+
+@pytest.fixture(scope="module")
+def tiny_build_head(tmp_path_factory, tiny_checkpoint, tiny_config) -> Path:
+    from anechain.export import export_head
+
+    path = tmp_path_factory.mktemp("head") / "head.mlpackage"
+    export_head(tiny_checkpoint, path, tiny_config.export)
+    return path
+
+
+def test_fp16_compute_off_the_ane_fails_and_is_listed(shard):
+    report = live(shard, placing(softmax="gpu"))
     assert report.passed is False
-    assert (c.conv_total, c.conv_ane) == (8, 7)
-    assert c.compute_non_ane == 1
-    assert any("1 of 8 conv ops" in f for f in report.failures)
-    [off] = report.non_ane_ops
-    assert (off.type, off.name, off.preferred, off.supported) == (
-        "conv",
-        "l1_qkv_proj",
-        "cpu",
-        ("ane", "cpu"),
-    )
-    # Cost-weighted: the CPU conv carries 0.3 of the 2 x 1.0 total estimated cost.
-    assert report.ane_cost_share == pytest.approx(1.7 / 2.0)
-
-
-def test_non_conv_on_gpu_fails_compute_non_ane(compiled):
-    ops = layer_ops("l0")
-    ops[4] = Op("softmax", "l0_attn", preferred="gpu", supported=("gpu", "cpu"))
-    report = live(ops, compiled)
-    c = report.counts
-    assert (c.conv_total, c.conv_ane) == (4, 4)
-    assert c.compute_non_ane == 1 and c.by_device["gpu"] == 1
-    assert report.passed is False
+    assert report.counts.compute_non_ane == 3 and report.counts.compute_gpu == 3
+    assert [op.type for op in report.non_ane_ops] == ["softmax"] * 3
     assert report.failures == (
-        "1 compute ops prefer another device than the ANE (allowed: 0, strict)",
+        "3 fp16 compute ops prefer another device than the ANE (allowed: 0, strict)",
     )
-    assert [op.name for op in report.non_ane_ops] == ["l0_attn"]
 
 
-def test_lenient_gate_allows_some_non_conv_ops_but_never_convs(compiled):
-    ops = layer_ops("l0", other_device="cpu")
-    assert live(ops, compiled, strict=False, max_compute_non_ane=1).passed is True
-    assert live(ops, compiled, strict=True, max_compute_non_ane=1).passed is False
-    convs_off = layer_ops("l0", conv_device="cpu")
-    assert live(convs_off, compiled, strict=False, max_compute_non_ane=5).passed is False
+def test_the_kv_write_off_the_ane_is_fp16_compute(shard):
+    report = live(shard, placing(slice_update="cpu"))
+    assert report.passed is False and report.counts.compute_non_ane == 6
 
 
-def test_ops_without_usage_are_not_compute(compiled):
-    ops = [Op("const", f"w{i}", preferred=None) for i in range(5)] + [Op("conv", "proj")]
-    c = live(ops, compiled).counts
-    assert c.ops_total == 6 and c.compute_total == 1 and c.compute_non_ane == 0
-    assert c.conv_ane == c.conv_total == 1
-
-
-def test_conv_without_usage_counts_as_off_the_ane(compiled):
-    report = live([Op("conv", "proj", preferred=None)], compiled)
-    assert (report.counts.conv_total, report.counts.conv_ane) == (1, 0)
+def test_a_conv_off_the_ane_fails(shard):
+    report = live(shard, placing(conv="cpu"))
     assert report.passed is False
-    assert [op.name for op in report.non_ane_ops] == ["proj"]
+    assert (report.counts.conv_total, report.counts.conv_ane) == (12, 0)
+    assert any("12 of 12 conv ops" in f for f in report.failures)
 
 
-def test_plan_without_compute_fails(compiled):
-    report = live([Op("const", "w", preferred=None)], compiled)
-    assert report.passed is False and "no compute ops" in report.failures[0]
-
-
-def test_nested_blocks_are_walked(compiled):
-    inner_then = [Op("conv", "then_conv", preferred="cpu", cost=0.2)]
-    inner_else = [
-        Op("add", "else_add", cost=0.1),
-        Op("while_loop", "loop", blocks=[[Op("mul", "deep_mul", preferred="gpu")]]),
-    ]
-    ops = [
-        Op("const", "c", preferred=None),
-        Op("cond", "branch", blocks=[inner_then, inner_else]),
-        Op("conv", "top_conv", cost=0.5),
-    ]
-    loader = PlanLoader(make_plan(ops))
-    plan = read_live_plan(compiled, load_plan=loader)
-    assert [(op.name, op.depth) for op in plan.ops] == [
-        ("c", 0),
-        ("branch", 0),
-        ("then_conv", 1),
-        ("else_add", 1),
-        ("loop", 1),
-        ("deep_mul", 2),
-        ("top_conv", 0),
-    ]
-    c = count_plan(plan)
-    assert (c.conv_total, c.conv_ane) == (2, 1)
-    assert c.compute_non_ane == 2 and c.by_device == {"ane": 4, "cpu": 1, "gpu": 1}
-    # Every op, nested ones included, was asked for its device usage.
-    assert loader.plan.__proxy__.usage_queries == 7
-
-
-def test_normalise_reads_devices_costs_and_outputs():
-    plan = normalise_plan(
-        make_plan([Op("conv", "q", preferred="ane", supported=("ane", "gpu", "cpu"), cost=0.25)]),
-        model="m.mlmodelc",
+def test_plumbing_is_bounded_by_its_own_share(shard):
+    # State reads and writes on the CPU too: within 5 % of the estimated cost here ...
+    assert live(shard, placing(read_state="cpu", write_state="cpu")).passed is True
+    # ... and refused under a tighter bound, with the share named.
+    report = live(shard, placing(read_state="cpu"), max_plumbing_share=0.01)
+    assert report.passed is False
+    assert (
+        "plumbing off the ANE" in report.failures[0] and "by estimated cost" in report.failures[0]
     )
-    assert plan.ops == (PlanOp("conv", ("q",), "ane", ("ane", "gpu", "cpu"), 0.25, 0),)
-    assert plan.model == "m.mlmodelc" and plan.function == "main"
+    assert live(shard, max_plumbing_share=0.0).passed is False  # the index ops alone
 
 
-def test_missing_function_and_non_program_are_errors():
-    with pytest.raises(ResidencyError, match=r"no function 'main_x' \(has: main, other\)"):
-        normalise_plan(make_plan([], other=[Op("conv", "x")]), function="main_x")
-    plan = make_plan([])
-    plan.__proxy__.model_structure = plan.__proxy__.model_structure.__class__(
-        neuralnetwork=None, program=None, pipeline=None
+def test_plumbing_share_by_op_count_without_costs(shard):
+    ops = [dataclasses.replace(op, cost=None) for op in plan_ops_for_package(shard)]
+    report = check_residency(
+        shard,
+        load_plan=PlanLoader(make_plan(ops)),
+        compiler=FakeCompiler().compiler,
+        ane_present=True,
     )
-    with pytest.raises(ResidencyError, match="not an ML Program"):
-        normalise_plan(plan)
-
-
-def test_unknown_device_class_is_an_error():
-    plan = make_plan([Op("conv", "x")])
-    proxy = plan.__proxy__
-    op = proxy.model_structure.program.functions["main"].block.operations[0]
-    usage = proxy._usage[id(op)]
-    proxy._usage[id(op)] = usage.__class__(
-        preferred_compute_device=object(), supported_compute_devices=[]
+    assert report.plumbing_basis == "op count"
+    c = report.counts
+    assert report.plumbing_share == pytest.approx(
+        c.plumbing_non_ane / (c.compute_total + c.plumbing_total)
     )
-    with pytest.raises(ResidencyError, match="unknown device object"):
-        normalise_plan(plan)
 
 
-def test_replay_gives_identical_counts(compiled, tmp_path):
-    ops = layer_ops("l0") + layer_ops("l1", conv_device="cpu")
-    ops.append(Op("cond", "branch", blocks=[[Op("mul", "inner", preferred="gpu", cost=0.05)]]))
-    saved = tmp_path / "plans" / "s0.plan.json"
+def test_lenient_gate_allows_some_fp16_ops_but_never_convs(shard):
+    assert live(shard, placing(softmax="cpu"), strict=False, max_compute_non_ane=3).passed
+    assert not live(shard, placing(softmax="cpu"), strict=True, max_compute_non_ane=3).passed
+    assert not live(shard, placing(conv="cpu"), strict=False, max_compute_non_ane=100).passed
+
+
+def test_a_mac_without_a_neural_engine_counts_without_gating(shard):
+    report = live(shard, placing(conv="cpu"), ane=False)
+    assert report.status == "report_only" and report.passed is None
+    assert report.failures and "no Neural Engine" in report.reason
+
+
+def test_names_are_normalised_once(shard):
+    plan = read_live_plan(
+        shard, load_plan=PlanLoader(plan_for_package(shard)), compiler=FakeCompiler().compiler
+    )
+    assert not [op for op in plan.ops if "." in op.type]  # "ios18.conv" -> "conv"
+    writes = [op for op in plan.ops if op.type == "write_state"]
+    assert len(writes) == 6 and all(op.outputs == () for op in writes)
+    assert all(op.name.startswith("write_state(data=") for op in writes)
+    assert len({op.name for op in plan.ops}) == len(plan.ops)  # every op has its own name
+    program_names = {op.name for op in read_program(shard).ops}
+    assert {op.name for op in writes} <= program_names
+
+
+# --- a plan must match the program -------------------------------------------------------
+
+
+def saved(tmp_path: Path, pkg: Path, place=anemll_placement, name="plan.json") -> Path:
+    plan = normalise_plan(plan_for_package(pkg, place), package_sha256=sha256_tree(pkg))
+    return save_plan(plan, tmp_path / name)
+
+
+def edit(path: Path, change) -> Path:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_replayed_plan_gives_the_live_counts(shard, tmp_path):
+    path = tmp_path / "p.json"
     live_report = check_residency(
-        compiled, load_plan=PlanLoader(make_plan(ops)), save_plan_to=saved
+        shard,
+        load_plan=PlanLoader(plan_for_package(shard, placing(softmax="cpu"))),
+        compiler=FakeCompiler().compiler,
+        ane_present=True,
+        save_plan_to=path,
     )
-    replayed = check_residency(None, plan_file=saved)
-    assert replayed.counts == live_report.counts
-    assert replayed.failures == live_report.failures
-    assert replayed.non_ane_ops == live_report.non_ane_ops
-    assert replayed.ane_cost_share == live_report.ane_cost_share is not None
-    assert replayed.plan_source == f"replay:{saved}" and live_report.plan_source == "live"
-    assert read_saved_plan(saved) == read_live_plan(compiled, load_plan=PlanLoader(make_plan(ops)))
-    assert not list(saved.parent.glob("*.partial"))  # written atomically, nothing left over
+    replayed = check_residency(shard, plan_file=path)
+    assert replayed.counts == live_report.counts and replayed.failures == live_report.failures
+    assert replayed.plumbing_ops == live_report.plumbing_ops
+    assert replayed.plan_source == f"replay:{path}" and live_report.plan_source == "live"
 
 
-def test_replayed_plan_must_belong_to_the_model(tmp_path):
-    pkg = tmp_path / "a.mlpackage"
-    pkg.mkdir()
-    (pkg / "x").write_text("one")
-    plan = ComputePlan((PlanOp("conv", ("q",), "ane", ("ane",)),), package_sha256="0" * 64)
-    saved = save_plan(plan, tmp_path / "p.json")
+def test_a_hand_edited_plan_with_fewer_convs_is_refused(shard, tmp_path):
+    path = saved(tmp_path, shard, placing(conv="cpu"))
+
+    def keep_four_convs(data):
+        convs = [op for op in data["ops"] if op["type"] == "conv"]
+        data["ops"] = [op for op in data["ops"] if op not in convs[4:]]
+        for op in convs[:4]:
+            op["preferred"] = "ane"
+
+    edit(path, keep_four_convs)
+    with pytest.raises(ResidencyError, match="4 conv in the plan vs 12"):
+        check_residency(shard, plan_file=path)
+
+
+def test_renamed_outputs_are_refused(shard, tmp_path):
+    def rename(data):
+        op = next(op for op in data["ops"] if op["type"] == "softmax")
+        op["outputs"] = ["renamed"]
+        op["name"] = "renamed"
+
+    path = edit(saved(tmp_path, shard), rename)
+    with pytest.raises(ResidencyError, match=r"only in the plan: \['renamed'\]"):
+        check_residency(shard, plan_file=path)
+
+
+def test_a_plan_of_another_package_is_refused(tiny_shards, shard, tmp_path):
+    other = saved(tmp_path, tiny_shards[LayerRange(3, 5)])
     with pytest.raises(ResidencyError, match="different package"):
-        check_residency(pkg, plan_file=saved)
+        check_residency(shard, plan_file=other)
+    # Without the digest the program still tells them apart.
+    edit(other, lambda d: d.update(package_sha256=None))
+    with pytest.raises(ResidencyError, match="does not match the program"):
+        check_residency(shard, plan_file=other)
+
+
+def test_a_plan_for_units_without_the_ane_proves_nothing(shard, tmp_path):
+    path = edit(saved(tmp_path, shard), lambda d: d.update(compute_units="cpu_only"))
+    with pytest.raises(ResidencyError, match="excludes the Neural Engine"):
+        check_residency(shard, plan_file=path)
 
 
 @pytest.mark.parametrize(
@@ -228,49 +266,89 @@ def test_bad_saved_plans(tmp_path, text, match):
         read_saved_plan(path)
 
 
-def test_report_only_shows_counts_without_a_verdict(compiled):
-    loader = PlanLoader(make_plan(layer_ops("l0", conv_device="cpu")))
-    report = check_residency(compiled, load_plan=loader, report_only=True)
-    assert report.status == "report_only" and report.passed is None
-    assert report.counts.conv_ane == 3 and report.failures  # what strict would have said
-    d = report.to_dict()
-    assert d["status"] == "report_only" and d["passed"] is None
-    assert d["counts"]["conv_total"] == 4 and d["non_ane_ops"][0]["name"] == "l0_qkv_proj"
-    # Validation reports and manifests carry `counts` as integers only.
-    assert all(type(v) is int for v in d["counts"].values())
-    json.dumps(d)
+def test_a_compiled_model_is_classed_by_its_recorded_package(shard, tmp_path):
+    result = compile_package(shard, tmp_path, compiler=FakeCompiler().compiler)
+    assert read_sidecar(result.compiled)["package"] == str(shard.resolve())
+    report = check_residency(
+        result.compiled, load_plan=PlanLoader(plan_for_package(shard)), ane_present=True
+    )
+    assert report.passed is True and report.counts.conv_total == 12
+    sidecar_path(result.compiled).unlink()
+    with pytest.raises(ResidencyError, match="pass the .mlpackage"):
+        check_residency(result.compiled, load_plan=PlanLoader(plan_for_package(shard)))
 
 
-def test_cost_share_needs_costs(compiled):
-    report = live([Op("conv", "a"), Op("add", "b", preferred="cpu")], compiled)
-    assert report.ane_cost_share is None and report.to_dict()["ane_cost_share"] is None
+# --- normalising coremltools' object graph -------------------------------------------------
 
 
-@pytest.mark.skipif(sys.platform == "darwin", reason="off-macOS behaviour")
-def test_not_checked_off_macos_without_a_plan(compiled):
-    report = check_residency(compiled)
-    assert report.status == "not_checked" and report.counts is None and report.passed is None
-    assert report.to_dict()["counts"] is None
-    with pytest.raises(PlatformError, match="macOS 14.4"):
-        read_live_plan(compiled)
+def test_nested_blocks_are_walked():
+    inner_then = [Op("ios18.conv", "then_conv", preferred="cpu", cost=0.2)]
+    inner_else = [
+        Op("ios18.add", "else_add", cost=0.1),
+        Op("ios18.while_loop", "loop", blocks=[[Op("ios18.mul", "deep_mul", preferred="gpu")]]),
+    ]
+    ops = [
+        Op("ios18.const", "c", preferred=None),
+        Op("ios18.cond", "branch", blocks=[inner_then, inner_else]),
+        Op("ios18.conv", "top_conv", cost=0.5),
+    ]
+    ct_plan = make_plan(ops)
+    plan = normalise_plan(ct_plan)
+    assert [(op.type, op.name, op.depth) for op in plan.ops] == [
+        ("const", "c", 0),
+        ("cond", "branch", 0),
+        ("conv", "then_conv", 1),
+        ("add", "else_add", 1),
+        ("while_loop", "loop", 1),
+        ("mul", "deep_mul", 2),
+        ("conv", "top_conv", 0),
+    ]
+    assert ct_plan.__proxy__.usage_queries == 7
 
 
-def test_not_checked_report_has_no_counts():
-    assert residency_report(None).to_dict()["status"] == "not_checked"
+def test_normalise_reads_devices_costs_and_outputs():
+    plan = normalise_plan(
+        make_plan([Op("conv", "q", preferred="ane", supported=("ane", "gpu", "cpu"), cost=0.25)]),
+        model="m.mlmodelc",
+    )
+    assert plan.ops == (PlanOp("conv", ("q",), "ane", ("ane", "gpu", "cpu"), 0.25, 0),)
 
 
-def test_live_from_a_package_compiles_it_first(tmp_path):
-    from anechain.fsutil import sha256_tree
+def test_missing_function_non_program_and_unknown_device_are_errors():
+    with pytest.raises(ResidencyError, match=r"no function 'main_x' \(has: main, other\)"):
+        normalise_plan(make_plan([], other=[Op("conv", "x")]), function="main_x")
+    plan = make_plan([])
+    plan.__proxy__.model_structure = plan.__proxy__.model_structure.__class__(
+        neuralnetwork=None, program=None, pipeline=None
+    )
+    with pytest.raises(ResidencyError, match="not an ML Program"):
+        normalise_plan(plan)
+    plan = make_plan([Op("conv", "x")])
+    proxy = plan.__proxy__
+    op = proxy.model_structure.program.functions["main"].block.operations[0]
+    proxy._usage[id(op)] = proxy._usage[id(op)].__class__(
+        preferred_compute_device=object(), supported_compute_devices=[]
+    )
+    with pytest.raises(ResidencyError, match="unknown device object"):
+        normalise_plan(plan)
 
-    pkg = tmp_path / "s0.mlpackage"
-    (pkg / "Data" / "com.apple.CoreML").mkdir(parents=True)
-    (pkg / "Data" / "com.apple.CoreML" / "model.mlmodel").write_bytes(b"spec")
-    fake = FakeCompiler()
-    loader = PlanLoader(make_plan(layer_ops()))
-    plan = read_live_plan(pkg, load_plan=loader, compiler=fake.compiler)
-    assert len(fake.calls) == 1 and loader.calls[0][0].endswith("s0.mlmodelc")
-    assert not Path(loader.calls[0][0]).exists()  # the temporary compile is gone
-    assert plan.package_sha256 == sha256_tree(pkg)
+
+def test_off_macos_without_a_plan_is_not_checked(shard):
+    report = check_residency(shard)
+    assert report.status == expected_live_status()
+    if not macos_at_least((15,)):
+        assert report.counts is None and report.passed is None and "needs macOS" in report.reason
+        with pytest.raises(PlatformError, match="macOS 14.4"):
+            read_live_plan(shard)
+
+
+def test_replay_needs_the_package():
+    with pytest.raises(ResidencyError, match="give the package"):
+        check_residency(None, plan_file="p.json")
+    with pytest.raises(ResidencyError, match="neither an .mlmodelc nor an .mlpackage"):
+        check_residency(Path("x.onnx"))
+    plan = ComputePlan((PlanOp("conv", ("q",), "ane"),))
+    assert plan.ops[0].name == "q"
 
 
 # --- CLI ---------------------------------------------------------------------------------------
@@ -285,49 +363,67 @@ for _command in COMMANDS:
     cli.add_command(_command)
 
 
-def saved_plan(tmp_path: Path, ops: list[Op]) -> Path:
-    plan = normalise_plan(make_plan(ops))
-    return save_plan(plan, tmp_path / "plan.json")
-
-
-def test_cli_replay_pass(tmp_path):
-    path = saved_plan(tmp_path, layer_ops())
+def test_cli_replay_pass_lists_the_plumbing(shard, tmp_path):
+    path = saved(tmp_path, shard)
     out = tmp_path / "r.json"
-    result = CliRunner().invoke(cli, ["residency", "--compute-plan", str(path), "--json", str(out)])
+    result = CliRunner().invoke(
+        cli, ["residency", str(shard), "--compute-plan", str(path), "--json", str(out)]
+    )
     assert result.exit_code == 0, result.output
-    assert "conv on ANE" in result.stdout and "4/4" in result.stdout
+    assert "conv on ANE" in result.stdout and "12/12" in result.stdout
+    assert "plumbing op" in result.stdout and "concat" in result.stdout
+    assert "ios18." not in result.stdout
     assert "residency: PASS" in result.stdout
-    assert json.loads(out.read_text())["passed"] is True
+    data = json.loads(out.read_text())
+    assert data["passed"] is True and data["plumbing"]["ops"]
+    assert all(type(v) is int for v in data["counts"].values())
 
 
-def test_cli_replay_fail_lists_non_ane_ops(tmp_path):
-    path = saved_plan(tmp_path, layer_ops(conv_device="cpu"))
-    result = CliRunner().invoke(cli, ["residency", "--compute-plan", str(path)])
+def test_cli_replay_fail_lists_off_ane_ops(shard, tmp_path):
+    path = saved(tmp_path, shard, placing(softmax="cpu"))
+    result = CliRunner().invoke(cli, ["residency", str(shard), "--compute-plan", str(path)])
     assert result.exit_code == 1
-    assert "residency: FAIL" in result.stdout
-    assert "l0_qkv_proj" in result.stdout and "3/4" in result.stdout
+    assert "residency: FAIL" in result.stdout and "fp16 op off ANE" in result.stdout
+    report_only = CliRunner().invoke(
+        cli, ["residency", str(shard), "--compute-plan", str(path), "--report-only"]
+    )
+    assert report_only.exit_code == 0 and "would FAIL" in report_only.stdout
 
 
-def test_cli_report_only_does_not_fail(tmp_path):
-    path = saved_plan(tmp_path, layer_ops(conv_device="cpu"))
-    result = CliRunner().invoke(cli, ["residency", "--compute-plan", str(path), "--report-only"])
-    assert result.exit_code == 0
-    assert "would FAIL" in result.stdout
-
-
-def test_cli_usage_errors(tmp_path):
+def test_cli_usage_errors(tmp_path, shard):
     result = CliRunner().invoke(cli, ["residency"])
-    assert result.exit_code == 2 and "--compute-plan" in result.output
+    assert result.exit_code == 2 and "PKG_OR_COMPILED" in result.output
     other = tmp_path / "x.bin"
     other.mkdir()
     result = CliRunner().invoke(cli, ["residency", str(other)])
     assert result.exit_code == 2 and "neither an .mlmodelc nor an .mlpackage" in result.output
+    bad = edit(saved(tmp_path, shard), lambda d: d["ops"].pop())
+    result = CliRunner().invoke(cli, ["residency", str(shard), "--compute-plan", str(bad)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
 
 
-@pytest.mark.skipif(sys.platform == "darwin", reason="off-macOS behaviour")
-def test_cli_live_refuses_off_macos(compiled):
-    result = CliRunner().invoke(cli, ["residency", str(compiled)])
+@pytest.mark.skipif(macos_at_least((15,)), reason="off-macOS behaviour")
+def test_cli_live_refuses_off_macos(shard):
+    result = CliRunner().invoke(cli, ["residency", str(shard)])
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("Error: reading a Core ML compute plan needs macOS 14.4+")
+    assert lines[-1].startswith("Error: reading a Core ML compute plan needs macOS 15+")
     assert "Traceback" not in result.output
+
+
+def test_macos_14_gives_not_checked_rather_than_a_platform_error(shard, monkeypatch):
+    """macOS 14.4-14.x has MLComputePlan but not the macOS 15 compiler stateful packages need."""
+    import anechain.compile as compile_mod
+    import anechain.residency as residency
+
+    monkeypatch.setattr(residency, "macos_at_least", lambda minimum: (14, 5) >= minimum)
+    report = check_residency(shard)
+    assert report.status == "not_checked" and "needs macOS 15+" in report.reason
+
+    def old_compiler(what, minimum=(15,)):
+        raise PlatformError(f"{what} needs macOS 15+; this machine runs macOS 14.5")
+
+    # Even when the plan is reachable, a refusing compiler is "not checked", not a crash.
+    monkeypatch.setattr(compile_mod, "require_macos", old_compiler)
+    report = check_residency(shard, load_plan=PlanLoader(plan_for_package(shard)))
+    assert report.status == "not_checked" and "this machine runs macOS 14.5" in report.reason

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -191,18 +191,19 @@ def run_build(
                 say(f"[{name}] exporting {path.name}")
                 export()
                 state.record(path, key)
-            if is_macos():
-                _compile(path, say)
-                result.compiled = True
+            compiled = _compile(path, say) if is_macos() else None
+            result.compiled = result.compiled or compiled is not None
             say(f"[{name}] validating with the {backend} runner")
+            # Compiled once: the compute plan and the Core ML runner both use it.
             report_obj = validate_shard(
                 path,
                 checkpoint,
                 config.validation,
                 backend=backend,
-                residency=residency,
+                residency=replace(residency, compiled=compiled),
                 cache_dir=cache_dir,
                 progress=say,
+                runner_options={"compiled": compiled} if compiled and backend == "coreml" else None,
             )
             report = write_report(report_obj, default_report_path(path))
             state.record(path, validation_key, verdict_entry)
@@ -271,15 +272,16 @@ def sha_size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _compile(package: Path, say: Progress) -> None:
+def _compile(package: Path, say: Progress) -> Path | None:
     from anechain.compile import compile_package
 
     try:
         r = compile_package(package)
     except PlatformError as exc:  # e.g. macOS older than 15: residency stays unchecked
         say(f"not compiling {package.name}: {exc}")
-        return
+        return None
     say(f"compiled {package.name} -> {r.compiled.name}" + (" (up to date)" if r.skipped else ""))
+    return r.compiled
 
 
 def _check_generation(

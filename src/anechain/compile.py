@@ -194,6 +194,11 @@ def compile_package(
     # sidecar vouching for a compiled model it does not describe.
     sidecar_path(dest).unlink(missing_ok=True)
     name = compile_to(pkg, dest, compiler, overwrite=True)
-    record = {"schema": SIDECAR_SCHEMA, "package": str(pkg), "source_sha256": sha, "compiler": name}
+    record = {
+        "schema": SIDECAR_SCHEMA,
+        "package": str(pkg.resolve()),  # absolute: residency and the runner find it from anywhere
+        "source_sha256": sha,
+        "compiler": name,
+    }
     atomic_write_json(sidecar_path(dest), record)
     return CompileResult(pkg, dest, sha, False, name, time.perf_counter() - t0)

@@ -184,9 +184,20 @@ class ValidationSettings:
 
 @dataclass(frozen=True)
 class ResidencySettings:
-    # Strict: every conv and every compute op prefers the Neural Engine.
+    # Strict: every conv and every fp16 compute op prefers the Neural Engine.
     strict: bool = True
-    max_compute_non_ane: int = 0
+    max_compute_non_ane: int = 0  # fp16 compute ops allowed off the ANE when not strict
+    # Plumbing (int32 index ops, state read/write) off the ANE: at most this share of the
+    # plan's estimated cost (of its op count when the plan has no costs). 5 %: the limit a
+    # known project rejects shards at; ANEMLL's published profile of its stateful models has
+    # 0.7 % of ops off the ANE (an integer cast and `select`), `slice_update` on it.
+    max_plumbing_share: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_plumbing_share <= 1.0:
+            raise ConfigError(
+                f"residency.max_plumbing_share must be within [0, 1], got {self.max_plumbing_share}"
+            )
 
 
 @dataclass(frozen=True)

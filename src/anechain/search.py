@@ -29,10 +29,20 @@ class PlanError(AnechainError):
 # ---- limits -----------------------------------------------------------------------------
 
 
+# Documented size limits (docs/field notes: ANEMLL, CoreML-LLM and coremltools reports).
+# iOS refuses a model file above about 1 GB.
+IOS_FILE_LIMIT_BYTES = 1_000_000_000
+# On macOS, models above about 1.4 GB are reported to run on the GPU at run time although
+# the compute plan prefers the ANE: the plan would pass a shard the ANE never runs.
+MACOS_ANE_SIZE_LIMIT_BYTES = 1_400_000_000
+# The default budget per package: the smaller of the two, so a shard runs on both.
+DEFAULT_SIZE_BUDGET_BYTES = min(IOS_FILE_LIMIT_BYTES, MACOS_ANE_SIZE_LIMIT_BYTES)
+
+
 @dataclass(frozen=True)
 class PlanLimits:
     max_layers_per_shard: int | None = None
-    size_budget_bytes: int | None = None  # per package; macOS loads about 2 GB per program
+    size_budget_bytes: int | None = DEFAULT_SIZE_BUDGET_BYTES  # per package
 
 
 def estimate_shard_bytes(arch: Architecture, num_layers: int, quantization: str) -> int:

@@ -44,6 +44,7 @@ class ResidencyOptions:
     plan_file: Path | None = None  # replay a saved compute plan (any OS)
     save_plan_to: Path | None = None
     report_only: bool = False  # count, but do not gate (hosted macOS runners have no ANE)
+    compiled: Path | None = None  # the package already compiled, for a live plan
 
 
 @dataclass(frozen=True)
@@ -308,16 +309,18 @@ def validate_shard(
     check_package_matches(meta, checkpoint, str(package))
     backend = resolve_backend(backend)
     opts = residency or ResidencyOptions()
+    if progress:
+        progress(f"[{meta.layers or 'head'}] loading {package.name} with the {backend} runner")
+    runner = open_runner(backend, package, **(runner_options or {}))
     residency_report = check_residency(
         package,
         opts.settings,
         plan_file=opts.plan_file,
         save_plan_to=opts.save_plan_to,
         report_only=opts.report_only,
+        # The coreml runner compiled the package already: one compile serves both.
+        compiled=opts.compiled or getattr(runner, "compiled", None),
     ).to_dict()
-    if progress:
-        progress(f"[{meta.layers or 'head'}] loading {package.name} with the {backend} runner")
-    runner = open_runner(backend, package, **(runner_options or {}))
     if meta.kind == KIND_HEAD:
         head = run_head_golden(runner, meta, checkpoint, settings, cache_dir, progress)
         gates = apply_head_gates(head["metrics"], settings.gates)

@@ -26,10 +26,13 @@ from coremltools.models.compute_plan import (
     MLComputePlanDeviceUsage,
     MLModelStructure,
     MLModelStructureProgram,
+    MLModelStructureProgramArgument,
+    MLModelStructureProgramBinding,
     MLModelStructureProgramBlock,
     MLModelStructureProgramFunction,
     MLModelStructureProgramNamedValueType,
     MLModelStructureProgramOperation,
+    MLModelStructureProgramValue,
     MLModelStructureProgramValueType,
 )
 
@@ -62,7 +65,10 @@ DEVICES = {"ane": FakeNeuralEngine, "cpu": FakeCPU, "gpu": FakeGPU}
 
 @dataclass
 class Op:
-    """What a test says about one op; `preferred=None` means Core ML reports no device usage."""
+    """What a test says about one op; `preferred=None` means Core ML reports no device usage.
+
+    `name=""` makes an op without outputs (as `write_state`); `inputs` are its bindings.
+    """
 
     type: str
     name: str
@@ -70,6 +76,7 @@ class Op:
     supported: Sequence[str] = ("ane", "cpu")
     cost: float | None = None
     blocks: Sequence[Sequence[Op]] = field(default_factory=list)
+    inputs: dict[str, Sequence[str]] = field(default_factory=dict)
 
 
 class FakeComputePlanProxy:
@@ -90,18 +97,32 @@ class FakeComputePlanProxy:
 
     def _block(self, ops: Sequence[Op]) -> MLModelStructureProgramBlock:
         built = [self._op(o) for o in ops]
-        names = [b.outputs[0].name for b in built[-1:]]
+        names = [b.outputs[0].name for b in built[-1:] if b.outputs]
         return MLModelStructureProgramBlock(inputs=[], operations=built, output_names=names)
 
     def _op(self, o: Op) -> MLModelStructureProgramOperation:
         op = MLModelStructureProgramOperation(
-            inputs={},
+            inputs={
+                k: MLModelStructureProgramArgument(
+                    bindings=[
+                        MLModelStructureProgramBinding(name=n, value=None)
+                        if n != "<value>"
+                        else MLModelStructureProgramBinding(
+                            name=None, value=MLModelStructureProgramValue()
+                        )
+                        for n in names
+                    ]
+                )
+                for k, names in o.inputs.items()
+            },
             operator_name=o.type,
             outputs=[
                 MLModelStructureProgramNamedValueType(
                     name=o.name, type=MLModelStructureProgramValueType()
                 )
-            ],
+            ]
+            if o.name
+            else [],
             blocks=[self._block(b) for b in o.blocks],
             __proxy__=None,
         )
@@ -143,6 +164,67 @@ class PlanLoader:
         return self.plan
 
 
+def _int_output(op: Any) -> bool:
+    from coremltools.proto import MIL_pb2
+
+    floats = {MIL_pb2.FLOAT16, MIL_pb2.FLOAT32, MIL_pb2.FLOAT64, MIL_pb2.BFLOAT16}
+    return any(
+        o.type.WhichOneof("type") == "tensorType" and o.type.tensorType.dataType not in floats
+        for o in op.outputs
+    )
+
+
+def anemll_placement(op: Any) -> str | None:
+    """Where ANEMLL's published profile of stateful models puts an op: integer results on the
+    CPU (it shows integer casts and `select` there), everything else, `slice_update` and
+    the state reads/writes included, on the ANE; constants have no device usage."""
+    if op.type == "const" or op.type.startswith("constexpr_"):
+        return None
+    return "cpu" if _int_output(op) else "ane"
+
+
+def plan_ops_for_package(
+    package: Path,
+    place: Any = anemll_placement,
+    opset: str = "ios18",
+    function: str = "main",
+) -> list[Op]:
+    """The ops Core ML's plan of `package` shows, read from the package's own protobuf (what the
+    compiler reads): opset-qualified names, `write_state` without outputs, the bindings.
+    `place(proto_op) -> device | None` chooses each op's preferred device."""
+    from anechain.package import load_spec
+
+    fn = load_spec(package).mlProgram.functions[function]
+
+    def ops_of(block: Any) -> list[Op]:
+        out = []
+        for op in block.operations:
+            device = place(op)
+            bound = {
+                k: [a.name if a.WhichOneof("binding") == "name" else "<value>" for a in v.arguments]
+                for k, v in op.inputs.items()
+            }
+            out.append(
+                Op(
+                    f"{opset}.{op.type}",
+                    op.outputs[0].name if op.outputs else "",
+                    preferred=device,
+                    supported=("ane", "cpu") if device == "ane" else ("cpu",),
+                    cost=None if device is None else (0.05 if op.type == "conv" else 0.002),
+                    blocks=[ops_of(b) for b in op.blocks],
+                    inputs=bound,
+                )
+            )
+        return out
+
+    return ops_of(fn.block_specializations[fn.opset])
+
+
+def plan_for_package(package: Path, place: Any = anemll_placement) -> MLComputePlan:
+    """A real coremltools MLComputePlan of `package`, devices chosen by `place`."""
+    return make_plan(plan_ops_for_package(package, place))
+
+
 def layer_ops(prefix: str = "l0", conv_device: str = "ane", other_device: str = "ane") -> list[Op]:
     """A decoder layer's shape: const weights (no usage), 4 convs, a handful of elementwise ops."""
     return [
@@ -177,7 +259,19 @@ class FakeCompiler:
             return
         dest.mkdir()
         (dest / "model.mil").write_text(f"compiled from {package.name} call {len(self.calls)}\n")
-        (dest / "metadata.json").write_text(json.dumps([{"inputSchema": [], "outputSchema": []}]))
+        try:
+            from anechain.package import load_spec
+            from anechain.runners.coreml import features_from_spec
+
+            inputs, outputs, states = features_from_spec(load_spec(package))
+        except Exception:  # a stand-in package without a real spec
+            inputs, outputs, states = [], [], []
+
+        def schema(features: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+            # The compiler's CamelCase type names: float16 -> Float16, int32 -> Int32.
+            return {f.name: (f.shape, f.dtype.name.capitalize()) for f in features}
+
+        write_compiled_metadata(dest, schema(inputs), schema(outputs), schema(states))
 
     @property
     def compiler(self) -> Compiler:
@@ -188,8 +282,10 @@ def write_compiled_metadata(
     compiled: Path,
     inputs: dict[str, tuple[tuple[int, ...], str]],
     outputs: dict[str, tuple[tuple[int, ...], str]],
+    states: dict[str, tuple[tuple[int, ...], str]] | None = None,
 ) -> None:
-    """A metadata.json in the Core ML compiler's format (shape as a string, CamelCase dtype)."""
+    """A metadata.json in the Core ML compiler's format (shape as a string, CamelCase dtype);
+    `stateSchema` only for a stateful model."""
 
     def schema(d: dict[str, tuple[tuple[int, ...], str]]) -> list[dict[str, str]]:
         return [
@@ -204,10 +300,11 @@ def write_compiled_metadata(
             for n, (s, t) in d.items()
         ]
 
+    entry = {"inputSchema": schema(inputs), "outputSchema": schema(outputs)}
+    if states:
+        entry["stateSchema"] = schema(states)
     compiled.mkdir(parents=True, exist_ok=True)
-    (compiled / "metadata.json").write_text(
-        json.dumps([{"inputSchema": schema(inputs), "outputSchema": schema(outputs)}])
-    )
+    (compiled / "metadata.json").write_text(json.dumps([entry]))
 
 
 # --- compiled model (CompiledMLModel look-alike) ------------------------------------------------
@@ -222,7 +319,7 @@ class FakeState:
     def read_state(self, name: str) -> np.ndarray:
         if name not in self.values:
             raise RuntimeError(f"no state named {name}")
-        return self.values[name].copy()
+        return self.values[name].astype(np.float32)  # Core ML hands fp16 states back as fp32
 
 
 class FakeCompiledModel:
@@ -252,3 +349,69 @@ class FakeCompiledModel:
         for value in state.values.values():
             value[:, :, p, :] = p + 1
         return {"output_hidden_states": (data["hidden_states"] * 2).astype(np.float32)}
+
+
+# --- a real CompiledMLModel over a proxy that runs the MIL interpreter ----------------------
+
+
+class MILStateProxy:
+    """Stands in for Core ML's state proxy behind coremltools' real `MLState`: a MIL runner of
+    its own, whose state is this state (fp16 values read back as fp32, as Core ML does)."""
+
+    def __init__(self, package: Path) -> None:
+        from anechain.runners.mil import MILRunner
+
+        self.runner = MILRunner(package, track_activations=False)
+
+    def read_state(self, name: str) -> np.ndarray:
+        try:
+            return self.runner.read_state(name).astype(np.float32)
+        except Exception as exc:
+            raise RuntimeError(str(exc)) from None
+
+    def write_state(self, name: str, value: np.ndarray) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+class MILModelProxy:
+    """Stands in for `_MLModelProxy` behind coremltools' real `CompiledMLModel`: `predict`
+    receives what coremltools hands it (fp16 inputs already converted to fp32), casts to the
+    model's declared input types as Core ML does, and answers with fp32 arrays."""
+
+    def __init__(self, package: Path, nan_at_step: int | None = None) -> None:
+        from anechain.runners.mil import MILRunner
+
+        self.package = package
+        self.stateless = MILRunner(package, track_activations=False)
+        self.predicts = 0
+        self.nan_at_step = nan_at_step
+
+    def newState(self) -> MILStateProxy:  # noqa: N802 (Core ML's name)
+        return MILStateProxy(self.package)
+
+    def predict(self, data: dict[str, Any], state: MILStateProxy | None) -> dict[str, Any]:
+        runner = self.stateless if state is None else state.runner
+        feeds = {t.name: np.asarray(data[t.name]).astype(t.dtype) for t in runner.inputs}
+        out = runner.step(feeds)
+        self.predicts += 1
+        result = {k: np.asarray(v).astype(np.float32) for k, v in out.items()}
+        if self.nan_at_step is not None and self.predicts - 1 == self.nan_at_step:
+            for v in result.values():
+                if v.dtype.kind == "f":
+                    v.flat[0] = np.nan
+        return result
+
+
+def mil_compiled_model(package: Path, **proxy_options: Any) -> Any:
+    """A real coremltools `CompiledMLModel` whose Core ML proxy runs `package` with the MIL
+    interpreter: the `load_model` seam of the Core ML runner."""
+    from coremltools import ComputeUnit
+    from coremltools.models import CompiledMLModel
+
+    model = object.__new__(CompiledMLModel)  # __init__ insists on the native proxy
+    model.compute_unit = ComputeUnit.CPU_AND_NE
+    model.function_name = ""
+    model.path_or_asset = str(package)
+    model.optimization_hints = None
+    model._proxy = MILModelProxy(package, **proxy_options)
+    return model

@@ -1,4 +1,4 @@
-"""`anechain compile` and `anechain residency`: the stages that need macOS (or a saved plan)."""
+"""`anechain compile`, `residency` and `capture`: the stages that need macOS (or a saved plan)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from anechain.cli._common import progress_printer, render_table, resolve_config
+from anechain.cli._common import (
+    cache_dir_option,
+    config_option,
+    human_bytes,
+    model_option,
+    progress_printer,
+    render_table,
+    resolve_config,
+)
 
 
 @click.command("compile")
@@ -78,15 +86,15 @@ def compile_cmd(packages: tuple[Path, ...], out_dir: Path | None, overwrite: boo
 @click.command("residency")
 @click.argument(
     "model",
-    metavar="[COMPILED_OR_PKG]",
-    required=False,
+    metavar="PKG_OR_COMPILED",
     type=click.Path(path_type=Path, exists=True, file_okay=False),
 )
 @click.option(
     "--compute-plan",
     "plan_file",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="Replay a saved compute plan (any OS) instead of asking Core ML.",
+    help="Replay a saved compute plan (any OS) instead of asking Core ML; it must match "
+    "PKG_OR_COMPILED's program.",
 )
 @click.option(
     "--save-plan",
@@ -97,7 +105,7 @@ def compile_cmd(packages: tuple[Path, ...], out_dir: Path | None, overwrite: boo
 @click.option(
     "--report-only",
     is_flag=True,
-    help="Show the counts without enforcing the gate (machines without an ANE).",
+    help="Show the counts without enforcing the gate (automatic on a Mac without an ANE).",
 )
 @click.option(
     "--compute-units",
@@ -119,7 +127,7 @@ def compile_cmd(packages: tuple[Path, ...], out_dir: Path | None, overwrite: boo
     help="Also write the residency report as JSON.",
 )
 def residency_cmd(
-    model: Path | None,
+    model: Path,
     plan_file: Path | None,
     save_to: Path | None,
     report_only: bool,
@@ -127,35 +135,31 @@ def residency_cmd(
     config_path: Path | None,
     json_out: Path | None,
 ) -> None:
-    """Check that every op of a shard is planned for the Neural Engine.
+    """Check that a shard's fp16 work is planned for the Neural Engine.
 
-    COMPILED_OR_PKG is an .mlmodelc (or an .mlpackage, compiled to a temporary folder). Core
-    ML's compute plan (macOS 14.4+) gives each op's preferred device; the strict gate needs
-    every conv and every compute op on the ANE. Exit 1 if the gate fails. A plan saved with
-    --save-plan replays on any OS with --compute-plan; given COMPILED_OR_PKG too, the plan
-    must belong to it.
+    PKG_OR_COMPILED is an .mlpackage (compiled to a temporary folder) or an .mlmodelc
+    compiled by `anechain compile` (its sidecar names the package). Core ML's compute plan
+    (macOS 14.4+) gives each op's preferred device; the package's program gives each op's
+    class. The strict gate needs every conv and every fp16 compute op on the ANE, and
+    bounds plumbing (int32 index ops, state read/write) off the ANE by its share of the
+    plan (`residency.max_plumbing_share`). Exit 1 if the gate fails. A plan saved with
+    --save-plan replays on any OS with --compute-plan, checked against the program.
 
     \b
     Examples:
       anechain residency artifacts/s0.mlmodelc --save-plan artifacts/s0.plan.json
-      anechain residency artifacts/s0.mlmodelc --report-only     # hosted CI, no ANE
-      anechain residency --compute-plan artifacts/s0.plan.json  # replay, any OS
+      anechain residency artifacts/s0.mlpackage --report-only     # count, don't gate
+      anechain residency artifacts/s0.mlpackage --compute-plan artifacts/s0.plan.json
     """
     from anechain.cli._common import check_outputs
     from anechain.errors import PlatformError
     from anechain.jsonio import atomic_write_json
-    from anechain.residency import (
-        MIN_MACOS,
-        STATUS_NOT_CHECKED,
-        check_residency,
-        live_plan_available,
-    )
+    from anechain.residency import STATUS_NOT_CHECKED, check_residency, live_plan_available
+    from anechain.residency import render as r
 
-    if model is None and plan_file is None:
-        raise click.UsageError("give COMPILED_OR_PKG, or a saved plan with --compute-plan FILE")
-    if model is not None and model.suffix not in (".mlmodelc", ".mlpackage"):
+    if model.suffix not in (".mlmodelc", ".mlpackage"):
         raise click.BadParameter(
-            f"{model} is neither an .mlmodelc nor an .mlpackage", param_hint="COMPILED_OR_PKG"
+            f"{model} is neither an .mlmodelc nor an .mlpackage", param_hint="PKG_OR_COMPILED"
         )
     if save_to is not None and plan_file is None and not live_plan_available():
         raise click.BadParameter(
@@ -176,53 +180,104 @@ def residency_cmd(
         compute_units=compute_units,
     )
     if report.status == STATUS_NOT_CHECKED:
-        need = ".".join(map(str, MIN_MACOS))
         raise PlatformError(
-            f"reading a Core ML compute plan needs macOS {need}+; on this "
-            "machine replay a saved one with --compute-plan FILE"
+            f"reading a Core ML compute plan {report.reason}; on this machine replay a saved "
+            "one with --compute-plan FILE"
         )
     if save_to is not None:
         say(f"saved the compute plan to {save_to}")
     if json_out is not None:
         atomic_write_json(json_out, report.to_dict())
 
-    c = report.counts
-    assert c is not None  # checked or report_only always carry counts
-    share = "-" if report.ane_cost_share is None else f"{100 * report.ane_cost_share:.1f}%"
-    rows = [
-        ["conv on ANE", f"{c.conv_ane}/{c.conv_total}"],
-        ["compute ops on ANE", f"{c.compute_ane}/{c.compute_total}"],
-        ["compute ops off ANE", str(c.compute_non_ane)],
-        ["ops (incl. const)", str(c.ops_total)],
-        ["by device", ", ".join(f"{d} {n}" for d, n in c.by_device.items())],
-        ["ANE share of est. cost", share],
-    ]
-    click.echo(render_table(["residency", "value"], rows))
-    if report.non_ane_ops:
-        click.echo()
-        click.echo(
-            render_table(
-                ["non-ANE op", "name", "preferred", "supported"],
-                [
-                    [op.type, op.name, op.preferred or "-", ",".join(op.supported) or "-"]
-                    for op in report.non_ane_ops
-                ],
-            )
-        )
+    click.echo(render_table(["residency", "value"], r.summary_rows(report)))
+    for headers, rows in (
+        (r.NON_ANE_HEADERS, r.non_ane_rows(report)),
+        (r.PLUMBING_HEADERS, r.plumbing_rows(report)),
+    ):
+        if rows:
+            click.echo()
+            click.echo(render_table(headers, rows))
     click.echo()
-    if report.status == "report_only":
-        verdict = "would pass" if not report.failures else "would FAIL"
-        click.echo(f"gate not enforced (report only): {verdict}")
-        for reason in report.failures:
-            click.echo(f"  - {reason}")
-        return
-    if report.passed:
-        click.echo("residency: PASS")
-        return
-    click.echo("residency: FAIL")
-    for reason in report.failures:
-        click.echo(f"  - {reason}")
-    click.get_current_context().exit(1)
+    for line in r.verdict_lines(report):
+        click.echo(line)
+    if report.status != STATUS_NOT_CHECKED and report.passed is False:
+        click.get_current_context().exit(1)
 
 
-COMMANDS = [compile_cmd, residency_cmd]
+@click.command("capture")
+@click.argument(
+    "packages",
+    metavar="PKG...",
+    nargs=-1,
+    required=True,
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+)
+@model_option()
+@config_option("anechain YAML config: validation and residency settings (default: phi-4-mini).")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder for the bundles (<stem>.capture.json).",
+)
+@click.option(
+    "--random-preset",
+    help="The checkpoint is `random-checkpoint --preset NAME --seed SEED` (checked by remaking "
+    "it), so a replay can remake it; give with --random-seed.",
+)
+@click.option("--random-seed", type=int, help="See --random-preset.")
+@cache_dir_option
+def capture_cmd(
+    packages: tuple[Path, ...],
+    model_dir: Path,
+    config_path: Path | None,
+    out_dir: Path,
+    random_preset: str | None,
+    random_seed: int | None,
+    cache_dir: Path | None,
+) -> None:
+    """Capture Core ML's ground truth for packages, to replay on any OS (macOS 15+).
+
+    For each PKG: the compute plan with its estimated costs, the program, the golden run's
+    inputs and Core ML's outputs and states on CPU_AND_NE and on CPU_ONLY, the results, and
+    the machine (chip, macOS, coremltools, Neural Engine cores), in one JSON file. Bundles
+    of the tiny model copied into tests/data/captures/ become tests on Linux.
+
+    \b
+    Examples:
+      anechain capture artifacts/build/*.mlpackage --model artifacts/build/checkpoint \\
+          --config configs/tiny.yaml --random-preset tiny --random-seed 0 --out captures
+    """
+    from anechain.capture import capture_package, verify_random_recipe
+    from anechain.checkpoint import Checkpoint
+    from anechain.platform import require_macos
+
+    if (random_preset is None) != (random_seed is None):
+        raise click.UsageError("give --random-preset and --random-seed together")
+    for pkg in packages:
+        if pkg.suffix != ".mlpackage":
+            raise click.BadParameter(f"{pkg} is not an .mlpackage", param_hint="PKG")
+    require_macos("capturing Core ML results", (15,))
+    config = resolve_config(config_path)
+    checkpoint = Checkpoint(model_dir)
+    recipe = None
+    if random_preset is not None and random_seed is not None:
+        recipe = verify_random_recipe(checkpoint, random_preset, random_seed)
+    say = progress_printer()
+    rows = []
+    for pkg in packages:
+        path = capture_package(
+            pkg,
+            checkpoint,
+            config,
+            out_dir,
+            random_recipe=recipe,
+            cache_dir=cache_dir,
+            progress=say,
+        )
+        rows.append([str(pkg), str(path), human_bytes(path.stat().st_size)])
+    click.echo(render_table(["package", "bundle", "size"], rows))
+
+
+COMMANDS = [compile_cmd, residency_cmd, capture_cmd]

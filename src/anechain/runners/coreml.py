@@ -51,15 +51,21 @@ def _dtype(type_name: str, where: str) -> np.dtype:
         raise RunnerError(f"{where}: unsupported array data type {type_name!r}") from None
 
 
-def features_from_spec(spec: Any) -> tuple[list[FeatureSpec], list[FeatureSpec], list[str]]:
-    """(inputs, outputs, state names) of a model spec (coremltools protobuf)."""
+def features_from_spec(
+    spec: Any,
+) -> tuple[list[FeatureSpec], list[FeatureSpec], list[FeatureSpec]]:
+    """(inputs, outputs, states) of a model spec (coremltools protobuf)."""
 
     def arrays(descriptions: Any, kind: str) -> list[FeatureSpec]:
         out = []
         for d in descriptions:
-            if d.type.WhichOneof("Type") != "multiArrayType":
+            which = d.type.WhichOneof("Type")
+            if which == "multiArrayType":
+                arr = d.type.multiArrayType
+            elif which == "stateType" and d.type.stateType.WhichOneof("Type") == "arrayType":
+                arr = d.type.stateType.arrayType
+            else:
                 raise RunnerError(f"{kind} {d.name!r} is not a multi-array")
-            arr = d.type.multiArrayType
             type_name = arr.ArrayDataType.Name(arr.dataType)
             out.append(
                 FeatureSpec(
@@ -74,12 +80,15 @@ def features_from_spec(spec: Any) -> tuple[list[FeatureSpec], list[FeatureSpec],
     return (
         arrays(desc.input, "input"),
         arrays(desc.output, "output"),
-        [s.name for s in desc.state],
+        arrays(desc.state, "state"),
     )
 
 
-def features_from_compiled(compiled: Path) -> tuple[list[FeatureSpec], list[FeatureSpec]]:
-    """(inputs, outputs) from the metadata.json the Core ML compiler writes into an .mlmodelc."""
+def features_from_compiled(
+    compiled: Path,
+) -> tuple[list[FeatureSpec], list[FeatureSpec], list[FeatureSpec]]:
+    """(inputs, outputs, states) from the metadata.json the Core ML compiler writes into an
+    .mlmodelc; a model without `stateSchema` has no state."""
     meta_path = Path(compiled) / "metadata.json"
     try:
         meta = json.loads(meta_path.read_text())
@@ -95,7 +104,7 @@ def features_from_compiled(compiled: Path) -> tuple[list[FeatureSpec], list[Feat
                 for f in entry.get(key, [])
             ]
 
-        return arrays("inputSchema"), arrays("outputSchema")
+        return arrays("inputSchema"), arrays("outputSchema"), arrays("stateSchema")
     except FileNotFoundError:
         raise RunnerError(
             f"{compiled} has no metadata.json; is it a compiled Core ML model?"
@@ -128,6 +137,18 @@ def check_inputs(expected: list[FeatureSpec], inputs: dict[str, np.ndarray]) -> 
             )
 
 
+def _verified_source(compiled: Path) -> Path | None:
+    """The package an .mlmodelc was compiled from, if its sidecar names one that is unchanged."""
+    from anechain.compile import read_sidecar
+    from anechain.fsutil import sha256_tree
+
+    recorded = read_sidecar(compiled) or {}
+    package = Path(str(recorded.get("package", "")))
+    if package.suffix != ".mlpackage" or not package.is_dir():
+        return None
+    return package if sha256_tree(package) == recorded.get("source_sha256") else None
+
+
 def _coremltools_load_model(compiled: str, compute_units: str) -> Any:
     import coremltools as ct
 
@@ -137,8 +158,11 @@ def _coremltools_load_model(compiled: str, compute_units: str) -> Any:
 class CoreMLRunner:
     """ShardRunner over Core ML: `CompiledMLModel` + `make_state()` + `predict(state=)`.
 
-    Takes an .mlpackage (compiled to a temporary folder, removed with the runner) or an
-    .mlmodelc. `load_model` and `compiler` replace the Core ML calls (tests).
+    Takes an .mlpackage (compiled to a temporary folder removed with the runner, unless
+    `compiled` is that package already compiled) or an .mlmodelc. The model's states come
+    from its description (the package's spec, or the compiled model's `stateSchema`): a
+    stateless model (the head) is predicted without a state; Core ML would hand it an empty
+    one rather than refuse. `load_model` and `compiler` replace the Core ML calls (tests).
     """
 
     name = "coreml"
@@ -148,6 +172,7 @@ class CoreMLRunner:
         package_or_compiled: str | Path,
         compute_units: str = "cpu_and_ne",
         *,
+        compiled: str | Path | None = None,
         load_model: ModelLoader | None = None,
         compiler: Any = None,
     ) -> None:
@@ -171,42 +196,43 @@ class CoreMLRunner:
             from anechain.package import load_spec
 
             inputs, outputs, states = features_from_spec(load_spec(path))
-            self._tmp = Path(tempfile.mkdtemp(prefix="anechain-coreml-"))
-            self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
-            compiled = self._tmp / (path.stem + ".mlmodelc")
-            compile_to(path, compiled, compiler)
+            if compiled is None:
+                self._tmp = Path(tempfile.mkdtemp(prefix="anechain-coreml-"))
+                self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
+                compiled = self._tmp / (path.stem + ".mlmodelc")
+                compile_to(path, compiled, compiler)
         elif path.suffix == ".mlmodelc":
             if not path.is_dir():
                 raise RunnerError(f"{path} does not exist")
-            inputs, outputs = features_from_compiled(path)
-            states = []
+            inputs, outputs, states = features_from_compiled(path)
+            if not states and (source := _verified_source(path)) is not None:
+                from anechain.package import load_spec
+
+                # Compilers that write no stateSchema: the package it came from knows.
+                states = features_from_spec(load_spec(source))[2]
             compiled = path
         else:
             raise RunnerError(f"{path} is neither an .mlpackage nor an .mlmodelc")
-        self.compiled = compiled
+        self.compiled = Path(compiled)
         self.inputs = inputs
         self.outputs = outputs
-        self.state_names = states
+        self.states = states
+        self.state_names = [f.name for f in states]
         try:
-            self._model = load_model(str(compiled), compute_units)
+            self._model = load_model(str(self.compiled), compute_units)
         except Exception as exc:  # Core ML surfaces load failures as bare Exceptions
-            raise RunnerError(f"Core ML could not load {compiled}: {exc}") from None
-        # A .mlpackage says whether it has states; for an .mlmodelc we find out.
-        self._stateful = bool(states) or path.suffix == ".mlmodelc"
+            raise RunnerError(f"Core ML could not load {self.compiled}: {exc}") from None
         self._state = self._new_state()
 
     def _new_state(self) -> Any:
-        if not self._stateful:
+        if not self.states:
             return None  # the head: stateless, predicted without a state
         try:
             return self._model.make_state()
-        except Exception as exc:  # Core ML refuses make_state on a stateless model
-            if self.state_names:
-                raise RunnerError(
-                    f"Core ML could not make a state for {self.compiled}: {exc}"
-                ) from None
-            self._stateful = False
-            return None
+        except Exception as exc:
+            raise RunnerError(
+                f"Core ML could not make a state for {self.compiled}: {exc}"
+            ) from None
 
     def reset(self) -> None:
         """A fresh state: Core ML's new states start zeroed."""
@@ -228,9 +254,12 @@ class CoreMLRunner:
         return out
 
     def read_state(self, name: str) -> np.ndarray:
-        if self.state_names and name not in self.state_names:
+        declared = {f.name: f for f in self.states}
+        if name not in declared:
             raise RunnerError(f"no state {name!r}; the model has {self.state_names}")
         try:
-            return np.asarray(self._state.read_state(name))
+            value = np.asarray(self._state.read_state(name))
         except RuntimeError as exc:
             raise RunnerError(f"cannot read state {name!r}: {exc}") from None
+        # Core ML hands an fp16 state back as fp32; report it as the model declares.
+        return value.astype(declared[name].dtype, copy=False)
