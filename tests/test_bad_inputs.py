@@ -612,3 +612,14 @@ def test_validating_a_package_made_from_a_corrupt_checkpoint_is_one_line(
     message = error_line(result, 1)
     assert name in message and "[128, 64], expected [64, 128]" in message
     assert not report.exists()
+
+
+def test_capture_seed_out_of_range_is_a_usage_error(tiny_build, tiny_checkpoint_dir, error_line):
+    result, _ = tiny_build
+    run = invoke(
+        "capture", result.out_dir / "layers_0_3.mlpackage", "--model", tiny_checkpoint_dir,
+        "--out", result.out_dir / "captures", "--random-preset", "tiny",
+        "--random-seed", str(2**64),
+    )  # fmt: skip
+    assert "--random-seed" in error_line(run, 2)
+    assert not (result.out_dir / "captures").exists()

@@ -420,9 +420,12 @@ def _socket_at(path: Path) -> socket.socket:
         ("layers_0_3.mlmodelc", lambda ck, b, out: [
             "compile", b / "layers_0_3.mlpackage", "--out", out.parent,
         ]),
+        ("layers_0_3.capture.json", lambda ck, b, out: [
+            "capture", b / "layers_0_3.mlpackage", "--model", ck, "--out", out.parent,
+        ]),
     ],
     ids=["random-checkpoint", "export-embedding", "export-shard", "validate", "manifest",
-         "build", "plan", "compile"],
+         "build", "plan", "compile", "capture"],
 )  # fmt: skip
 def test_every_command_refuses_a_socket_output_before_any_work(
     tiny_build, tiny_checkpoint_dir, tmp_path, name, command, error_line

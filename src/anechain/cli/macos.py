@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from anechain.cli._common import (
+    AsciiIntRange,
     cache_dir_option,
     config_option,
     human_bytes,
@@ -15,6 +16,7 @@ from anechain.cli._common import (
     render_table,
     resolve_config,
 )
+from anechain.config import SEED_MAX
 
 
 @click.command("compile")
@@ -226,7 +228,7 @@ def residency_cmd(
     help="The checkpoint is `random-checkpoint --preset NAME --seed SEED` (checked by remaking "
     "it), so a replay can remake it; give with --random-seed.",
 )
-@click.option("--random-seed", type=int, help="See --random-preset.")
+@click.option("--random-seed", type=AsciiIntRange(0, SEED_MAX), help="See --random-preset.")
 @cache_dir_option
 def capture_cmd(
     packages: tuple[Path, ...],
@@ -251,6 +253,7 @@ def capture_cmd(
     """
     from anechain.capture import capture_package, verify_random_recipe
     from anechain.checkpoint import Checkpoint
+    from anechain.cli._common import check_outputs
     from anechain.platform import require_macos
 
     if (random_preset is None) != (random_seed is None):
@@ -258,6 +261,7 @@ def capture_cmd(
     for pkg in packages:
         if pkg.suffix != ".mlpackage":
             raise click.BadParameter(f"{pkg} is not an .mlpackage", param_hint="PKG")
+    check_outputs(*(out_dir / f"{p.stem}.capture.json" for p in packages))
     require_macos("capturing Core ML results", (15,))
     config = resolve_config(config_path)
     checkpoint = Checkpoint(model_dir)
