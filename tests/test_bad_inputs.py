@@ -377,7 +377,15 @@ def test_transformers_config_errors_are_joined_into_one_line(ckpt, tmp_path, err
 # --- output that is what it claims ----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("option", "value"), [("--max-abs", "nan"), ("--min-cosine", "inf")])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--max-abs", "nan"),
+        ("--min-cosine", "inf"),
+        ("--max-rmse", "1e999"),
+        ("--max-abs", "\u0661"),
+    ],
+)
 def test_non_finite_gate_bounds_are_usage_errors(
     tiny_shards, tiny_checkpoint_dir, tmp_path, option, value, error_line
 ):
@@ -391,9 +399,12 @@ def test_non_finite_gate_bounds_are_usage_errors(
     assert not report.exists()
 
 
-def test_non_finite_gate_bounds_in_a_config_are_refused(tmp_path, tiny_checkpoint_dir, error_line):
+@pytest.mark.parametrize("value", [".nan", ".inf", '"1e999"', '"\u0661e-5"'])
+def test_non_finite_gate_bounds_in_a_config_are_refused(
+    tmp_path, tiny_checkpoint_dir, value, error_line
+):
     config = tmp_path / "nan.yaml"
-    config.write_text(Path(TINY).read_text().replace("max_abs: 1.0", "max_abs: .nan"))
+    config.write_text(Path(TINY).read_text().replace("max_abs: 1.0", f"max_abs: {value}"))
     result = invoke(
         "export",
         "--model",

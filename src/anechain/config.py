@@ -29,6 +29,18 @@ SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit intege
 _ASCII_INT = re.compile(r"[0-9]+")
 
 
+_ASCII_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def parse_ascii_float(text: str) -> float | None:
+    """The finite number `text` spells in ASCII (1, 0.5, 1e-5), else None (NaN, inf, "١")."""
+    text = text.strip(" \t")
+    if not _ASCII_FLOAT.fullmatch(text):
+        return None
+    number = float(text)
+    return number if math.isfinite(number) else None  # 1e999 overflows to inf
+
+
 def parse_ascii_int(text: str) -> int | None:
     """The non-negative integer `text` spells in ASCII digits (spaces around allowed), else None."""
     text = text.strip(" \t")
@@ -259,15 +271,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return value
     if tp is float:
-        # PyYAML reads 1e-5 (no dot) as a string: cast it explicitly.
-        if isinstance(value, bool):
+        # PyYAML reads 1e-5 (no dot) as a string: cast it explicitly, from ASCII only.
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ConfigError(f"{where} must be a number, got {value!r}")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be a number, got {value!r}") from None
-        if not math.isfinite(number):  # a NaN bound passes nothing and prints as bare NaN
-            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        number = parse_ascii_float(value) if isinstance(value, str) else float(value)
+        if number is None and isinstance(value, str):
+            try:
+                float(value)
+            except ValueError:
+                raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        # A NaN bound passes nothing and would be written as a bare NaN; "١" is not 1.
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{where} must be a finite number in ASCII digits, got {value!r}")
         return number
     if tp is str:
         if not isinstance(value, str):

@@ -58,12 +58,11 @@ class FiniteFloat(click.ParamType):
         self.above = above
 
     def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
+        from anechain.config import parse_ascii_float
+
+        number = parse_ascii_float(value) if isinstance(value, str) else value
+        if number is None or not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number (ASCII digits)", param, ctx)
         if self.above is not None and not number > self.above:
             self.fail(f"{value!r} is not above {self.above:g}", param, ctx)
         return number
