@@ -634,3 +634,24 @@ def test_capture_seed_out_of_range_is_a_usage_error(tiny_build, tiny_checkpoint_
     )  # fmt: skip
     assert "--random-seed" in error_line(run, 2)
     assert not (result.out_dir / "captures").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["export", "--model", "CKPT", "--config", "/dev/zero", "--embedding", "e.npy"],
+        ["manifest", "show", "/dev/zero"],
+        ["manifest", "verify", "/dev/urandom"],
+        ["generate", "--manifest", "/dev/zero", "--prompt-ids", "1"],
+        ["residency", "PKG", "--compute-plan", "/dev/zero"],
+    ],
+)
+def test_a_device_given_as_an_input_file_is_refused(
+    tiny_checkpoint_dir, tiny_shards, tmp_path, args, error_line
+):
+    package = str(next(iter(tiny_shards.values())))
+    args = [{"CKPT": str(tiny_checkpoint_dir), "PKG": package}.get(a, a) for a in args]
+    with CliRunner().isolated_filesystem(temp_dir=tmp_path):
+        result = CliRunner().invoke(cli, args)  # would read forever
+        assert "is a device or socket, not a file" in error_line(result, 2)
+        assert os.listdir(".") == []

@@ -335,6 +335,8 @@ def load_config(path: str | Path) -> Config:
     """Load and validate a YAML config file."""
     path = Path(path)
     try:
+        if path.exists() and not (path.is_file() or path.is_fifo()):
+            raise ConfigError(f"config {path} is not a file")  # /dev/zero would never end
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None

@@ -79,6 +79,24 @@ def check_outputs(*paths: Path | None, folders: tuple[Path, ...] = ()) -> None:
             recover(path)
 
 
+class InputFile(click.Path):
+    """An existing file read whole: a device (/dev/zero, /dev/urandom) would never end, so
+    only regular files and pipes (/dev/stdin piped) are taken."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path, exists=True, dir_okay=False)
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        import os
+        import stat
+
+        path = super().convert(value, param, ctx)
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            self.fail(f"{value} is a device or socket, not a file", param, ctx)
+        return path
+
+
 class LayerRangeType(click.ParamType):
     name = "START:END"
 
@@ -107,9 +125,7 @@ def model_option(
 
 def config_option(help: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
     """`--config FILE`, an anechain YAML config, passed as `config_path`."""
-    return click.option(
-        "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), help=help
-    )
+    return click.option("--config", "config_path", type=InputFile(), help=help)
 
 
 # Shared by validate, plan and build, so the three say the same thing.

@@ -8,6 +8,7 @@ import click
 
 from anechain.cli._common import (
     AsciiIntRange,
+    InputFile,
     cache_dir_option,
     config_option,
     human_bytes,
@@ -94,7 +95,7 @@ def compile_cmd(packages: tuple[Path, ...], out_dir: Path | None, overwrite: boo
 @click.option(
     "--compute-plan",
     "plan_file",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    type=InputFile(),
     help="Replay a saved compute plan (any OS) instead of asking Core ML; it must match "
     "PKG_OR_COMPILED's program.",
 )
@@ -119,7 +120,7 @@ def compile_cmd(packages: tuple[Path, ...], out_dir: Path | None, overwrite: boo
 @click.option(
     "--config",
     "config_path",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    type=InputFile(),
     help="anechain YAML config whose `residency` section sets the gate (default: strict).",
 )
 @click.option(

@@ -8,6 +8,7 @@ import click
 
 from anechain.cli._common import (
     AsciiIntRange,
+    InputFile,
     cache_dir_option,
     check_outputs,
     config_option,
@@ -201,7 +202,7 @@ def _parse_ids(text: str) -> list[int]:
     "--manifest",
     "manifest_path",
     required=True,
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    type=InputFile(),
 )
 @click.option("--prompt-ids", help="Comma-separated token ids, e.g. 1,2,3.")
 @click.option("--prompt", help="Text, tokenized with the tokenizer in --tokenizer.")

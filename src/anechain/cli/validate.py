@@ -11,6 +11,7 @@ import click
 from anechain.cli._common import (
     AsciiIntRange,
     FiniteFloat,
+    InputFile,
     cache_dir_option,
     check_outputs,
     config_option,
@@ -118,7 +119,7 @@ def validate() -> None:
 @click.option(
     "--compute-plan",
     "plan_file",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    type=InputFile(),
     help="Replay a saved compute plan for residency (any OS).",
 )
 @click.option(
