@@ -603,22 +603,22 @@ def test_head_and_embedding_exports_name_a_non_finite_tensor(
     assert not (tmp_path / dest).exists()
 
 
-def test_validating_a_package_made_from_a_corrupt_checkpoint_is_one_line(
-    ckpt, tmp_path, monkeypatch, error_line
+def test_validating_against_a_corrupt_checkpoint_is_one_line(
+    ckpt, tiny_shards, tmp_path, monkeypatch, error_line
 ):
-    """A package an older anechain exported from a transposed tensor: validation names it
-    (it used to end in transformers' load_state_dict traceback)."""
+    """A package whose recorded fingerprints match a checkpoint with a transposed tensor (as
+    an older anechain exported it): validation names the tensor (it used to end in
+    transformers' load_state_dict traceback)."""
+    import anechain.validate as validate_module
+    from anechain.config import LayerRange
+
     name = "model.layers.1.mlp.down_proj.weight"
     rewrite_tensor(ckpt, name, lambda t: t.T)
-    dest = tmp_path / "old.mlpackage"
-    with monkeypatch.context() as m:  # export as it was: no shape check
-        m.setattr(Checkpoint, "check_tensors", lambda self, names: None)
-        made = invoke("export", "--model", ckpt, "--config", TINY, "--layer-spec", f"0:2:{dest}")
-        assert made.exit_code == 0, made.output
+    monkeypatch.setattr(validate_module, "check_package_matches", lambda *a: None)
     report = tmp_path / "r.json"
     result = invoke(
-        "validate", "shard", dest, "--model", ckpt, "--config", TINY, "--backend", "mil",
-        "--steps", "2", "--report", report, "--cache-dir", tmp_path / "cache",
+        "validate", "shard", tiny_shards[LayerRange(0, 3)], "--model", ckpt, "--config", TINY,
+        "--backend", "mil", "--steps", "2", "--report", report, "--cache-dir", tmp_path / "c",
     )  # fmt: skip
     message = error_line(result, 1)
     assert name in message and "[128, 64], expected [64, 128]" in message

@@ -134,17 +134,33 @@ def _enospc(*args, **kwargs):  # type: ignore[no-untyped-def]
 def test_a_full_disk_names_the_package_and_the_space_it_needed(
     tiny_checkpoint_dir, package, monkeypatch, error_line
 ):
+    import contextlib
+
+    import anechain.export as export_module
+
     before = sha256_tree(package)
-    # coremltools saves with shutil.copytree, whose copy2 calls copyfile for each file.
-    monkeypatch.setattr(shutil, "copyfile", _enospc)
+    real = export_module.atomic_path
+
+    @contextlib.contextmanager
+    def fills_up(dest, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # The package is written, then its last write finds the disk full (as a converter
+        # reports it: wrapped in its own error).
+        with real(dest, *args, **kwargs) as tmp:
+            yield tmp
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "weight.bin"))
+            except OSError as exc:
+                raise RuntimeError(f"saving failed: {exc}") from exc
+
+    monkeypatch.setattr(export_module, "atomic_path", fills_up)
     result = invoke(
         "export", "--model", tiny_checkpoint_dir, "--config", TINY,
         "--layer-spec", f"0:1:{package}", "--overwrite",
     )  # fmt: skip
     message = error_line(result, 1)
-    assert message.startswith(f"no space left on device writing {package}: needs ")
-    assert "KB, " in message and "free on its filesystem" in message
-    assert "[(" not in message  # not shutil's list of tuples
+    assert message.startswith(f"no space left on device writing {package}: needs more than ")
+    assert "KB written when it filled, " in message and "free on its filesystem" in message
+    assert ".partial" not in message  # the user's path, not our work folder's
     monkeypatch.undo()
     assert sha256_tree(package) == before
     assert partials(package.parent) == []

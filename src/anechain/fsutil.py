@@ -281,11 +281,23 @@ def shutil_error_entries(exc: BaseException) -> list[tuple[str, str, str]]:
     return []
 
 
-def _is_disk_full(exc: BaseException) -> bool:
-    entries = shutil_error_entries(exc)
-    if entries:
-        return any(os.strerror(errno.ENOSPC) in why for _, _, why in entries)
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+def _disk_full_cause(exc: BaseException) -> BaseException | None:
+    """The error in `exc`'s chain that says the disk is full (a converter may wrap it)."""
+    if isinstance(exc, DiskFullError):
+        return None  # already says which file (a write nested in this one)
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        entries = shutil_error_entries(seen)
+        if entries and any(os.strerror(errno.ENOSPC) in why for _, _, why in entries):
+            return seen
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return seen
+        if os.strerror(errno.ENOSPC) in str(seen):  # C++ writers report it as text
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _tree_size(path: Path) -> int:
@@ -321,18 +333,26 @@ def disk_full_error(
     dest: Path, exc: BaseException, tmp: Path | None, need: int | None
 ) -> DiskFullError:
     """One line: which file could not be written, how much it needed, how much was free."""
-    where = dest
+    where, written = dest, None
     if isinstance(exc, shutil.Error):
         if need is None and tmp is not None:
             need = _copy_source_size(exc, tmp)
     elif isinstance(exc, OSError) and exc.filename and tmp is None:
         where = Path(exc.filename)
+    if need is None and tmp is not None and (tmp.exists() or tmp.is_symlink()):
+        written = _tree_size(tmp)
     try:
         free = shutil.disk_usage(dest.parent if dest.parent.exists() else ".").free
         free_text = f"{human_size(free)} free"
     except OSError:
         free_text = "free space unknown"
-    need_text = f"needs {human_size(need)}, " if need is not None else ""
+    need_text = (
+        f"needs {human_size(need)}, "
+        if need is not None
+        else f"needs more than the {human_size(written)} written when it filled, "
+        if written is not None
+        else ""
+    )
     return DiskFullError(
         f"no space left on device writing {where}: {need_text}{free_text} on its filesystem"
     )
@@ -354,14 +374,13 @@ def atomic_path(
     device = writes_in_place(dest)
     if not device:
         recover(dest)
-    tmp: Path | None = None
-    try:
-        # A stream's folder (/dev) is no place for ours: its copy goes through TMPDIR.
-        with (
-            contextlib.nullcontext() if device else _parents_of(dest),
-            work_folder(dest, Path(tempfile.gettempdir()) if device else None) as work,
-        ):
-            tmp = work / dest.name
+    # A stream's folder (/dev) is no place for ours: its copy goes through TMPDIR.
+    with (
+        contextlib.nullcontext() if device else _parents_of(dest),
+        work_folder(dest, Path(tempfile.gettempdir()) if device else None) as work,
+    ):
+        tmp = work / dest.name
+        try:
             yield tmp
             if not tmp.exists():
                 raise FileNotFoundError(f"nothing was written for {dest}")
@@ -376,10 +395,11 @@ def atomic_path(
             if exists and not overwrite:
                 raise FileExistsError(f"{dest} already exists")
             _move_into_place(tmp, dest, work)
-    except OSError as exc:
-        if _is_disk_full(exc):
-            raise disk_full_error(dest, exc, tmp, expected_bytes) from None
-        raise
+        except Exception as exc:  # measured here, while what was written is still there
+            cause = _disk_full_cause(exc)
+            if cause is not None:
+                raise disk_full_error(dest, cause, tmp, expected_bytes) from None
+            raise
 
 
 def atomic_write_text(dest: str | Path, text: str, overwrite: bool = True) -> None:
