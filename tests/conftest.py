@@ -54,7 +54,10 @@ def tiny_checkpoint(tiny_checkpoint_dir: Path) -> Checkpoint:
 def tiny_shards(
     tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Checkpoint, tiny_config: Config
 ) -> dict[LayerRange, Path]:
-    """The tiny preset's asymmetric topology, exported once per session."""
+    """The tiny preset's asymmetric topology, exported once per session, decode-only (one
+    `main` function); two-function packages (decode + prefill) are in tests/test_prefill_*."""
+    import dataclasses
+
     from anechain.export import LayerSpec, export_shards
 
     out = tmp_path_factory.mktemp("shards")
@@ -62,7 +65,7 @@ def tiny_shards(
         LayerSpec(r, out / f"layers_{r.start}_{r.end}.mlpackage")
         for r in tiny_config.export.layer_ranges
     ]
-    export_shards(tiny_checkpoint, specs, tiny_config.export)
+    export_shards(tiny_checkpoint, specs, dataclasses.replace(tiny_config.export, prefill_tokens=0))
     return {s.layers: s.path for s in specs}
 
 
@@ -127,3 +130,36 @@ def overflow_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoin
     out = copy_checkpoint(tiny_checkpoint_dir, tmp_path_factory.mktemp("overflow") / "ckpt")
     scale_tensor(out, "model.layers.4.mlp.down_proj.weight", 1e5)
     return Checkpoint(out)
+
+
+# An odd-shaped Phi3: partial rotary 0.5, 6 query / 2 KV heads (3 per group), a hidden size
+# that is not a power of two and a vocabulary that does not fill its last head chunk.
+ODD_ARCHITECTURE = {
+    "hidden_size": 96,  # head_dim 16, rotary_dim 8
+    "intermediate_size": 160,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "vocab_size": 300,  # 3 chunks of 128 rows, the last one 44
+    "partial_rotary_factor": 0.5,
+    "max_position_embeddings": 4096,
+    "original_max_position_embeddings": 128,
+}
+
+
+@pytest.fixture(scope="session")
+def odd_config(tiny_config: Config) -> Config:
+    """The tiny preset with ODD_ARCHITECTURE, its topology cut to the three layers."""
+    import dataclasses
+
+    from anechain.config import Architecture
+
+    export = dataclasses.replace(tiny_config.export, topology=("0:2", "2:3"))
+    arch = Architecture(**ODD_ARCHITECTURE)
+    return dataclasses.replace(tiny_config, architecture=arch, export=export, name="odd")
+
+
+@pytest.fixture(scope="session")
+def odd_checkpoint(tmp_path_factory: pytest.TempPathFactory, odd_config: Config) -> Checkpoint:
+    out = tmp_path_factory.mktemp("odd") / "ckpt"
+    return Checkpoint(write_random_checkpoint(out, odd_config.architecture, seed=1))

@@ -313,20 +313,19 @@ def test_context_beyond_max_position_embeddings_is_a_usage_error(
     assert not dest.exists()
 
 
-def test_a_kv_cache_that_cannot_fit_is_refused_before_allocating(
+def test_a_kv_cache_that_cannot_fit_is_refused_before_any_work(
     tiny_checkpoint_dir, tmp_path, monkeypatch, error_line
 ):
     import anechain.checkpoint as checkpoint_module
-    import anechain.model as model_module
 
-    allocated = []
-    real = model_module.LayerRangeModel.__init__
+    reads = []
+    real = checkpoint_module.Checkpoint.read_tensors
     monkeypatch.setattr(
-        model_module.LayerRangeModel,
-        "__init__",
-        lambda self, *a, **k: allocated.append(a) or real(self, *a, **k),
+        checkpoint_module.Checkpoint,
+        "read_tensors",
+        lambda self, names: reads.append(names) or real(self, names),
     )
-    # 2 caches x 1 layer x 2 KV heads x 4096 positions x 16 x 4 bytes = 1 MB needed.
+    # 2 states x 1 layer x 2 KV heads x 4096 positions x 16 x 2 bytes = 524 KB needed.
     monkeypatch.setattr(checkpoint_module, "available_memory", lambda: 500_000)
     dest = tmp_path / "a.mlpackage"
     result = invoke(
@@ -334,8 +333,8 @@ def test_a_kv_cache_that_cannot_fit_is_refused_before_allocating(
         "--layer-spec", f"0:1:{dest}", "--context", "4096",
     )  # fmt: skip
     message = error_line(result, 1)
-    assert "context 4096 needs 1.0 MB of KV cache for 1 layers; 500.0 KB" in message
-    assert allocated == [] and not dest.exists()
+    assert "context 4096 needs 524.3 KB of KV cache for 1 layers; 500.0 KB" in message
+    assert reads == [] and not dest.exists()
 
 
 @pytest.mark.parametrize(

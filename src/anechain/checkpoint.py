@@ -249,8 +249,9 @@ class Checkpoint:
                 f"context {context_length} is beyond the model's max_position_embeddings "
                 f"({a.max_position_embeddings})"
             )
-        # Key and value caches, fp32 while tracing: (layers, kv_heads, context, head_dim).
-        need = 2 * layers.num_layers * a.num_key_value_heads * context_length * a.head_dim * 4
+        # Key and value states, fp16, as validation's runner and the device allocate them:
+        # (layers, kv_heads, context, head_dim) each.
+        need = 2 * layers.num_layers * a.num_key_value_heads * context_length * a.head_dim * 2
         free = available_memory()
         if free is not None and need > free:
             raise CheckpointError(
@@ -304,6 +305,23 @@ class Checkpoint:
             for name in file_names:
                 self.check_finite(name, out[name])
         return out
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape from the safetensors header (no data read)."""
+        return self._location(name).shape
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, reading only their bytes (large matrices in blocks)."""
+        from safetensors import safe_open
+
+        file = self._location(name).file
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                rows = f.get_slice(name)[start:stop]
+        except Exception as exc:  # SafetensorError has no importable base class
+            raise CheckpointError(f"{file} cannot be read: {exc}") from None
+        self.check_finite(name, rows)
+        return rows
 
     def layer_tensor_names(self, layers: LayerRange) -> list[str]:
         from anechain.model import hf_layer_tensor_names

@@ -138,6 +138,9 @@ class ExportSettings:
     topology: tuple[str, ...] = ()
     # LM head vocabulary chunk: the ANE's per-dimension limit is 16384.
     head_chunk_rows: int = 16384
+    # Tokens per call of each layer shard's `prefill` function (beside `decode`, sharing its
+    # weights and KV states); 0 exports decode only (e.g. an iPhone-sized build).
+    prefill_tokens: int = 64
 
     def __post_init__(self) -> None:
         if not 0 < self.head_chunk_rows <= 16384:
@@ -152,6 +155,11 @@ class ExportSettings:
         if self.quantization not in ("int8", "none"):
             raise ConfigError(
                 f"export.quantization must be 'int8' or 'none', got {self.quantization!r}"
+            )
+        if not 0 <= self.prefill_tokens <= self.context_length:
+            raise ConfigError(
+                f"export.prefill_tokens must be in 0..{self.context_length} (the context), "
+                f"got {self.prefill_tokens}"
             )
         for spec in self.topology:
             LayerRange.parse(spec)

@@ -104,7 +104,8 @@ class _LayerRunner:
         causal = torch.full((seq_len, seq_len), torch.finfo(torch.float32).min).triu(1)
         self.mask = causal[None, None]  # (1, 1, S, S) additive
 
-    def run(self, layer_index: int, hidden: np.ndarray) -> np.ndarray:
+    def run(self, layer_index: int, hidden: np.ndarray, cache: object = None) -> np.ndarray:
+        """The layer's output (S, C); a transformers `Cache` given as `cache` receives its KV."""
         from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
 
         layer = Phi3DecoderLayer(self.config, layer_idx=layer_index).eval()
@@ -119,6 +120,7 @@ class _LayerRunner:
                 attention_mask=self.mask,
                 position_ids=self.position_ids,
                 position_embeddings=self.position_embeddings,
+                cache=cache,
             )
         out = out[0] if isinstance(out, tuple) else out
         return out[0].numpy()

@@ -116,6 +116,12 @@ class ShardEntry(_JSON):
     weights_fingerprint: str
     states: tuple[TensorSpec, ...]  # (layers, kv_heads, context, head_dim) each
     validation: Validation
+    # Function name -> tokens per call ({"decode": 1, "prefill": T}); None: decode only.
+    functions: dict[str, int] | None = None
+
+    @property
+    def prefill_tokens(self) -> int:
+        return (self.functions or {}).get("prefill", 0)
 
     @property
     def layers(self) -> LayerRange:
@@ -227,6 +233,13 @@ class Manifest(_JSON):
             for s in self.shards
         ]
 
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        for shard in data["shards"]:  # unrecorded functions (decode only): the v1 entry
+            if shard["functions"] is None:
+                del shard["functions"]
+        return data
+
     def to_json(self) -> str:
         return dumps_json(self.to_dict()) + "\n"
 
@@ -336,6 +349,7 @@ def build_manifest(
                 s.weights_fingerprint,
                 s.record.contract.states,
                 _load(Validation, s.summary),
+                s.functions,
             )
         )
 
@@ -528,6 +542,13 @@ def verify_manifest(path: str | Path) -> list[Check]:
 # ---- show -----------------------------------------------------------------------------------
 
 
+def _functions_text(functions: dict[str, int] | None) -> str:
+    """`decode+prefill(T=64)`, or `decode` for a decode-only package."""
+    if not functions or "prefill" not in functions:
+        return "decode"
+    return f"decode+prefill(T={functions['prefill']})"
+
+
 _RESIDENCY_TEXT = {"checked": "checked", "report_only": "report only", "not_checked": "NOT CHECKED"}
 
 
@@ -545,7 +566,10 @@ def render_manifest(m: Manifest, path: str | Path = "manifest") -> str:
         f"{m.rope.rotary_dim}, {pre}; mask {m.mask.attended_value:g}/{m.mask.masked_value:g}",
         "",
     ]
-    rows = [["layers", "package", "size", "compiled", "gates", "cosine", "backend", "residency"]]
+    rows = [
+        ["layers", "package", "size", "compiled", "functions", "gates", "cosine", "backend"]
+        + ["residency"]
+    ]
     for s in m.shards:
         v = s.validation
         cosine = v.metrics.get("cosine")
@@ -556,6 +580,7 @@ def render_manifest(m: Manifest, path: str | Path = "manifest") -> str:
                 s.package.path,
                 f"{s.package.size_bytes / 1e6:.1f} MB",
                 f"{s.compiled.size_bytes / 1e6:.1f} MB" if s.compiled else "-",
+                _functions_text(s.functions),
                 f"{passed}/{len(v.gates)} {v.verdict}",
                 f"{cosine:.5f}" if isinstance(cosine, int | float) else "-",
                 v.backend,

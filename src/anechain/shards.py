@@ -192,6 +192,8 @@ class ValidatedShard:
     summary: dict[str, Any]
     # Host-side RoPE data the exporter recorded (rope.RopeParameters.to_dict()), if any.
     rope: dict[str, Any] | None = None
+    # The package's functions (contract.ShardMetadata.functions); decode only if unrecorded.
+    functions: dict[str, int] | None = None
 
 
 def report_path_for(package: str | Path) -> Path:
@@ -357,7 +359,24 @@ def read_shard_report(source: Path) -> ValidatedShard:
         get("package.sha256", str),
         summary,
         data.get("rope") if isinstance(data.get("rope"), dict) else None,
+        _functions(data, report),
     )
+
+
+def _functions(data: dict[str, Any], report: Path) -> dict[str, int] | None:
+    """The report's `functions` ({"main": 1} or {"decode": 1, "prefill": T}), if recorded."""
+    value = data.get("functions")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value.values()
+    ):
+        raise ManifestError(f"report {report} is malformed: 'functions' is not name -> tokens")
+    if "prefill" in value and not isinstance(data.get("prefill"), dict):
+        raise ManifestError(
+            f"report {report} names a prefill function but has no prefill validation"
+        )
+    return dict(value)
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,7 @@ class ValidationReport:
     golden: GoldenResult
     gates: list[GateResult]
     residency: dict[str, Any]
+    prefill: dict[str, Any] | None = None  # validate_prefill.PrefillGolden, two-function packages
     created: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
@@ -166,6 +167,8 @@ class ValidationReport:
             "quantization": m.quantization,
             "architecture": to_dict(m.architecture),
             "contract": m.contract.to_dict(),
+            "functions": dict(m.functions),
+            "prefill": self.prefill,
             "context_length": m.context_length,
             "rope": json.loads(m.extra["rope"]) if "rope" in m.extra else None,
             "backend": self.backend,
@@ -333,6 +336,15 @@ def validate_shard(
         )
     else:
         golden, gates = run_golden(runner, meta, checkpoint, settings, cache_dir, progress)
+    prefill = None
+    if meta.prefill_tokens:  # a two-function package: prefill, then decode from its cache
+        from anechain.validate_prefill import open_prefill_runner, run_prefill_golden
+
+        second = open_prefill_runner(backend, package, runner, **(runner_options or {}))
+        prefill = run_prefill_golden(
+            runner, second, meta, checkpoint, settings, cache_dir, progress
+        )
+        gates = gates + prefill.gates
     return ValidationReport(
         package=package,
         package_sha256=sha256_tree(package),
@@ -343,4 +355,5 @@ def validate_shard(
         golden=golden,
         gates=gates,
         residency=residency_report,
+        prefill=prefill.to_dict() if prefill is not None else None,
     )

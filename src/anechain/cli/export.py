@@ -61,6 +61,13 @@ def _multiple_of_32(value: int | None) -> int | None:
     default=None,
     help="Weight format; overrides the config (default int8).",
 )
+@click.option(
+    "--prefill-tokens",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Tokens per call of each shard's prefill function (beside decode, sharing the "
+    "weights and KV states); 0 exports decode only. Overrides the config.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace existing packages.")
 @click.option(
     "--json",
@@ -76,6 +83,7 @@ def export(
     config_path: Path | None,
     context: int | None,
     quantization: str | None,
+    prefill_tokens: int | None,
     overwrite: bool,
     json_out: Path | None,
 ) -> None:
@@ -113,6 +121,8 @@ def export(
         settings = dataclasses.replace(settings, context_length=context)
     if quantization is not None:
         settings = dataclasses.replace(settings, quantization=quantization)
+    if prefill_tokens is not None:
+        settings = dataclasses.replace(settings, prefill_tokens=prefill_tokens)
     checkpoint = Checkpoint(model_dir)
     n_layers = checkpoint.architecture.num_hidden_layers
     limit = checkpoint.architecture.max_position_embeddings

@@ -217,7 +217,13 @@ def _parse_ids(text: str) -> list[int]:
 @click.option(
     "--profile",
     is_flag=True,
-    help="Print decode tok/s and ms/token for the layers, each shard and the head.",
+    help="Print prompt (prefill) tok/s, time to first token, decode tok/s and ms/token for "
+    "the layers, each shard and the head.",
+)
+@click.option(
+    "--no-prefill",
+    is_flag=True,
+    help="Feed the prompt one token per decode step even if the shards have prefill.",
 )
 def generate(
     manifest_path: Path,
@@ -227,11 +233,13 @@ def generate(
     max_new_tokens: int,
     backend: str,
     profile: bool,
+    no_prefill: bool,
 ) -> None:
     """Greedy decoding over a manifest: embedding -> every shard -> head -> reduce.
 
     Uses only the manifest and the files it names (their sha256 checked first), never the
-    checkpoint. Prompt tokens are fed one per step.
+    checkpoint. The prompt runs through the shards' prefill function in chunks when they
+    have one (else one token per step).
 
     \b
     Examples:
@@ -257,7 +265,7 @@ def generate(
         ids = tokenizer.encode(prompt)
     else:
         ids = _parse_ids(prompt_ids or "")
-    runtime = ManifestRuntime(manifest_path, backend=backend)
+    runtime = ManifestRuntime(manifest_path, backend=backend, prefill=not no_prefill)
     vocab = runtime.manifest.model.architecture.vocab_size
     outside = [t for t in ids if not 0 <= t < vocab]
     if outside:
@@ -273,6 +281,9 @@ def generate(
         s = result.profile.summary()
         shards = ", ".join(f"{k} {v:.2f}" for k, v in s["shard_ms_per_token"].items())
         click.echo(
+            f"prompt {s['prompt_tokens']} tokens ({s['prefill_tokens']} by prefill, T="
+            f"{runtime.prefill_tokens or '-'}) {s['prompt_tokens_per_second']} tok/s, time to "
+            f"first token {s['time_to_first_token_ms']} ms; "
             f"decode {s['tokens_per_second']} tok/s over {s['decode_tokens']} tokens; "
             f"layers {s['layers_ms_per_token']} ms/token ({shards}); "
             f"head predict+reduce {s['head_ms_per_token']} ms/token [{runtime.backend}]",

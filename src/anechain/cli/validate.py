@@ -69,6 +69,10 @@ def render_report(report: dict) -> str:
     if golden["layer_max_abs"]:
         peaks = ", ".join(f"{k}: {_fmt(v)}" for k, v in golden["layer_max_abs"].items())
         lines.append(f"largest |activation| per layer: {peaks}")
+    prefill = report.get("prefill")
+    if prefill:  # the prefill_* gates above: chunks at offset+rows, then decode from them
+        chunks = ", ".join(f"{o}+{n}" for o, n in prefill["chunks"])
+        lines.append(f"prefill T={prefill['tokens']}: chunks {chunks}, then decode from that cache")
     status = report["residency"]["status"]
     caveat = {
         "not_checked": " (residency not checked)",

@@ -263,8 +263,9 @@ def load_live_plan(
     model: str = "",
     package_sha256: str | None = None,
     load_plan: PlanLoader | None = None,
+    function: str = "main",
 ) -> ComputePlan:
-    """Ask Core ML for the compute plan of an already compiled model."""
+    """Ask Core ML for the compute plan of an already compiled model (one function)."""
     if compute_units not in COMPUTE_UNITS:
         raise ConfigError(
             f"unknown compute units {compute_units!r}; choose from {', '.join(COMPUTE_UNITS)}"
@@ -278,6 +279,7 @@ def load_live_plan(
         raise ResidencyError(f"Core ML could not plan {compiled}: {exc}") from None
     return normalise_plan(
         ct_plan,
+        function=function,
         compute_units=compute_units,
         model=model or str(compiled),
         package_sha256=package_sha256,
@@ -290,6 +292,7 @@ def read_live_plan(
     *,
     load_plan: PlanLoader | None = None,
     compiler: Any = None,
+    function: str = "main",
 ) -> ComputePlan:
     """The compute plan of a .mlmodelc (an .mlpackage is compiled to a temporary folder
     first). `load_plan` replaces coremltools' loader (tests); `compiler` is passed to
@@ -308,6 +311,7 @@ def read_live_plan(
             compute_units,
             package_sha256=recorded.get("source_sha256"),
             load_plan=load_plan,
+            function=function,
         )
     if model.suffix != ".mlpackage":
         raise ResidencyError(f"{model} is neither an .mlmodelc nor an .mlpackage")
@@ -320,4 +324,5 @@ def read_live_plan(
             model=str(model),
             package_sha256=sha256_tree(model),
             load_plan=load_plan,
+            function=function,
         )
