@@ -198,6 +198,7 @@ def test_non_ascii_digits_in_a_layer_spec_are_usage_errors(
     [
         ["export", "--embedding", "e.npy", "--context", "\u0666\u0664"],  # Arabic-Indic 64
         ["random-checkpoint", "c", "--num-layers", "\uff12"],  # fullwidth 2
+        ["export", "--embedding", "e.npy", "--prefill-tokens", "\u0664"],  # Arabic-Indic 4
         ["random-checkpoint", "c", "--seed", "\u00b3"],  # superscript 3
     ],
 )

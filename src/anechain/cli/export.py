@@ -63,7 +63,7 @@ def _multiple_of_32(value: int | None) -> int | None:
 )
 @click.option(
     "--prefill-tokens",
-    type=click.IntRange(min=0),
+    type=AsciiIntRange(min=0),
     default=None,
     help="Tokens per call of each shard's prefill function (beside decode, sharing the "
     "weights and KV states); 0 exports decode only. Overrides the config.",
