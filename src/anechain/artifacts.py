@@ -35,7 +35,8 @@ from anechain import __version__
 from anechain.config import ExportSettings, LayerRange, ResidencySettings, ValidationSettings
 from anechain.config import to_dict as config_dict
 from anechain.errors import ManifestError
-from anechain.fsutil import atomic_write_text, sha256_tree
+from anechain.fsutil import sha256_tree
+from anechain.jsonio import atomic_write_json, loads_json
 from anechain.report import ValidationReport, report_path_for
 from anechain.report_read import read_report
 
@@ -163,7 +164,7 @@ class ArtifactCache:
         if not self.found:
             return
         try:
-            data = json.loads(self.path.read_text())
+            data = loads_json(self.path.read_text())
             entries = data["entries"] if data["schema"] == CACHE_SCHEMA else None
             if not isinstance(entries, dict):
                 raise ValueError
@@ -178,7 +179,7 @@ class ArtifactCache:
     def _save(self) -> None:
         data = {"schema": CACHE_SCHEMA, "entries": self.entries}
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(self.path, data)
 
     def _entry(self, artifact: Path) -> dict[str, Any]:
         return self.entries.get(artifact.name, {})

@@ -24,6 +24,7 @@ from anechain.config import Architecture, LayerRange, to_dict
 from anechain.contract import KIND_HEAD, KIND_LAYERS, MASK_VALUE, IOContract, TensorSpec
 from anechain.errors import ConfigError, ManifestError
 from anechain.fsutil import sha256_tree
+from anechain.jsonio import dumps_json
 from anechain.report import OPS, GateSpec, gate_specs
 from anechain.shards import (
     ShardRecord,
@@ -233,7 +234,7 @@ class Manifest(_JSON):
         return data
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, indent=2) + "\n"
+        return dumps_json(self.to_dict()) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:

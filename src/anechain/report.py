@@ -27,7 +27,7 @@ from anechain import __version__
 from anechain.config import Gates, LayerRange, ResidencySettings, from_dict, to_dict
 from anechain.contract import KIND_HEAD, KIND_LAYERS, ShardMetadata
 from anechain.errors import ConfigError, ReportError
-from anechain.fsutil import atomic_write_text
+from anechain.jsonio import atomic_write_json
 
 REPORT_SCHEMA = "anechain.validation-report/2"
 REPORT_SUFFIX = ".report.json"
@@ -339,7 +339,7 @@ class ValidationReport:
         data = self.to_dict()
         # Relative to the report, so the pair can move together.
         data["package"]["path"] = os.path.relpath(self.package.resolve(), path.resolve().parent)
-        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(path, data)  # strict JSON: a non-finite figure is null
         return data
 
     @classmethod

@@ -22,6 +22,7 @@ from anechain.contract import (
     ShardMetadata,
 )
 from anechain.errors import ConfigError, ReportError
+from anechain.jsonio import loads_json
 from anechain.report import (
     GATE_SETS,
     REPORT_SCHEMA,
@@ -55,7 +56,7 @@ def read_report(source: str | Path, kind: str | None = None) -> tuple[Path, Vali
         if not report.is_file():
             raise ReportError(f"shard {source.name} was never validated: no report at {report}")
     try:
-        data = json.loads(report.read_text())
+        data = loads_json(report.read_text())
     except OSError as exc:
         raise ReportError(f"cannot read report {report}: {exc.strerror}") from None
     except ValueError as exc:  # not JSON, not UTF-8
