@@ -54,7 +54,7 @@ def main() -> None:
     t = time.perf_counter()
     report = validate_shard(pkg, ckpt, settings, backend="mil", cache_dir=args.cache_dir)
     took = time.perf_counter() - t
-    tokens = calibration_tokens(settings, arch.vocab_size)
+    tokens = calibration_tokens(settings, ckpt)
     ref = reference_boundaries(ckpt, tokens, args.layers, args.cache_dir)[args.layers]  # (S, C)
     rms = np.sqrt(np.mean(ref.astype(np.float64) ** 2, axis=1))
     peak = np.abs(ref).max(axis=1)

@@ -6,7 +6,9 @@ so every test goes through the same loading code as a real model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,7 +54,10 @@ def tiny_checkpoint(tiny_checkpoint_dir: Path) -> Checkpoint:
 def tiny_shards(
     tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Checkpoint, tiny_config: Config
 ) -> dict[LayerRange, Path]:
-    """The tiny preset's asymmetric topology, exported once per session."""
+    """The tiny preset's asymmetric topology, exported once per session, decode-only (one
+    `main` function); two-function packages (decode + prefill) are in tests/test_prefill_*."""
+    import dataclasses
+
     from anechain.export import LayerSpec, export_shards
 
     out = tmp_path_factory.mktemp("shards")
@@ -60,8 +65,45 @@ def tiny_shards(
         LayerSpec(r, out / f"layers_{r.start}_{r.end}.mlpackage")
         for r in tiny_config.export.layer_ranges
     ]
-    export_shards(tiny_checkpoint, specs, tiny_config.export)
+    export_shards(tiny_checkpoint, specs, dataclasses.replace(tiny_config.export, prefill_tokens=0))
     return {s.layers: s.path for s in specs}
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory, tiny_config, tiny_checkpoint_dir):
+    """The one-command pipeline on the tiny default (asymmetric 3/2/1 topology).
+
+    Shared by the pipeline and bad-input tests; tests that alter it work on a copy.
+    """
+    from anechain.build import run_build
+
+    out = tmp_path_factory.mktemp("build")
+    cache = tmp_path_factory.mktemp("golden")
+    result = run_build(tiny_config, out, tiny_checkpoint_dir, backend="mil", cache_dir=cache)
+    return result, cache
+
+
+def _error_line(result: Any, code: int) -> str:
+    """The one error line of a failed command (its message), after checking the contract."""
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
+    assert "Traceback" not in result.output
+    # One "Error:" line, the last thing said; before it only progress ("[<time>s] ...",
+    # converter progress bars) and, for usage errors (2), click's usage hint.
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert code == 2 or not any(line.startswith("Usage:") for line in lines), result.stderr
+    return errors[0].removeprefix("Error: ")
+
+
+@pytest.fixture(scope="session")
+def error_line() -> Callable[[Any, int], str]:
+    """Check a failed command against the error contract and return its one message:
+    `error_line(result, 2)`."""
+    return _error_line
 
 
 def scale_tensor(checkpoint_dir: Path, name: str, factor: float) -> None:
@@ -90,33 +132,42 @@ def overflow_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoin
     return Checkpoint(out)
 
 
-ODD_ARCHITECTURE = dict(
-    # Shapes the tiny preset does not cover: hidden 72 (not a power of two), 6 query heads
-    # over 2 KV heads (3 per group), head_dim 12 with partial rotary 0.5 (6 rotary dims).
-    hidden_size=72,
-    intermediate_size=160,
-    num_hidden_layers=3,
-    num_attention_heads=6,
-    num_key_value_heads=2,
-    vocab_size=384,
-    partial_rotary_factor=0.5,
-    max_position_embeddings=4096,
-    original_max_position_embeddings=128,
-)
+# An odd-shaped Phi3: partial rotary 0.5, 6 query / 2 KV heads (3 per group), a hidden size
+# that is not a power of two and a vocabulary that does not fill its last head chunk.
+ODD_ARCHITECTURE = {
+    "hidden_size": 96,  # head_dim 16, rotary_dim 8
+    "intermediate_size": 160,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "vocab_size": 300,  # 3 chunks of 128 rows, the last one 44
+    "partial_rotary_factor": 0.5,
+    "max_position_embeddings": 4096,
+    "original_max_position_embeddings": 128,
+}
 
 
 @pytest.fixture(scope="session")
-def odd_checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A trained-like random checkpoint with odd shapes (see ODD_ARCHITECTURE)."""
+def odd_config(tiny_config: Config) -> Config:
+    """The tiny preset with ODD_ARCHITECTURE, its topology cut to the three layers."""
+    import dataclasses
+
     from anechain.config import Architecture
 
-    out = tmp_path_factory.mktemp("odd") / "odd"
-    return write_random_checkpoint(out, Architecture(**ODD_ARCHITECTURE), seed=0)
+    export = dataclasses.replace(tiny_config.export, topology=("0:2", "2:3"))
+    arch = Architecture(**ODD_ARCHITECTURE)
+    return dataclasses.replace(tiny_config, architecture=arch, export=export, name="odd")
 
 
 @pytest.fixture(scope="session")
-def odd_checkpoint(odd_checkpoint_dir: Path) -> Checkpoint:
-    return Checkpoint(odd_checkpoint_dir)
+def odd_checkpoint(tmp_path_factory: pytest.TempPathFactory, odd_config: Config) -> Checkpoint:
+    out = tmp_path_factory.mktemp("odd") / "ckpt"
+    return Checkpoint(write_random_checkpoint(out, odd_config.architecture, seed=1))
+
+
+@pytest.fixture(scope="session")
+def odd_checkpoint_dir(odd_checkpoint: Checkpoint) -> Path:
+    return odd_checkpoint.path
 
 
 def save_offline_tokenizer(folder: Path, vocab_size: int) -> None:

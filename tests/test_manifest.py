@@ -392,6 +392,40 @@ def test_cli_refuses_forged_head_report(tmp_path: Path, forge: Any, message: str
     assert "head" in result.output
 
 
+@pytest.mark.parametrize(
+    ("forge", "message"),
+    [
+        (
+            lambda d: d["gates"].remove(_gate("prefill_kv_keys_cosine")(d)),
+            "lacks the mandatory layers gate(s) prefill_kv_keys_cosine",
+        ),
+        (
+            lambda d: (
+                d["prefill"]["kv"]["keys"].update(cosine=0.5),
+                _gate("prefill_kv_keys_cosine")(d).update(value=0.5),
+            ),
+            "failed validation: prefill_kv_keys_cosine 0.5 < 0.998",
+        ),
+        (
+            lambda d: d["prefill"]["kv"]["values"].update(nonfinite=3),
+            "gate prefill_kv_finite has value 0.0 but prefill.kv.keys.nonfinite + "
+            "prefill.kv.values.nonfinite is 3.0",
+        ),
+        (lambda d: d.update(prefill=None), "names a prefill function but has no prefill"),
+    ],
+    ids=["kv-gate-removed", "kv-cosine-lowered", "kv-nonfinite-hidden", "prefill-dropped"],
+)
+def test_cli_refuses_forged_prefill_report(tmp_path: Path, forge: Any, message: str) -> None:
+    reports = [make_shard(tmp_path, "0:3", prefill_tokens=4), make_shard(tmp_path, "3:5")]
+    args = ["build", *map(str, reports), "-o", str(tmp_path / "m.json")]
+    assert CliRunner().invoke(manifest_group, args).exit_code == 0  # unforged, it builds
+    assert load_manifest(tmp_path / "m.json").shards[0].prefill_tokens == 4
+    edit_json(reports[0], forge)
+    result = CliRunner().invoke(manifest_group, [*args, "--overwrite"])
+    assert result.exit_code == 1, result.output
+    assert result.output.count("\n") == 1 and message in result.output
+
+
 def test_cli_refuses_reports_validated_with_looser_gates_than_the_config(tmp_path: Path) -> None:
     reports = make_shards(tmp_path, ["0:3", "3:5"])
     config = tmp_path / "strict.yaml"

@@ -3,7 +3,9 @@ gates, on the tiny checkpoint and on an odd-shaped one, and each test names the 
 catches it.
 
 Program-side bugs are seeded in the torch module (anechain.model) for the duration of a
-traced export; host-side bugs alter the inputs the validation loop feeds the runner. Every
+traced export (anechain._traced, the executable specification of the built programs; the
+unmutated traced shard passes too); host-side bugs alter the inputs the validation loop
+feeds the runner of the shipped (built) shard. Every
 mutant is validated on layers [0, 2): layer 0 reads the (small) embeddings, layer 1 writes
 the massive activations.
 """
@@ -20,6 +22,7 @@ import pytest
 import torch
 
 import anechain.validate as validate
+from anechain._traced import export_shard_traced
 from anechain.config import LayerRange, load_preset
 from anechain.export import LayerSpec, export_shard
 from anechain.model import ANEMLP, ANEAttention, ANERMSNorm, LayerRangeModel
@@ -200,10 +203,13 @@ def _failed(data: dict[str, Any]) -> dict[str, float | None]:
     return {g["name"]: g["value"] for g in data["gates"] if not g["passed"]}
 
 
-def test_the_good_shard_passes(subject, cache):  # type: ignore[no-untyped-def]
+def test_the_good_shard_passes(subject, cache, tmp_path):  # type: ignore[no-untyped-def]
     _, ckpt, pkg = subject
     data = _validate(pkg, ckpt, cache)
     assert data["verdict"] == "pass", _failed(data)
+    traced = tmp_path / "traced.mlpackage"  # what the program-side mutants start from
+    export_shard_traced(ckpt, LayerSpec(LAYERS, traced), CONFIG.export)
+    assert _validate(traced, ckpt, cache)["verdict"] == "pass"
     # Every gate that catches a mutant is measured on the good shard too.
     assert set(CAUGHT_BY.values()) <= {g["name"] for g in data["gates"]}
 
@@ -222,7 +228,7 @@ def test_program_side_bug_is_rejected(subject, cache, monkeypatch, tmp_path, nam
     _, ckpt, _ = subject
     pkg = tmp_path / "mutant.mlpackage"
     with _program_mutant(monkeypatch, name, ckpt):
-        export_shard(ckpt, LayerSpec(LAYERS, pkg), CONFIG.export)
+        export_shard_traced(ckpt, LayerSpec(LAYERS, pkg), CONFIG.export)
     data = _validate(pkg, ckpt, cache)
     assert data["verdict"] == "fail"
     assert CAUGHT_BY[name] in _failed(data), _failed(data)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from anechain._traced import _layer_output_names
 from anechain.config import Architecture, LayerRange, load_preset
 from anechain.contract import MASK_VALUE, layer_contract
 from anechain.errors import RunnerError
-from anechain.export import layer_output_vars
 from anechain.model import LayerRangeModel
 from anechain.package import load_program
 from anechain.runners.mil import MILRunner
@@ -84,8 +84,7 @@ def _export(model: LayerRangeModel, path: Path, int8: bool) -> Path:
             mlmodel, OptimizationConfig(op_type_configs={"conv": op_config})
         )
     # What the exporter records: each layer's output var (the runner's layer attribution).
-    arch = model.arch
-    names = layer_output_vars(mlmodel._mil_program, arch.hidden_size, arch.intermediate_size)
+    names = _layer_output_names(mlmodel, model.range.num_layers)
     mlmodel.user_defined_metadata["anechain.layer_outputs"] = json.dumps(names)
     mlmodel.save(str(path))
     return path

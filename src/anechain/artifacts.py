@@ -35,7 +35,8 @@ from anechain import __version__
 from anechain.config import ExportSettings, LayerRange, ResidencySettings, ValidationSettings
 from anechain.config import to_dict as config_dict
 from anechain.errors import ManifestError
-from anechain.fsutil import atomic_write_text, sha256_tree
+from anechain.fsutil import sha256_tree
+from anechain.jsonio import atomic_write_json, loads_json
 from anechain.report import ValidationReport, report_path_for
 from anechain.report_read import read_report
 
@@ -124,8 +125,9 @@ class InputKeys:
     ) -> str:
         """`layers` None: the head, whose reference runs every layer."""
         n = self.checkpoint.architecture.num_hidden_layers
-        # The reference input of [start, end) comes out of layers [0, start): they count.
-        reference = self._layers(LayerRange(0, layers.end if layers else n))
+        # The reference input of [start, end) comes out of the embedding and layers [0, start).
+        reference = self._holds("embedding", None)
+        reference += self._layers(LayerRange(0, layers.end if layers else n))
         if layers is None:
             reference += self._holds("head", None)
         return digest(
@@ -162,7 +164,7 @@ class ArtifactCache:
         if not self.found:
             return
         try:
-            data = json.loads(self.path.read_text())
+            data = loads_json(self.path.read_text())
             entries = data["entries"] if data["schema"] == CACHE_SCHEMA else None
             if not isinstance(entries, dict):
                 raise ValueError
@@ -177,7 +179,7 @@ class ArtifactCache:
     def _save(self) -> None:
         data = {"schema": CACHE_SCHEMA, "entries": self.entries}
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(self.path, data)
 
     def _entry(self, artifact: Path) -> dict[str, Any]:
         return self.entries.get(artifact.name, {})

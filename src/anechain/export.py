@@ -1,7 +1,13 @@
 """Export decoder-layer ranges as fused, stateful, INT8 Core ML packages.
 
-trace (torch.jit) -> ct.convert (ML Program, iOS18, fp16, KV states) -> INT8 per-channel
-weights (projections only) -> metadata -> save into a temporary folder -> rename.
+Each projection tensor is read from the checkpoint, quantized to INT8 and placed in an ML
+Program built directly with coremltools' MIL Builder (`anechain.program`); the program
+is converted with no graph passes, checked, given its metadata and saved into a temporary
+folder that is renamed into place. The package is a pure function of its inputs: the
+same checkpoint and settings give byte-identical packages.
+
+The traced torch path (`anechain._traced`: torch.jit.trace -> ct.convert -> INT8 pass) is
+the executable specification, kept for the equivalence test and the benchmark only.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ import gc
 import json
 import logging
 import time
+import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,23 +31,29 @@ from anechain import __version__
 from anechain.checkpoint import Checkpoint
 from anechain.config import ExportSettings, LayerRange
 from anechain.contract import (
+    DECODE_ONLY,
     KIND_HEAD,
     KIND_LAYERS,
     IOContract,
     ShardMetadata,
+    function_names,
     head_contract,
     layer_contract,
 )
 from anechain.errors import ExportError
-from anechain.fsutil import atomic_path
+from anechain.fsutil import atomic_path, isolated_tempdir
 from anechain.head import head_tensor_names
-from anechain.model import LayerRangeModel, LMHeadModel
 from anechain.package import package_size
 from anechain.rope import RopeParameters
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+
+# Metadata key: JSON list of each layer's output var in `main`, in layer order.
+LAYER_OUTPUTS_KEY = "layer_outputs"
+# The only time-dependent content coremltools writes.
+_CONVERSION_DATE_KEY = "com.github.apple.coremltools.conversion_date"
 
 
 @dataclass(frozen=True)
@@ -74,62 +88,20 @@ class ExportResult:
         }
 
 
-def _example_inputs(contract: IOContract) -> tuple[torch.Tensor, ...]:
-    # fp32 example inputs: the module is traced in fp32 and converted with fp16 compute.
-    out = []
-    for spec in contract.inputs:
-        if spec.dtype == "int32":
-            out.append(torch.zeros(spec.shape, dtype=torch.int32))
-        else:
-            out.append(torch.zeros(spec.shape, dtype=torch.float32))
-    return tuple(out)
+def iter_tensors(
+    checkpoint: Checkpoint, names: Iterable[str]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The range's tensors, one at a time, in order: the one place export reads weights.
 
-
-def _convert(traced: Any, contract: IOContract) -> Any:
-    import coremltools as ct
-
-    inputs = [
-        ct.TensorType(name=s.name, shape=s.shape, dtype=np.dtype(s.dtype).type)
-        for s in contract.inputs
-    ]
-    outputs = [ct.TensorType(name=s.name, dtype=np.dtype(s.dtype).type) for s in contract.outputs]
-    states = [
-        ct.StateType(wrapped_type=ct.TensorType(shape=s.shape, dtype=np.float16), name=s.name)
-        for s in contract.states
-    ]
-    return ct.convert(
-        traced,
-        inputs=inputs,
-        outputs=outputs,
-        states=states or None,
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS18,
-        compute_precision=ct.precision.FLOAT16,
-        skip_model_load=True,
-    )
-
-
-def _quantize_int8(mlmodel: Any) -> Any:
-    """Per-output-channel symmetric INT8 for conv weights only.
-
-    Restricted by op type: in the conv layout the RMSNorm gains (1, C, 1, 1) would exceed
-    the default size threshold and be quantized too; they must stay fp16.
+    The consumer quantizes each and drops it (a few in flight), so memory never holds a
+    layer range in bf16 or fp32.
     """
-    from coremltools.optimize.coreml import (
-        OpLinearQuantizerConfig,
-        OptimizationConfig,
-        linear_quantize_weights,
-    )
-
-    op_config = OpLinearQuantizerConfig(
-        mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0
-    )
-    config = OptimizationConfig(global_config=None, op_type_configs={"conv": op_config})
-    return linear_quantize_weights(mlmodel, config=config)
+    for name in names:
+        yield name, checkpoint.read_tensors([name])[name]
 
 
-def program_op_counts(prog: Any) -> Counter[str]:
-    """Op types in the main function, nested blocks included."""
+def program_op_counts(prog: Any, function: str | None = None) -> Counter[str]:
+    """Op types in one function (default: the program's default one), nested blocks included."""
     counts: Counter[str] = Counter()
 
     def walk(ops: Any) -> None:
@@ -138,142 +110,146 @@ def program_op_counts(prog: Any) -> Counter[str]:
             for block in getattr(op, "blocks", ()):
                 walk(block.operations)
 
-    walk(prog.functions["main"].operations)
+    walk(prog.functions[function or prog.default_function_name].operations)
     return counts
 
 
-def _build_package(
-    module: torch.nn.Module,
+class _Stages:
+    """Per-stage wall time, reported as progress."""
+
+    def __init__(self, label: str, say: Progress, t0: float) -> None:
+        self.label, self.say, self.t0 = label, say, t0
+        self.t = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self.t
+        self.say(f"{self.label} {name} done in {now - self.t:.1f}s")
+        self.t = now
+
+
+def _metadata(
     checkpoint: Checkpoint,
     kind: str,
     layers: LayerRange | None,
-    tensor_names: list[str],
+    weights_fingerprint: str,
     contract: IOContract,
-    dest: Path,
     settings: ExportSettings,
-    expected_conv: int,
-    description: str,
-    overwrite: bool,
-    say: Progress,
-    t0: float,
-    extra: dict[str, str] | None = None,
-) -> ExportResult:
-    """trace -> convert -> INT8 -> check the program -> metadata -> atomic save."""
-    label = f"[{layers or kind}]"
-    meta = ShardMetadata(
+    extra: dict[str, str],
+    functions: dict[str, int] | None = None,
+) -> ShardMetadata:
+    rope = RopeParameters.from_hf_config(checkpoint.hf_config)
+    return ShardMetadata(
         version=__version__,
         kind=kind,
         layers=layers,
         num_hidden_layers=checkpoint.architecture.num_hidden_layers,
         checkpoint_fingerprint=checkpoint.fingerprint,
-        weights_fingerprint=checkpoint.weights_fingerprint(tensor_names),
+        weights_fingerprint=weights_fingerprint,
         quantization=settings.quantization,
         context_length=settings.context_length,
         architecture=checkpoint.architecture,
         contract=contract,
-        extra={**(extra or {}), **_rope_metadata(checkpoint)},
+        # LongRoPE frequencies and scaling, so a runtime can build cos/sin without the checkpoint.
+        extra={**extra, "rope": json.dumps(rope.to_dict(), sort_keys=True)},
+        functions=functions or dict(DECODE_ONLY),
     )
-    t = time.perf_counter()
-    stages: dict[str, float] = {"load": t - t0}
 
-    def stage(name: str, since: float) -> float:
-        now = time.perf_counter()
-        stages[name] = now - since
-        say(f"{label} {name} done in {now - since:.1f}s")
-        return now
 
-    with torch.no_grad():
-        traced = torch.jit.trace(module, _example_inputs(contract), check_trace=False)
-    t = stage("trace", t)
-    try:
-        mlmodel = _convert(traced, contract)
-    except Exception as exc:
-        raise ExportError(f"{label} conversion failed: {exc}") from exc
-    del traced
-    gc.collect()
-    t = stage("convert", t)
+def _finish_package(package: Path, meta: ShardMetadata, description: str) -> None:
+    """Write the metadata into a saved package's spec, and make the package reproducible.
 
-    if settings.quantization == "int8":
-        try:
-            mlmodel = _quantize_int8(mlmodel)
-        except Exception as exc:
-            raise ExportError(f"{label} INT8 quantization failed: {exc}") from exc
-        gc.collect()
-        t = stage("quantize", t)
+    Two parts of a saved package vary between identical saves: coremltools' ModelPackage
+    names each item with a fresh UUID4 (Manifest.json), and protobuf serializes map fields
+    (the user metadata) in hash order; coremltools also stamps the conversion date. The
+    spec is re-serialized deterministically without the date, and item identifiers are
+    derived from the item paths; the weight blob is already a function of the program.
+    """
+    from coremltools.proto import Model_pb2
 
-    counts = program_op_counts(mlmodel._mil_program)
-    if counts["conv"] != expected_conv or counts["linear"]:
-        raise ExportError(
-            f"{label} unexpected program: {counts['conv']} conv ops (want {expected_conv}), "
-            f"{counts['linear']} linear"
-        )
-    quantized = counts["constexpr_blockwise_shift_scale"]
-    if settings.quantization == "int8" and quantized != expected_conv:
-        raise ExportError(f"{label} {quantized} INT8 weights in the program, want {expected_conv}")
+    spec_path = package / "Data/com.apple.CoreML/model.mlmodel"
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_path.read_bytes())
+    metadata = spec.description.metadata
+    if _CONVERSION_DATE_KEY in metadata.userDefined:
+        del metadata.userDefined[_CONVERSION_DATE_KEY]
+    metadata.userDefined.update(meta.to_user_metadata())
+    metadata.shortDescription = description
+    metadata.versionString = __version__
+    spec_path.write_bytes(spec.SerializeToString(deterministic=True))
 
-    user_meta = meta.to_user_metadata()
-    if kind == KIND_LAYERS:
-        arch = checkpoint.architecture
-        names = layer_output_vars(mlmodel._mil_program, arch.hidden_size, arch.intermediate_size)
-        if len(names) != layers.num_layers:
-            raise ExportError(f"{label} found {len(names)} layer outputs, want {layers.num_layers}")
-        user_meta[f"anechain.{LAYER_OUTPUTS_KEY}"] = json.dumps(names)
-    mlmodel.user_defined_metadata.update(user_meta)
-    mlmodel.short_description = description
-    mlmodel.version = __version__
+    manifest_path = package / "Manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    renamed = {
+        old: str(uuid.uuid5(uuid.NAMESPACE_URL, "anechain:" + entry["path"])).upper()
+        for old, entry in manifest["itemInfoEntries"].items()
+    }
+    manifest["itemInfoEntries"] = {renamed[k]: v for k, v in manifest["itemInfoEntries"].items()}
+    manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
+
+
+def _check_program(
+    mlmodel: Any,
+    expected_conv: int,
+    settings: ExportSettings,
+    label: str,
+    functions: tuple[str | None, ...] = (None,),
+) -> Counter[str]:
+    """Op counts of each function of the converted program (None: the default one); an
+    ExportError if they are not a shard's. Returns the first function's counts."""
+    first: Counter[str] | None = None
+    for function in functions:
+        counts = program_op_counts(mlmodel._mil_program, function)
+        where = f" ({function})" if function else ""
+        if counts["conv"] != expected_conv or counts["linear"]:
+            raise ExportError(
+                f"{label} unexpected program{where}: {counts['conv']} conv ops (want "
+                f"{expected_conv}), {counts['linear']} linear"
+            )
+        quantized = counts["constexpr_blockwise_shift_scale"]
+        if settings.quantization == "int8" and quantized != expected_conv:
+            raise ExportError(
+                f"{label} {quantized} INT8 weights in the program{where}, want {expected_conv}"
+            )
+        first = first if first is not None else counts
+    assert first is not None
+    return first
+
+
+def _save(
+    write: Callable[[Path], Any],
+    meta: ShardMetadata,
+    description: str,
+    dest: Path,
+    expected_conv: int,
+    settings: ExportSettings,
+    overwrite: bool,
+    stages: _Stages,
+    t0: float,
+    write_stage: str = "convert",
+) -> ExportResult:
+    """`write(tmp)` saves a package at tmp and returns its MLModel; check it, finish it,
+    rename it into place (atomic: an error or interrupt leaves nothing at dest)."""
     with atomic_path(dest, overwrite=overwrite) as tmp:
-        mlmodel.save(str(tmp))
-    del mlmodel
-    gc.collect()
-    stage("save", t)
+        mlmodel = write(tmp)
+        stages.done(write_stage)
+        functions = tuple(meta.functions) if meta.kind == KIND_LAYERS else (None,)
+        counts = _check_program(mlmodel, expected_conv, settings, stages.label, functions)
+        del mlmodel
+        _finish_package(tmp, meta, description)
+    stages.done("save")
     return ExportResult(
         path=dest,
-        layers=layers,
+        layers=meta.layers,
         op_counts=dict(counts),
-        quantized_weights=quantized,
+        quantized_weights=counts["constexpr_blockwise_shift_scale"],
         size_bytes=package_size(dest),
         seconds=time.perf_counter() - t0,
-        stage_seconds=stages,
-        kind=kind,
+        stage_seconds=stages.seconds,
+        kind=meta.kind,
     )
-
-
-LAYER_OUTPUTS_KEY = "layer_outputs"  # anechain.layer_outputs, read by the mil runner
-
-
-def layer_output_vars(prog: Any, hidden_size: int, intermediate_size: int) -> list[str]:
-    """Each decoder layer's output var in a layer program, in order.
-
-    A layer ends with `add(residual, down_proj(...))`: the down projections are the convs
-    with an (hidden, intermediate, 1, 1) weight, in program order, and each one's output
-    leads (through shape-only ops, if any) to that add.
-    """
-    outputs = []
-    for op in prog.functions["main"].operations:
-        if op.op_type != "conv" or tuple(op.inputs["weight"].shape) != (
-            hidden_size,
-            intermediate_size,
-            1,
-            1,
-        ):
-            continue
-        var = op.outputs[0]
-        while True:
-            children = list(var.child_ops)
-            if len(children) != 1:
-                raise ExportError(f"cannot follow down_proj {op.name!r} to its layer's output")
-            child = children[0]
-            var = child.outputs[0]
-            if child.op_type == "add":
-                break
-        outputs.append(var.name)
-    return outputs
-
-
-def _rope_metadata(checkpoint: Checkpoint) -> dict[str, str]:
-    """LongRoPE frequencies and scaling, so a runtime can build cos/sin without the checkpoint."""
-    rope = RopeParameters.from_hf_config(checkpoint.hf_config)
-    return {"rope": json.dumps(rope.to_dict(), sort_keys=True)}
 
 
 def _check_dest(dest: Path, overwrite: bool) -> None:
@@ -283,6 +259,36 @@ def _check_dest(dest: Path, overwrite: bool) -> None:
         raise ExportError(f"{dest} already exists; pass --overwrite to replace it")
 
 
+def _converter(prog: Any, label: str) -> Callable[[Path], Any]:
+    """Convert the built program straight into the package folder (no second copy)."""
+    from anechain.program import to_mlmodel
+
+    def write(package: Path) -> Any:
+        try:
+            return to_mlmodel(prog, package)
+        except Exception as exc:  # coremltools raises assorted types for an invalid program
+            raise ExportError(f"{label} conversion failed: {exc}") from exc
+
+    return write
+
+
+def _layers_description(layers: LayerRange, settings: ExportSettings) -> str:
+    t = settings.prefill_tokens
+    return (
+        f"Phi-4-mini decoder layers [{layers.start}, {layers.end}) for single-token decode"
+        + (f" and {t}-token prefill" if t else "")
+        + f", {settings.quantization} weights, KV cache as state"
+    )
+
+
+def _head_description(n_chunks: int, settings: ExportSettings) -> str:
+    return (
+        f"Phi-4-mini final norm + LM head in {n_chunks} chunks of <= "
+        f"{settings.head_chunk_rows} rows, each returning its max logit and argmax"
+    )
+
+
+@isolated_tempdir("spec")
 def export_shard(
     checkpoint: Checkpoint,
     spec: LayerSpec,
@@ -291,38 +297,61 @@ def export_shard(
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export one layer range to one .mlpackage, atomically."""
+    from anechain.program import layer_functions_program, layer_program
+    from anechain.weights import read_range_weights
+
     say = progress or (lambda msg: log.info(msg))
     arch = checkpoint.architecture
     layers = spec.layers
     layers.check_within(arch.num_hidden_layers)
+    checkpoint.check_layers(layers, settings.context_length)
     _check_dest(spec.path, overwrite)
 
     t0 = time.perf_counter()
+    label = f"[{layers}]"
     contract = layer_contract(arch, settings.context_length, layers.num_layers)
-    say(f"[{layers}] reading {layers.num_layers} layers from {checkpoint.path}")
+    say(f"{label} reading and quantizing {layers.num_layers} layers from {checkpoint.path}")
     names = checkpoint.layer_tensor_names(layers)
-    tensors = checkpoint.read_tensors(names)
-    model = LayerRangeModel(arch, layers, settings.context_length).eval()
-    model.load_hf_layer_weights(tensors)
-    del tensors
-    return _build_package(
-        model,
+    stages = _Stages(label, say, t0)
+    with ThreadPoolExecutor(1) as pool:
+        # sha256 of the range's bytes (the metadata fingerprint) on a thread meanwhile.
+        fingerprint = pool.submit(checkpoint.weights_fingerprint, names)
+        weights = read_range_weights(iter_tensors(checkpoint, names), layers, settings.quantization)
+        weights_fingerprint = fingerprint.result()
+    stages.done("read+quantize")
+    functions = function_names(settings.prefill_tokens)
+    if settings.prefill_tokens:  # decode + prefill from the same quantized weights
+        prog, outputs = layer_functions_program(
+            arch, settings.context_length, weights, settings.prefill_tokens
+        )
+    else:
+        prog, outputs = layer_program(contract, weights, arch, settings.context_length)
+    del weights
+    stages.done("build")
+    meta = _metadata(
         checkpoint,
         KIND_LAYERS,
         layers,
-        names,
+        weights_fingerprint,
         contract,
-        spec.path,
         settings,
+        {LAYER_OUTPUTS_KEY: json.dumps(outputs)},
+        functions,
+    )
+    return _save(
+        _converter(prog, label),
+        meta,
+        _layers_description(layers, settings),
+        spec.path,
         4 * layers.num_layers,
-        f"Phi-4-mini decoder layers [{layers.start}, {layers.end}) for single-token decode, "
-        f"{settings.quantization} weights, KV cache as state",
+        settings,
         overwrite,
-        say,
+        stages,
         t0,
     )
 
 
+@isolated_tempdir("dest")
 def export_head(
     checkpoint: Checkpoint,
     dest: Path,
@@ -330,34 +359,50 @@ def export_head(
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> ExportResult:
-    """Export the final RMSNorm + chunked LM head (INT8 like the layers)."""
+    """Export the final RMSNorm + chunked LM head (INT8 like the layers), chunk by chunk."""
+    from anechain.program import head_program
+    from anechain.weights import read_head_weights
+
     say = progress or (lambda msg: log.info(msg))
     arch = checkpoint.architecture
+    checkpoint.check_tensors(head_tensor_names(checkpoint))
     _check_dest(dest, overwrite)
     t0 = time.perf_counter()
-    say(f"[head] reading the final norm and LM head from {checkpoint.path}")
-    names = head_tensor_names(checkpoint)
-    tensors = checkpoint.read_tensors(names)
-    model = LMHeadModel(arch, settings.head_chunk_rows).eval()
-    model.load_hf_weights(tensors[names[0]], tensors[names[1]])
-    del tensors
-    n_chunks = len(model.chunks)
-    return _build_package(
-        model,
+    label = "[head]"
+    say(f"{label} reading the final norm and LM head from {checkpoint.path}")
+    names = list(head_tensor_names(checkpoint))
+    stages = _Stages(label, say, t0)
+    with ThreadPoolExecutor(1) as pool:
+        fingerprint = pool.submit(checkpoint.weights_fingerprint, names)
+        weights = read_head_weights(
+            checkpoint, names, settings.head_chunk_rows, settings.quantization
+        )
+        weights_fingerprint = fingerprint.result()
+    stages.done("read+quantize")
+    n_chunks = len(weights.chunks)
+    contract = head_contract(arch, n_chunks)
+    prog = head_program(contract, weights, arch)
+    del weights
+    stages.done("build")
+    meta = _metadata(
         checkpoint,
         KIND_HEAD,
         None,
-        list(names),
-        head_contract(arch, n_chunks),
-        dest,
+        weights_fingerprint,
+        contract,
         settings,
+        {"head_chunk_rows": str(settings.head_chunk_rows)},
+    )
+    return _save(
+        _converter(prog, label),
+        meta,
+        _head_description(n_chunks, settings),
+        dest,
         n_chunks,
-        f"Phi-4-mini final norm + LM head in {n_chunks} chunks of <= "
-        f"{settings.head_chunk_rows} rows, each returning its max logit and argmax",
+        settings,
         overwrite,
-        say,
+        stages,
         t0,
-        extra={"head_chunk_rows": str(settings.head_chunk_rows)},
     )
 
 
@@ -369,7 +414,8 @@ def export_embedding(
 ) -> ExportResult:
     """The token embedding as an fp16 .npy table the host gathers rows from (mmap-able).
 
-    Phi-4-mini ties it with the LM head; the head package holds its own INT8 copy.
+    Phi-4-mini ties it with the LM head; the head package holds its own INT8 copy. Written
+    in row blocks, so memory holds one block, not the 200064 x 3072 table.
     """
     say = progress or (lambda msg: log.info(msg))
     if dest.suffix != ".npy":
@@ -378,12 +424,24 @@ def export_embedding(
         raise ExportError(f"{dest} already exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
     name = "model.embed_tokens.weight"
+    checkpoint.check_tensors([name])
     say(f"[embedding] reading {name} from {checkpoint.path}")
-    table = checkpoint.read_tensors([name])[name].to(torch.float16).numpy()  # (vocab, hidden)
-    with atomic_path(dest, overwrite=overwrite) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, table, allow_pickle=False)
-    say(f"[embedding] {table.shape[0]} x {table.shape[1]} fp16 written")
+    rows, cols = checkpoint.tensor_shape(name)
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+        "fortran_order": False,
+        "shape": (rows, cols),
+    }
+    with (
+        atomic_path(dest, overwrite=overwrite, expected_bytes=rows * cols * 2) as tmp,
+        open(tmp, "wb") as f,
+    ):
+        # Plain writes, not a memmap: written pages of a mapping would count as our memory.
+        np.lib.format.write_array_header_1_0(f, header)
+        for start in range(0, rows, 16384):
+            block = checkpoint.read_rows(name, start, min(start + 16384, rows))
+            f.write(block.to(torch.float16).numpy().tobytes())
+    say(f"[embedding] {rows} x {cols} fp16 written")
     return ExportResult(
         path=dest,
         layers=None,
@@ -404,7 +462,7 @@ def export_shards(
 ) -> list[ExportResult]:
     """Export several ranges one after another, freeing memory in between.
 
-    Every spec is checked before the first (slow) export starts.
+    Every spec is checked before the first export starts.
     """
     arch = checkpoint.architecture
     seen: dict[Path, LayerSpec] = {}

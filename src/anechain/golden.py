@@ -16,6 +16,7 @@ import hashlib
 import logging
 import math
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +118,9 @@ def _embed(checkpoint: Checkpoint, tokens: list[int]) -> np.ndarray:
             rows = [table[t : t + 1] for t in tokens]  # only these rows are read
     except Exception as exc:  # SafetensorError has no importable base class
         raise CheckpointError(f"{file} cannot be read: {exc}") from None
-    return torch.cat(rows).float().numpy()
+    table_rows = torch.cat(rows)
+    Checkpoint.check_finite(name, table_rows)  # only the calibration tokens' rows
+    return table_rows.float().numpy()
 
 
 class _LayerRunner:
@@ -144,10 +147,11 @@ class _LayerRunner:
         causal = torch.full((seq_len, seq_len), torch.finfo(torch.float32).min).triu(1)
         self.mask = causal[None, None]  # (1, 1, S, S) additive
 
-    def run(self, layer_index: int, hidden: np.ndarray) -> np.ndarray:
-        return self.trace(layer_index, hidden).hidden
+    def run(self, layer_index: int, hidden: np.ndarray, cache: Any = None) -> np.ndarray:
+        """The layer's output (S, C); a transformers `Cache` given as `cache` receives its KV."""
+        return self.trace(layer_index, hidden, cache).hidden
 
-    def trace(self, layer_index: int, hidden: np.ndarray) -> LayerTrace:
+    def trace(self, layer_index: int, hidden: np.ndarray, cache: Any = None) -> LayerTrace:
         """One layer over the sequence, with its KV cache and attention probabilities."""
         from transformers import DynamicCache
         from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
@@ -160,7 +164,8 @@ class _LayerRunner:
         )
         probs: list[torch.Tensor] = []
         hook = layer.self_attn.register_forward_hook(lambda m, a, out: probs.append(out[1]))
-        cache = DynamicCache(config=self.config)
+        if cache is None:
+            cache = DynamicCache(config=self.config)
         with torch.no_grad():
             out = layer(
                 torch.from_numpy(hidden)[None],
@@ -234,6 +239,34 @@ class Reference:
     values: np.ndarray  # (upto, KVH, S, D)
 
 
+def _load_cached(
+    cache: Path, step_shape: tuple[int, int], head_shape: tuple[int, int]
+) -> dict[str, np.ndarray] | None:
+    """The cached boundaries (k, S, hidden) and KV caches (k - 1, KVH, S, D) float32, or
+    None: a truncated, corrupt or foreign file is a miss (recomputed and rewritten), never
+    an error."""
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as data:
+            have = {k: data[k] for k in ("boundaries", "keys", "values")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        log.warning("ignoring unreadable golden cache %s", cache)
+        return None
+    b = have["boundaries"]
+    kv_shape = (len(b) - 1, head_shape[0], step_shape[0], head_shape[1])
+    if (
+        any(v.dtype != np.float32 for v in have.values())
+        or b.ndim != 3
+        or b.shape[1:] != step_shape
+        or not len(b)
+        or any(have[k].shape != kv_shape for k in ("keys", "values"))
+    ):
+        log.warning("ignoring golden cache %s of shape %s %s", cache, b.shape, b.dtype)
+        return None
+    return have
+
+
 def reference_boundaries(
     checkpoint: Checkpoint,
     tokens: list[int],
@@ -257,15 +290,10 @@ def reference(
     progress: Callable[[str], None] | None = None,
 ) -> Reference:
     """Boundaries and KV caches of layers 0..upto-1, cached and extended incrementally."""
+    checkpoint.check_reference(upto)
     cache = _cache_path(cache_dir or default_cache_dir(), checkpoint, tokens)
-    have: dict[str, np.ndarray] | None = None
-    if cache.is_file():
-        try:
-            with np.load(cache, allow_pickle=False) as data:
-                have = {k: data[k] for k in ("boundaries", "keys", "values")}
-        except (OSError, ValueError, KeyError):
-            log.warning("ignoring unreadable golden cache %s", cache)
-            have = None
+    a = checkpoint.architecture
+    have = _load_cached(cache, (len(tokens), a.hidden_size), (a.num_key_value_heads, a.head_dim))
     if have is not None and have["boundaries"].shape[0] > upto:
         return Reference(have["boundaries"][: upto + 1], have["keys"][:upto], have["values"][:upto])
 

@@ -24,7 +24,8 @@ from anechain.config import Architecture, LayerRange, to_dict
 from anechain.contract import KIND_HEAD, KIND_LAYERS, MASK_VALUE, IOContract, TensorSpec
 from anechain.errors import ConfigError, ManifestError
 from anechain.fsutil import sha256_tree
-from anechain.report import GATE_SETS, OPS
+from anechain.jsonio import dumps_json
+from anechain.report import OPS, GateSpec, gate_specs
 from anechain.shards import (
     ShardRecord,
     architecture_problems,
@@ -106,6 +107,12 @@ class ShardEntry(_JSON):
     weights_fingerprint: str
     states: tuple[TensorSpec, ...]  # (layers, kv_heads, context, head_dim) each
     validation: Validation
+    # Function name -> tokens per call ({"decode": 1, "prefill": T}); None: decode only.
+    functions: dict[str, int] | None = None
+
+    @property
+    def prefill_tokens(self) -> int:
+        return (self.functions or {}).get("prefill", 0)
 
     @property
     def layers(self) -> LayerRange:
@@ -219,8 +226,15 @@ class Manifest(_JSON):
             for s in self.shards
         ]
 
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        for shard in data["shards"]:  # unrecorded functions (decode only): the v1 entry
+            if shard["functions"] is None:
+                del shard["functions"]
+        return data
+
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, indent=2) + "\n"
+        return dumps_json(self.to_dict()) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
@@ -240,11 +254,13 @@ class Check(_JSON):
     detail: str
 
 
-def gate_problems(gates: tuple[Gate, ...], kind: str, required: dict[str, float]) -> list[str]:
+def gate_problems(
+    gates: tuple[Gate, ...], mandatory: tuple[GateSpec, ...], required: dict[str, float]
+) -> list[str]:
     """Why a validation's gates do not prove the shard against `required` bounds (by
     config.Gates field): each mandatory gate present once, with its comparison, a bound at
     least as strict, and a value that meets it."""
-    specs = {s.name: s for s in GATE_SETS[kind]}
+    specs = {s.name: s for s in mandatory}
     names = [g.name for g in gates]
     problems = [f"gate {n} is missing" for n in specs if n not in names]
     problems += [f"gate {n} is listed twice" for n in sorted(set(names)) if names.count(n) > 1]
@@ -350,10 +366,10 @@ def verify_manifest(path: str | Path) -> list[Check]:
     ]
     if m.head is not None and m.head.contract.inputs[0].shape != m.contract.outputs[0].shape:
         raise ManifestError(f"manifest {path}: the head does not take the shards' output")
-    validations = [(str(s.layers), KIND_LAYERS, s.validation) for s in m.shards]
-    validations += [("head", KIND_HEAD, m.head.validation)] if m.head else []
-    for label, kind, v in validations:
-        problems = gate_problems(v.gates, kind, m.gates)
+    validations = [(str(s.layers), KIND_LAYERS, s.functions, s.validation) for s in m.shards]
+    validations += [("head", KIND_HEAD, None, m.head.validation)] if m.head else []
+    for label, kind, functions, v in validations:
+        problems = gate_problems(v.gates, gate_specs(kind, functions), m.gates)
         if problems:
             raise ManifestError(f"manifest {path}: {label}: {problems[0]}")
     checks.append(Check("gates", f"{len(validations)} validations meet the manifest's gates"))

@@ -163,6 +163,7 @@ def build_manifest(
                 r.meta.weights_fingerprint,
                 rec.contract.states,
                 validation_summary(r),
+                dict(r.meta.functions),
             )
         )
 

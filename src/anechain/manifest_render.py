@@ -8,6 +8,14 @@ from anechain.contract import KIND_HEAD, KIND_LAYERS
 from anechain.manifest import Manifest
 from anechain.report import GATE_SETS
 
+
+def _functions_text(functions: dict[str, int] | None) -> str:
+    """`decode+prefill(T=64)`, or `decode` for a decode-only package."""
+    if not functions or "prefill" not in functions:
+        return "decode"
+    return f"decode+prefill(T={functions['prefill']})"
+
+
 _RESIDENCY_TEXT = {"checked": "checked", "report_only": "report only", "not_checked": "NOT CHECKED"}
 
 
@@ -27,7 +35,10 @@ def render_manifest(m: Manifest, path: str | Path = "manifest") -> str:
         f"         head: {_bounds(m, KIND_HEAD)}",
         "",
     ]
-    rows = [["layers", "package", "size", "compiled", "gates", "cosine", "backend", "residency"]]
+    rows = [
+        ["layers", "package", "size", "compiled", "functions", "gates", "cosine", "backend"]
+        + ["residency"]
+    ]
     for s in m.shards:
         v = s.validation
         cosine = v.metrics.get("cosine")
@@ -38,6 +49,7 @@ def render_manifest(m: Manifest, path: str | Path = "manifest") -> str:
                 s.package.path,
                 f"{s.package.size_bytes / 1e6:.1f} MB",
                 f"{s.compiled.size_bytes / 1e6:.1f} MB" if s.compiled else "-",
+                _functions_text(s.functions),
                 f"{passed}/{len(v.gates)} {v.verdict}",
                 f"{cosine:.5f}" if isinstance(cosine, int | float) else "-",
                 v.backend,

@@ -27,7 +27,7 @@ from anechain import __version__
 from anechain.config import Gates, LayerRange, ResidencySettings, from_dict, to_dict
 from anechain.contract import KIND_HEAD, KIND_LAYERS, ShardMetadata
 from anechain.errors import ConfigError, ReportError
-from anechain.fsutil import atomic_write_text
+from anechain.jsonio import atomic_write_json
 
 REPORT_SCHEMA = "anechain.validation-report/2"
 REPORT_SUFFIX = ".report.json"
@@ -41,12 +41,28 @@ OPS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": opera
 
 @dataclass(frozen=True)
 class GateSpec:
-    """A gate: `golden.metrics[metric] op bound`, the bound read from config.Gates."""
+    """A gate: `metric op bound`, the metric read from the report's evidence (`golden.metrics`
+    by default; a count summed over several sources), the bound from config.Gates."""
 
     name: str
-    metric: str  # key in golden.metrics
+    metric: str  # key in each source
     bound_field: str | None  # field of config.Gates; None: the bound is always 0
     op: str  # ">=" (higher is better) or "<="
+    sources: tuple[str, ...] = ("golden.metrics",)  # dotted paths in the report's JSON
+
+    def value(self, evidence: Mapping[str, Any]) -> Any:
+        """The metric in `evidence` (the report's JSON, or the parts of it the sources name);
+        None if a source or the metric is missing or not finite."""
+        values = []
+        for source in self.sources:
+            node: Any = evidence
+            for key in source.split("."):
+                node = node.get(key) if isinstance(node, Mapping) else None
+            values.append(node.get(self.metric) if isinstance(node, Mapping) else None)
+        if len(values) == 1:
+            return values[0]
+        numbers = [as_number(v) for v in values]
+        return None if any(v is None for v in numbers) else sum(numbers)  # type: ignore[arg-type]
 
     def bound(self, gates: Gates) -> float:
         return 0.0 if self.bound_field is None else float(getattr(gates, self.bound_field))
@@ -87,6 +103,31 @@ HEAD_GATES: tuple[GateSpec, ...] = (
 GATE_SETS: dict[str, tuple[GateSpec, ...]] = {KIND_LAYERS: LAYER_GATES, KIND_HEAD: HEAD_GATES}
 
 
+def _prefixed(specs: tuple[GateSpec, ...], prefix: str, source: str) -> tuple[GateSpec, ...]:
+    return tuple(GateSpec(prefix + s.name, s.metric, s.bound_field, s.op, (source,)) for s in specs)
+
+
+# A two-function package (validate_prefill): its prefill outputs, the KV states prefill wrote,
+# and decode continuing from them, each held to the decode gates.
+PREFILL_GATES: tuple[GateSpec, ...] = (
+    *_prefixed(LAYER_GATES, "prefill_", "prefill.metrics"),
+    GateSpec(
+        "prefill_kv_finite", "nonfinite", None, "<=", ("prefill.kv.keys", "prefill.kv.values")
+    ),
+    GateSpec("prefill_kv_keys_cosine", "cosine", "min_cosine", ">=", ("prefill.kv.keys",)),
+    GateSpec("prefill_kv_values_cosine", "cosine", "min_cosine", ">=", ("prefill.kv.values",)),
+    *_prefixed(LAYER_GATES, "prefill_decode_", "prefill.decode_metrics"),
+)
+
+
+def gate_specs(kind: str, functions: Mapping[str, int] | None = None) -> tuple[GateSpec, ...]:
+    """The mandatory gates of a package: its kind's, plus prefill's if it has that function."""
+    specs = GATE_SETS[kind]
+    return (
+        specs + PREFILL_GATES if kind == KIND_LAYERS and "prefill" in (functions or {}) else specs
+    )
+
+
 @dataclass(frozen=True)
 class Gate:
     """One gate's evidence; `passed` is always computed, never stored."""
@@ -118,12 +159,15 @@ class Gate:
 
 
 def evaluate_gates(metrics: Mapping[str, Any], gates: Gates, kind: str) -> tuple[Gate, ...]:
-    """The kind's gates on these metrics with these bounds; a missing metric fails."""
-    out = []
-    for spec in GATE_SETS[kind]:
-        value = metrics.get(spec.metric)
-        out.append(Gate(spec.name, as_number(value), spec.bound(gates), spec.op))
-    return tuple(out)
+    """The kind's gates on these golden metrics with these bounds; a missing metric fails."""
+    return evaluate_specs({"golden": {"metrics": metrics}}, gates, GATE_SETS[kind])
+
+
+def evaluate_specs(
+    evidence: Mapping[str, Any], gates: Gates, specs: tuple[GateSpec, ...]
+) -> tuple[Gate, ...]:
+    """`specs` on `evidence` (shaped like the report's JSON) with these bounds."""
+    return tuple(Gate(s.name, as_number(s.value(evidence)), s.bound(gates), s.op) for s in specs)
 
 
 def as_number(value: Any) -> float | None:
@@ -175,6 +219,7 @@ class ValidationReport:
     golden: Golden
     gates: tuple[Gate, ...]
     residency: dict[str, Any]  # residency.ResidencyReport.to_dict()
+    prefill: dict[str, Any] | None = None  # validate_prefill.PrefillGolden, two functions
     created: str = field(default_factory=_now)
     versions: dict[str, str] = field(default_factory=versions)
 
@@ -247,7 +292,7 @@ class ValidationReport:
                     f"report {where}: residency was judged with {self.residency.get('gate')}, "
                     f"looser than {to_dict(residency)}; validate {self.package.name} again"
                 )
-        specs = {s.name: s for s in GATE_SETS[self.kind]}
+        specs = {s.name: s for s in gate_specs(self.kind, self.meta.functions)}
         for g in self.gates:
             spec = specs[g.name]
             need = spec.bound(required)
@@ -290,6 +335,8 @@ class ValidationReport:
             "quantization": m.quantization,
             "architecture": to_dict(m.architecture),
             "contract": m.contract.to_dict(),
+            "functions": dict(m.functions),
+            "prefill": self.prefill,
             "context_length": m.context_length,
             "rope": self.rope,
             "backend": self.backend,
@@ -308,7 +355,7 @@ class ValidationReport:
         data = self.to_dict()
         # Relative to the report, so the pair can move together.
         data["package"]["path"] = os.path.relpath(self.package.resolve(), path.resolve().parent)
-        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(path, data)  # strict JSON: a non-finite figure is null
         return data
 
     @classmethod

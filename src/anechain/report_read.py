@@ -12,8 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from anechain.config import Architecture, LayerRange, ResidencySettings, from_dict
-from anechain.contract import KIND_HEAD, KIND_LAYERS, IOContract, ShardMetadata
+from anechain.contract import (
+    DECODE_ONLY,
+    FUNCTION_DECODE,
+    FUNCTION_PREFILL,
+    KIND_HEAD,
+    KIND_LAYERS,
+    IOContract,
+    ShardMetadata,
+)
 from anechain.errors import ConfigError, ReportError
+from anechain.jsonio import loads_json
 from anechain.report import (
     GATE_SETS,
     REPORT_SCHEMA,
@@ -23,6 +32,7 @@ from anechain.report import (
     Golden,
     ValidationReport,
     as_number,
+    gate_specs,
     report_path_for,
     residency_gate,
 )
@@ -46,7 +56,7 @@ def read_report(source: str | Path, kind: str | None = None) -> tuple[Path, Vali
         if not report.is_file():
             raise ReportError(f"shard {source.name} was never validated: no report at {report}")
     try:
-        data = json.loads(report.read_text())
+        data = loads_json(report.read_text())
     except OSError as exc:
         raise ReportError(f"cannot read report {report}: {exc.strerror}") from None
     except ValueError as exc:  # not JSON, not UTF-8
@@ -131,7 +141,8 @@ class _Parser:
             backend=self.get("backend", str),
             steps=self.get("steps", int),
             golden=golden,
-            gates=self.gates(kind, metrics),
+            prefill=self.prefill(meta.functions),  # before the gates that read it
+            gates=self.gates(kind, meta.functions),
             residency=self.residency(),
             created=self.get("created", str),
             versions=self.get("versions", dict),
@@ -171,6 +182,7 @@ class _Parser:
             architecture=arch,
             contract=contract,
             extra=extra,
+            functions=self.functions(kind),
         )
 
     def layer_max_abs(self) -> dict[int, float]:
@@ -180,10 +192,10 @@ class _Parser:
         except (TypeError, ValueError):
             raise self.fail("is malformed: golden.layer_max_abs is not layer -> number") from None
 
-    def gates(self, kind: str, metrics: dict[str, Any]) -> tuple[Gate, ...]:
-        """The kind's gates, each recomputed; refuses a missing, unknown, duplicate, re-defined
-        or inconsistent gate. Stored `passed` flags are never read."""
-        specs = {s.name: s for s in GATE_SETS[kind]}
+    def gates(self, kind: str, functions: dict[str, int]) -> tuple[Gate, ...]:
+        """The package's mandatory gates, each recomputed; refuses a missing, unknown,
+        duplicate, re-defined or inconsistent gate. Stored `passed` flags are never read."""
+        specs = {s.name: s for s in gate_specs(kind, functions)}
         entries = self.get("gates", list)
         seen: dict[str, Gate] = {}
         for entry in entries:
@@ -201,18 +213,38 @@ class _Parser:
             if bound is None:
                 raise self.fail(f"has gate {name} without a finite numeric bound")
             value = as_number(entry.get("value"))
-            measured = metrics.get(spec.metric)
+            measured = spec.value(self.data)
             # Equal, and a metric that is there is a finite number (null: not finite).
             if value != as_number(measured) or (measured is not None and value is None):
+                where = " + ".join(f"{src}.{spec.metric}" for src in spec.sources)
                 raise self.fail(
                     f"is inconsistent: gate {name} has value {entry.get('value')!r} but "
-                    f"golden.metrics.{spec.metric} is {measured!r}"
+                    f"{where} is {measured!r}"
                 )
             seen[name] = Gate(name, value, bound, op)
         missing = [n for n in specs if n not in seen]
         if missing:
             raise self.fail(f"lacks the mandatory {kind} gate(s) {', '.join(missing)}")
         return tuple(seen[n] for n in specs)
+
+    def functions(self, kind: str) -> dict[str, int]:
+        """{"main": 1} (decode only; also when unrecorded) or {"decode": 1, "prefill": T}."""
+        value = self.get("functions", (dict, _NONE)) if "functions" in self.data else None
+        if value is None or kind == KIND_HEAD:
+            return dict(DECODE_ONLY)
+        if not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value.values()
+        ):
+            raise self.fail("is malformed: 'functions' is not name -> tokens")
+        if value != DECODE_ONLY and set(value) != {FUNCTION_DECODE, FUNCTION_PREFILL}:
+            raise self.fail(f"is malformed: functions {value} are neither main nor decode+prefill")
+        return dict(value)
+
+    def prefill(self, functions: dict[str, int]) -> dict[str, Any] | None:
+        prefill = self.get("prefill", (dict, _NONE)) if "prefill" in self.data else None
+        if FUNCTION_PREFILL in functions and prefill is None:
+            raise self.fail("names a prefill function but has no prefill validation")
+        return prefill
 
     def residency(self) -> dict[str, Any]:
         residency = self.get("residency", dict)

@@ -1,4 +1,10 @@
-"""Host-side per-step inputs: LongRoPE cos/sin, the attention mask and the write position.
+"""Host-side inputs of a layer function: LongRoPE cos/sin, the attention mask, the write offset.
+
+Decode feeds one position per call (`step_inputs`); prefill feeds a chunk of T positions
+(`chunk_inputs`), the same contract at T > 1 (see contract.py). A chunk shorter than T is
+padded: its padded rows write KV at positions past the real tokens, which no real row reads
+(the mask stops every row at its own position) and which the next chunk or decode step
+overwrites before any row reads them (each call writes its whole slice before attending).
 
 The frequencies come from transformers' own rope init function for the checkpoint's
 config, so the host applies exactly Phi3's LongRoPE: short factors while the sequence fits
@@ -89,17 +95,61 @@ def step_inputs(
 
     hidden: (hidden_size,) -> hidden_states (1, C, 1, 1) fp16.
     """
-    if not 0 <= position < context_length:
-        raise ValueError(f"position {position} outside the context of {context_length}")
-    cos, sin = rope.cos_sin(position)
+    return chunk_inputs(rope, np.asarray(hidden).reshape(1, -1), position, 1, context_length)
+
+
+def chunk_inputs(
+    rope: RopeParameters, hidden: np.ndarray, offset: int, tokens: int, context_length: int
+) -> dict[str, np.ndarray]:
+    """The inputs of a T-token layer function for positions offset .. offset + n - 1.
+
+    hidden: (n, hidden_size), 1 <= n <= T -> hidden_states (1, C, 1, T) fp16, rows n..T-1
+    zero. The call writes KV at offset .. offset + T - 1, so that slice must fit the context.
+    Padded rows get their positions' cos/sin and the causal rule like real rows: finite,
+    and never read by a real row.
+    """
+    hidden = np.asarray(hidden)
+    n = hidden.shape[0]
+    if hidden.ndim != 2 or not 1 <= n <= tokens:
+        raise ValueError(f"a {tokens}-token chunk takes 1..{tokens} rows, got {hidden.shape}")
+    if not (0 <= offset and offset + tokens <= context_length):
+        raise ValueError(
+            f"positions {offset}..{offset + tokens - 1} outside the context of {context_length}"
+        )
+    positions = range(offset, offset + tokens)
+    cos, sin = zip(*(rope.cos_sin(p) for p in positions), strict=True)  # T x (R,)
     with np.errstate(over="ignore"):  # beyond fp16's range is inf, as on the device
-        hidden16 = np.asarray(hidden).astype(np.float16)
-    mask = np.full((1, 1, 1, context_length), MASK_VALUE, dtype=np.float16)
-    mask[..., : position + 1] = 0
+        hidden16 = np.zeros((tokens, hidden.shape[1]), np.float16)
+        hidden16[:n] = hidden.astype(np.float16)
+    # Row i attends to columns 0 .. offset + i.
+    columns = np.arange(context_length)[None, :]
+    rows = np.arange(offset, offset + tokens)[:, None]
+    mask = np.where(columns <= rows, 0.0, MASK_VALUE).astype(np.float16)  # (T, context)
     return {
-        "hidden_states": hidden16.reshape(1, -1, 1, 1),
-        "position": np.array([position], dtype=np.int32),
-        "cos": cos.astype(np.float16).reshape(1, 1, 1, -1),
-        "sin": sin.astype(np.float16).reshape(1, 1, 1, -1),
-        "attention_mask": mask,
+        "hidden_states": np.ascontiguousarray(hidden16.T).reshape(1, -1, 1, tokens),
+        "position": np.array([offset], dtype=np.int32),
+        "cos": np.stack(cos).astype(np.float16).reshape(1, 1, tokens, -1),
+        "sin": np.stack(sin).astype(np.float16).reshape(1, 1, tokens, -1),
+        "attention_mask": mask.reshape(1, 1, tokens, context_length),
     }
+
+
+def chunk_outputs(output_hidden_states: np.ndarray, n: int) -> np.ndarray:
+    """A T-token function's output (1, C, 1, T) -> the n real rows (n, C)."""
+    out = np.asarray(output_hidden_states)
+    return out.reshape(out.shape[1], out.shape[-1]).T[:n]
+
+
+def prefill_plan(length: int, tokens: int, context_length: int) -> list[tuple[int, int]]:
+    """(offset, n) chunks covering positions 0 .. length - 1 in T-token calls.
+
+    Every call writes a whole T-slice, so a chunk must end inside the context: positions
+    the last fitting chunk cannot reach are left to decode (the list covers fewer).
+    """
+    if tokens < 1:
+        raise ValueError(f"prefill needs T >= 1, got {tokens}")
+    return [
+        (offset, min(tokens, length - offset))
+        for offset in range(0, length, tokens)
+        if offset + tokens <= context_length
+    ]

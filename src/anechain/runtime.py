@@ -1,5 +1,9 @@
 """Greedy decoding over a manifest: embedding -> every shard with its state -> head -> reduce.
 
+When every shard has a `prefill` function of one T, the prompt runs through it in T-token
+chunks (the last one padded, see rope.chunk_inputs) that fill the KV states the `decode`
+function then continues from; the head runs on the last prompt position only.
+
 Uses only the manifest and the files it names (their sha256 checked at load), never the
 checkpoint: this is what a runtime on a device does, and the proof that the manifest is
 complete.
@@ -15,21 +19,31 @@ from typing import Any
 
 import numpy as np
 
+from anechain.contract import FUNCTION_PREFILL
 from anechain.errors import ManifestError
 from anechain.head import reduce_chunks
 from anechain.manifest import Manifest, load_manifest, verify_manifest
-from anechain.rope import RopeParameters, step_inputs
+from anechain.rope import (
+    RopeParameters,
+    chunk_inputs,
+    chunk_outputs,
+    prefill_plan,
+    step_inputs,
+)
 from anechain.runners import ShardRunner, open_runner, resolve_backend
 
 
 @dataclass
 class Profile:
-    """Per-token timings (seconds) of the decode steps after warm-up."""
+    """Per-token timings (seconds) of the decode steps after warm-up, and the prompt's."""
 
     layers: list[float] = field(default_factory=list)
     per_shard: dict[str, list[float]] = field(default_factory=dict)
     head: list[float] = field(default_factory=list)  # predict + reduce
     total: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0  # of those, run through prefill (the rest: decode steps)
+    prompt_seconds: float = 0.0  # the whole prompt, up to the first new token (incl. head)
 
     def summary(self) -> dict[str, Any]:
         def ms(values: list[float]) -> float | None:
@@ -42,6 +56,12 @@ class Profile:
             "layers_ms_per_token": ms(self.layers),
             "shard_ms_per_token": {k: ms(v) for k, v in self.per_shard.items()},
             "head_ms_per_token": ms(self.head),
+            "prompt_tokens": self.prompt_tokens,
+            "prefill_tokens": self.prefill_tokens,
+            "prompt_tokens_per_second": (
+                round(self.prompt_tokens / self.prompt_seconds, 2) if self.prompt_seconds else None
+            ),
+            "time_to_first_token_ms": round(1000 * self.prompt_seconds, 3),
         }
 
 
@@ -52,10 +72,32 @@ class Generation:
     profile: Profile
 
 
+def load_embedding_table(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """The fp16 (vocab, hidden) table, memory-mapped; anything else is one ManifestError.
+
+    The manifest's sha256 only says the file is the one it was signed with: a re-signed
+    table of the wrong shape or dtype is refused here, and pickled (object) arrays are
+    never loaded.
+    """
+    try:
+        table = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ManifestError(f"embedding {path} is not a readable .npy table ({detail})") from None
+    if not isinstance(table, np.ndarray) or table.dtype != np.float16 or table.shape != shape:
+        found = f"{table.dtype} {table.shape}" if isinstance(table, np.ndarray) else "not an array"
+        raise ManifestError(f"embedding {path} is {found}; the model needs float16 {shape}")
+    return table
+
+
 class ManifestRuntime:
     """The chained model a manifest describes, one runner per shard plus the head."""
 
-    def __init__(self, manifest_path: str | Path, backend: str = "auto") -> None:
+    def __init__(
+        self, manifest_path: str | Path, backend: str = "auto", prefill: bool = True
+    ) -> None:
+        """`prefill=False` feeds the prompt one token per decode step even if the shards
+        have a prefill function."""
         path = Path(manifest_path)
         verify_manifest(path)  # every file's sha256, before anything runs
         m: Manifest = load_manifest(path)
@@ -71,7 +113,10 @@ class ManifestRuntime:
         self.backend = resolve_backend(backend)
         root = path.parent
         self.rope = RopeParameters.from_dict(m.rope.precomputed)
-        self.embedding = np.load(root / m.embedding.file.path, mmap_mode="r", allow_pickle=False)
+        arch = m.model.architecture
+        self.embedding = load_embedding_table(
+            root / m.embedding.file.path, (arch.vocab_size, arch.hidden_size)
+        )
         self.context_length = m.context_length
         self.chunk_rows = m.head.chunk_rows
 
@@ -83,6 +128,19 @@ class ManifestRuntime:
         self.shards: list[tuple[str, ShardRunner]] = [
             (str(s.layers), open_runner(self.backend, model_path(s.package, s.compiled)))
             for s in m.shards
+        ]
+        # T of the shards' prefill functions: used only if every shard has one, of one T.
+        ts = {s.prefill_tokens for s in m.shards}
+        self.prefill_tokens = ts.pop() if prefill and len(ts) == 1 else 0
+        self.prefill_shards: list[ShardRunner] = [
+            open_runner(
+                self.backend,
+                model_path(s.package, s.compiled),
+                function=FUNCTION_PREFILL,
+                state_from=decode,
+            )
+            for s, (_, decode) in zip(m.shards, self.shards, strict=True)
+            if self.prefill_tokens
         ]
         self.head = open_runner(self.backend, model_path(m.head.package, m.head.compiled))
 
@@ -100,16 +158,35 @@ class ManifestRuntime:
             if profile is not None:
                 profile.per_shard.setdefault(name, []).append(time.perf_counter() - ts)
         t1 = time.perf_counter()
-        out = self.head.step({"hidden_states": hidden.astype(np.float16).reshape(1, -1, 1, 1)})
-        if not np.isfinite(out["chunk_max"]).all():
-            raise ManifestError(f"non-finite logits at position {position}")
-        nxt = reduce_chunks(out["chunk_max"], out["chunk_argmax"], self.chunk_rows)
+        nxt = self._head(hidden, position)
         if profile is not None:
             t2 = time.perf_counter()
             profile.layers.append(t1 - t0)
             profile.head.append(t2 - t1)
             profile.total.append(t2 - t0)
         return nxt
+
+    def _head(self, hidden: np.ndarray, position: int) -> int:
+        out = self.head.step({"hidden_states": hidden.astype(np.float16).reshape(1, -1, 1, 1)})
+        if not np.isfinite(out["chunk_max"]).all():
+            raise ManifestError(f"non-finite logits at position {position}")
+        return reduce_chunks(out["chunk_max"], out["chunk_argmax"], self.chunk_rows)
+
+    def _prefill(self, prompt: list[int]) -> tuple[int, np.ndarray | None]:
+        """Run the prompt's chunks through every shard's prefill function.
+
+        Returns how many positions it covered and the last one's hidden state (None if it
+        covered none); the rest of the prompt is left to decode steps.
+        """
+        t = self.prefill_tokens
+        covered, last = 0, None
+        for offset, n in prefill_plan(len(prompt), t, self.context_length) if t else ():
+            hidden = np.asarray(self.embedding[prompt[offset : offset + n]], dtype=np.float16)
+            for runner in self.prefill_shards:  # hidden: (n, C)
+                inputs = chunk_inputs(self.rope, hidden, offset, t, self.context_length)
+                hidden = chunk_outputs(runner.step(inputs)["output_hidden_states"], n)
+            covered, last = offset + n, hidden[-1]
+        return covered, last
 
     def generate(
         self,
@@ -118,7 +195,7 @@ class ManifestRuntime:
         on_token: Callable[[int], None] | None = None,
         warmup: int = 1,
     ) -> Generation:
-        """Greedy decoding; prompt tokens are fed one per step (the shards decode only)."""
+        """Greedy decoding; the prompt goes through prefill when the shards have it."""
         vocab = self.manifest.model.architecture.vocab_size
         if not prompt:
             raise ManifestError("the prompt needs at least one token")
@@ -132,10 +209,16 @@ class ManifestRuntime:
                 f"of {self.context_length}"
             )
         self.reset()
-        profile = Profile()
+        profile = Profile(prompt_tokens=len(prompt))
+        t0 = time.perf_counter()
+        covered, last = self._prefill(prompt)
+        profile.prefill_tokens = covered
         token = -1
-        for p, t in enumerate(prompt):
-            token = self._step(t, p, None)
+        if covered == len(prompt) and last is not None:  # the head: last position only
+            token = self._head(last, covered - 1)
+        for p in range(covered, len(prompt)):
+            token = self._step(prompt[p], p, None)
+        profile.prompt_seconds = time.perf_counter() - t0
         new = [token]
         if on_token:
             on_token(token)

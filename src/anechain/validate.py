@@ -303,6 +303,15 @@ def validate_shard(
         )
     else:
         golden, gates = run_golden(runner, meta, checkpoint, settings, cache_dir, progress, rope)
+    prefill = None
+    if meta.prefill_tokens:  # a two-function package: prefill, then decode from its cache
+        from anechain.validate_prefill import open_prefill_runner, run_prefill_golden
+
+        second = open_prefill_runner(backend, package, runner, **(runner_options or {}))
+        prefill = run_prefill_golden(
+            runner, second, meta, checkpoint, settings, cache_dir, progress
+        )
+        gates = gates + prefill.gates
     return ValidationReport(
         package=package,
         package_sha256=sha256_tree(package),
@@ -313,4 +322,5 @@ def validate_shard(
         golden=golden,
         gates=gates,
         residency=residency_report,
+        prefill=prefill.to_dict() if prefill is not None else None,
     )

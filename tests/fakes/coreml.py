@@ -221,8 +221,16 @@ def plan_ops_for_package(
 
 
 def plan_for_package(package: Path, place: Any = anemll_placement) -> MLComputePlan:
-    """A real coremltools MLComputePlan of `package`, devices chosen by `place`."""
-    return make_plan(plan_ops_for_package(package, place))
+    """A real coremltools MLComputePlan of `package`, devices chosen by `place`: one plan
+    function per program function (`main`, or `decode` and `prefill`), as Core ML's."""
+    from anechain.package import load_spec
+
+    functions = sorted(load_spec(package).mlProgram.functions)
+    plan = object.__new__(MLComputePlan)  # __init__ insists on the native proxy type
+    plan.__proxy__ = FakeComputePlanProxy(
+        {f: plan_ops_for_package(package, place, function=f) for f in functions}
+    )
+    return plan
 
 
 def layer_ops(prefix: str = "l0", conv_device: str = "ane", other_device: str = "ane") -> list[Op]:

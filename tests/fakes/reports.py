@@ -12,10 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from anechain.config import Architecture, Gates, LayerRange
-from anechain.contract import KIND_HEAD, KIND_LAYERS, ShardMetadata, head_contract, layer_contract
+from anechain.contract import (
+    KIND_HEAD,
+    KIND_LAYERS,
+    ShardMetadata,
+    function_names,
+    head_contract,
+    layer_contract,
+)
 from anechain.fsutil import sha256_tree
 from anechain.package import package_size
-from anechain.report import Golden, ValidationReport, evaluate_gates
+from anechain.report import PREFILL_GATES, Golden, ValidationReport, evaluate_gates, evaluate_specs
 from anechain.residency import ResidencyCounts, ResidencyReport
 
 TINY = {
@@ -109,8 +116,10 @@ def layer_report(
     metrics: dict[str, Any] | None = None,
     residency: str = "checked",
     gates: Gates | None = None,
+    prefill_tokens: int = 0,
 ) -> ValidationReport:
-    """The report `anechain validate shard` would write for layer shard `pkg`."""
+    """The report `anechain validate shard` would write for layer shard `pkg` (with a prefill
+    function of `prefill_tokens` tokens if not 0)."""
     rng = LayerRange.parse(layers)
     architecture = Architecture(**arch)
     meta = ShardMetadata(
@@ -124,8 +133,20 @@ def layer_report(
         context_length=context,
         architecture=architecture,
         contract=layer_contract(architecture, context, rng.num_layers),
+        functions=function_names(prefill_tokens),
     )
     metrics = {**LAYER_METRICS, **(metrics or {})}
+    gate_list = evaluate_gates(metrics, gates or Gates(), KIND_LAYERS)
+    prefill = None
+    if prefill_tokens:
+        kv = {"cosine": 0.9999, "rmse": 0.001, "max_abs": 0.01, "nonfinite": 0}
+        prefill = {
+            "tokens": prefill_tokens,
+            "metrics": dict(LAYER_METRICS),
+            "kv": {"keys": dict(kv), "values": dict(kv)},
+            "decode_metrics": dict(LAYER_METRICS),
+        }
+        gate_list += evaluate_specs({"prefill": prefill}, gates or Gates(), PREFILL_GATES)
     return ValidationReport(
         package=pkg,
         package_sha256=sha256_tree(pkg),
@@ -139,8 +160,9 @@ def layer_report(
             first_nonfinite=None,
             layer_max_abs={i: 1.0 for i in range(rng.start, rng.end)},
         ),
-        gates=evaluate_gates(metrics, gates or Gates(), KIND_LAYERS),
+        gates=gate_list,
         residency=residency_dict(residency),
+        prefill=prefill,
         created="2026-11-25T12:00:00+00:00",
         versions=dict(VERSIONS),
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from anechain.cli import AnechainGroup
-from anechain.cli._common import config_option
+from anechain.cli._common import InputFile, config_option
 
 
 @click.group("manifest", cls=AnechainGroup)
@@ -21,7 +21,7 @@ def manifest_group() -> None:
     "--report",
     "reports",
     multiple=True,
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    type=InputFile(),
     help="A shard's validation report (JSON). Repeatable.",
 )
 @click.option(
@@ -33,7 +33,7 @@ def manifest_group() -> None:
 )
 @click.option(
     "--embedding",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    type=InputFile(),
     help="The fp16 token table (.npy) from `anechain export --embedding`.",
 )
 @config_option(
@@ -68,23 +68,31 @@ def build(
       anechain manifest build --report artifacts/layers_0_8.report.json \\
           --report artifacts/layers_8_32.report.json -o artifacts/manifest.json --overwrite
     """
-    from anechain.cli._common import human_bytes, resolve_config
+    from anechain.cli._common import check_outputs, human_bytes, resolve_config
     from anechain.manifest_build import build_manifest
 
     sources = [*reports, *shards]
     if not sources:
         raise click.UsageError("give shard packages or --report files to build from")
+    check_outputs(out)
     if out.exists() and not overwrite:
         raise click.UsageError(f"{out} already exists; pass --overwrite to replace it")
-    gates = resolve_config(config_path).validation.gates
-    manifest = build_manifest(sources, out, overwrite=overwrite, embedding=embedding, gates=gates)
+    config = resolve_config(config_path)
+    manifest = build_manifest(
+        sources,
+        out,
+        overwrite=overwrite,
+        embedding=embedding,
+        gates=config.validation.gates,
+        residency=config.residency,
+    )
     size = sum(s.package.size_bytes for s in manifest.shards)
     ranges = ", ".join(str(s.layers) for s in manifest.shards)
     click.echo(f"wrote {out}: {len(manifest.shards)} shards ({ranges}), {human_bytes(size)}")
 
 
 @manifest_group.command("verify")
-@click.argument("manifest", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.argument("manifest", type=InputFile())
 def verify(manifest: Path) -> None:
     """Check a manifest: schema, coverage, contract, paths, and every file's sha256.
 
@@ -103,7 +111,7 @@ def verify(manifest: Path) -> None:
 
 
 @manifest_group.command("show")
-@click.argument("manifest", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.argument("manifest", type=InputFile())
 def show(manifest: Path) -> None:
     """Print a manifest's topology: ranges, sizes, gate bounds and results, residency status.
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from anechain.cli._common import (
+    AsciiIntRange,
+    InputFile,
     cache_dir_option,
+    check_outputs,
     config_option,
     human_bytes,
     model_option,
@@ -53,7 +55,7 @@ def render_build(result) -> str:  # type: ignore[no-untyped-def]
         else:
             golden = (
                 f"cos {_fmt(m['cosine'])}, delta {_fmt(m['delta_cosine'])}, "
-                f"rmse/rms {_fmt(m.get('rel_rmse'), 4)}, max/rms {_fmt(m.get('rel_max_abs'), 3)}"
+                f"rel rmse {_fmt(m.get('rel_rmse'), 4)}, rel max {_fmt(m.get('rel_max_abs'), 3)}"
             )
         verdict = "pass" if r.verdict == "pass" else "FAIL " + ",".join(r.failed_gates())
         rows.append(
@@ -137,6 +139,7 @@ def build(
     config = resolve_config(config_path, preset="tiny")
     checkpoint = model_dir or (Path(config.build.checkpoint) if config.build.checkpoint else None)
     out = out_dir or Path(config.build.out_dir or f"artifacts/{config.name or 'build'}")
+    check_outputs(json_out, folders=(out,))
     if checkpoint is not None:
         arch = Checkpoint(checkpoint).architecture
         if arch != config.architecture:
@@ -156,7 +159,7 @@ def build(
     )
     click.echo(render_build(result))
     if json_out is not None:
-        from anechain.fsutil import atomic_write_text
+        from anechain.jsonio import atomic_write_json
 
         summary = {
             "passed": result.passed,
@@ -173,18 +176,23 @@ def build(
             ],
             "generation": result.generation.to_dict() if result.generation else None,
         }
-        atomic_write_text(json_out, json.dumps(summary, indent=2) + "\n")
+        atomic_write_json(json_out, summary, sort_keys=False)
     if not result.passed:
         raise click.exceptions.Exit(1)
 
 
 def _parse_ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
+    from anechain.config import parse_ascii_int
+
+    ids = [parse_ascii_int(t) for t in text.split(",")] if text.strip() else []
+    if not ids:
+        raise click.BadParameter("no token ids given (e.g. 1,2,3)", param_hint="--prompt-ids")
+    if any(i is None for i in ids):
         raise click.BadParameter(
-            f"{text!r} is not a comma-separated list of token ids", param_hint="--prompt-ids"
-        ) from None
+            f"{text!r} is not a comma-separated list of token ids (ASCII digits)",
+            param_hint="--prompt-ids",
+        )
+    return [i for i in ids if i is not None]
 
 
 @click.command("generate")
@@ -192,7 +200,7 @@ def _parse_ids(text: str) -> list[int]:
     "--manifest",
     "manifest_path",
     required=True,
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    type=InputFile(),
 )
 @click.option("--prompt-ids", help="Comma-separated token ids, e.g. 1,2,3.")
 @click.option("--prompt", help="Text, tokenized with the tokenizer in --tokenizer.")
@@ -202,12 +210,18 @@ def _parse_ids(text: str) -> list[int]:
     type=click.Path(path_type=Path, exists=True, file_okay=False),
     help="Folder with the checkpoint's tokenizer (for --prompt).",
 )
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-new-tokens", type=AsciiIntRange(min=1), default=16, show_default=True)
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option(
     "--profile",
     is_flag=True,
-    help="Print decode tok/s and ms/token for the layers, each shard and the head.",
+    help="Print prompt (prefill) tok/s, time to first token, decode tok/s and ms/token for "
+    "the layers, each shard and the head.",
+)
+@click.option(
+    "--no-prefill",
+    is_flag=True,
+    help="Feed the prompt one token per decode step even if the shards have prefill.",
 )
 def generate(
     manifest_path: Path,
@@ -217,11 +231,13 @@ def generate(
     max_new_tokens: int,
     backend: str,
     profile: bool,
+    no_prefill: bool,
 ) -> None:
     """Greedy decoding over a manifest: embedding -> every shard -> head -> reduce.
 
     Uses only the manifest and the files it names (their sha256 checked first), never the
-    checkpoint. Prompt tokens are fed one per step.
+    checkpoint. The prompt runs through the shards' prefill function in chunks when they
+    have one (else one token per step).
 
     \b
     Examples:
@@ -247,7 +263,14 @@ def generate(
         ids = tokenizer.encode(prompt)
     else:
         ids = _parse_ids(prompt_ids or "")
-    runtime = ManifestRuntime(manifest_path, backend=backend)
+    runtime = ManifestRuntime(manifest_path, backend=backend, prefill=not no_prefill)
+    vocab = runtime.manifest.model.architecture.vocab_size
+    outside = [t for t in ids if not 0 <= t < vocab]
+    if outside:
+        raise click.BadParameter(
+            f"token id {outside[0]} is outside the model's vocabulary (0..{vocab - 1})",
+            param_hint="--prompt-ids" if prompt is None else "--prompt",
+        )
     result = runtime.generate(ids, max_new_tokens)
     click.echo(",".join(map(str, result.tokens)))
     if tokenizer is not None:
@@ -256,6 +279,9 @@ def generate(
         s = result.profile.summary()
         shards = ", ".join(f"{k} {v:.2f}" for k, v in s["shard_ms_per_token"].items())
         click.echo(
+            f"prompt {s['prompt_tokens']} tokens ({s['prefill_tokens']} by prefill, T="
+            f"{runtime.prefill_tokens or '-'}) {s['prompt_tokens_per_second']} tok/s, time to "
+            f"first token {s['time_to_first_token_ms']} ms; "
             f"decode {s['tokens_per_second']} tok/s over {s['decode_tokens']} tokens; "
             f"layers {s['layers_ms_per_token']} ms/token ({shards}); "
             f"head predict+reduce {s['head_ms_per_token']} ms/token [{runtime.backend}]",

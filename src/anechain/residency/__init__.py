@@ -216,7 +216,7 @@ def check_residency(
         if load_plan is None and not macos_at_least(need):
             return not_checked(settings, f"needs macOS {'.'.join(map(str, need))}+ or a saved plan")
         try:
-            plan = _live_plan(model, compiled, compute_units, load_plan, compiler)
+            plan = _live_plan(model, compiled, compute_units, load_plan, compiler, program.function)
         except PlatformError as exc:  # e.g. the compiler needs a newer macOS than the plan
             return not_checked(settings, str(exc))
         source = "live"
@@ -242,10 +242,19 @@ def _live_plan(
     compute_units: str,
     load_plan: PlanLoader | None,
     compiler: Any,
+    function: str = "main",
 ) -> ComputePlan:
+    """The plan of `function`: the package's default one (decode, in a two-function shard)."""
     if compiled is None:
-        return read_live_plan(model, compute_units, load_plan=load_plan, compiler=compiler)
+        return read_live_plan(
+            model, compute_units, load_plan=load_plan, compiler=compiler, function=function
+        )
     sha = sha256_tree(model) if model.suffix == ".mlpackage" else None
     return load_live_plan(
-        Path(compiled), compute_units, model=str(model), package_sha256=sha, load_plan=load_plan
+        Path(compiled),
+        compute_units,
+        model=str(model),
+        package_sha256=sha,
+        load_plan=load_plan,
+        function=function,
     )

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from anechain.errors import ConfigError, ResidencyError
-from anechain.fsutil import atomic_write_text, sha256_tree
+from anechain.fsutil import sha256_tree
+from anechain.jsonio import atomic_write_json
 from anechain.platform import macos_at_least, require_macos
 
 PLAN_SCHEMA = "anechain.compute-plan/1"
@@ -144,7 +145,7 @@ class ComputePlan:
 def save_plan(plan: ComputePlan, path: str | Path) -> Path:
     """Write the plan as JSON, atomically."""
     path = Path(path)
-    atomic_write_text(path, json.dumps(plan.to_dict(), indent=1, sort_keys=True) + "\n")
+    atomic_write_json(path, plan.to_dict(), indent=1)
     return path
 
 
@@ -262,8 +263,9 @@ def load_live_plan(
     model: str = "",
     package_sha256: str | None = None,
     load_plan: PlanLoader | None = None,
+    function: str = "main",
 ) -> ComputePlan:
-    """Ask Core ML for the compute plan of an already compiled model."""
+    """Ask Core ML for the compute plan of an already compiled model (one function)."""
     if compute_units not in COMPUTE_UNITS:
         raise ConfigError(
             f"unknown compute units {compute_units!r}; choose from {', '.join(COMPUTE_UNITS)}"
@@ -277,6 +279,7 @@ def load_live_plan(
         raise ResidencyError(f"Core ML could not plan {compiled}: {exc}") from None
     return normalise_plan(
         ct_plan,
+        function=function,
         compute_units=compute_units,
         model=model or str(compiled),
         package_sha256=package_sha256,
@@ -289,6 +292,7 @@ def read_live_plan(
     *,
     load_plan: PlanLoader | None = None,
     compiler: Any = None,
+    function: str = "main",
 ) -> ComputePlan:
     """The compute plan of a .mlmodelc (an .mlpackage is compiled to a temporary folder
     first). `load_plan` replaces coremltools' loader (tests); `compiler` is passed to
@@ -307,6 +311,7 @@ def read_live_plan(
             compute_units,
             package_sha256=recorded.get("source_sha256"),
             load_plan=load_plan,
+            function=function,
         )
     if model.suffix != ".mlpackage":
         raise ResidencyError(f"{model} is neither an .mlmodelc nor an .mlpackage")
@@ -319,4 +324,5 @@ def read_live_plan(
             model=str(model),
             package_sha256=sha256_tree(model),
             load_plan=load_plan,
+            function=function,
         )

@@ -113,10 +113,12 @@ def _dtype_name(value_type: Any) -> str | None:
     return None
 
 
-def program_from_spec(spec: Any, function: str = "main") -> Program:
-    """The ops of `function` in a package's protobuf spec (no weights are read)."""
+def program_from_spec(spec: Any, function: str | None = None) -> Program:
+    """The ops of `function` in a package's protobuf spec (no weights are read); by default
+    the package's default function (`main`, or `decode` beside `prefill`)."""
     if spec.WhichOneof("Type") != "mlProgram":
         raise ResidencyError("the model is not an ML Program; no op-level residency")
+    function = function or spec.description.defaultFunctionName or "main"
     functions = spec.mlProgram.functions
     if function not in functions:
         raise ResidencyError(
@@ -150,7 +152,7 @@ def program_from_spec(spec: Any, function: str = "main") -> Program:
     return Program(function, tuple(ops))
 
 
-def read_program(package: str | Path, function: str = "main") -> Program:
+def read_program(package: str | Path, function: str | None = None) -> Program:
     """The program of an .mlpackage (the spec only; weights stay on disk)."""
     from anechain.package import load_spec
 

@@ -43,7 +43,12 @@ def resolve_backend(backend: str) -> str:
 
 
 def open_runner(backend: str, package: str | Path, **options: object) -> ShardRunner:
-    """A runner for `package` (an .mlpackage; the coreml runner compiles or takes .mlmodelc)."""
+    """A runner for `package` (an .mlpackage; the coreml runner compiles or takes .mlmodelc).
+
+    Both runners take `function=` (a function of a multifunction package; default: its
+    default one) and `state_from=` (a runner of the same package whose states this one
+    shares: prefill fills the KV cache decode continues from).
+    """
     backend = resolve_backend(backend)
     if backend == "mil":
         from anechain.runners.mil import MILRunner

@@ -33,8 +33,9 @@ _ARRAY_DTYPES = {
     "INT8": np.int8,
 }
 
-# (compiled path, compute units name) -> an object with predict(data, state=) and make_state().
-ModelLoader = Callable[[str, str], Any]
+# (compiled path, compute units name) -> an object with predict(data, state=) and make_state();
+# a third argument, when given, names the function of a multifunction model to load.
+ModelLoader = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,10 @@ def _dtype(type_name: str, where: str) -> np.dtype:
 
 
 def features_from_spec(
-    spec: Any,
+    spec: Any, function: str | None = None
 ) -> tuple[list[FeatureSpec], list[FeatureSpec], list[FeatureSpec]]:
-    """(inputs, outputs, states) of a model spec (coremltools protobuf)."""
+    """(inputs, outputs, states) of a model spec (coremltools protobuf); for a multifunction
+    model, of `function` (default: its default function)."""
 
     def arrays(descriptions: Any, kind: str) -> list[FeatureSpec]:
         out = []
@@ -77,6 +79,15 @@ def features_from_spec(
         return out
 
     desc = spec.description
+    if len(desc.functions):
+        name = function or desc.defaultFunctionName
+        found = [f for f in desc.functions if f.name == name]
+        if not found:
+            names = ", ".join(sorted(f.name for f in desc.functions))
+            raise RunnerError(f"the model has no function {name!r} (it has {names})")
+        desc = found[0]
+    elif function not in (None, "main"):
+        raise RunnerError(f"the model has one function, `main`, not {function!r}")
     return (
         arrays(desc.input, "input"),
         arrays(desc.output, "output"),
@@ -149,10 +160,12 @@ def _verified_source(compiled: Path) -> Path | None:
     return package if sha256_tree(package) == recorded.get("source_sha256") else None
 
 
-def _coremltools_load_model(compiled: str, compute_units: str) -> Any:
+def _coremltools_load_model(compiled: str, compute_units: str, function: str | None = None) -> Any:
     import coremltools as ct
 
-    return ct.models.CompiledMLModel(compiled, compute_units=ct.ComputeUnit[compute_units.upper()])
+    return ct.models.CompiledMLModel(
+        compiled, compute_units=ct.ComputeUnit[compute_units.upper()], function_name=function
+    )
 
 
 class CoreMLRunner:
@@ -163,6 +176,9 @@ class CoreMLRunner:
     from its description (the package's spec, or the compiled model's `stateSchema`): a
     stateless model (the head) is predicted without a state; Core ML would hand it an empty
     one rather than refuse. `load_model` and `compiler` replace the Core ML calls (tests).
+    `function` picks a function of a multifunction model; `state_from` is a runner of another
+    function of the same model whose state this one shares (Core ML states work across a
+    model's functions: prefill fills the KV cache decode reads).
     """
 
     name = "coreml"
@@ -175,6 +191,8 @@ class CoreMLRunner:
         compiled: str | Path | None = None,
         load_model: ModelLoader | None = None,
         compiler: Any = None,
+        function: str | None = None,
+        state_from: CoreMLRunner | None = None,
     ) -> None:
         from anechain.compile import compile_to
 
@@ -195,7 +213,9 @@ class CoreMLRunner:
         if path.suffix == ".mlpackage":
             from anechain.package import load_spec
 
-            inputs, outputs, states = features_from_spec(load_spec(path))
+            inputs, outputs, states = features_from_spec(load_spec(path), function)
+            if compiled is None and state_from is not None:  # the same package: compiled once
+                compiled = state_from.compiled
             if compiled is None:
                 self._tmp = Path(tempfile.mkdtemp(prefix="anechain-coreml-"))
                 self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
@@ -209,8 +229,11 @@ class CoreMLRunner:
                 from anechain.package import load_spec
 
                 # Compilers that write no stateSchema: the package it came from knows.
-                states = features_from_spec(load_spec(source))[2]
+                states = features_from_spec(load_spec(source), function)[2]
             compiled = path
+            if function is not None:
+                # metadata.json describes the default function only; Core ML checks the rest.
+                inputs, outputs = None, []
         else:
             raise RunnerError(f"{path} is neither an .mlpackage nor an .mlmodelc")
         self.compiled = Path(compiled)
@@ -218,11 +241,22 @@ class CoreMLRunner:
         self.outputs = outputs
         self.states = states
         self.state_names = [f.name for f in states]
+        self.function = function
+        load_args = (str(self.compiled), compute_units) + ((function,) if function else ())
         try:
-            self._model = load_model(str(self.compiled), compute_units)
+            self._model = load_model(*load_args)
         except Exception as exc:  # Core ML surfaces load failures as bare Exceptions
             raise RunnerError(f"Core ML could not load {self.compiled}: {exc}") from None
-        self._state = self._new_state()
+        self._shares: CoreMLRunner | None = None
+        if state_from is not None:
+            if path.resolve() != state_from.path.resolve() or states != state_from.states:
+                raise RunnerError(
+                    f"{path} ({function}) cannot share the state of {state_from.path} "
+                    f"({state_from.function}): another model or other states"
+                )
+            self._shares = state_from  # its state object, also after either resets
+        else:
+            self._state = self._new_state()
 
     def _new_state(self) -> Any:
         if not self.states:
@@ -234,12 +268,24 @@ class CoreMLRunner:
                 f"Core ML could not make a state for {self.compiled}: {exc}"
             ) from None
 
+    @property
+    def _state(self) -> Any:
+        return self._shares._state if self._shares is not None else self._own_state
+
+    @_state.setter
+    def _state(self, value: Any) -> None:
+        if self._shares is not None:
+            self._shares._state = value
+        else:
+            self._own_state = value
+
     def reset(self) -> None:
-        """A fresh state: Core ML's new states start zeroed."""
+        """A fresh state (Core ML's new states start zeroed), for every runner sharing it."""
         self._state = self._new_state()
 
     def step(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_inputs(self.inputs, inputs)
+        if self.inputs is not None:
+            check_inputs(self.inputs, inputs)
         try:
             # predict converts fp16 arrays in the dict it is given; hand it a copy.
             raw = self._model.predict(dict(inputs), state=self._state)

@@ -129,17 +129,35 @@ class MILRunner:
 
     name = "mil"
 
-    def __init__(self, package_path: str | Path, *, track_activations: bool = True) -> None:
+    def __init__(
+        self,
+        package_path: str | Path,
+        *,
+        track_activations: bool = True,
+        function: str | None = None,
+        state_from: MILRunner | None = None,
+    ) -> None:
+        """`function`: which function of a multifunction program (default: its default one);
+        `state_from`: another runner of the same package whose states this one shares, as
+        Core ML shares one state object across a model's functions."""
         from anechain.package import load_program
 
         t0 = time.perf_counter()
         self.path = Path(package_path)
         self.track_activations = track_activations
         spec, prog = load_program(self.path)
-        self.layer_output_vars = _layer_output_vars(spec, self.path)
-        if "main" not in prog.functions:
-            raise RunnerError(f"{self.path}: the program has no `main` function")
-        func = prog.functions["main"]
+        default = spec.description.defaultFunctionName or "main"
+        self.function = function or default
+        if self.function not in prog.functions:
+            raise RunnerError(
+                f"{self.path}: the program has no {self.function!r} function "
+                f"(it has {', '.join(sorted(prog.functions))})"
+            )
+        func = prog.functions[self.function]
+        # The exporter records the layer outputs of the default (decode) function.
+        self.layer_output_vars = (
+            _layer_output_vars(spec, self.path) if self.function == default else []
+        )
         ops = list(func.operations)
         self._check_supported(ops)
 
@@ -150,7 +168,9 @@ class MILRunner:
 
         self._consts: dict[str, Any] = {}
         self._matrices: dict[str, np.ndarray] = {}  # conv weight var -> float32 (out, in)
-        self._materialize(ops)
+        # Functions of one package share weight blobs: reuse the other runner's matrix where
+        # the values are equal (compared, never assumed from the name), one copy in memory.
+        self._materialize(ops, state_from._matrices if state_from is not None else {})
         self._steps: list[Step] = []
         self.num_layers = 1
         self._plan(ops)
@@ -166,7 +186,15 @@ class MILRunner:
         self.first_nonfinite: dict[str, Any] | None = None
         self.layer_max_abs: list[float] = []
         self.layer_outputs: list[np.ndarray] = []
-        self.reset()
+        if state_from is not None:
+            if state_from.path.resolve() != self.path.resolve() or state_from.states != self.states:
+                raise RunnerError(
+                    f"{self.path} ({self.function}) cannot share the states of "
+                    f"{state_from.path} ({state_from.function}): another program or other states"
+                )
+            self._state_values = state_from._state_values  # one dict, updated in place
+        else:
+            self.reset()
         log.debug(
             "loaded %s: %d ops, %d weight matrices, in %.1fs",
             self.path,
@@ -210,7 +238,7 @@ class MILRunner:
             inputs.append(TensorSpec(name, shape, _np_dtype(var.dtype).name))
         self.inputs, self.states = tuple(inputs), tuple(states)
 
-    def _materialize(self, ops: list[Any]) -> None:
+    def _materialize(self, ops: list[Any], reuse: dict[str, np.ndarray]) -> None:
         """Evaluate consts and constexprs once; conv-only weights are kept only as matrices."""
         for op in ops:
             if not _is_load_time(op.op_type):
@@ -230,7 +258,11 @@ class MILRunner:
                 ]
                 if conv_uses:
                     self._check_conv_weight(conv_uses[0], np.shape(value))
-                    self._matrices[var.name] = conv_matrix(np.asarray(value))
+                    matrix = conv_matrix(np.asarray(value))
+                    same = reuse.get(var.name)
+                    if same is not None and np.array_equal(same, matrix):
+                        matrix = same
+                    self._matrices[var.name] = matrix
                 if len(conv_uses) < len(children) or not children:
                     self._consts[var.name] = value if isinstance(value, str) else np.asarray(value)
                 del value
@@ -325,8 +357,11 @@ class MILRunner:
     # --- run -------------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Zero every state (a fresh KV cache)."""
-        self._state_values = {s.name: np.zeros(s.shape, np.dtype(s.dtype)) for s in self.states}
+        """Zero every state (a fresh KV cache), for every runner sharing it."""
+        self._state_values.clear()  # in place: runners created with state_from share it
+        self._state_values.update(
+            {s.name: np.zeros(s.shape, np.dtype(s.dtype)) for s in self.states}
+        )
 
     def read_state(self, name: str) -> np.ndarray:
         """A copy of a state's current value."""
