@@ -96,7 +96,9 @@ def test_a_bundle_holds_what_the_mac_did(bundles):
     data = read_bundle(bundles["5:6"])
     assert data["machine"] == MAC
     assert data["plan"]["compute_units"] == "cpu_and_ne"
-    assert all(op["cost"] is not None for op in data["plan"]["ops"] if op["preferred"])
+    assert set(data["plan"]["functions"]) == {"main"} == {p["function"] for p in data["programs"]}
+    ops = data["plan"]["functions"]["main"]
+    assert all(op["cost"] is not None for op in ops if op["preferred"])
     assert set(data["runs"]) == {"cpu_and_ne", "cpu_only"}
     assert len(data["inputs"]) == len(data["runs"]["cpu_and_ne"]["outputs"]) == 16
     key = decode_array(data["runs"]["cpu_and_ne"]["states"]["key_cache"])
@@ -134,7 +136,8 @@ def test_a_mac_without_a_neural_engine_captures_counts_without_a_verdict(
 
 def test_a_plan_not_matching_the_program_is_refused(bundles, tiny_checkpoint, tmp_path):
     def drop_convs(d):
-        d["plan"]["ops"] = [op for op in d["plan"]["ops"] if op["type"] != "conv"]
+        ops = d["plan"]["functions"]["main"]
+        d["plan"]["functions"]["main"] = [op for op in ops if op["type"] != "conv"]
 
     with pytest.raises(ResidencyError, match="0 conv in the plan vs 4"):
         replay_bundle(forged(bundles["5:6"], tmp_path, drop_convs), tiny_checkpoint)
@@ -177,6 +180,10 @@ def test_a_cpu_only_capture_claiming_residency_is_refused(bundles, tiny_checkpoi
     [
         (lambda d: d["residency"].update(passed=False), "residency passed"),
         (lambda d: d["residency"]["counts"].update(conv_ane=3), "residency counts"),
+        (
+            lambda d: d["residency"]["functions"]["main"]["counts"].update(conv_ane=3),
+            "per-function residency",
+        ),
         (lambda d: d["runs"]["cpu_only"]["golden"].update(passed=False), "cpu_only golden"),
         (lambda d: d["plan"].update(package_sha256="0" * 64), "another package"),
         (lambda d: d["checkpoint"].update(fingerprint="x"), "another checkpoint"),
