@@ -2,10 +2,10 @@
 
 For each package, a bundle (one JSON file, arrays zlib-compressed and base64-encoded) holds
 what Core ML did with it on this machine: the compute plan of every function with its
-estimated costs, the program of every function (op kinds, names, dtypes), the compiled model's metadata.json, the inputs
-of the golden run and Core ML's outputs for them on CPU_AND_NE and on CPU_ONLY, the states
-after the run, the residency and golden results as computed here, and the machine (chip,
-macOS, coremltools, Neural Engine cores).
+estimated costs, the program of every function (op kinds, names, dtypes), the compiled
+model's metadata.json, the inputs of the golden run and Core ML's outputs for them on
+CPU_AND_NE and on CPU_ONLY, the states after the run, the residency and golden results as
+computed here, and the machine (chip, macOS, coremltools, Neural Engine cores).
 
 `anechain.replay` puts a bundle back through the same residency and golden code.
 """
