@@ -262,3 +262,38 @@ def test_cli_capture_usage_and_platform(tiny_shards, tiny_checkpoint_dir, tmp_pa
         result = CliRunner().invoke(cli, base)
         assert result.exit_code == 1 and "Traceback" not in result.output
         assert "capturing Core ML results needs macOS 15+" in result.output
+
+
+@pytest.fixture(scope="module")
+def two_fn_bundle(tmp_path_factory, tiny_checkpoint, tiny_config) -> Path:
+    """A capture of layer 5 exported with its prefill function beside decode."""
+    from anechain.export import LayerSpec, export_shard
+
+    out = tmp_path_factory.mktemp("two_fn_capture")
+    spec = LayerSpec(LayerRange(5, 6), out / "layers_5_6.mlpackage")
+    pkg = export_shard(tiny_checkpoint, spec, tiny_config.export).path
+    return capture_package(pkg, tiny_checkpoint, tiny_config, out, seams=seams(pkg))
+
+
+def test_a_two_function_capture_carries_and_gates_both_functions(
+    two_fn_bundle, tiny_checkpoint, tmp_path
+):
+    data = read_bundle(two_fn_bundle)
+    assert sorted(data["plan"]["functions"]) == ["decode", "prefill"]
+    assert [p["function"] for p in data["programs"]] == ["decode", "prefill"]
+    replay = replay_bundle(two_fn_bundle, tiny_checkpoint)
+    assert replay.residency.passed is True
+    assert [f.counts.conv_total for f in replay.residency.functions] == [4, 4]
+
+    def prefill_convs_on_the_cpu(d):
+        for op in d["plan"]["functions"]["prefill"]:
+            if op["type"] == "conv":
+                op["preferred"] = "cpu"
+
+    # The recorded verdict no longer matches what the plan shows ...
+    with pytest.raises(CaptureError, match="residency passed"):
+        replay_bundle(forged(two_fn_bundle, tmp_path, prefill_convs_on_the_cpu), tiny_checkpoint)
+    # ... and a bundle whose plan lacks the prefill function is refused.
+    dropped = forged(two_fn_bundle, tmp_path / "d", lambda d: d["plan"]["functions"].pop("prefill"))
+    with pytest.raises(ResidencyError, match="lacks function 'prefill'"):
+        replay_bundle(dropped, tiny_checkpoint)
