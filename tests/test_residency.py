@@ -38,6 +38,7 @@ from anechain.residency import (
     read_live_plan,
     read_program,
     read_saved_plan,
+    report_for_plan,
     save_plan,
 )
 
@@ -575,3 +576,5 @@ def test_normalise_plans_reads_every_function():
     )
     with pytest.raises(ResidencyError, match="not an ML Program"):
         normalise_plans(empty)
+    with pytest.raises(ResidencyError, match="has no function"):
+        report_for_plan(normalise_plans(make_plan([Op("conv", "a")])), [])

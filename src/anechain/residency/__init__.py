@@ -184,6 +184,8 @@ def report_for_plan(
             f"the compute plan{f' of {where}' if where else ''} was made for "
             f"{plan.compute_units}, which excludes the Neural Engine; it proves no residency"
         )
+    if not programs:
+        raise ResidencyError(f"the program{f' of {where}' if where else ''} has no function")
     check_plan_functions(plan.functions, [p.function for p in programs], where)
     reports = []
     several = len(programs) > 1

@@ -263,7 +263,7 @@ def package_report(plan: PackagePlan, reports: Sequence[ResidencyReport]) -> Res
     return ResidencyReport(
         status=first.status,
         counts=ResidencyCounts.total([r.counts for r in reports if r.counts is not None]),
-        passed=None if first.passed is None else not failures,
+        passed=None if first.passed is None else all(r.passed for r in reports),
         failures=failures,
         non_ane_ops=tuple(op for r in reports for op in r.non_ane_ops),
         plumbing_ops=tuple(c for r in reports for c in r.plumbing_ops),
