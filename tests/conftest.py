@@ -6,7 +6,9 @@ so every test goes through the same loading code as a real model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,6 +67,43 @@ def tiny_shards(
     ]
     export_shards(tiny_checkpoint, specs, dataclasses.replace(tiny_config.export, prefill_tokens=0))
     return {s.layers: s.path for s in specs}
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory, tiny_config, tiny_checkpoint_dir):
+    """The one-command pipeline on the tiny default (asymmetric 3/2/1 topology).
+
+    Shared by the pipeline and bad-input tests; tests that alter it work on a copy.
+    """
+    from anechain.build import run_build
+
+    out = tmp_path_factory.mktemp("build")
+    cache = tmp_path_factory.mktemp("golden")
+    result = run_build(tiny_config, out, tiny_checkpoint_dir, backend="mil", cache_dir=cache)
+    return result, cache
+
+
+def _error_line(result: Any, code: int) -> str:
+    """The one error line of a failed command (its message), after checking the contract."""
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
+    assert "Traceback" not in result.output
+    # One "Error:" line, the last thing said; before it only progress ("[<time>s] ...",
+    # converter progress bars) and, for usage errors (2), click's usage hint.
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert code == 2 or not any(line.startswith("Usage:") for line in lines), result.stderr
+    return errors[0].removeprefix("Error: ")
+
+
+@pytest.fixture(scope="session")
+def error_line() -> Callable[[Any, int], str]:
+    """Check a failed command against the error contract and return its one message:
+    `error_line(result, 2)`."""
+    return _error_line
 
 
 def scale_tensor(checkpoint_dir: Path, name: str, factor: float) -> None:

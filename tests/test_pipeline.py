@@ -20,15 +20,6 @@ from anechain.residency import expected_live_status
 from anechain.runtime import transformers_greedy
 
 
-@pytest.fixture(scope="module")
-def tiny_build(tmp_path_factory, tiny_config, tiny_checkpoint_dir):
-    """The one-command pipeline on the tiny default (asymmetric 3/2/1 topology)."""
-    out = tmp_path_factory.mktemp("build")
-    cache = tmp_path_factory.mktemp("golden")
-    result = run_build(tiny_config, out, tiny_checkpoint_dir, backend="mil", cache_dir=cache)
-    return result, cache
-
-
 def test_build_passes_end_to_end(tiny_build):
     result, _ = tiny_build
     assert result.passed

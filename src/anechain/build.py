@@ -23,8 +23,9 @@ from anechain.checkpoint import Checkpoint, write_random_checkpoint
 from anechain.config import Config, LayerRange
 from anechain.errors import PlatformError
 from anechain.export import LayerSpec, export_embedding, export_head, export_shard
-from anechain.fsutil import atomic_write_text, sha256_tree
+from anechain.fsutil import sha256_tree
 from anechain.head import head_tensor_names
+from anechain.jsonio import atomic_write_json
 from anechain.manifest import build_manifest
 from anechain.platform import is_macos
 from anechain.runners import resolve_backend
@@ -118,7 +119,7 @@ class _State:
 
     def record(self, artifact: Path, key: str, entry_name: str | None = None) -> None:
         self.data[entry_name or artifact.name] = {"key": key, "sha256": sha256_tree(artifact)}
-        atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(self.path, self.data)
 
 
 def _reusable_report(package: Path) -> dict[str, Any] | None:

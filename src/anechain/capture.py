@@ -29,7 +29,8 @@ from anechain.checkpoint import Checkpoint
 from anechain.config import Config, ValidationSettings, to_dict
 from anechain.contract import KIND_HEAD, ShardMetadata
 from anechain.errors import AnechainError
-from anechain.fsutil import atomic_write_text, sha256_tree
+from anechain.fsutil import sha256_tree
+from anechain.jsonio import atomic_write_json
 
 CAPTURE_SCHEMA = "anechain.capture/1"
 RUN_UNITS = ("cpu_and_ne", "cpu_only")
@@ -224,7 +225,7 @@ def capture_package(
         "runs": runs,
     }
     out = Path(out_dir) / f"{package.stem}.capture.json"
-    atomic_write_text(out, json.dumps(bundle, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    atomic_write_json(out, bundle, indent=1)  # strict: a NaN metric is null, not an error
     say(f"[{package.name}] wrote {out}")
     return out
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from anechain.errors import CompileError
-from anechain.fsutil import atomic_path, atomic_write_text, sha256_tree
+from anechain.fsutil import atomic_path, sha256_tree
+from anechain.jsonio import atomic_write_json
 from anechain.package import check_package
 from anechain.platform import require_macos
 
@@ -199,5 +200,5 @@ def compile_package(
         "source_sha256": sha,
         "compiler": name,
     }
-    atomic_write_text(sidecar_path(dest), json.dumps(record, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(sidecar_path(dest), record)
     return CompileResult(pkg, dest, sha, False, name, time.perf_counter() - t0)

@@ -8,6 +8,8 @@ its overrides with `dataclasses.replace`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +22,29 @@ import yaml
 from anechain.errors import ConfigError
 
 PRESETS = ("tiny", "phi-4-mini")
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
+
+# ASCII only: int() also accepts other scripts' digits (Arabic-Indic, fullwidth) and
+# refuses superscripts, so "¹" would be a traceback and "١" silently 1.
+_ASCII_INT = re.compile(r"[0-9]+")
+
+
+_ASCII_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def parse_ascii_float(text: str) -> float | None:
+    """The finite number `text` spells in ASCII (1, 0.5, 1e-5), else None (NaN, inf, "١")."""
+    text = text.strip(" \t")
+    if not _ASCII_FLOAT.fullmatch(text):
+        return None
+    number = float(text)
+    return number if math.isfinite(number) else None  # 1e999 overflows to inf
+
+
+def parse_ascii_int(text: str) -> int | None:
+    """The non-negative integer `text` spells in ASCII digits (spaces around allowed), else None."""
+    text = text.strip(" \t")
+    return int(text) if _ASCII_INT.fullmatch(text) else None
 
 
 @dataclass(frozen=True, order=True)
@@ -35,10 +60,10 @@ class LayerRange:
 
     @classmethod
     def parse(cls, text: str) -> LayerRange:
-        parts = text.split(":")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        parts = [parse_ascii_int(p) for p in text.split(":")]
+        if len(parts) != 2 or parts[0] is None or parts[1] is None:
             raise ConfigError(f"layer range {text!r} is not START:END (e.g. 8:16)")
-        return cls(int(parts[0]), int(parts[1]))
+        return cls(parts[0], parts[1])
 
     @property
     def num_layers(self) -> int:
@@ -171,6 +196,10 @@ class ValidationSettings:
     def __post_init__(self) -> None:
         if self.steps <= 0:
             raise ConfigError(f"validation.steps must be positive, got {self.steps}")
+        if not 0 <= self.calibration_seed <= SEED_MAX:
+            raise ConfigError(
+                f"validation.calibration_seed must be in 0..{SEED_MAX}, got {self.calibration_seed}"
+            )
 
 
 @dataclass(frozen=True)
@@ -206,6 +235,8 @@ class BuildSettings:
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise ConfigError(f"build.max_new_tokens must be positive, got {self.max_new_tokens}")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(f"build.seed must be in 0..{SEED_MAX}, got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -248,13 +279,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return value
     if tp is float:
-        # PyYAML reads 1e-5 (no dot) as a string: cast it explicitly.
-        if isinstance(value, bool):
+        # PyYAML reads 1e-5 (no dot) as a string: cast it explicitly, from ASCII only.
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ConfigError(f"{where} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        number = parse_ascii_float(value) if isinstance(value, str) else float(value)
+        if number is None and isinstance(value, str):
+            try:
+                float(value)
+            except ValueError:
+                raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        # A NaN bound passes nothing and would be written as a bare NaN; "١" is not 1.
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{where} must be a finite number in ASCII digits, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
@@ -306,13 +343,23 @@ def load_config(path: str | Path) -> Config:
     """Load and validate a YAML config file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.exists() and not (path.is_file() or path.is_fifo()):
+            raise ConfigError(f"config {path} is not a file")  # /dev/zero would never end
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config {path} is not UTF-8 text (byte {exc.start}: {raw[exc.start]:#04x})"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    except RecursionError:  # PyYAML's parser recurses once per nesting level
+        raise ConfigError(f"config {path} is nested too deeply to be an anechain config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level")
     try:

@@ -1,4 +1,5 @@
-"""The exceptions anechain raises; the CLI turns each into a one-line message and exit 1."""
+"""The exceptions anechain raises; the CLI turns each into one line: exit 2 for UsageError,
+1 for the rest."""
 
 from __future__ import annotations
 
@@ -55,3 +56,15 @@ class ManifestError(AnechainError):
 
 class PlatformError(AnechainError):
     """The command needs something this machine does not have (macOS, Core ML)."""
+
+
+class UsageError(AnechainError):
+    """The command was given something it cannot use: exit 2, like click's usage errors."""
+
+
+class OutputPathError(UsageError):
+    """An output path that cannot be written (a FIFO, a socket, a block device)."""
+
+
+class DiskFullError(AnechainError):
+    """The disk filled up while an artifact was written; names the file and the space."""

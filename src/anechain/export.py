@@ -41,7 +41,7 @@ from anechain.contract import (
     layer_contract,
 )
 from anechain.errors import ExportError
-from anechain.fsutil import atomic_path
+from anechain.fsutil import atomic_path, isolated_tempdir
 from anechain.head import head_tensor_names
 from anechain.package import package_size
 from anechain.rope import RopeParameters
@@ -288,6 +288,7 @@ def _head_description(n_chunks: int, settings: ExportSettings) -> str:
     )
 
 
+@isolated_tempdir("spec")
 def export_shard(
     checkpoint: Checkpoint,
     spec: LayerSpec,
@@ -303,6 +304,7 @@ def export_shard(
     arch = checkpoint.architecture
     layers = spec.layers
     layers.check_within(arch.num_hidden_layers)
+    checkpoint.check_layers(layers, settings.context_length)
     _check_dest(spec.path, overwrite)
 
     t0 = time.perf_counter()
@@ -349,6 +351,7 @@ def export_shard(
     )
 
 
+@isolated_tempdir("dest")
 def export_head(
     checkpoint: Checkpoint,
     dest: Path,
@@ -362,6 +365,7 @@ def export_head(
 
     say = progress or (lambda msg: log.info(msg))
     arch = checkpoint.architecture
+    checkpoint.check_tensors(head_tensor_names(checkpoint))
     _check_dest(dest, overwrite)
     t0 = time.perf_counter()
     label = "[head]"
@@ -420,6 +424,7 @@ def export_embedding(
         raise ExportError(f"{dest} already exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
     name = "model.embed_tokens.weight"
+    checkpoint.check_tensors([name])
     say(f"[embedding] reading {name} from {checkpoint.path}")
     rows, cols = checkpoint.tensor_shape(name)
     header = {
@@ -427,7 +432,10 @@ def export_embedding(
         "fortran_order": False,
         "shape": (rows, cols),
     }
-    with atomic_path(dest, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
+    with (
+        atomic_path(dest, overwrite=overwrite, expected_bytes=rows * cols * 2) as tmp,
+        open(tmp, "wb") as f,
+    ):
         # Plain writes, not a memmap: written pages of a mapping would count as our memory.
         np.lib.format.write_array_header_1_0(f, header)
         for start in range(0, rows, 16384):

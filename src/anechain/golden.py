@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,7 +75,9 @@ def _embed(checkpoint: Checkpoint, tokens: list[int]) -> np.ndarray:
             rows = [table[t : t + 1] for t in tokens]  # only these rows are read
     except Exception as exc:  # SafetensorError has no importable base class
         raise CheckpointError(f"{file} cannot be read: {exc}") from None
-    return torch.cat(rows).float().numpy()
+    table_rows = torch.cat(rows)
+    Checkpoint.check_finite(name, table_rows)  # only the calibration tokens' rows
+    return table_rows.float().numpy()
 
 
 class _LayerRunner:
@@ -123,6 +126,23 @@ class _LayerRunner:
         return out[0].numpy()
 
 
+def _load_cached(cache: Path, step_shape: tuple[int, int]) -> np.ndarray | None:
+    """The cached boundaries (k, S, hidden) float32, or None: a truncated, corrupt or
+    foreign file is a miss (recomputed and rewritten), never an error."""
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as data:
+            have = data["boundaries"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        log.warning("ignoring unreadable golden cache %s", cache)
+        return None
+    if have.dtype != np.float32 or have.ndim != 3 or have.shape[1:] != step_shape or not len(have):
+        log.warning("ignoring golden cache %s of shape %s %s", cache, have.shape, have.dtype)
+        return None
+    return have
+
+
 def reference_boundaries(
     checkpoint: Checkpoint,
     tokens: list[int],
@@ -135,15 +155,9 @@ def reference_boundaries(
     Entry i is the input of layer i, so entry `end` is the output of layer end-1 (never the
     final norm's output).
     """
+    checkpoint.check_reference(upto)
     cache = _cache_path(cache_dir or default_cache_dir(), checkpoint, tokens)
-    have: np.ndarray | None = None
-    if cache.is_file():
-        try:
-            with np.load(cache, allow_pickle=False) as data:
-                have = data["boundaries"]
-        except (OSError, ValueError, KeyError):
-            log.warning("ignoring unreadable golden cache %s", cache)
-            have = None
+    have = _load_cached(cache, (len(tokens), checkpoint.architecture.hidden_size))
     if have is not None and have.shape[0] > upto:
         return have[: upto + 1]
 

@@ -43,6 +43,7 @@ def reference_logits(checkpoint: Checkpoint, hidden: np.ndarray) -> np.ndarray:
     from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
 
     norm_name, head_name = head_tensor_names(checkpoint)
+    checkpoint.check_tensors([norm_name, head_name])
     tensors = checkpoint.read_tensors([norm_name, head_name])
     norm = Phi3RMSNorm(checkpoint.architecture.hidden_size, checkpoint.architecture.rms_norm_eps)
     with torch.no_grad():

@@ -29,6 +29,7 @@ from anechain.config import Architecture, LayerRange, to_dict
 from anechain.contract import KIND_HEAD, MASK_VALUE, IOContract, TensorSpec
 from anechain.errors import ConfigError, ManifestError
 from anechain.fsutil import atomic_write_text, sha256_tree
+from anechain.jsonio import dumps_json
 from anechain.shards import (
     ShardRecord,
     ValidatedHead,
@@ -240,7 +241,7 @@ class Manifest(_JSON):
         return data
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, indent=2) + "\n"
+        return dumps_json(self.to_dict()) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:

@@ -29,7 +29,8 @@ from anechain import __version__
 from anechain.checkpoint import Checkpoint
 from anechain.config import ExportSettings, LayerRange, ValidationSettings, to_dict
 from anechain.errors import CompileError, ExportError
-from anechain.fsutil import atomic_write_text, sha256_tree
+from anechain.fsutil import sha256_tree
+from anechain.jsonio import atomic_write_json
 from anechain.search import (  # noqa: F401  (re-exported)
     Attempt,
     PlanError,
@@ -199,7 +200,7 @@ class RangeValidator:
 
     def _save_index(self) -> None:
         data = {"schema": CACHE_SCHEMA, "entries": self.entries}
-        atomic_write_text(self.index_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(self.index_path, data)
 
     def _refuse_unknown_files(self) -> None:
         if not self.report_dir.is_dir():

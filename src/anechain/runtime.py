@@ -72,6 +72,24 @@ class Generation:
     profile: Profile
 
 
+def load_embedding_table(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """The fp16 (vocab, hidden) table, memory-mapped; anything else is one ManifestError.
+
+    The manifest's sha256 only says the file is the one it was signed with: a re-signed
+    table of the wrong shape or dtype is refused here, and pickled (object) arrays are
+    never loaded.
+    """
+    try:
+        table = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ManifestError(f"embedding {path} is not a readable .npy table ({detail})") from None
+    if not isinstance(table, np.ndarray) or table.dtype != np.float16 or table.shape != shape:
+        found = f"{table.dtype} {table.shape}" if isinstance(table, np.ndarray) else "not an array"
+        raise ManifestError(f"embedding {path} is {found}; the model needs float16 {shape}")
+    return table
+
+
 class ManifestRuntime:
     """The chained model a manifest describes, one runner per shard plus the head."""
 
@@ -95,7 +113,10 @@ class ManifestRuntime:
         self.backend = resolve_backend(backend)
         root = path.parent
         self.rope = RopeParameters.from_dict(m.rope.precomputed)
-        self.embedding = np.load(root / m.embedding.file.path, mmap_mode="r", allow_pickle=False)
+        arch = m.model.architecture
+        self.embedding = load_embedding_table(
+            root / m.embedding.file.path, (arch.vocab_size, arch.hidden_size)
+        )
         self.context_length = m.context_length
         self.chunk_rows = m.head.chunk_rows
 

@@ -26,9 +26,10 @@ from anechain.checkpoint import Checkpoint
 from anechain.config import Gates, ResidencySettings, ValidationSettings, to_dict
 from anechain.contract import KIND_HEAD, KIND_LAYERS, ShardMetadata, read_package_metadata
 from anechain.errors import PackageError
-from anechain.fsutil import atomic_write_text, sha256_tree
+from anechain.fsutil import sha256_tree
 from anechain.golden import calibration_tokens, reference_boundaries
 from anechain.head import head_tensor_names, run_head_golden
+from anechain.jsonio import atomic_write_json
 from anechain.metrics import ShardComparison, compare_shard
 from anechain.package import package_size
 from anechain.rope import RopeParameters, step_inputs
@@ -187,7 +188,7 @@ def write_report(report: ValidationReport, path: str | Path) -> dict[str, Any]:
     data = report.to_dict()
     # Relative to the report, so the pair can move together.
     data["package"]["path"] = os.path.relpath(report.package.resolve(), path.resolve().parent)
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(path, data)
     return data
 
 

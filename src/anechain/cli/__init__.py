@@ -1,35 +1,103 @@
 """The `anechain` command line: the only package that imports click.
 
 Each command parses its options, builds a typed config, calls one library function and
-renders the result. Library errors (AnechainError) become a one-line message and exit 1 in
-one place, `AnechainGroup.invoke`; usage errors exit 2.
+renders the result. Library errors become one line in one place, `AnechainGroup.invoke`:
+exit 2 for a UsageError (like click's own usage errors), 1 for any other AnechainError or
+OSError; never a traceback. SIGTERM and SIGHUP unwind like Ctrl-C, so work folders are
+removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 
 import click
 
 from anechain import __version__
-from anechain.errors import AnechainError
+from anechain.errors import AnechainError, UsageError
+
+
+def one_line(text: str) -> str:
+    """Messages are one line: a library's multi-line text is joined."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def describe_os_error(exc: OSError) -> str:
+    """An OSError as one line naming the path: shutil's list of (src, dst, why) included."""
+    from anechain.fsutil import disk_full_error, shutil_error_entries
+
+    entries = shutil_error_entries(exc)
+    if entries:
+        src, dst, why = entries[0]
+        more = f" (and {len(entries) - 1} more)" if len(entries) > 1 else ""
+        return one_line(f"cannot copy {src} to {dst}: {why}{more}")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) and exc.filename:
+        return str(disk_full_error(Path(exc.filename), exc, None, None))
+    where = f": {exc.filename}" if exc.filename else ""
+    return one_line(f"{exc.strerror or exc}{where}")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the process is so that `finally` blocks clean up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+# Signals that end a run and can be caught (SIGKILL cannot: the next run sweeps).
+_UNWIND_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def _signals_unwind() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Terminated(signum)
+
+    previous = {s: signal.signal(s, handler) for s in _UNWIND_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class AnechainGroup(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         try:
-            return super().invoke(ctx)
+            with _signals_unwind():
+                return super().invoke(ctx)
+        except UsageError as exc:
+            raise click.UsageError(one_line(str(exc))) from None
         except AnechainError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(one_line(str(exc))) from None
         except OSError as exc:  # a path the user gave: missing folder, no permission, full disk
-            where = f": {exc.filename}" if exc.filename else ""
-            raise click.ClickException(f"{exc.strerror or exc}{where}") from None
-        except KeyboardInterrupt:
+            raise click.ClickException(describe_os_error(exc)) from None
+        except MemoryError:  # an allocation no up-front check foresaw
+            raise click.ClickException(
+                "out of memory; a smaller --context or fewer layers per shard need less"
+            ) from None
+        except RecursionError:  # a reader without jsonio.loads_json met a deeply nested file
+            raise click.ClickException(
+                "an input file is nested too deeply to read (Python's recursion limit)"
+            ) from None
+        except KeyboardInterrupt as exc:
+            signum = exc.signum if isinstance(exc, _Terminated) else signal.SIGINT
             click.echo("interrupted; nothing half-written was left behind", err=True)
-            sys.exit(130)
+            sys.exit(128 + signum)
 
 
 @click.group(cls=AnechainGroup, context_settings={"help_option_names": ["-h", "--help"]})

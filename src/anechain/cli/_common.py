@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +12,9 @@ import click
 
 from anechain.config import Config, LayerRange, load_config, load_preset
 from anechain.errors import ConfigError
+from anechain.fsutil import human_size as human_bytes  # noqa: F401  (the commands' name)
+
+_ASCII_SIGNED_INT = re.compile(r"[+-]?[0-9]+")
 
 
 class LayerSpecType(click.ParamType):
@@ -33,6 +38,63 @@ class LayerSpecType(click.ParamType):
         if not path.endswith(".mlpackage"):
             self.fail(f"{value!r}: PATH must end in .mlpackage", param, ctx)
         return LayerSpec(layers, Path(path))
+
+
+class AsciiIntRange(click.IntRange):
+    """click.IntRange over ASCII digits only: int() would also take "١٦" (16) silently."""
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, str) and not _ASCII_SIGNED_INT.fullmatch(value.strip()):
+            self.fail(f"{value!r} is not an integer (ASCII digits)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class FiniteFloat(click.ParamType):
+    """A finite float (a NaN bound passes nothing and is not valid JSON), optionally > above."""
+
+    name = "FLOAT"
+
+    def __init__(self, above: float | None = None) -> None:
+        self.above = above
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        from anechain.config import parse_ascii_float
+
+        number = parse_ascii_float(value) if isinstance(value, str) else value
+        if number is None or not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number (ASCII digits)", param, ctx)
+        if self.above is not None and not number > self.above:
+            self.fail(f"{value!r} is not above {self.above:g}", param, ctx)
+        return number
+
+
+def check_outputs(*paths: Path | None, folders: tuple[Path, ...] = ()) -> None:
+    """Before any work: recover what an interrupted run left at each output, and refuse
+    outputs that cannot be written (sockets, block devices, a stream where a folder must
+    go; exit 2). Streams (/dev/null, /dev/stdout, FIFOs) are written to in place."""
+    from anechain.fsutil import recover, writes_in_place
+
+    for path, folder in [*((p, False) for p in paths), *((p, True) for p in folders)]:
+        if path is not None and not writes_in_place(path, folder):
+            recover(path)
+
+
+class InputFile(click.Path):
+    """An existing file read whole: a device (/dev/zero, /dev/urandom) would never end, so
+    only regular files and pipes (/dev/stdin piped) are taken."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path, exists=True, dir_okay=False)
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        import os
+        import stat
+
+        path = super().convert(value, param, ctx)
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            self.fail(f"{value} is a device or socket, not a file", param, ctx)
+        return path
 
 
 class LayerRangeType(click.ParamType):
@@ -63,9 +125,7 @@ def model_option(
 
 def config_option(help: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
     """`--config FILE`, an anechain YAML config, passed as `config_path`."""
-    return click.option(
-        "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), help=help
-    )
+    return click.option("--config", "config_path", type=InputFile(), help=help)
 
 
 # Shared by validate, plan and build, so the three say the same thing.
@@ -97,14 +157,6 @@ def progress_printer() -> Callable[[str], None]:
         click.echo(f"[{time.perf_counter() - t0:7.1f}s] {message}", err=True)
 
     return say
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"  # pragma: no cover
 
 
 def render_table(headers: list[str], rows: list[list[str]]) -> str:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from anechain.cli._common import human_bytes, progress_printer
-from anechain.config import PRESETS, load_preset
+from anechain.cli._common import AsciiIntRange, check_outputs, human_bytes, progress_printer
+from anechain.config import PRESETS, SEED_MAX, load_preset
 
 
 @click.command("random-checkpoint")
@@ -22,11 +22,11 @@ from anechain.config import PRESETS, load_preset
 )
 @click.option(
     "--num-layers",
-    type=click.IntRange(min=1),
+    type=AsciiIntRange(min=1),
     default=None,
     help="Override the number of decoder layers (benchmarks).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=AsciiIntRange(0, SEED_MAX), default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 def random_checkpoint(
     out_dir: Path, preset: str, num_layers: int | None, seed: int, overwrite: bool
@@ -47,6 +47,7 @@ def random_checkpoint(
     arch = load_preset(preset).architecture
     if num_layers is not None:
         arch = dataclasses.replace(arch, num_hidden_layers=num_layers)
+    check_outputs(folders=(out_dir,))
     if out_dir.exists() and not overwrite:
         raise click.UsageError(f"{out_dir} already exists; pass --overwrite to replace it")
     say = progress_printer()

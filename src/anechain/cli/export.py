@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import click
 
 from anechain.cli._common import (
+    AsciiIntRange,
     LayerSpecType,
+    check_outputs,
     config_option,
     human_bytes,
     model_option,
@@ -49,7 +50,7 @@ def _multiple_of_32(value: int | None) -> int | None:
 @config_option("anechain YAML config (default: the phi-4-mini preset's export settings).")
 @click.option(
     "--context",
-    type=click.IntRange(min=32),
+    type=AsciiIntRange(min=32),
     default=None,
     callback=lambda ctx, param, v: _multiple_of_32(v),
     help="Context length (KV cache size, a multiple of 32); overrides the config.",
@@ -62,7 +63,7 @@ def _multiple_of_32(value: int | None) -> int | None:
 )
 @click.option(
     "--prefill-tokens",
-    type=click.IntRange(min=0),
+    type=AsciiIntRange(min=0),
     default=None,
     help="Tokens per call of each shard's prefill function (beside decode, sharing the "
     "weights and KV states); 0 exports decode only. Overrides the config.",
@@ -124,6 +125,15 @@ def export(
         settings = dataclasses.replace(settings, prefill_tokens=prefill_tokens)
     checkpoint = Checkpoint(model_dir)
     n_layers = checkpoint.architecture.num_hidden_layers
+    limit = checkpoint.architecture.max_position_embeddings
+    if settings.context_length > limit:
+        raise click.BadParameter(
+            f"{settings.context_length} is beyond {model_dir}'s max_position_embeddings ({limit})",
+            param_hint="--context" if context is not None else "--config",
+        )
+    check_outputs(
+        embedding_path, json_out, folders=(*(s.path for s in specs), *filter(None, [head_path]))
+    )
     seen: dict[Path, str] = {}
     for spec in specs:
         label = f"{spec.layers}:{spec.path}"
@@ -170,9 +180,9 @@ def export(
     ]
     click.echo(render_table(["package", "layers", "conv", "int8 weights", "size", "time"], rows))
     if json_out is not None:
-        from anechain.fsutil import atomic_write_text
+        from anechain.jsonio import atomic_write_json
 
-        atomic_write_text(json_out, json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+        atomic_write_json(json_out, [r.to_dict() for r in results], sort_keys=False)
 
 
 COMMANDS = [export]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from anechain.cli._common import (
+    AsciiIntRange,
+    InputFile,
     cache_dir_option,
     config_option,
     human_bytes,
@@ -16,6 +17,7 @@ from anechain.cli._common import (
     render_table,
     resolve_config,
 )
+from anechain.config import SEED_MAX
 
 
 @click.command("compile")
@@ -60,6 +62,9 @@ def compile_cmd(packages: tuple[Path, ...], out_dir: Path | None, overwrite: boo
             )
         seen[dest] = pkg
 
+    from anechain.cli._common import check_outputs
+
+    check_outputs(folders=tuple(seen))
     compiler = default_compiler()  # refuses early, before any work, off macOS
     say = progress_printer()
     rows = []
@@ -90,7 +95,7 @@ def compile_cmd(packages: tuple[Path, ...], out_dir: Path | None, overwrite: boo
 @click.option(
     "--compute-plan",
     "plan_file",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    type=InputFile(),
     help="Replay a saved compute plan (any OS) instead of asking Core ML; it must match "
     "PKG_OR_COMPILED's program.",
 )
@@ -115,7 +120,7 @@ def compile_cmd(packages: tuple[Path, ...], out_dir: Path | None, overwrite: boo
 @click.option(
     "--config",
     "config_path",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    type=InputFile(),
     help="anechain YAML config whose `residency` section sets the gate (default: strict).",
 )
 @click.option(
@@ -149,15 +154,23 @@ def residency_cmd(
       anechain residency artifacts/s0.mlpackage --report-only     # count, don't gate
       anechain residency artifacts/s0.mlpackage --compute-plan artifacts/s0.plan.json
     """
+    from anechain.cli._common import check_outputs
     from anechain.errors import PlatformError
-    from anechain.fsutil import atomic_write_text
-    from anechain.residency import STATUS_NOT_CHECKED, check_residency
+    from anechain.jsonio import atomic_write_json
+    from anechain.residency import STATUS_NOT_CHECKED, check_residency, live_plan_available
     from anechain.residency import render as r
 
     if model.suffix not in (".mlmodelc", ".mlpackage"):
         raise click.BadParameter(
             f"{model} is neither an .mlmodelc nor an .mlpackage", param_hint="PKG_OR_COMPILED"
         )
+    if save_to is not None and plan_file is None and not live_plan_available():
+        raise click.BadParameter(
+            "this machine cannot read a live compute plan (macOS 14.4+), so there is none "
+            "to save; replay a saved one with --compute-plan",
+            param_hint="--save-plan",
+        )
+    check_outputs(save_to, json_out)
     settings = resolve_config(config_path).residency
     say = progress_printer()
     say(f"replaying {plan_file}" if plan_file else f"reading the compute plan of {model}")
@@ -177,7 +190,7 @@ def residency_cmd(
     if save_to is not None:
         say(f"saved the compute plan to {save_to}")
     if json_out is not None:
-        atomic_write_text(json_out, json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write_json(json_out, report.to_dict())
 
     click.echo(render_table(["residency", "value"], r.summary_rows(report)))
     for headers, rows in (
@@ -216,7 +229,7 @@ def residency_cmd(
     help="The checkpoint is `random-checkpoint --preset NAME --seed SEED` (checked by remaking "
     "it), so a replay can remake it; give with --random-seed.",
 )
-@click.option("--random-seed", type=int, help="See --random-preset.")
+@click.option("--random-seed", type=AsciiIntRange(0, SEED_MAX), help="See --random-preset.")
 @cache_dir_option
 def capture_cmd(
     packages: tuple[Path, ...],
@@ -241,6 +254,7 @@ def capture_cmd(
     """
     from anechain.capture import capture_package, verify_random_recipe
     from anechain.checkpoint import Checkpoint
+    from anechain.cli._common import check_outputs
     from anechain.platform import require_macos
 
     if (random_preset is None) != (random_seed is None):
@@ -248,6 +262,7 @@ def capture_cmd(
     for pkg in packages:
         if pkg.suffix != ".mlpackage":
             raise click.BadParameter(f"{pkg} is not an .mlpackage", param_hint="PKG")
+    check_outputs(*(out_dir / f"{p.stem}.capture.json" for p in packages))
     require_macos("capturing Core ML results", (15,))
     config = resolve_config(config_path)
     checkpoint = Checkpoint(model_dir)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from anechain.cli import AnechainGroup
+from anechain.cli._common import InputFile
 
 
 @click.group("manifest", cls=AnechainGroup)
@@ -20,7 +21,7 @@ def manifest_group() -> None:
     "--report",
     "reports",
     multiple=True,
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    type=InputFile(),
     help="A shard's validation report (JSON). Repeatable.",
 )
 @click.option(
@@ -32,7 +33,7 @@ def manifest_group() -> None:
 )
 @click.option(
     "--embedding",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    type=InputFile(),
     help="The fp16 token table (.npy) from `anechain export --embedding`.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
@@ -61,12 +62,13 @@ def build(
       anechain manifest build --report artifacts/layers_0_8.report.json \\
           --report artifacts/layers_8_32.report.json -o artifacts/manifest.json --overwrite
     """
-    from anechain.cli._common import human_bytes
+    from anechain.cli._common import check_outputs, human_bytes
     from anechain.manifest import build_manifest
 
     sources = [*reports, *shards]
     if not sources:
         raise click.UsageError("give shard packages or --report files to build from")
+    check_outputs(out)
     if out.exists() and not overwrite:
         raise click.UsageError(f"{out} already exists; pass --overwrite to replace it")
     manifest = build_manifest(sources, out, overwrite=overwrite, embedding=embedding)
@@ -76,7 +78,7 @@ def build(
 
 
 @manifest_group.command("verify")
-@click.argument("manifest", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.argument("manifest", type=InputFile())
 def verify(manifest: Path) -> None:
     """Check a manifest: schema, coverage, contract, paths, and every file's sha256.
 
@@ -95,7 +97,7 @@ def verify(manifest: Path) -> None:
 
 
 @manifest_group.command("show")
-@click.argument("manifest", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.argument("manifest", type=InputFile())
 def show(manifest: Path) -> None:
     """Print a manifest's topology: ranges, sizes, gate results, residency status.
 

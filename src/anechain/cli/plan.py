@@ -7,7 +7,10 @@ from pathlib import Path
 import click
 
 from anechain.cli._common import (
+    AsciiIntRange,
+    FiniteFloat,
     cache_dir_option,
+    check_outputs,
     config_option,
     human_bytes,
     model_option,
@@ -69,13 +72,13 @@ def render_attempts(
 )
 @click.option(
     "--max-layers-per-shard",
-    type=click.IntRange(min=1),
+    type=AsciiIntRange(min=1),
     help="At most this many decoder layers in one shard (default: no limit but the size).",
 )
 @click.option(
     "--size-budget",
     "size_budget_mb",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(above=0),
     default=DEFAULT_SIZE_BUDGET_BYTES / 1e6,
     show_default=True,
     help="Largest package in MB, estimated from the architecture. The default follows "
@@ -160,6 +163,7 @@ def plan(
     from anechain.validate import ResidencyOptions
 
     out = manifest_path or report_dir / "manifest.json"
+    check_outputs(out)
     try:
         check_plan_outputs(report_dir, out, overwrite)
     except PlanError as exc:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from anechain.cli._common import (
+    AsciiIntRange,
+    InputFile,
     cache_dir_option,
+    check_outputs,
     config_option,
     human_bytes,
     model_option,
@@ -139,6 +141,7 @@ def build(
     config = resolve_config(config_path, preset="tiny")
     checkpoint = model_dir or (Path(config.build.checkpoint) if config.build.checkpoint else None)
     out = out_dir or Path(config.build.out_dir or f"artifacts/{config.name or 'build'}")
+    check_outputs(json_out, folders=(out,))
     if checkpoint is not None:
         arch = Checkpoint(checkpoint).architecture
         if arch != config.architecture:
@@ -158,7 +161,7 @@ def build(
     )
     click.echo(render_build(result))
     if json_out is not None:
-        from anechain.fsutil import atomic_write_text
+        from anechain.jsonio import atomic_write_json
 
         summary = {
             "passed": result.passed,
@@ -175,18 +178,23 @@ def build(
             ],
             "generation": result.generation.to_dict() if result.generation else None,
         }
-        atomic_write_text(json_out, json.dumps(summary, indent=2) + "\n")
+        atomic_write_json(json_out, summary, sort_keys=False)
     if not result.passed:
         raise click.exceptions.Exit(1)
 
 
 def _parse_ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
+    from anechain.config import parse_ascii_int
+
+    ids = [parse_ascii_int(t) for t in text.split(",")] if text.strip() else []
+    if not ids:
+        raise click.BadParameter("no token ids given (e.g. 1,2,3)", param_hint="--prompt-ids")
+    if any(i is None for i in ids):
         raise click.BadParameter(
-            f"{text!r} is not a comma-separated list of token ids", param_hint="--prompt-ids"
-        ) from None
+            f"{text!r} is not a comma-separated list of token ids (ASCII digits)",
+            param_hint="--prompt-ids",
+        )
+    return [i for i in ids if i is not None]
 
 
 @click.command("generate")
@@ -194,7 +202,7 @@ def _parse_ids(text: str) -> list[int]:
     "--manifest",
     "manifest_path",
     required=True,
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    type=InputFile(),
 )
 @click.option("--prompt-ids", help="Comma-separated token ids, e.g. 1,2,3.")
 @click.option("--prompt", help="Text, tokenized with the tokenizer in --tokenizer.")
@@ -204,7 +212,7 @@ def _parse_ids(text: str) -> list[int]:
     type=click.Path(path_type=Path, exists=True, file_okay=False),
     help="Folder with the checkpoint's tokenizer (for --prompt).",
 )
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-new-tokens", type=AsciiIntRange(min=1), default=16, show_default=True)
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option(
     "--profile",
@@ -258,6 +266,13 @@ def generate(
     else:
         ids = _parse_ids(prompt_ids or "")
     runtime = ManifestRuntime(manifest_path, backend=backend, prefill=not no_prefill)
+    vocab = runtime.manifest.model.architecture.vocab_size
+    outside = [t for t in ids if not 0 <= t < vocab]
+    if outside:
+        raise click.BadParameter(
+            f"token id {outside[0]} is outside the model's vocabulary (0..{vocab - 1})",
+            param_hint="--prompt-ids" if prompt is None else "--prompt",
+        )
     result = runtime.generate(ids, max_new_tokens)
     click.echo(",".join(map(str, result.tokens)))
     if tokenizer is not None:

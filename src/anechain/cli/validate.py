@@ -9,7 +9,11 @@ from pathlib import Path
 import click
 
 from anechain.cli._common import (
+    AsciiIntRange,
+    FiniteFloat,
+    InputFile,
     cache_dir_option,
+    check_outputs,
     config_option,
     model_option,
     progress_printer,
@@ -97,7 +101,7 @@ def validate() -> None:
 @config_option(
     "anechain YAML config for steps, calibration and gates (default: the phi-4-mini preset)."
 )
-@click.option("--steps", type=click.IntRange(min=1), help="Decode steps to compare.")
+@click.option("--steps", type=AsciiIntRange(min=1), help="Decode steps to compare.")
 @click.option(
     "--compute-units",
     type=click.Choice(COMPUTE_UNITS),
@@ -112,14 +116,14 @@ def validate() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="JSON report path (default: beside the package, NAME.report.json).",
 )
-@click.option("--min-cosine", type=float, help="Gate override.")
-@click.option("--min-delta-cosine", type=float, help="Gate override.")
-@click.option("--max-rmse", type=float, help="Gate override.")
-@click.option("--max-abs", type=float, help="Gate override.")
+@click.option("--min-cosine", type=FiniteFloat(), help="Gate override.")
+@click.option("--min-delta-cosine", type=FiniteFloat(), help="Gate override.")
+@click.option("--max-rmse", type=FiniteFloat(), help="Gate override.")
+@click.option("--max-abs", type=FiniteFloat(), help="Gate override.")
 @click.option(
     "--compute-plan",
     "plan_file",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    type=InputFile(),
     help="Replay a saved compute plan for residency (any OS).",
 )
 @click.option(
@@ -186,6 +190,15 @@ def validate_shard_cmd(
     if steps is not None:
         settings = dataclasses.replace(settings, steps=steps)
 
+    from anechain.residency import live_plan_available
+
+    if save_plan_to is not None and plan_file is None and not live_plan_available():
+        raise click.BadParameter(
+            "this machine cannot read a live compute plan (macOS 14.4+), so there is none "
+            "to save; replay a saved one with --compute-plan",
+            param_hint="--save-plan",
+        )
+    check_outputs(report_path or default_report_path(package), save_plan_to)
     checkpoint = Checkpoint(model_dir)
     residency = ResidencyOptions(config.residency, plan_file, save_plan_to, report_only)
     if compute_units != "cpu_and_ne" and resolve_backend(backend) != "coreml":

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from anechain.errors import ConfigError, ResidencyError
-from anechain.fsutil import atomic_write_text, sha256_tree
+from anechain.fsutil import sha256_tree
+from anechain.jsonio import atomic_write_json
 from anechain.platform import macos_at_least, require_macos
 
 PLAN_SCHEMA = "anechain.compute-plan/2"  # every function of the model
@@ -214,7 +215,7 @@ class PackagePlan:
 def save_plan(plan: PackagePlan, path: str | Path) -> Path:
     """Write the plan (every function) as JSON, atomically."""
     path = Path(path)
-    atomic_write_text(path, json.dumps(plan.to_dict(), indent=1, sort_keys=True) + "\n")
+    atomic_write_json(path, plan.to_dict(), indent=1)
     return path
 
 
