@@ -42,7 +42,11 @@ def tiny_config() -> Config:
 def tiny_checkpoint_dir(tmp_path_factory: pytest.TempPathFactory, tiny_config: Config) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     # Small shard files so the index/sharding path is exercised as in a real checkpoint.
-    return write_random_checkpoint(out, tiny_config.architecture, seed=0, max_shard_bytes=200_000)
+    # The flat style, as `build` makes: with the trained-like default the two-function
+    # packages fail prefill's decode window (see DESIGN); trained_checkpoint has that style.
+    return write_random_checkpoint(
+        out, tiny_config.architecture, seed=0, max_shard_bytes=200_000, style="flat"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -162,12 +166,27 @@ def odd_config(tiny_config: Config) -> Config:
 @pytest.fixture(scope="session")
 def odd_checkpoint(tmp_path_factory: pytest.TempPathFactory, odd_config: Config) -> Checkpoint:
     out = tmp_path_factory.mktemp("odd") / "ckpt"
-    return Checkpoint(write_random_checkpoint(out, odd_config.architecture, seed=1))
+    return Checkpoint(write_random_checkpoint(out, odd_config.architecture, seed=1, style="flat"))
 
 
 @pytest.fixture(scope="session")
 def odd_checkpoint_dir(odd_checkpoint: Checkpoint) -> Path:
     return odd_checkpoint.path
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_config: Config) -> Checkpoint:
+    """The tiny architecture in the trained-like style (random-checkpoint's default)."""
+    out = tmp_path_factory.mktemp("trained") / "tiny"
+    return Checkpoint(write_random_checkpoint(out, tiny_config.architecture, seed=0))
+
+
+@pytest.fixture(scope="session")
+def trained_odd_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, odd_config: Config
+) -> Checkpoint:
+    out = tmp_path_factory.mktemp("trained-odd") / "odd"
+    return Checkpoint(write_random_checkpoint(out, odd_config.architecture, seed=1))
 
 
 def save_offline_tokenizer(folder: Path, vocab_size: int) -> None:

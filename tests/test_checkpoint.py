@@ -80,8 +80,8 @@ def _stats(folder):
     return json.loads((folder / STATS_NAME).read_text())
 
 
-def test_random_checkpoint_is_trained_like_and_says_so(tiny_checkpoint_dir):
-    stats = _stats(tiny_checkpoint_dir)
+def test_random_checkpoint_is_trained_like_and_says_so(trained_checkpoint):
+    stats = _stats(trained_checkpoint.path)
     assert stats["style"] == "trained" and stats["tokens"][0] == 511  # BOS first
     layers = stats["layers"]
     uniform = stats["uniform_entropy"]
@@ -104,7 +104,7 @@ def test_random_checkpoint_is_trained_like_and_says_so(tiny_checkpoint_dir):
     assert medians[-1] > 3 * medians[0]
 
 
-def test_flat_style_is_the_earlier_model(tmp_path, tiny_config, tiny_checkpoint_dir):
+def test_flat_style_is_the_earlier_model(tmp_path, tiny_config):
     from safetensors.torch import load_file
 
     from anechain.checkpoint import _random_layer

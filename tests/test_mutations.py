@@ -12,6 +12,7 @@ the massive activations.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +29,9 @@ from anechain.export import LayerSpec, export_shard
 from anechain.model import ANEMLP, ANEAttention, ANERMSNorm, LayerRangeModel
 
 LAYERS = LayerRange(0, 2)
-CONFIG = load_preset("tiny")
+_TINY = load_preset("tiny")
+# Decode-only packages: the mutants are decode bugs (prefill has its own checks).
+CONFIG = dataclasses.replace(_TINY, export=dataclasses.replace(_TINY.export, prefill_tokens=0))
 
 
 # --- program-side mutants: the torch module a traced export converts --------------------
@@ -188,7 +191,8 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module", params=["tiny", "odd"])
 def subject(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """(checkpoint, the good shard's package) for each checkpoint, exported once."""
-    ckpt = request.getfixturevalue(f"{request.param}_checkpoint")
+    name = {"tiny": "trained_checkpoint", "odd": "trained_odd_checkpoint"}[request.param]
+    ckpt = request.getfixturevalue(name)
     pkg = tmp_path_factory.mktemp(f"good-{request.param}") / "layers_0_2.mlpackage"
     export_shard(ckpt, LayerSpec(LAYERS, pkg), CONFIG.export)
     return request.param, ckpt, pkg

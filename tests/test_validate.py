@@ -333,7 +333,8 @@ def test_late_window_crosses_into_the_long_longrope_factors(tmp_path, tiny_confi
     )
     ckpt = Checkpoint(write_random_checkpoint(tmp_path / "ckpt", arch))
     pkg = tmp_path / "layers_0_2.mlpackage"
-    export_shard(ckpt, LayerSpec(LayerRange(0, 2), pkg), tiny_config.export)  # context 64
+    decode_only = dataclasses.replace(tiny_config.export, prefill_tokens=0)  # context 64
+    export_shard(ckpt, LayerSpec(LayerRange(0, 2), pkg), decode_only)
     rope = RopeParameters.from_hf_config(ckpt.hf_config)
     assert rope.inv_freq_long != rope.inv_freq_short
     settings = tiny_config.validation

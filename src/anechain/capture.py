@@ -229,20 +229,19 @@ def capture_package(
 
 
 def verify_random_recipe(checkpoint: Checkpoint, preset: str, seed: int) -> dict[str, Any]:
-    """{'preset', 'seed'} if `anechain random-checkpoint --preset P --seed S` remakes
-    `checkpoint` (same fingerprint); CaptureError otherwise."""
-    from anechain.checkpoint import write_random_checkpoint
+    """{'preset', 'seed', 'style'} if `anechain random-checkpoint --preset P --seed S
+    --style STYLE` remakes `checkpoint` (same fingerprint); CaptureError otherwise."""
+    from anechain.checkpoint import STYLES, write_random_checkpoint
     from anechain.config import load_preset
 
     with tempfile.TemporaryDirectory(prefix="anechain-recipe-") as tmp:
-        remade = write_random_checkpoint(
-            Path(tmp) / "ckpt", load_preset(preset).architecture, seed=seed
-        )
-        if Checkpoint(remade).fingerprint != checkpoint.fingerprint:
-            raise CaptureError(
-                f"{checkpoint.path} is not the random {preset} checkpoint of seed {seed}"
+        for style in STYLES:
+            remade = write_random_checkpoint(
+                Path(tmp) / style, load_preset(preset).architecture, seed=seed, style=style
             )
-    return {"preset": preset, "seed": seed}
+            if Checkpoint(remade).fingerprint == checkpoint.fingerprint:
+                return {"preset": preset, "seed": seed, "style": style}
+    raise CaptureError(f"{checkpoint.path} is not the random {preset} checkpoint of seed {seed}")
 
 
 def read_bundle(path: str | Path) -> dict[str, Any]:

@@ -74,7 +74,8 @@ class GateSpec:
 
 # The mandatory gates of each kind, in report order; a report must hold exactly these.
 # New gates (KV cache, per layer) are added here, and every reader then requires them.
-LAYER_GATES: tuple[GateSpec, ...] = (
+# The output gates: what any run of a shard's outputs against the reference is held to.
+OUTPUT_GATES: tuple[GateSpec, ...] = (
     GateSpec("finite", "nonfinite", None, "<="),
     GateSpec("cosine", "cosine", "min_cosine", ">="),
     # The skip connection hides a lost layer from the output cosine, not from the delta's.
@@ -82,6 +83,10 @@ LAYER_GATES: tuple[GateSpec, ...] = (
     # Relative to the reference's RMS, per step: hidden states grow through the model.
     GateSpec("rmse", "rel_rmse", "max_rel_rmse", "<="),
     GateSpec("max_abs", "rel_max_abs", "max_rel_abs", "<="),
+)
+# A layer shard's decode run: the output gates, plus the steps, layers and KV cache.
+LAYER_GATES: tuple[GateSpec, ...] = (
+    *OUTPUT_GATES,
     # The worst single step's delta: one large step (a massive activation) dominates the
     # whole-run cosines.
     GateSpec("step_delta_cosine", "step_delta_cosine", "min_step_delta_cosine", ">="),
@@ -108,15 +113,15 @@ def _prefixed(specs: tuple[GateSpec, ...], prefix: str, source: str) -> tuple[Ga
 
 
 # A two-function package (validate_prefill): its prefill outputs, the KV states prefill wrote,
-# and decode continuing from them, each held to the decode gates.
+# and decode continuing from them, each held to the output gates (prefill's KV has its own).
 PREFILL_GATES: tuple[GateSpec, ...] = (
-    *_prefixed(LAYER_GATES, "prefill_", "prefill.metrics"),
+    *_prefixed(OUTPUT_GATES, "prefill_", "prefill.metrics"),
     GateSpec(
         "prefill_kv_finite", "nonfinite", None, "<=", ("prefill.kv.keys", "prefill.kv.values")
     ),
     GateSpec("prefill_kv_keys_cosine", "cosine", "min_cosine", ">=", ("prefill.kv.keys",)),
     GateSpec("prefill_kv_values_cosine", "cosine", "min_cosine", ">=", ("prefill.kv.values",)),
-    *_prefixed(LAYER_GATES, "prefill_decode_", "prefill.decode_metrics"),
+    *_prefixed(OUTPUT_GATES, "prefill_decode_", "prefill.decode_metrics"),
 )
 
 
