@@ -164,10 +164,10 @@ CAUGHT_BY = {
     "rotate_half_swapped": "kv_cosine",  # 0.661 / 0.808
     "longrope_scaling_dropped": "kv_cosine",  # 0.891 / 0.937 (output cosine 0.912 / 0.939)
     "query_scaling_x1.25": "rmse",  # worst step RMSE / RMS(ref) 0.363 / 0.380, <= 0.2
-    "mask_one_too_wide": "step_delta_cosine",  # 0.740 / 0.727, >= 0.8
+    "mask_one_too_wide": "rmse",  # worst step RMSE / RMS(ref) 0.64 / 0.59, <= 0.2
     "kv_at_position_plus_1": "kv_unwritten",  # 5.88 / 4.79, <= 0
     "gqa_wrong_kv_head": "layer_delta_cosine",  # 0.368 / 0.588, >= 0.9
-    "gate_up_swapped": "layer_delta_cosine",  # 0.883 / 0.866 (output cosine 0.696 / 0.615)
+    "gate_up_swapped": "step_delta_cosine",  # 0.522 / 0.550, >= 0.8
     "rmsnorm_eps_x100": "layer_delta_cosine",  # 0.649 / 0.671
     "neighbour_weights": "layer_delta_cosine",  # 0.001 / -0.039, and it names layer 1
 }
