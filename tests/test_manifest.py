@@ -392,6 +392,15 @@ def test_cli_refuses_forged_head_report(tmp_path: Path, forge: Any, message: str
     assert "head" in result.output
 
 
+def _prefill_off_the_ane(d: dict[str, Any]) -> None:
+    # Per-function residency, as residency.package_report writes it: the package's summed
+    # counts and its `passed` say pass, the prefill function's own counts do not.
+    r = d["residency"]
+    decode = {"counts": dict(r["counts"]), "plumbing": dict(r["plumbing"]), "passed": True}
+    prefill = {**decode, "counts": {**r["counts"], "conv_ane": r["counts"]["conv_ane"] - 2}}
+    r["functions"] = {"decode": decode, "prefill": prefill}
+
+
 @pytest.mark.parametrize(
     ("forge", "message"),
     [
@@ -412,8 +421,15 @@ def test_cli_refuses_forged_head_report(tmp_path: Path, forge: Any, message: str
             "prefill.kv.values.nonfinite is 3.0",
         ),
         (lambda d: d.update(prefill=None), "names a prefill function but has no prefill"),
+        (_prefill_off_the_ane, "failed validation: residency"),
     ],
-    ids=["kv-gate-removed", "kv-cosine-lowered", "kv-nonfinite-hidden", "prefill-dropped"],
+    ids=[
+        "kv-gate-removed",
+        "kv-cosine-lowered",
+        "kv-nonfinite-hidden",
+        "prefill-dropped",
+        "prefill-conv-off-ane-package-flag-true",
+    ],
 )
 def test_cli_refuses_forged_prefill_report(tmp_path: Path, forge: Any, message: str) -> None:
     reports = [make_shard(tmp_path, "0:3", prefill_tokens=4), make_shard(tmp_path, "3:5")]

@@ -262,7 +262,8 @@ class _Parser:
 
 def _residency_passes(residency: dict[str, Any], parser: _Parser) -> bool:
     """Recompute the residency gate (residency.gate_failures) from its evidence: the counts and
-    the plumbing share the report records."""
+    the plumbing share, of each function when the package records them per function (a
+    package passes only if every function does), else of the package."""
     from anechain.residency import ResidencyCounts
     from anechain.residency.gate import gate_failures
 
@@ -270,12 +271,20 @@ def _residency_passes(residency: dict[str, Any], parser: _Parser) -> bool:
     settings = residency_gate(gate) if gate is not None else ResidencySettings()
     if settings is None:
         raise parser.fail("is malformed: residency.gate is not a residency gate")
-    plumbing = residency.get("plumbing") or {}
-    share = as_number(plumbing.get("share_off_ane", 0.0)) if isinstance(plumbing, dict) else None
-    if share is None:
-        raise parser.fail("is malformed: residency.plumbing.share_off_ane is not a number")
-    try:
-        counts = ResidencyCounts(**{k: int(v) for k, v in residency["counts"].items()})
-    except (TypeError, ValueError) as exc:
-        raise parser.fail(f"is malformed: residency counts ({exc})") from None
-    return not gate_failures(counts, share, str(plumbing.get("basis", "")), settings)
+    functions = residency.get("functions")
+    if functions is not None and not (isinstance(functions, dict) and functions):
+        raise parser.fail("is malformed: residency.functions is not function -> counts")
+    parts = list(functions.values()) if functions else [residency]
+    for part in parts:
+        plumbing = part.get("plumbing") if isinstance(part, dict) else None
+        plumbing = plumbing if isinstance(plumbing, dict) else {}
+        share = as_number(plumbing.get("share_off_ane", 0.0))
+        if share is None:
+            raise parser.fail("is malformed: residency plumbing share_off_ane is not a number")
+        try:
+            counts = ResidencyCounts(**{k: int(v) for k, v in part["counts"].items()})
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise parser.fail(f"is malformed: residency counts ({exc})") from None
+        if gate_failures(counts, share, str(plumbing.get("basis", "")), settings):
+            return False
+    return True
