@@ -96,7 +96,9 @@ def test_a_bundle_holds_what_the_mac_did(bundles):
     data = read_bundle(bundles["5:6"])
     assert data["machine"] == MAC
     assert data["plan"]["compute_units"] == "cpu_and_ne"
-    assert all(op["cost"] is not None for op in data["plan"]["ops"] if op["preferred"])
+    assert set(data["plan"]["functions"]) == {"main"} == {p["function"] for p in data["programs"]}
+    ops = data["plan"]["functions"]["main"]
+    assert all(op["cost"] is not None for op in ops if op["preferred"])
     assert set(data["runs"]) == {"cpu_and_ne", "cpu_only"}
     assert len(data["inputs"]) == len(data["runs"]["cpu_and_ne"]["outputs"]) == 16
     key = decode_array(data["runs"]["cpu_and_ne"]["states"]["key_cache"])
@@ -135,7 +137,8 @@ def test_a_mac_without_a_neural_engine_captures_counts_without_a_verdict(
 
 def test_a_plan_not_matching_the_program_is_refused(bundles, tiny_checkpoint, tmp_path):
     def drop_convs(d):
-        d["plan"]["ops"] = [op for op in d["plan"]["ops"] if op["type"] != "conv"]
+        ops = d["plan"]["functions"]["main"]
+        d["plan"]["functions"]["main"] = [op for op in ops if op["type"] != "conv"]
 
     with pytest.raises(ResidencyError, match="0 conv in the plan vs 4"):
         replay_bundle(forged(bundles["5:6"], tmp_path, drop_convs), tiny_checkpoint)
@@ -178,6 +181,10 @@ def test_a_cpu_only_capture_claiming_residency_is_refused(bundles, tiny_checkpoi
     [
         (lambda d: d["residency"].update(passed=False), "residency passed"),
         (lambda d: d["residency"]["counts"].update(conv_ane=3), "residency counts"),
+        (
+            lambda d: d["residency"]["functions"]["main"]["counts"].update(conv_ane=3),
+            "per-function residency",
+        ),
         (lambda d: d["runs"]["cpu_only"]["golden"].update(passed=False), "cpu_only golden"),
         (lambda d: d["plan"].update(package_sha256="0" * 64), "another package"),
         (lambda d: d["checkpoint"].update(fingerprint="x"), "another checkpoint"),
@@ -258,3 +265,38 @@ def test_cli_capture_usage_and_platform(tiny_shards, tiny_checkpoint_dir, tmp_pa
         result = CliRunner().invoke(cli, base)
         assert result.exit_code == 1 and "Traceback" not in result.output
         assert "capturing Core ML results needs macOS 15+" in result.output
+
+
+@pytest.fixture(scope="module")
+def two_fn_bundle(tmp_path_factory, tiny_checkpoint, tiny_config) -> Path:
+    """A capture of layer 5 exported with its prefill function beside decode."""
+    from anechain.export import LayerSpec, export_shard
+
+    out = tmp_path_factory.mktemp("two_fn_capture")
+    spec = LayerSpec(LayerRange(5, 6), out / "layers_5_6.mlpackage")
+    pkg = export_shard(tiny_checkpoint, spec, tiny_config.export).path
+    return capture_package(pkg, tiny_checkpoint, tiny_config, out, seams=seams(pkg))
+
+
+def test_a_two_function_capture_carries_and_gates_both_functions(
+    two_fn_bundle, tiny_checkpoint, tmp_path
+):
+    data = read_bundle(two_fn_bundle)
+    assert sorted(data["plan"]["functions"]) == ["decode", "prefill"]
+    assert [p["function"] for p in data["programs"]] == ["decode", "prefill"]
+    replay = replay_bundle(two_fn_bundle, tiny_checkpoint)
+    assert replay.residency.passed is True
+    assert [f.counts.conv_total for f in replay.residency.functions] == [4, 4]
+
+    def prefill_convs_on_the_cpu(d):
+        for op in d["plan"]["functions"]["prefill"]:
+            if op["type"] == "conv":
+                op["preferred"] = "cpu"
+
+    # The recorded verdict no longer matches what the plan shows ...
+    with pytest.raises(CaptureError, match="residency passed"):
+        replay_bundle(forged(two_fn_bundle, tmp_path, prefill_convs_on_the_cpu), tiny_checkpoint)
+    # ... and a bundle whose plan lacks the prefill function is refused.
+    dropped = forged(two_fn_bundle, tmp_path / "d", lambda d: d["plan"]["functions"].pop("prefill"))
+    with pytest.raises(ResidencyError, match="lacks function 'prefill'"):
+        replay_bundle(dropped, tiny_checkpoint)

@@ -237,9 +237,13 @@ def test_both_functions_pass_validation_through_core_ml(
 
 
 def test_residency_reads_the_decode_function_of_a_two_function_package(packages):
-    """Residency counts the package's default function (decode); see DESIGN.md."""
+    """`read_program` reads one function (by default decode); residency reads and gates every
+    function (`read_programs`, tests/test_residency.py); see DESIGN.md."""
     from anechain.errors import ResidencyError
-    from anechain.residency import read_program
+    from anechain.residency import read_program, read_programs
+
+    assert [p.function for p in read_programs(packages[4])] == ["decode", "prefill"]
+    assert [p.function for p in read_programs(packages[0])] == ["main"]
 
     program = read_program(packages[4])
     assert program.function == "decode"

@@ -34,9 +34,11 @@ from anechain.residency import (
     check_residency,
     expected_live_status,
     normalise_plan,
+    normalise_plans,
     read_live_plan,
     read_program,
     read_saved_plan,
+    report_for_plan,
     save_plan,
 )
 
@@ -58,8 +60,9 @@ def placing(**by_type: str):
     return place
 
 
-def live(pkg: Path, place=anemll_placement, ane: bool = True, **settings):
-    loader = PlanLoader(plan_for_package(pkg, place))
+def live(pkg: Path, place=anemll_placement, ane: bool = True, place_in=None, **settings):
+    """Residency read live; `place_in` places one function's ops on their own."""
+    loader = PlanLoader(plan_for_package(pkg, place, **(place_in or {})))
     report = check_residency(
         pkg,
         ResidencySettings(**settings),
@@ -179,9 +182,15 @@ def test_names_are_normalised_once(shard):
 # --- a plan must match the program -------------------------------------------------------
 
 
-def saved(tmp_path: Path, pkg: Path, place=anemll_placement, name="plan.json") -> Path:
-    plan = normalise_plan(plan_for_package(pkg, place), package_sha256=sha256_tree(pkg))
+def saved(tmp_path: Path, pkg: Path, place=anemll_placement, name="plan.json", **place_in) -> Path:
+    plan = normalise_plans(
+        plan_for_package(pkg, place, **place_in), package_sha256=sha256_tree(pkg)
+    )
     return save_plan(plan, tmp_path / name)
+
+
+def ops_of(data: dict, function: str = "main") -> list:
+    return data["functions"][function]
 
 
 def edit(path: Path, change) -> Path:
@@ -210,8 +219,8 @@ def test_a_hand_edited_plan_with_fewer_convs_is_refused(shard, tmp_path):
     path = saved(tmp_path, shard, placing(conv="cpu"))
 
     def keep_four_convs(data):
-        convs = [op for op in data["ops"] if op["type"] == "conv"]
-        data["ops"] = [op for op in data["ops"] if op not in convs[4:]]
+        convs = [op for op in ops_of(data) if op["type"] == "conv"]
+        data["functions"]["main"] = [op for op in ops_of(data) if op not in convs[4:]]
         for op in convs[:4]:
             op["preferred"] = "ane"
 
@@ -222,7 +231,7 @@ def test_a_hand_edited_plan_with_fewer_convs_is_refused(shard, tmp_path):
 
 def test_renamed_outputs_are_refused(shard, tmp_path):
     def rename(data):
-        op = next(op for op in data["ops"] if op["type"] == "softmax")
+        op = next(op for op in ops_of(data) if op["type"] == "softmax")
         op["outputs"] = ["renamed"]
         op["name"] = "renamed"
 
@@ -397,7 +406,7 @@ def test_cli_usage_errors(tmp_path, shard):
     other.mkdir()
     result = CliRunner().invoke(cli, ["residency", str(other)])
     assert result.exit_code == 2 and "neither an .mlmodelc nor an .mlpackage" in result.output
-    bad = edit(saved(tmp_path, shard), lambda d: d["ops"].pop())
+    bad = edit(saved(tmp_path, shard), lambda d: ops_of(d).pop())
     result = CliRunner().invoke(cli, ["residency", str(shard), "--compute-plan", str(bad)])
     assert result.exit_code == 1 and "Traceback" not in result.output
 
@@ -427,3 +436,145 @@ def test_macos_14_gives_not_checked_rather_than_a_platform_error(shard, monkeypa
     monkeypatch.setattr(compile_mod, "require_macos", old_compiler)
     report = check_residency(shard, load_plan=PlanLoader(plan_for_package(shard)))
     assert report.status == "not_checked" and "this machine runs macOS 14.5" in report.reason
+
+
+# --- two-function packages: decode and prefill are each planned, matched and gated -------------
+
+
+@pytest.fixture(scope="module")
+def two_fn(tmp_path_factory, tiny_checkpoint, tiny_config) -> Path:
+    """Layer 0 of the tiny preset exported with its prefill function (T = 4) beside decode."""
+    from anechain.export import LayerSpec, export_shard
+
+    assert tiny_config.export.prefill_tokens > 0
+    spec = LayerSpec(LayerRange(0, 1), tmp_path_factory.mktemp("two_fn") / "l0.mlpackage")
+    return export_shard(tiny_checkpoint, spec, tiny_config.export).path
+
+
+def test_both_functions_of_a_two_function_package_are_counted_and_gated(two_fn):
+    report = live(two_fn)  # one plan load (asserted in `live`) gives both functions
+    assert report.status == "checked" and report.passed is True, report.failures
+    assert [f.function for f in report.functions] == ["decode", "prefill"]
+    for f in report.functions:
+        assert f.passed is True
+        assert (f.counts.conv_total, f.counts.conv_ane, f.counts.compute_non_ane) == (4, 4, 0)
+        assert f.counts.index_ops > 0 and f.counts.compute_total > 0
+    # The package's counts are the sums over its functions.
+    assert (report.counts.conv_total, report.counts.conv_ane) == (8, 8)
+    prefill_program = read_program(two_fn, "prefill")
+    assert report.functions[1].counts.ops_total == len(prefill_program.ops)
+    data = report.to_dict()
+    assert data["functions"]["prefill"]["counts"]["conv_total"] == 4
+    assert data["functions"]["decode"]["passed"] is True
+
+
+def test_a_prefill_conv_on_the_cpu_fails_the_package_naming_the_function(two_fn):
+    report = live(two_fn, place_in={"prefill": placing(conv="cpu")})
+    assert report.passed is False
+    decode, prefill = report.functions
+    assert decode.passed is True and prefill.passed is False
+    assert (prefill.counts.conv_total, prefill.counts.conv_ane) == (4, 0)
+    assert report.failures and all(f.startswith("prefill: ") for f in report.failures)
+    assert "prefill: 4 of 4 conv ops are not placed on the ANE" in report.failures
+    # One prefill softmax off the ANE is caught too, while decode's placement is good.
+    report = live(two_fn, place_in={"prefill": placing(softmax="gpu")})
+    assert report.passed is False and report.functions[0].passed is True
+    assert report.failures == (
+        "prefill: 1 fp16 compute ops prefer another device than the ANE (allowed: 0, strict)",
+    )
+
+
+def test_a_saved_plan_lacking_the_prefill_function_is_refused(two_fn, tmp_path):
+    path = edit(saved(tmp_path, two_fn), lambda d: d["functions"].pop("prefill"))
+    with pytest.raises(ResidencyError, match="lacks function 'prefill' of the package"):
+        check_residency(two_fn, plan_file=path)
+    # ... and so is a one-function plan (the old format) of its decode function.
+    full = read_saved_plan(saved(tmp_path, two_fn, name="full.json"))
+    old = tmp_path / "v1.json"
+    old.write_text(json.dumps(full.function("decode").to_dict()))
+    assert json.loads(old.read_text())["schema"] == "anechain.compute-plan/1"
+    with pytest.raises(ResidencyError, match="lacks function 'prefill'"):
+        check_residency(two_fn, plan_file=old)
+    # A plan with a function the package lacks is refused as well.
+    extra = edit(
+        saved(tmp_path, two_fn, name="x.json"),
+        lambda d: d["functions"].update(other=d["functions"]["decode"]),
+    )
+    with pytest.raises(ResidencyError, match="has function 'other' the package lacks"):
+        check_residency(two_fn, plan_file=extra)
+
+
+def test_a_plan_with_decode_and_prefill_ops_swapped_is_refused(two_fn, tmp_path):
+    # A prefill conv off the ANE hidden under decode's name would otherwise pass prefill.
+    path = saved(tmp_path, two_fn, prefill=placing(conv="cpu"))
+
+    def swap(d):
+        f = d["functions"]
+        f["decode"], f["prefill"] = f["prefill"], f["decode"]
+
+    edit(path, swap)
+    with pytest.raises(ResidencyError, match="does not match the program of .*function 'decode'"):
+        check_residency(two_fn, plan_file=path)
+
+
+def test_a_good_two_function_plan_replays_with_both_functions_shown(two_fn, tmp_path):
+    path = saved(tmp_path, two_fn)
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(
+        cli, ["residency", str(two_fn), "--compute-plan", str(path), "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    rows = {" ".join(line.split()) for line in result.stdout.splitlines()}
+    assert "functions (each gated) decode, prefill" in rows
+    for label in (
+        "decode: conv on ANE 4/4",
+        "prefill: conv on ANE 4/4",
+        "package: conv on ANE 8/8",
+    ):
+        assert label in rows, (label, result.stdout)
+    assert "prefill: " in result.stdout  # plumbing rows name their function
+    assert "residency: PASS" in result.stdout
+    data = json.loads(out.read_text())
+    assert {k: v["counts"]["conv_total"] for k, v in data["functions"].items()} == {
+        "decode": 4,
+        "prefill": 4,
+    }
+    assert data["counts"]["conv_total"] == 8 and data["passed"] is True
+    bad = saved(tmp_path, two_fn, name="bad.json", prefill=placing(conv="cpu"))
+    result = CliRunner().invoke(cli, ["residency", str(two_fn), "--compute-plan", str(bad)])
+    assert result.exit_code == 1 and "prefill: 4 of 4 conv ops" in result.stdout
+
+
+def test_a_decode_only_package_keeps_its_one_function_main(shard, tmp_path):
+    report = live(shard)
+    assert [f.function for f in report.functions] == ["main"]
+    assert report.counts == report.functions[0].counts and report.failures == ()
+    # A one-function plan saved in the old format still replays, with the same counts.
+    old = tmp_path / "v1.json"
+    plan = normalise_plan(plan_for_package(shard), package_sha256=sha256_tree(shard))
+    save_plan(plan, old)
+    assert json.loads(old.read_text())["schema"] == "anechain.compute-plan/1"
+    replayed = check_residency(shard, plan_file=old)
+    assert replayed.counts == report.counts and replayed.passed is True
+    failing = live(shard, placing(conv="cpu"))
+    assert failing.failures[0].startswith("12 of 12 conv ops")  # no function prefix
+
+
+def test_normalise_plans_reads_every_function():
+    plan = normalise_plans(
+        make_plan([Op("conv", "a")], prefill=[Op("conv", "b", preferred="cpu")]),
+        model="m.mlmodelc",
+    )
+    assert plan.functions == ("main", "prefill")
+    assert [op.name for op in plan.function("prefill").ops] == ["b"]
+    assert plan.function("prefill").ops[0].preferred == "cpu"
+    with pytest.raises(ResidencyError, match="no function 'decode'"):
+        plan.function("decode")
+    empty = make_plan([])
+    empty.__proxy__.model_structure = empty.__proxy__.model_structure.__class__(
+        neuralnetwork=None, program=None, pipeline=None
+    )
+    with pytest.raises(ResidencyError, match="not an ML Program"):
+        normalise_plans(empty)
+    with pytest.raises(ResidencyError, match="has no function"):
+        report_for_plan(normalise_plans(make_plan([Op("conv", "a")])), [])

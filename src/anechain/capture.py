@@ -1,11 +1,11 @@
 """Ground truth from a Mac, replayable anywhere: `anechain capture`.
 
 For each package, a bundle (one JSON file, arrays zlib-compressed and base64-encoded) holds
-what Core ML did with it on this machine: the compute plan with its estimated costs, the
-package's program (op kinds, names, dtypes), the compiled model's metadata.json, the inputs
-of the golden run and Core ML's outputs for them on CPU_AND_NE and on CPU_ONLY, the states
-after the run, the residency and golden results as computed here, and the machine (chip,
-macOS, coremltools, Neural Engine cores).
+what Core ML did with it on this machine: the compute plan of every function with its
+estimated costs, the program of every function (op kinds, names, dtypes), the compiled
+model's metadata.json, the inputs of the golden run and Core ML's outputs for them on
+CPU_AND_NE and on CPU_ONLY, the states after the run, the residency and golden results as
+computed here, and the machine (chip, macOS, coremltools, Neural Engine cores).
 
 `anechain.replay` puts a bundle back through the same residency and golden code.
 """
@@ -156,7 +156,7 @@ def capture_package(
     from anechain.residency import (
         NO_ANE_REASON,
         load_live_plan,
-        program_from_spec,
+        programs_from_spec,
         report_for_plan,
     )
     from anechain.runners.coreml import CoreMLRunner
@@ -168,7 +168,7 @@ def capture_package(
     meta = read_package_metadata(package)
     check_package_matches(meta, checkpoint, str(package))
     spec = load_spec(package)
-    program = program_from_spec(spec)
+    programs = programs_from_spec(spec)
     machine = seams.machine or machine_info()
     sha = sha256_tree(package)
     with tempfile.TemporaryDirectory(prefix="anechain-capture-") as tmp:
@@ -186,7 +186,7 @@ def capture_package(
         ane = bool(machine.get("neural_engine_cores"))
         residency = report_for_plan(
             plan,
-            program,
+            programs,
             config.residency,
             report_only=not ane,
             plan_source="live",
@@ -217,7 +217,7 @@ def capture_package(
         "checkpoint": {"fingerprint": checkpoint.fingerprint, "random": random_recipe},
         "validation": to_dict(config.validation),
         "residency_settings": to_dict(config.residency),
-        "program": program.to_dict(),
+        "programs": [p.to_dict() for p in programs],
         "compiled_metadata": compiled_meta,
         "plan": plan.to_dict(),
         "residency": residency.to_dict(),

@@ -159,7 +159,7 @@ def replay_bundle(
 ) -> Replay:
     """Recompute a bundle's residency and golden results; CaptureError if it says otherwise."""
     from anechain.config import ResidencySettings
-    from anechain.residency import NO_ANE_REASON, ComputePlan, Program, report_for_plan
+    from anechain.residency import NO_ANE_REASON, PackagePlan, Program, report_for_plan
 
     path = Path(path)
     data = read_bundle(path)
@@ -168,8 +168,10 @@ def replay_bundle(
         meta = ShardMetadata.from_user_metadata(data["package"]["metadata"], where)
         settings = from_dict(ValidationSettings, data["validation"], "validation")
         res_settings = from_dict(ResidencySettings, data["residency_settings"], "residency")
-        plan = ComputePlan.from_dict(data["plan"], where=f"{where} plan")
-        program = Program.from_dict(data["program"], where=f"{where} program")
+        plan = PackagePlan.from_dict(data["plan"], where=f"{where} plan")
+        # Every function's program; a bundle of a one-function package may hold `program`.
+        recorded = data["programs"] if "programs" in data else [data["program"]]
+        programs = [Program.from_dict(p, where=f"{where} program") for p in recorded]
         machine = dict(data["machine"])
         runs = data["runs"]
         inputs = [decode_all(i) for i in data["inputs"]]
@@ -188,7 +190,7 @@ def replay_bundle(
     ane = bool(machine.get("neural_engine_cores"))
     residency = report_for_plan(
         plan,
-        program,
+        programs,
         res_settings,
         report_only=not ane,
         plan_source=f"capture:{path.name}",
@@ -199,6 +201,15 @@ def replay_bundle(
     _same(claimed.get("status"), residency.status, "residency status", where)
     _same(claimed.get("passed"), residency.passed, "residency passed", where)
     _same(claimed.get("counts"), residency.counts.to_dict(), "residency counts", where)
+    per_function = {
+        name: {k: v for k, v in f.items() if k in ("counts", "passed")}
+        for name, f in (claimed.get("functions") or {}).items()
+    }
+    recomputed = {
+        f.function: {"counts": f.counts.to_dict() if f.counts else None, "passed": f.passed}
+        for f in residency.functions
+    }
+    _same(per_function, recomputed, "per-function residency", where)
 
     golden = {}
     for units, run in runs.items():

@@ -220,15 +220,20 @@ def plan_ops_for_package(
     return ops_of(fn.block_specializations[fn.opset])
 
 
-def plan_for_package(package: Path, place: Any = anemll_placement) -> MLComputePlan:
-    """A real coremltools MLComputePlan of `package`, devices chosen by `place`: one plan
-    function per program function (`main`, or `decode` and `prefill`), as Core ML's."""
+def plan_for_package(
+    package: Path, place: Any = anemll_placement, **place_in: Any
+) -> MLComputePlan:
+    """A real coremltools MLComputePlan of `package`, devices chosen by `place` (or, for the
+    function named, by `place_in[function]`): one plan function per program function
+    (`main`, or `decode` and `prefill`), as Core ML's."""
     from anechain.package import load_spec
 
     functions = sorted(load_spec(package).mlProgram.functions)
+    unknown = set(place_in) - set(functions)
+    assert not unknown, f"{package} has no function {unknown}"
     plan = object.__new__(MLComputePlan)  # __init__ insists on the native proxy type
     plan.__proxy__ = FakeComputePlanProxy(
-        {f: plan_ops_for_package(package, place, function=f) for f in functions}
+        {f: plan_ops_for_package(package, place_in.get(f, place), function=f) for f in functions}
     )
     return plan
 

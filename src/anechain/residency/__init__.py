@@ -6,6 +6,11 @@ plan (or a captured bundle, `anechain.capture`) is replayed from JSON. Either wa
 match the package's own program (`residency.program`), which also says what class of work each
 op does; counting and the gate (`residency.gate`) only ever see a matched, classified plan.
 
+A package has one program function (`main`) or two (`decode` and `prefill`, sharing weights
+and states); one plan load covers all of them. Each function's plan is matched with that
+function's program and gated on its own, and the package passes only if every function does:
+a plan lacking a function of the package is refused, so prefill's convs are never left out.
+
 A plan is what Core ML intends to do, not proof of what ran. A Mac whose Core ML lists no
 Neural Engine (hosted CI runners are such virtual machines) gets the counts without the gate
 (`report_only`); off macOS residency is `not_checked`, never passed.
@@ -14,6 +19,7 @@ Neural Engine (hosted CI runners are such virtual machines) gets the counts with
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,7 @@ from anechain.residency.gate import (
     ResidencyReport,
     ane_cost_share,
     not_checked,
+    package_report,
     residency_report,
 )
 from anechain.residency.plan import (
@@ -37,11 +44,13 @@ from anechain.residency.plan import (
     MIN_MACOS,
     PLAN_SCHEMA,
     ComputePlan,
+    PackagePlan,
     PlanLoader,
     PlanOp,
     live_plan_available,
     load_live_plan,
     normalise_plan,
+    normalise_plans,
     op_name,
     op_type,
     read_live_plan,
@@ -51,10 +60,13 @@ from anechain.residency.plan import (
 from anechain.residency.program import (
     Program,
     ProgramOp,
+    check_plan_functions,
     check_plan_matches_program,
     classify_plan,
     program_from_spec,
+    programs_from_spec,
     read_program,
+    read_programs,
 )
 
 __all__ = [
@@ -66,6 +78,7 @@ __all__ = [
     "STATUS_REPORT_ONLY",
     "ClassifiedOp",
     "ComputePlan",
+    "PackagePlan",
     "PlanLoader",
     "PlanOp",
     "Program",
@@ -73,6 +86,7 @@ __all__ = [
     "ResidencyCounts",
     "ResidencyReport",
     "ane_cost_share",
+    "check_plan_functions",
     "check_plan_matches",
     "check_plan_matches_program",
     "check_residency",
@@ -81,12 +95,16 @@ __all__ = [
     "live_plan_available",
     "load_live_plan",
     "normalise_plan",
+    "normalise_plans",
     "op_name",
     "op_type",
     "program_from_spec",
+    "programs_from_spec",
     "read_live_plan",
     "read_program",
+    "read_programs",
     "read_saved_plan",
+    "package_report",
     "report_for_plan",
     "save_plan",
 ]
@@ -110,7 +128,7 @@ def expected_live_status(model_kind: str = ".mlpackage", ane_present: bool | Non
     return STATUS_CHECKED if ane else STATUS_REPORT_ONLY
 
 
-def check_plan_matches(plan: ComputePlan, model: str | Path) -> None:
+def check_plan_matches(plan: PackagePlan, model: str | Path) -> None:
     """Refuse a saved plan made for another package than `model` (by the source package's
     sha256, recorded in the plan and, for an .mlmodelc, in its compile sidecar)."""
     from anechain.compile import read_sidecar
@@ -150,8 +168,8 @@ def source_package(model: Path) -> Path:
 
 
 def report_for_plan(
-    plan: ComputePlan,
-    program: Program,
+    plan: PackagePlan,
+    programs: Sequence[Program],
     settings: ResidencySettings | None = None,
     *,
     report_only: bool = False,
@@ -159,22 +177,36 @@ def report_for_plan(
     reason: str = "",
     where: str = "",
 ) -> ResidencyReport:
-    """Match a plan with its program, class its ops and count them; the one path for live,
-    saved and captured plans."""
+    """Match each function's plan with that function's program, class its ops, count and gate
+    it; the package report combines them. The one path for live, saved and captured plans."""
     if plan.compute_units not in ANE_UNITS:
         raise ResidencyError(
             f"the compute plan{f' of {where}' if where else ''} was made for "
             f"{plan.compute_units}, which excludes the Neural Engine; it proves no residency"
         )
-    check_plan_matches_program(plan, program, where)
-    return residency_report(
-        plan,
-        classify_plan(plan, program),
-        settings,
-        report_only=report_only,
-        plan_source=plan_source,
-        reason=reason,
-    )
+    if not programs:
+        raise ResidencyError(f"the program{f' of {where}' if where else ''} has no function")
+    check_plan_functions(plan.functions, [p.function for p in programs], where)
+    reports = []
+    several = len(programs) > 1
+    for program in sorted(programs, key=lambda p: p.function):
+        fn_plan = plan.function(program.function)
+        check_plan_matches_program(
+            fn_plan,
+            program,
+            f"{where}, function {program.function!r}" if several else where,
+        )
+        reports.append(
+            residency_report(
+                fn_plan,
+                classify_plan(fn_plan, program),
+                settings,
+                report_only=report_only,
+                plan_source=plan_source,
+                reason=reason,
+            )
+        )
+    return package_report(plan, reports)
 
 
 def check_residency(
@@ -205,7 +237,7 @@ def check_residency(
     model = Path(model)
     if model.suffix not in (".mlpackage", ".mlmodelc"):
         raise ResidencyError(f"{model} is neither an .mlmodelc nor an .mlpackage")
-    program = read_program(source_package(model))
+    programs = read_programs(source_package(model))
     if plan_file is not None:
         plan = read_saved_plan(plan_file)
         check_plan_matches(plan, model)
@@ -216,7 +248,7 @@ def check_residency(
         if load_plan is None and not macos_at_least(need):
             return not_checked(settings, f"needs macOS {'.'.join(map(str, need))}+ or a saved plan")
         try:
-            plan = _live_plan(model, compiled, compute_units, load_plan, compiler, program.function)
+            plan = _live_plan(model, compiled, compute_units, load_plan, compiler)
         except PlatformError as exc:  # e.g. the compiler needs a newer macOS than the plan
             return not_checked(settings, str(exc))
         source = "live"
@@ -227,7 +259,7 @@ def check_residency(
         save_plan(plan, save_plan_to)
     return report_for_plan(
         plan,
-        program,
+        programs,
         settings,
         report_only=report_only,
         plan_source=source,
@@ -242,13 +274,10 @@ def _live_plan(
     compute_units: str,
     load_plan: PlanLoader | None,
     compiler: Any,
-    function: str = "main",
-) -> ComputePlan:
-    """The plan of `function`: the package's default one (decode, in a two-function shard)."""
+) -> PackagePlan:
+    """The plan of every function of `model` (one load)."""
     if compiled is None:
-        return read_live_plan(
-            model, compute_units, load_plan=load_plan, compiler=compiler, function=function
-        )
+        return read_live_plan(model, compute_units, load_plan=load_plan, compiler=compiler)
     sha = sha256_tree(model) if model.suffix == ".mlpackage" else None
     return load_live_plan(
         Path(compiled),
@@ -256,5 +285,4 @@ def _live_plan(
         model=str(model),
         package_sha256=sha,
         load_plan=load_plan,
-        function=function,
     )

@@ -3,15 +3,20 @@
 Counts are by the class of each op in the package's program (see `residency.program`): fp16
 compute must be on the Neural Engine (strict: all of it); plumbing (int32 index ops, state
 read/write) is bounded by its own share; every conv must be on the ANE.
+
+Each function of a package (`decode` and `prefill`) is counted and gated on its own; the
+package passes only if every function does. The package's `counts` are the sums over its
+functions (for a one-function package, that function's counts).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from anechain.config import ResidencySettings
-from anechain.residency.plan import ComputePlan, PlanOp
+from anechain.residency.plan import ComputePlan, PackagePlan, PlanOp
 from anechain.residency.program import COMPUTE, INDEX, PLUMBING, STATE
 
 STATUS_CHECKED = "checked"
@@ -42,6 +47,10 @@ class ResidencyCounts:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+    @classmethod
+    def total(cls, counts: Sequence[ResidencyCounts]) -> ResidencyCounts:
+        return cls(**{f.name: sum(getattr(c, f.name) for c in counts) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,7 @@ def count_plan(ops: list[ClassifiedOp]) -> ResidencyCounts:
     )
 
 
-def ane_cost_share(plan: ComputePlan) -> float | None:
+def ane_cost_share(plan: ComputePlan | PackagePlan) -> float | None:
     """Share of the estimated cost (over compute ops that have one) planned for the ANE."""
     costed = [(op.cost, op.preferred) for op in plan.ops if op.computes and op.cost is not None]
     total = sum(cost for cost, _ in costed)
@@ -163,8 +172,19 @@ class ResidencyReport:
     reason: str = ""  # why not checked / not enforced
     settings: ResidencySettings = field(default_factory=ResidencySettings)
     ane_cost_share: float | None = None  # estimated-cost-weighted share planned for the ANE
+    function: str = ""  # the function this report counts ("" for a whole package)
+    functions: tuple[ResidencyReport, ...] = ()  # a package's per-function reports
 
     def to_dict(self) -> dict[str, Any]:
+        out = self._dict()
+        if self.functions:
+            out["functions"] = {
+                f.function: {k: v for k, v in f._dict().items() if k in _FUNCTION_KEYS}
+                for f in self.functions
+            }
+        return out
+
+    def _dict(self) -> dict[str, Any]:
         return {
             "status": self.status,
             "counts": None if self.counts is None else self.counts.to_dict(),
@@ -187,6 +207,10 @@ class ResidencyReport:
                 "max_plumbing_share": self.settings.max_plumbing_share,
             },
         }
+
+
+# What a package report says about each of its functions (the rest is the package's).
+_FUNCTION_KEYS = ("counts", "passed", "failures", "non_ane_ops", "plumbing", "ane_cost_share")
 
 
 def not_checked(settings: ResidencySettings, reason: str) -> ResidencyReport:
@@ -222,4 +246,32 @@ def residency_report(
         reason=reason or ("gate not enforced (report only)" if report_only else ""),
         settings=settings,
         ane_cost_share=ane_cost_share(plan),
+        function=plan.function,
+    )
+
+
+def package_report(plan: PackagePlan, reports: Sequence[ResidencyReport]) -> ResidencyReport:
+    """One report for a package from its functions' reports: counts summed, failures named by
+    function (when there are several), passed only if every function passes. The plumbing
+    share shown is the largest of the functions' (each is gated on its own)."""
+    first = reports[0]
+    several = len(reports) > 1
+    failures = tuple(
+        f"{r.function}: {msg}" if several else msg for r in reports for msg in r.failures
+    )
+    worst = max(reports, key=lambda r: r.plumbing_share)
+    return ResidencyReport(
+        status=first.status,
+        counts=ResidencyCounts.total([r.counts for r in reports if r.counts is not None]),
+        passed=None if first.passed is None else all(r.passed for r in reports),
+        failures=failures,
+        non_ane_ops=tuple(op for r in reports for op in r.non_ane_ops),
+        plumbing_ops=tuple(c for r in reports for c in r.plumbing_ops),
+        plumbing_share=worst.plumbing_share,
+        plumbing_basis=worst.plumbing_basis,
+        plan_source=first.plan_source,
+        reason=first.reason,
+        settings=first.settings,
+        ane_cost_share=ane_cost_share(plan),  # over every function's ops
+        functions=tuple(reports),
     )

@@ -1,5 +1,10 @@
 """Compute plans: coremltools' live `MLComputePlan` normalised into a JSON-serialisable
-`ComputePlan`, and its saved form.
+`PackagePlan` (one `ComputePlan` per function of the model), and its saved form.
+
+One `MLComputePlan.load_from_path` covers every function of a multifunction model: coremltools
+builds `model_structure.program.functions` from Core ML's `MLModelStructureProgram.functions`
+(every function, by name; see coremlpython/CoreMLPython.mm), and device usage and cost are
+asked per operation object, whichever function it belongs to.
 
 Core ML names operators with their opset (`ios18.conv`) and gives output-less ops
 (`write_state`) no name; `op_type` and `op_name` normalise both, here only, so plans, programs
@@ -20,7 +25,8 @@ from anechain.fsutil import sha256_tree
 from anechain.jsonio import atomic_write_json
 from anechain.platform import macos_at_least, require_macos
 
-PLAN_SCHEMA = "anechain.compute-plan/1"
+PLAN_SCHEMA = "anechain.compute-plan/2"  # every function of the model
+PLAN_SCHEMA_V1 = "anechain.compute-plan/1"  # one function (decode-only packages: `main`)
 DEVICES = ("ane", "cpu", "gpu")
 # MLComputePlan exists from macOS 14.4.
 MIN_MACOS = (14, 4)
@@ -100,8 +106,8 @@ class PlanOp:
 
 @dataclass(frozen=True)
 class ComputePlan:
-    """A normalised compute plan: every op of one function, in program order, nested ops after
-    their parent."""
+    """A normalised compute plan of one function: its ops in program order, nested ops after
+    their parent. Its own JSON form is the one-function schema (`anechain.compute-plan/1`)."""
 
     ops: tuple[PlanOp, ...]
     compute_units: str = "cpu_and_ne"
@@ -111,7 +117,7 @@ class ComputePlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema": PLAN_SCHEMA,
+            "schema": PLAN_SCHEMA_V1,
             "model": self.model,
             "package_sha256": self.package_sha256,
             "compute_units": self.compute_units,
@@ -121,11 +127,11 @@ class ComputePlan:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "plan") -> ComputePlan:
-        if not isinstance(data, dict) or data.get("schema") != PLAN_SCHEMA:
+        if not isinstance(data, dict) or data.get("schema") != PLAN_SCHEMA_V1:
             found = data.get("schema") if isinstance(data, dict) else type(data).__name__
             raise ResidencyError(
                 f"{where} is not an anechain compute plan "
-                f"(schema {found!r}, expected {PLAN_SCHEMA!r})"
+                f"(schema {found!r}, expected {PLAN_SCHEMA_V1!r})"
             )
         try:
             units = str(data.get("compute_units", "cpu_and_ne"))
@@ -142,14 +148,78 @@ class ComputePlan:
             raise ResidencyError(f"{where} is malformed: {exc}") from None
 
 
-def save_plan(plan: ComputePlan, path: str | Path) -> Path:
-    """Write the plan as JSON, atomically."""
+@dataclass(frozen=True)
+class PackagePlan:
+    """The compute plan of every function of one compiled model (`main`, or `decode` and
+    `prefill`), in function-name order."""
+
+    plans: tuple[ComputePlan, ...]
+    compute_units: str = "cpu_and_ne"
+    model: str = ""
+    package_sha256: str | None = None
+
+    @property
+    def functions(self) -> tuple[str, ...]:
+        return tuple(p.function for p in self.plans)
+
+    def function(self, name: str) -> ComputePlan:
+        for plan in self.plans:
+            if plan.function == name:
+                return plan
+        raise ResidencyError(f"the compute plan has no function {name!r}")
+
+    @property
+    def ops(self) -> tuple[PlanOp, ...]:
+        """Every function's ops, one function after the other."""
+        return tuple(op for plan in self.plans for op in plan.ops)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": PLAN_SCHEMA,
+            "model": self.model,
+            "package_sha256": self.package_sha256,
+            "compute_units": self.compute_units,
+            "functions": {p.function: [op.to_dict() for op in p.ops] for p in self.plans},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "plan") -> PackagePlan:
+        """A saved plan: this schema, or a one-function plan of `anechain.compute-plan/1`."""
+        schema = data.get("schema") if isinstance(data, dict) else None
+        if schema == PLAN_SCHEMA_V1:
+            one = ComputePlan.from_dict(data, where)
+            return cls((one,), one.compute_units, one.model, one.package_sha256)
+        if schema != PLAN_SCHEMA:
+            found = schema if isinstance(data, dict) else type(data).__name__
+            raise ResidencyError(
+                f"{where} is not an anechain compute plan "
+                f"(schema {found!r}, expected {PLAN_SCHEMA!r} or {PLAN_SCHEMA_V1!r})"
+            )
+        try:
+            units = str(data.get("compute_units", "cpu_and_ne"))
+            if units not in COMPUTE_UNITS:
+                raise ValueError(f"unknown compute units {units!r}")
+            functions = data["functions"]
+            if not isinstance(functions, dict) or not functions:
+                raise ValueError("no functions")
+            model, sha = str(data.get("model", "")), data.get("package_sha256")
+            plans = tuple(
+                ComputePlan(tuple(PlanOp.from_dict(op) for op in ops), units, str(name), model, sha)
+                for name, ops in sorted(functions.items())
+            )
+            return cls(plans, units, model, sha)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ResidencyError(f"{where} is malformed: {exc}") from None
+
+
+def save_plan(plan: PackagePlan, path: str | Path) -> Path:
+    """Write the plan (every function) as JSON, atomically."""
     path = Path(path)
     atomic_write_json(path, plan.to_dict(), indent=1)
     return path
 
 
-def read_saved_plan(path: str | Path) -> ComputePlan:
+def read_saved_plan(path: str | Path) -> PackagePlan:
     """Load a plan written by `save_plan` (any OS)."""
     path = Path(path)
     try:
@@ -158,7 +228,7 @@ def read_saved_plan(path: str | Path) -> ComputePlan:
         raise ResidencyError(f"compute plan {path} does not exist") from None
     except (OSError, ValueError) as exc:
         raise ResidencyError(f"compute plan {path} is not readable JSON ({exc})") from None
-    return ComputePlan.from_dict(data, where=str(path))
+    return PackagePlan.from_dict(data, where=str(path))
 
 
 # --- live plans (coremltools' MLComputePlan) ------------------------------------------------
@@ -237,6 +307,30 @@ def normalise_plan(
     return ComputePlan(tuple(ops), compute_units, function, model, package_sha256)
 
 
+def normalise_plans(
+    ct_plan: Any,
+    *,
+    compute_units: str = "cpu_and_ne",
+    model: str = "",
+    package_sha256: str | None = None,
+) -> PackagePlan:
+    """Every function of a coremltools MLComputePlan, each normalised by `normalise_plan`."""
+    program = ct_plan.model_structure.program
+    if program is None:
+        raise ResidencyError(f"{model or 'the model'} is not an ML Program; no op-level plan")
+    plans = tuple(
+        normalise_plan(
+            ct_plan,
+            function=name,
+            compute_units=compute_units,
+            model=model,
+            package_sha256=package_sha256,
+        )
+        for name in sorted(program.functions)
+    )
+    return PackagePlan(plans, compute_units, model, package_sha256)
+
+
 def compute_unit(name: str) -> Any:
     """coremltools' ComputeUnit for one of COMPUTE_UNITS."""
     import coremltools as ct
@@ -263,9 +357,9 @@ def load_live_plan(
     model: str = "",
     package_sha256: str | None = None,
     load_plan: PlanLoader | None = None,
-    function: str = "main",
-) -> ComputePlan:
-    """Ask Core ML for the compute plan of an already compiled model (one function)."""
+) -> PackagePlan:
+    """Ask Core ML for the compute plan of an already compiled model (every function: one
+    load covers them all)."""
     if compute_units not in COMPUTE_UNITS:
         raise ConfigError(
             f"unknown compute units {compute_units!r}; choose from {', '.join(COMPUTE_UNITS)}"
@@ -277,9 +371,8 @@ def load_live_plan(
         ct_plan = load_plan(str(compiled), compute_units)
     except (ValueError, RuntimeError, OSError) as exc:
         raise ResidencyError(f"Core ML could not plan {compiled}: {exc}") from None
-    return normalise_plan(
+    return normalise_plans(
         ct_plan,
-        function=function,
         compute_units=compute_units,
         model=model or str(compiled),
         package_sha256=package_sha256,
@@ -292,8 +385,7 @@ def read_live_plan(
     *,
     load_plan: PlanLoader | None = None,
     compiler: Any = None,
-    function: str = "main",
-) -> ComputePlan:
+) -> PackagePlan:
     """The compute plan of a .mlmodelc (an .mlpackage is compiled to a temporary folder
     first). `load_plan` replaces coremltools' loader (tests); `compiler` is passed to
     `anechain.compile`."""
@@ -311,7 +403,6 @@ def read_live_plan(
             compute_units,
             package_sha256=recorded.get("source_sha256"),
             load_plan=load_plan,
-            function=function,
         )
     if model.suffix != ".mlpackage":
         raise ResidencyError(f"{model} is neither an .mlmodelc nor an .mlpackage")
@@ -324,5 +415,4 @@ def read_live_plan(
             model=str(model),
             package_sha256=sha256_tree(model),
             load_plan=load_plan,
-            function=function,
         )

@@ -159,6 +159,39 @@ def read_program(package: str | Path, function: str | None = None) -> Program:
     return program_from_spec(load_spec(package), function)
 
 
+def programs_from_spec(spec: Any) -> tuple[Program, ...]:
+    """Every function of a package's program (`main`, or `decode` and `prefill`), by name."""
+    if spec.WhichOneof("Type") != "mlProgram":
+        raise ResidencyError("the model is not an ML Program; no op-level residency")
+    return tuple(program_from_spec(spec, name) for name in sorted(spec.mlProgram.functions))
+
+
+def read_programs(package: str | Path) -> tuple[Program, ...]:
+    """Every function's program of an .mlpackage (the spec only; weights stay on disk)."""
+    from anechain.package import load_spec
+
+    return programs_from_spec(load_spec(package))
+
+
+def check_plan_functions(planned: Any, programmed: Any, where: str = "") -> None:
+    """ResidencyError unless the plan has exactly the package's functions: a plan that lacks
+    one (prefill) would leave that function's ops ungated."""
+    planned, programmed = set(planned), set(programmed)
+    if planned == programmed:
+        return
+    where = f" of {where}" if where else ""
+    missing, extra = sorted(programmed - planned), sorted(planned - programmed)
+    detail = "; ".join(
+        part
+        for part in (
+            f"it lacks function {', '.join(map(repr, missing))} of the package" if missing else "",
+            f"it has function {', '.join(map(repr, extra))} the package lacks" if extra else "",
+        )
+        if part
+    )
+    raise ResidencyError(f"the compute plan does not match the program{where}: {detail}")
+
+
 def _signature(ops: Any) -> Counter[tuple[str, str, tuple[str, ...]]]:
     # Constants may be folded or dropped by the compiler; the work it plans may not.
     return Counter(
