@@ -231,13 +231,14 @@ def test_a_live_work_folder_is_never_swept(tmp_path):
     assert not live.exists()
 
 
-def test_a_filesystem_without_locks_still_writes_and_sweeps_nothing(tmp_path, monkeypatch):
-    # Some network/FUSE mounts refuse flock (ENOLCK): a write must neither loop forever
+@pytest.mark.parametrize("err", [errno.ENOLCK, errno.EOPNOTSUPP, errno.EACCES])
+def test_a_filesystem_without_locks_still_writes_and_sweeps_nothing(tmp_path, monkeypatch, err):
+    # Some network/FUSE mounts refuse flock (ENOLCK, ...): a write must neither loop forever
     # making work folders nor sweep one it cannot tell is stale.
     import fcntl
 
     def no_flock(fd, op):  # type: ignore[no-untyped-def]
-        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        raise OSError(err, os.strerror(err))
 
     made = []
     real_mkdir = os.mkdir

@@ -88,8 +88,9 @@ def writes_in_place(dest: str | Path, folder: bool = False) -> bool:
 
 
 # flock's answer when another process holds the lock; any other errno means the
-# filesystem cannot lock (some network and FUSE mounts): ENOLCK, EOPNOTSUPP, ...
-_HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+# filesystem cannot lock (some network and FUSE mounts): ENOLCK, EOPNOTSUPP, ... Treating
+# those as "held" would make every new work folder look taken, forever.
+_HELD = (errno.EWOULDBLOCK, errno.EAGAIN)
 
 
 class _NoLocks(Exception):
