@@ -380,10 +380,10 @@ def test_transformers_config_errors_are_joined_into_one_line(ckpt, tmp_path, err
 @pytest.mark.parametrize(
     ("option", "value"),
     [
-        ("--max-abs", "nan"),
+        ("--max-rel-abs", "nan"),
         ("--min-cosine", "inf"),
-        ("--max-rmse", "1e999"),
-        ("--max-abs", "\u0661"),
+        ("--max-rel-rmse", "1e999"),
+        ("--max-rel-abs", "\u0661"),
     ],
 )
 def test_non_finite_gate_bounds_are_usage_errors(
@@ -404,7 +404,9 @@ def test_non_finite_gate_bounds_in_a_config_are_refused(
     tmp_path, tiny_checkpoint_dir, value, error_line
 ):
     config = tmp_path / "nan.yaml"
-    config.write_text(Path(TINY).read_text().replace("max_abs: 1.0", f"max_abs: {value}"))
+    text = Path(TINY).read_text()
+    assert "max_rel_abs: 0.5" in text
+    config.write_text(text.replace("max_rel_abs: 0.5", f"max_rel_abs: {value}"))
     result = invoke(
         "export",
         "--model",
@@ -414,7 +416,7 @@ def test_non_finite_gate_bounds_in_a_config_are_refused(
         "--embedding",
         tmp_path / "e.npy",
     )
-    assert "validation.gates.max_abs must be a finite number" in error_line(result, 1)
+    assert "validation.gates.max_rel_abs must be a finite number" in error_line(result, 1)
 
 
 def _strict(text: str) -> object:

@@ -1,13 +1,13 @@
 """The runtime manifest: build from validation reports, load, verify, show, and the CLI.
 
-Shards are fake `.mlpackage` folders (a Manifest.json and some bytes) with reports that
-follow DESIGN.md's validation-report format; build never loads a Core ML model.
+Shards are fake `.mlpackage` folders (a Manifest.json and some bytes) with reports written by
+anechain.report's own class (tests/fakes/reports.py); build never loads a Core ML model.
+Forged reports are those files edited as a user with an editor would.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,38 +15,27 @@ from typing import Any
 import jsonschema
 import pytest
 from click.testing import CliRunner
+from tests.fakes.reports import (
+    TINY,
+    edit_json,
+    fake_package,
+    make_head,
+    make_shard,
+    make_shards,
+)
 
 from anechain.cli.manifest import COMMANDS, manifest_group
 from anechain.config import Architecture, LayerRange
 from anechain.contract import MASK_VALUE, layer_contract
 from anechain.errors import ManifestError
 from anechain.fsutil import sha256_tree
-from anechain.manifest import (
-    Manifest,
-    build_manifest,
-    load_manifest,
-    manifest_schema,
-    render_manifest,
-    verify_manifest,
-)
+from anechain.manifest import Manifest, load_manifest, manifest_schema, verify_manifest
+from anechain.manifest_build import build_manifest
+from anechain.manifest_render import render_manifest
 from anechain.shards import ShardRecord, coverage_problems, topology_problems
 
 DATA = Path(__file__).parent / "data"
 
-TINY = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 5,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 128,
-    "partial_rotary_factor": 0.75,
-    "max_position_embeddings": 4096,
-    "original_max_position_embeddings": 512,
-    "rope_theta": 10000.0,
-    "rms_norm_eps": 1e-05,
-    "tie_word_embeddings": True,
-}
 PHI4 = {
     **TINY,
     "hidden_size": 3072,
@@ -59,109 +48,6 @@ PHI4 = {
     "original_max_position_embeddings": 4096,
 }
 PHI4_RANGES = ["0:8", "8:16", "16:24", "24:30", "30:32"]
-
-
-def fake_package(folder: Path, name: str, payload: bytes) -> Path:
-    pkg = folder / f"{name}.mlpackage"
-    weights = pkg / "Data" / "com.apple.CoreML" / "weights"
-    weights.mkdir(parents=True)
-    (pkg / "Manifest.json").write_text(json.dumps({"fileFormatVersion": "1.0.0"}))
-    (weights / "weight.bin").write_bytes(payload)
-    return pkg
-
-
-def report_dict(
-    pkg: Path,
-    layers: str,
-    arch: dict[str, Any] = TINY,
-    context: int = 64,
-    fingerprint: str = "ckpt-a",
-    verdict: str = "pass",
-    failed_gates: tuple[str, ...] = (),
-    residency: str = "checked",
-    report_dir: Path | None = None,
-) -> dict[str, Any]:
-    """A validation report for `pkg` (DESIGN.md format, plus the `architecture` object)."""
-    rng = LayerRange.parse(layers)
-    contract = layer_contract(Architecture(**arch), context, rng.num_layers)
-    gates = [
-        {"name": n, "value": v, "bound": b, "op": op, "passed": n not in failed_gates}
-        for n, v, op, b in [
-            ("cosine", 0.9995, ">=", 0.998),
-            ("delta_cosine", 0.99, ">=", 0.9),
-            ("rmse", 0.01, "<=", 0.25),
-            ("max_abs", 0.1, "<=", 1.0),
-        ]
-    ]
-    checked = residency == "checked"
-    return {
-        "schema": "anechain.validation-report/1",
-        "package": {
-            "path": os.path.relpath(pkg, report_dir or pkg.parent),
-            "sha256": sha256_tree(pkg),
-            "size_bytes": sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file()),
-        },
-        "kind": "layers",
-        "layers": layers,
-        "num_hidden_layers": arch["num_hidden_layers"],
-        "checkpoint_fingerprint": fingerprint,
-        "weights_fingerprint": f"weights-{layers}",
-        "contract": contract.to_dict(),
-        "context_length": context,
-        "architecture": dict(arch),
-        "backend": "mil",
-        "steps": 4,
-        "golden": {
-            "metrics": {
-                "cosine": 0.9995,
-                "rmse": 0.01,
-                "max_abs": 0.1,
-                "delta_cosine": 0.99,
-                "delta_rmse": 0.01,
-                "delta_max_abs": 0.1,
-                "nonfinite": 0,
-            },
-            "per_step": [{"step": 0, "cosine": 0.9995}],
-            "first_nonfinite": None,
-            "layer_max_abs": [1.0] * rng.num_layers,
-            "passed": not failed_gates,
-        },
-        "residency": {
-            "status": residency,
-            "counts": {"conv_total": 7, "conv_ane": 7, "compute_non_ane": 0} if checked else None,
-            "passed": True if checked else None,
-        },
-        "gates": gates,
-        "verdict": verdict,
-        "versions": {
-            "anechain": "0.1.0",
-            "coremltools": "9.0",
-            "torch": "2.13.0",
-            "transformers": "5.24.0",
-            "numpy": "2.3.5",
-        },
-        "created": "2026-11-25T12:00:00Z",
-    }
-
-
-def make_shard(folder: Path, layers: str, name: str | None = None, **kw: Any) -> Path:
-    """A fake package with its report beside it; returns the report's path."""
-    name = name or "layers_" + layers.replace(":", "_")
-    pkg = fake_package(folder, name, f"weights of {layers} {kw.get('fingerprint', '')}".encode())
-    report = folder / f"{name}.report.json"
-    report.write_text(json.dumps(report_dict(pkg, layers, **kw), indent=2))
-    return report
-
-
-def make_shards(folder: Path, ranges: list[str], **kw: Any) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    return [make_shard(folder, r, **kw) for r in ranges]
-
-
-def edit_json(path: Path, edit: Any) -> None:
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data, indent=2))
 
 
 # ---- build: valid topologies ----------------------------------------------------------------
@@ -180,7 +66,7 @@ def test_build_phi4_asymmetric_topology_in_any_order(tmp_path: Path) -> None:
     text = (tmp_path / "manifest.json").read_text()
     assert text == json.dumps(json.loads(text), sort_keys=True, indent=2) + "\n"
     data = json.loads(text)
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
     assert [s["package"]["path"] for s in data["shards"]][:2] == [
         "layers_0_8.mlpackage",
         "layers_8_16.mlpackage",
@@ -258,8 +144,8 @@ def test_build_refuses_report_of_another_package(tmp_path: Path) -> None:
         build_manifest([tmp_path / "layers_3_5.mlpackage"], tmp_path / "manifest.json")
 
 
-def test_golden_manifest_v1(tmp_path: Path) -> None:
-    """The JSON format is stable: a fixed set of fake shards gives tests/data/manifest_v1.json."""
+def test_golden_manifest_v2(tmp_path: Path) -> None:
+    """The JSON format is stable: a fixed set of fake shards gives tests/data/manifest_v2.json."""
     reports = make_shards(tmp_path, ["0:3", "3:5"])
     build_manifest(reports, tmp_path / "manifest.json")
     data = json.loads((tmp_path / "manifest.json").read_text())
@@ -270,7 +156,7 @@ def test_golden_manifest_v1(tmp_path: Path) -> None:
         "torch": "2.13.0",
         "transformers": "5.24.0",
     }
-    golden = json.loads((DATA / "manifest_v1.json").read_text())
+    golden = json.loads((DATA / "manifest_v2.json").read_text())
     assert data == golden
     jsonschema.Draft202012Validator(manifest_schema()).validate(golden)
 
@@ -365,19 +251,239 @@ def test_build_refuses_contract_disagreeing_with_architecture(tmp_path: Path) ->
 def test_build_refuses_failed_gate_naming_it(tmp_path: Path) -> None:
     reports = [
         make_shard(tmp_path, "0:3"),
-        make_shard(tmp_path, "3:5", verdict="fail", failed_gates=("delta_cosine",)),
+        make_shard(tmp_path, "3:5", metrics={"delta_cosine": 0.5}),
     ]
     with pytest.raises(ManifestError) as err:
         build_manifest(reports, tmp_path / "manifest.json")
     assert str(err.value).startswith(
-        "shard layers_3_5.mlpackage (3:5) failed validation: gate(s) delta_cosine failed"
+        "shard layers_3_5.mlpackage (3:5) failed validation: delta_cosine 0.5 < 0.9"
     )
 
 
-def test_build_refuses_report_saying_pass_with_a_failed_gate(tmp_path: Path) -> None:
-    reports = [make_shard(tmp_path, "0:3"), make_shard(tmp_path, "3:5", failed_gates=("rmse",))]
-    with pytest.raises(ManifestError, match=r"says pass but gate\(s\) rmse failed"):
-        build_manifest(reports, tmp_path / "manifest.json")
+# ---- forged reports, through the CLI: evidence, not votes ------------------------------------
+
+
+def _gate(name: str) -> Any:
+    """An edit to the named gate of a report's JSON."""
+
+    def at(data: dict[str, Any]) -> dict[str, Any]:
+        return next(g for g in data["gates"] if g["name"] == name)
+
+    return at
+
+
+def _cosine_half_nan_7(d: dict[str, Any]) -> None:
+    # What an editor would do: the figures changed, every pass flag left as it was.
+    d["golden"]["metrics"].update(cosine=0.5, nonfinite=7)
+    _gate("cosine")(d)["value"] = 0.5
+    _gate("finite")(d)["value"] = 7
+
+
+@pytest.mark.parametrize(
+    ("forge", "message"),
+    [
+        (lambda d: d.update(gates=[]), "lacks the mandatory layers gate(s) finite, cosine, "),
+        (_cosine_half_nan_7, "failed validation: finite 7 > 0, cosine 0.5 < 0.998"),
+        (
+            lambda d: d["golden"]["metrics"].update(cosine=0.5),
+            "is inconsistent: gate cosine has value 0.9995 but golden.metrics.cosine is 0.5",
+        ),
+        (
+            lambda d: _gate("rmse")(d).update(bound=0.5),
+            "gate rmse was applied with bound <= 0.5, looser than the required <= 0.2 "
+            "(max_rel_rmse)",
+        ),
+        (
+            lambda d: _gate("cosine")(d).update(op="<="),
+            "has gate cosine with comparison '<='; it is '>='",
+        ),
+        (
+            lambda d: d["gates"].remove(_gate("delta_cosine")(d)),
+            "lacks the mandatory layers gate(s) delta_cosine",
+        ),
+        (lambda d: d["gates"].append(_gate("rmse")(d)), "lists gate rmse twice"),
+        (
+            lambda d: d["package"].update(sha256="0" * 64),
+            "changed after validation: sha256",
+        ),
+        (lambda d: d.update(schema="anechain.validation-report/1"), "validate the shard again"),
+        (
+            lambda d: d["residency"]["counts"].update(conv_ane=4, compute_ane=17, compute_cpu=3),
+            "failed validation: residency",
+        ),
+        (
+            lambda d: d["residency"]["gate"].update(strict=False, max_compute_non_ane=99),
+            "residency was judged with {'max_compute_non_ane': 99, 'max_plumbing_share': 0.05, "
+            "'strict': False}, looser than",
+        ),
+        (
+            lambda d: d["residency"]["plumbing"].update(share_off_ane=0.3),
+            "failed validation: residency",
+        ),
+    ],
+    ids=[
+        "gates-emptied",
+        "cosine-0.5-nonfinite-7",
+        "metric-edited-gate-left",
+        "bound-loosened",
+        "op-flipped",
+        "mandatory-gate-missing",
+        "gate-twice",
+        "other-package-sha",
+        "old-schema",
+        "residency-counts-off-ane-flag-left-true",
+        "residency-gate-loosened",
+        "residency-plumbing-share-raised",
+    ],
+)
+def test_cli_refuses_forged_layer_report(tmp_path: Path, forge: Any, message: str) -> None:
+    reports = make_shards(tmp_path, ["0:3", "3:5"])
+    edit_json(reports[1], forge)
+    out = tmp_path / "manifest.json"
+    args = ["build", *(f"--report={r}" for r in reports), "-o", str(out)]
+    result = CliRunner().invoke(manifest_group, args)
+    assert result.exit_code == 1, result.output
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert message in result.output
+    assert "layers_3_5" in result.output  # names the report or the shard
+    assert not out.exists()
+
+
+def test_report_round_trip_recomputes_and_ignores_stored_flags(tmp_path: Path) -> None:
+    from anechain.report import ValidationReport
+    from anechain.report_read import read_report
+
+    path = make_shard(tmp_path, "0:3", metrics={"delta_cosine": 0.5})
+    _, report = read_report(path)
+    assert report.verdict == "fail" and report.failed_gates() == ["delta_cosine"]
+    assert ValidationReport.from_dict(report.to_dict(), path) == report
+    # Flags claiming a pass change nothing: they are never read.
+    edit_json(
+        path, lambda d: (d.update(verdict="pass"), _gate("delta_cosine")(d).update(passed=True))
+    )
+    assert read_report(path)[1].failures() == "delta_cosine 0.5 < 0.9"
+
+
+@pytest.mark.parametrize(
+    ("forge", "message"),
+    [
+        (
+            lambda d: d["gates"].remove(_gate("top1_agreement")(d)),
+            "lacks the mandatory head gate(s) top1_agreement",
+        ),
+        (
+            lambda d: (
+                d["golden"]["metrics"].update(top1_agreement=0.2),
+                _gate("top1_agreement")(d).update(value=0.2),
+            ),
+            "failed validation: top1_agreement 0.2 < 0.9",
+        ),
+    ],
+    ids=["top1-removed", "top1-lowered"],
+)
+def test_cli_refuses_forged_head_report(tmp_path: Path, forge: Any, message: str) -> None:
+    reports = [*make_shards(tmp_path, ["0:3", "3:5"]), make_head(tmp_path)]
+    args = ["build", *map(str, reports), "-o", str(tmp_path / "m.json")]
+    assert CliRunner().invoke(manifest_group, args).exit_code == 0  # unforged, it builds
+    edit_json(reports[2], forge)
+    result = CliRunner().invoke(manifest_group, [*args, "--overwrite"])
+    assert result.exit_code == 1, result.output
+    assert result.output.count("\n") == 1 and message in result.output
+    assert "head" in result.output
+
+
+def _prefill_off_the_ane(d: dict[str, Any]) -> None:
+    # Per-function residency, as residency.package_report writes it: the package's summed
+    # counts and its `passed` say pass, the prefill function's own counts do not.
+    r = d["residency"]
+    decode = {"counts": dict(r["counts"]), "plumbing": dict(r["plumbing"]), "passed": True}
+    prefill = {**decode, "counts": {**r["counts"], "conv_ane": r["counts"]["conv_ane"] - 2}}
+    r["functions"] = {"decode": decode, "prefill": prefill}
+
+
+@pytest.mark.parametrize(
+    ("forge", "message"),
+    [
+        (
+            lambda d: d["gates"].remove(_gate("prefill_kv_keys_cosine")(d)),
+            "lacks the mandatory layers gate(s) prefill_kv_keys_cosine",
+        ),
+        (
+            lambda d: (
+                d["prefill"]["kv"]["keys"].update(cosine=0.5),
+                _gate("prefill_kv_keys_cosine")(d).update(value=0.5),
+            ),
+            "failed validation: prefill_kv_keys_cosine 0.5 < 0.998",
+        ),
+        (
+            lambda d: d["prefill"]["kv"]["values"].update(nonfinite=3),
+            "gate prefill_kv_finite has value 0.0 but prefill.kv.keys.nonfinite + "
+            "prefill.kv.values.nonfinite is 3.0",
+        ),
+        (lambda d: d.update(prefill=None), "names a prefill function but has no prefill"),
+        (_prefill_off_the_ane, "failed validation: residency"),
+    ],
+    ids=[
+        "kv-gate-removed",
+        "kv-cosine-lowered",
+        "kv-nonfinite-hidden",
+        "prefill-dropped",
+        "prefill-conv-off-ane-package-flag-true",
+    ],
+)
+def test_cli_refuses_forged_prefill_report(tmp_path: Path, forge: Any, message: str) -> None:
+    reports = [make_shard(tmp_path, "0:3", prefill_tokens=4), make_shard(tmp_path, "3:5")]
+    args = ["build", *map(str, reports), "-o", str(tmp_path / "m.json")]
+    assert CliRunner().invoke(manifest_group, args).exit_code == 0  # unforged, it builds
+    assert load_manifest(tmp_path / "m.json").shards[0].prefill_tokens == 4
+    edit_json(reports[0], forge)
+    result = CliRunner().invoke(manifest_group, [*args, "--overwrite"])
+    assert result.exit_code == 1, result.output
+    assert result.output.count("\n") == 1 and message in result.output
+
+
+def test_cli_refuses_reports_validated_with_looser_gates_than_the_config(tmp_path: Path) -> None:
+    reports = make_shards(tmp_path, ["0:3", "3:5"])
+    config = tmp_path / "strict.yaml"
+    text = Path("configs/tiny.yaml").read_text().replace("min_cosine: 0.998", "min_cosine: 0.9999")
+    config.write_text(text)
+    out = tmp_path / "m.json"
+    args = ["build", *map(str, reports), "-o", str(out)]
+    result = CliRunner().invoke(manifest_group, [*args, "--config", str(config)])
+    assert result.exit_code == 1
+    assert "gate cosine was applied with bound >= 0.998, looser than the required >= 0.9999" in (
+        result.output
+    )
+    assert not out.exists()
+    # With the shipped config the same reports build, and the manifest records its bounds.
+    result = CliRunner().invoke(manifest_group, [*args, "--config", "configs/tiny.yaml"])
+    assert result.exit_code == 0, result.output
+    assert load_manifest(out).gates["min_cosine"] == 0.998
+    shown = CliRunner().invoke(manifest_group, ["show", str(out)]).output
+    assert "cosine >= 0.998" in shown and "rmse (rel_rmse) <= 0.2" in shown
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda d: d["shards"][1]["validation"]["gates"][1].update(bound=0.5),
+            "3:5: gate cosine bound 0.5 is looser than >= 0.998",
+        ),
+        (
+            lambda d: d["gates"].update(min_cosine=0.99999),
+            "0:3: gate cosine bound 0.998 is looser than >= 0.99999",
+        ),
+        (
+            lambda d: d["shards"][0]["validation"]["gates"].pop(4),
+            "0:3: gate max_abs is missing",
+        ),
+    ],
+)
+def test_verify_recomputes_gates(built: Path, edit: Any, message: str) -> None:
+    edit_json(built, edit)
+    with pytest.raises(ManifestError, match=message.replace("(", r"\(")):
+        verify_manifest(built)
 
 
 def test_build_refuses_package_never_validated(tmp_path: Path) -> None:
@@ -420,7 +526,7 @@ def test_build_refuses_existing_output_unless_overwrite(tmp_path: Path) -> None:
         build_manifest(reports, out)
     assert out.read_text() == "old"
     build_manifest(reports, out, overwrite=True)
-    assert json.loads(out.read_text())["schema_version"] == 1
+    assert json.loads(out.read_text())["schema_version"] == 2
 
 
 def test_build_refuses_shards_outside_the_manifest_folder(tmp_path: Path) -> None:
@@ -557,8 +663,8 @@ def test_load_refuses_manifest_failing_the_schema(built: Path, edit: Any, where:
 
 
 def test_load_refuses_other_schema_version_and_bad_json(built: Path) -> None:
-    edit_json(built, lambda d: d.update(schema_version=2))
-    with pytest.raises(ManifestError, match="has schema_version 2; this anechain reads 1"):
+    edit_json(built, lambda d: d.update(schema_version=1))
+    with pytest.raises(ManifestError, match="has schema_version 1; this anechain reads 2"):
         load_manifest(built)
     built.write_text("{not json")
     with pytest.raises(ManifestError, match="is not valid JSON"):
@@ -573,7 +679,7 @@ def test_render_shows_topology(built: Path) -> None:
     text = render_manifest(load_manifest(built), built)
     lines = text.splitlines()
     row_0 = next(line for line in lines if line.startswith("0:3 "))
-    assert "layers_0_3.mlpackage" in row_0 and "4/4 pass" in row_0 and "checked" in row_0
+    assert "layers_0_3.mlpackage" in row_0 and "5/5 pass" in row_0 and "checked" in row_0
     assert "MB" in row_0 and "0.99950" in row_0
     assert "residency checked for every shard" in lines[-1]
 

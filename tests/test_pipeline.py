@@ -25,7 +25,7 @@ def test_build_passes_end_to_end(tiny_build):
     assert result.passed
     names = [a.name for a in result.artifacts]
     assert names == ["0:3", "3:5", "5:6", "head", "embedding"]
-    assert all(a.report["verdict"] == "pass" for a in result.artifacts if a.report)
+    assert all(a.report.verdict == "pass" for a in result.artifacts if a.report)
     assert not any(a.reused for a in result.artifacts)
     checks = verify_manifest(result.manifest)
     assert sum(c.name == "sha256" for c in checks) == 5  # 3 shards, head, embedding
@@ -41,7 +41,7 @@ def test_build_residency_follows_the_machine(tiny_build):
     reports = [a.report for a in result.artifacts if a.report is not None]
     assert len(reports) == 4
     for report in reports:
-        assert report["residency"]["status"] == expected_live_status()
+        assert report.residency["status"] == expected_live_status()
 
 
 def test_generate_matches_transformers_greedy_exactly(tiny_build, tiny_checkpoint_dir):
@@ -307,9 +307,41 @@ def test_changed_gates_or_a_corrupt_report_force_revalidation(
     again = build.run_build(strict, out, tiny_checkpoint_dir, backend="mil", cache_dir=cache)
     # Nothing re-exported, everything re-validated, and the stricter gate now fails 0:3.
     assert [a.reused for a in again.artifacts] == [False] * 4 + [True]
-    assert not again.passed and again.artifacts[0].report["verdict"] == "fail"
+    assert not again.passed and again.artifacts[0].report.verdict == "fail"
 
     (out / "layers_3_5.report.json").write_text("{")
     fixed = build.run_build(tiny_config, out, tiny_checkpoint_dir, backend="mil", cache_dir=cache)
     assert fixed.passed
     assert {a.name: a.reused for a in fixed.artifacts}["3:5"] is False
+
+
+def test_a_corrupt_build_cache_is_a_miss_not_a_traceback(
+    tiny_build, tiny_config, tiny_checkpoint_dir, tmp_path, monkeypatch
+):
+    """The cache file cut short: the build says so and makes the first package again."""
+    import anechain.build as build
+    from anechain.artifacts import CACHE_FILE
+
+    result, cache = tiny_build
+    out = tmp_path / "b"
+    shutil.copytree(result.out_dir, out)
+    (out / CACHE_FILE).write_text((out / CACHE_FILE).read_text()[:40])
+
+    class Exported(Exception):
+        pass
+
+    def export(checkpoint, spec, settings, **kwargs):
+        raise Exported(str(spec.layers))
+
+    monkeypatch.setattr(build, "export_shard", export)
+    said: list[str] = []
+    with pytest.raises(Exported, match="0:3"):
+        run_build(
+            tiny_config,
+            out,
+            tiny_checkpoint_dir,
+            backend="mil",
+            cache_dir=cache,
+            progress=said.append,
+        )
+    assert said[0] == f"{out / CACHE_FILE} is unreadable: everything in {out} is made again"

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from anechain.artifacts import CACHE_FILE
 from anechain.config import LayerRange, load_preset
 from anechain.export import export_shard
 from anechain.manifest import load_manifest, verify_manifest
 from anechain.plan import (
-    CACHE_INDEX,
     PlanError,
     PlanLimits,
     RangeResult,
@@ -292,11 +292,25 @@ def test_cache_prevents_rebuilding_and_rebuilds_what_changed(
     assert exports.calls == [] and len(validations.calls) == 2
 
     # An entry made from other inputs, and a package changed on disk, are both rebuilt.
-    index_path = root / "plan" / CACHE_INDEX
+    index_path = root / "plan" / CACHE_FILE
     index = json.loads(index_path.read_text())
-    index["entries"]["0:3"]["export_key"] = "made-with-other-settings"
+    index["entries"]["layers_0_3.mlpackage"]["export_key"] = "made-with-other-settings"
     index_path.write_text(json.dumps(index))
     (root / "plan" / "layers_3_6.mlpackage" / "Manifest.json").write_text("{}")
+    outcome = again(stricter)
+    assert exports.calls == list(Rs("0:3", "3:6")) and len(validations.calls) == 2
+    verify_manifest(outcome.manifest_path)
+
+    # A forged report is not reused: validated again (the cache reads it like manifest build).
+    report = root / "plan" / "layers_0_3.report.json"
+    data = json.loads(report.read_text())
+    data["gates"] = []
+    report.write_text(json.dumps(data))
+    again(stricter)
+    assert exports.calls == [] and validations.calls == ["layers_0_3.mlpackage"]
+
+    # A corrupt cache file is a miss, not a traceback: everything is made again.
+    index_path.write_text('{"schema": "anechain.artifact-cache/1", "entries": [')
     outcome = again(stricter)
     assert exports.calls == list(Rs("0:3", "3:6")) and len(validations.calls) == 2
     verify_manifest(outcome.manifest_path)
@@ -308,7 +322,7 @@ def test_files_the_cache_does_not_know_are_refused(
     _, _, source = tiny_plan
     root = tmp_path / "copy"
     shutil.copytree(source, root)
-    (root / "plan" / CACHE_INDEX).unlink()
+    (root / "plan" / CACHE_FILE).unlink()
     (root / "plan" / "manifest.json").unlink()
     with pytest.raises(PlanError, match="layers_0_3.mlpackage was not made by this plan"):
         _plan(tiny_checkpoint, root, tiny_config, None)

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 import anechain.runtime as runtime_module
 from anechain.build import run_build
 from anechain.cli import cli
-from anechain.manifest import load_manifest, render_manifest
+from anechain.manifest import load_manifest
+from anechain.manifest_render import render_manifest
 from anechain.runtime import ManifestRuntime, transformers_greedy
 
 
@@ -93,7 +94,7 @@ def test_manifest_refuses_forged_prefill_reports(fp16_build, tmp_path):
     import json
 
     from anechain.errors import ManifestError
-    from anechain.manifest import build_manifest
+    from anechain.manifest_build import build_manifest
 
     out = fp16_build.out_dir
     report = json.loads((out / "layers_0_3.report.json").read_text())

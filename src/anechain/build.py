@@ -2,15 +2,13 @@
 machine allows -> golden validation -> manifest -> a short generation compared with
 transformers. One summary; a failed gate fails the build.
 
-Every artifact is keyed by its inputs (checkpoint fingerprint, the weights it holds, export
-settings, anechain version); one built and validated from the same inputs, and unchanged
-since, is reused rather than rebuilt.
+Every artifact and every verdict is keyed by its inputs through artifacts.py, the cache
+`plan` uses too (artifact-cache.json in the output folder); one built and validated from the
+same inputs, and unchanged since, is reused rather than rebuilt.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,26 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from anechain import __version__
+from anechain.artifacts import ArtifactCache, InputKeys, VerdictInputs, digest
 from anechain.checkpoint import Checkpoint, write_random_checkpoint
 from anechain.config import Config, LayerRange
 from anechain.errors import PlatformError
 from anechain.export import LayerSpec, export_embedding, export_head, export_shard
-from anechain.fsutil import sha256_tree
-from anechain.head import head_tensor_names
-from anechain.jsonio import atomic_write_json
-from anechain.manifest import build_manifest
+from anechain.manifest_build import build_manifest
 from anechain.platform import is_macos
+from anechain.report import ValidationReport, report_path_for
+from anechain.residency import expected_live_status
 from anechain.runners import resolve_backend
-from anechain.validate import (
-    ResidencyOptions,
-    default_report_path,
-    validate_shard,
-    write_report,
-)
+from anechain.validate import ResidencyOptions, validate_shard
 
 Progress = Callable[[str], None]
-STATE_FILE = "build-state.json"
 
 
 @dataclass
@@ -46,11 +37,11 @@ class ArtifactResult:
     path: Path
     size_bytes: int
     reused: bool
-    report: dict[str, Any] | None = None  # validation report (packages only)
+    report: ValidationReport | None = None  # packages only
 
     @property
     def passed(self) -> bool:
-        return self.report is None or self.report["verdict"] == "pass"
+        return self.report is None or self.report.verdict == "pass"
 
 
 @dataclass
@@ -91,47 +82,6 @@ class BuildResult:
         return all(a.passed for a in self.artifacts) and self.manifest is not None and gen_ok
 
 
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-class _State:
-    """build-state.json: artifact -> the key of the inputs it was built from, and its sha256."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data: dict[str, dict[str, str]] = {}
-        try:
-            data = json.loads(path.read_text()) if path.is_file() else {}
-        except (OSError, ValueError):
-            data = {}  # unreadable: rebuild what it described
-        if isinstance(data, dict):
-            self.data = {k: v for k, v in data.items() if isinstance(v, dict)}
-
-    def fresh(self, artifact: Path, key: str, entry_name: str | None = None) -> bool:
-        """Was `artifact` made (or validated) from `key`, and is it unchanged since?"""
-        entry = self.data.get(entry_name or artifact.name, {})
-        return bool(
-            entry.get("key") == key
-            and artifact.exists()
-            and entry.get("sha256") == sha256_tree(artifact)
-        )
-
-    def record(self, artifact: Path, key: str, entry_name: str | None = None) -> None:
-        self.data[entry_name or artifact.name] = {"key": key, "sha256": sha256_tree(artifact)}
-        atomic_write_json(self.path, self.data)
-
-
-def _reusable_report(package: Path) -> dict[str, Any] | None:
-    """The report beside `package` if it is readable and describes this very package."""
-    try:
-        data = json.loads(default_report_path(package).read_text())
-        same = data["package"]["sha256"] == sha256_tree(package)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return data if same and isinstance(data, dict) else None
-
-
 def run_build(
     config: Config,
     out_dir: Path,
@@ -147,55 +97,51 @@ def run_build(
     Engine, such as hosted CI runners)."""
     say = progress or (lambda msg: None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = _State(out_dir / STATE_FILE)
+    cache = ArtifactCache(out_dir, say)
     if checkpoint_dir is None:
         # A random checkpoint of the config's architecture and seed, remade when either changes.
         checkpoint_dir = out_dir / "checkpoint"
-        made_from = _key("random-checkpoint", asdict(config.architecture), config.build.seed)
-        if not state.fresh(checkpoint_dir, made_from, "checkpoint#random"):
+        made_from = digest(["random-checkpoint", asdict(config.architecture), config.build.seed])
+        if cache.exported(checkpoint_dir, made_from) is None:
             say(f"making a random {config.name or 'model'} checkpoint in {checkpoint_dir}")
             write_random_checkpoint(
                 checkpoint_dir, config.architecture, seed=config.build.seed, overwrite=True
             )
-            state.record(checkpoint_dir, made_from, "checkpoint#random")
+            cache.record_export(checkpoint_dir, made_from)
     checkpoint = Checkpoint(checkpoint_dir)
+    keys = InputKeys(checkpoint)
     n_layers = checkpoint.architecture.num_hidden_layers
     ranges = config.export.layer_ranges or [LayerRange(0, n_layers)]
     for r in ranges:
         r.check_within(n_layers)
     backend = resolve_backend(backend)
     result = BuildResult(out_dir, checkpoint_dir)
-    settings = asdict(config.export)
-    base = (__version__, checkpoint.fingerprint, settings)
     residency = ResidencyOptions(config.residency, report_only=residency_report_only)
-    # What a verdict depends on besides the package: gates, steps, calibration, backend,
-    # residency settings, and whether residency can be checked on this machine.
-    validation_key = _key(
-        __version__,
-        asdict(config.validation),
-        backend,
-        asdict(config.residency),
-        residency_report_only,
-        is_macos(),
+    how = VerdictInputs(
+        config.validation, backend, config.residency, residency_report_only, expected_live_status()
     )
 
-    def package_step(name: str, path: Path, key: str, export: Callable[[], Any]) -> None:
-        exported = state.fresh(path, key)
-        verdict_entry = path.name + "#validation"
-        report = None
-        if exported and state.fresh(path, validation_key, verdict_entry):
-            report = _reusable_report(path)
-        reused = report is not None
-        if not reused:
-            if not exported:
-                say(f"[{name}] exporting {path.name}")
-                export()
-                state.record(path, key)
+    def package_step(
+        name: str, path: Path, layers: LayerRange | None, export: Callable[[], Any]
+    ) -> None:
+        key = keys.export_key("layers" if layers else "head", layers, config.export)
+        sha = cache.exported(path, key)
+        if sha is None:
+            say(f"[{name}] exporting {path.name}")
+            export()
+            sha = cache.record_export(path, key)
+        vkey = keys.verdict_key(sha, layers, how)
+        verdict = cache.verdict(path, vkey)
+        reused = verdict is not None and verdict.report is not None
+        if verdict is not None and verdict.report is not None:
+            report = verdict.report
+            say(f"[{name}] {path.name} is up to date (same inputs, validated): reused")
+        else:
             compiled = _compile(path, say) if is_macos() else None
             result.compiled = result.compiled or compiled is not None
             say(f"[{name}] validating with the {backend} runner")
             # Compiled once: the compute plan and the Core ML runner both use it.
-            report_obj = validate_shard(
+            report = validate_shard(
                 path,
                 checkpoint,
                 config.validation,
@@ -205,49 +151,35 @@ def run_build(
                 progress=say,
                 runner_options={"compiled": compiled} if compiled and backend == "coreml" else None,
             )
-            report = write_report(report_obj, default_report_path(path))
-            state.record(path, validation_key, verdict_entry)
-        else:
-            say(f"[{name}] {path.name} is up to date (same inputs, validated): reused")
+            report.write(report_path_for(path))
+            cache.record_verdict(path, vkey)
         result.artifacts.append(ArtifactResult(name, path, sha_size(path), reused, report))
 
     for r in ranges:
         path = out_dir / f"layers_{r.start}_{r.end}.mlpackage"
-        key = _key(
-            *base,
-            "layers",
-            str(r),
-            checkpoint.weights_fingerprint(checkpoint.layer_tensor_names(r)),
-        )
         package_step(
             str(r),
             path,
-            key,
+            r,
             lambda r=r, path=path: export_shard(
                 checkpoint, LayerSpec(r, path), config.export, overwrite=True, progress=say
             ),
         )
 
     head_path = out_dir / "head.mlpackage"
-    head_key = _key(*base, "head", checkpoint.weights_fingerprint(head_tensor_names(checkpoint)))
     package_step(
         "head",
         head_path,
-        head_key,
+        None,
         lambda: export_head(checkpoint, head_path, config.export, overwrite=True, progress=say),
     )
 
     emb_path = out_dir / "embedding.npy"
-    emb_key = _key(
-        __version__,
-        checkpoint.fingerprint,
-        "embedding",
-        checkpoint.weights_fingerprint(["model.embed_tokens.weight"]),
-    )
-    reused = state.fresh(emb_path, emb_key)
+    emb_key = keys.export_key("embedding", None, None)
+    reused = cache.exported(emb_path, emb_key) is not None
     if not reused:
         export_embedding(checkpoint, emb_path, overwrite=True, progress=say)
-        state.record(emb_path, emb_key)
+        cache.record_export(emb_path, emb_key)
     result.artifacts.append(ArtifactResult("embedding", emb_path, sha_size(emb_path), reused))
 
     if not all(a.passed for a in result.artifacts):
@@ -258,6 +190,8 @@ def run_build(
         manifest,
         overwrite=True,
         embedding=emb_path,
+        gates=config.validation.gates,
+        residency=config.residency,
     )
     result.manifest = manifest
     result.generation = _check_generation(

@@ -102,24 +102,19 @@ def golden_run(
 ) -> dict[str, Any]:
     """Gates and metrics of one golden run, as validate computes them."""
     from anechain.head import run_head_golden
-    from anechain.validate import GoldenResult, apply_head_gates, run_golden
+    from anechain.report import evaluate_gates
+    from anechain.validate import run_golden
 
     if meta.kind == KIND_HEAD:
         head = run_head_golden(runner, meta, checkpoint, settings, cache_dir)
-        gates = apply_head_gates(head["metrics"], settings.gates)
-        golden = GoldenResult(
-            head["metrics"],
-            head["per_step"],
-            head["first_nonfinite"],
-            {},
-            all(g.passed for g in gates),
-        )
+        metrics, gates = head["metrics"], evaluate_gates(head["metrics"], settings.gates, KIND_HEAD)
     else:
         golden, gates = run_golden(runner, meta, checkpoint, settings, cache_dir)
+        metrics = golden.metrics
     return {
-        "metrics": golden.metrics,
+        "metrics": metrics,
         "gates": {g.name: g.passed for g in gates},
-        "passed": golden.passed,
+        "passed": all(g.passed for g in gates),
     }
 
 

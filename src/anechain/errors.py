@@ -54,6 +54,10 @@ class ManifestError(AnechainError):
     """A manifest cannot be built, loaded or verified."""
 
 
+class ReportError(ManifestError):
+    """A validation report is unreadable, malformed, forged, or says the shard failed."""
+
+
 class PlatformError(AnechainError):
     """The command needs something this machine does not have (macOS, Core ML)."""
 

@@ -1,12 +1,9 @@
 """The runtime manifest: which validated shards chain into the model, and how to feed them.
 
-`build_manifest` reads validation reports (never a Core ML model), checks that the shards
-passed, are unchanged since validation, share one I/O contract and tile the model's layers,
-and writes JSON (sorted keys, 2-space indent) atomically beside the shards. `load_manifest`
-checks the JSON Schema shipped in schemas/ and that every path stays in the manifest's
-folder; `verify_manifest` also recomputes coverage, contract and every file's sha256.
-
-A shard's report is found beside its package: `layers_0_8.mlpackage` -> `layers_0_8.report.json`.
+This module holds the manifest's typed form (dataclasses mirroring the JSON), `load_manifest`
+(the JSON Schema shipped in schemas/, every path inside the manifest's folder) and
+`verify_manifest` (also recomputes coverage, contract, every gate and every file's sha256).
+`manifest_build.build_manifest` writes one from validation reports; `manifest_render` shows it.
 """
 
 from __future__ import annotations
@@ -16,34 +13,28 @@ import functools
 import json
 import types
 import typing
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from importlib import metadata, resources
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 
-from anechain import __version__
 from anechain.config import Architecture, LayerRange, to_dict
-from anechain.contract import KIND_HEAD, MASK_VALUE, IOContract, TensorSpec
+from anechain.contract import KIND_HEAD, KIND_LAYERS, MASK_VALUE, IOContract, TensorSpec
 from anechain.errors import ConfigError, ManifestError
-from anechain.fsutil import atomic_write_text, sha256_tree
+from anechain.fsutil import sha256_tree
 from anechain.jsonio import dumps_json
+from anechain.report import OPS, GateSpec, gate_specs
 from anechain.shards import (
     ShardRecord,
-    ValidatedHead,
-    ValidatedShard,
     architecture_problems,
     check_manifest_path,
     check_topology,
-    read_head_report,
-    read_shard_report,
-    relative_inside,
-    report_kind,
 )
 
-SCHEMA_VERSION = 1
+# 2: `gates` (the bounds the shards were held to); validation gates relative to scale.
+SCHEMA_VERSION = 2
 
 
 class _JSON:
@@ -203,6 +194,8 @@ class Manifest(_JSON):
     rope: Rope
     mask: Mask
     contract: StepIO
+    # The bounds every shard's gates were required to meet (config.Gates, by field name).
+    gates: dict[str, float]
     shards: tuple[ShardEntry, ...]  # in layer order
     embedding: EmbeddingEntry | None = None
     head: HeadEntry | None = None
@@ -219,7 +212,7 @@ class Manifest(_JSON):
         return out
 
     def records(self) -> list[ShardRecord]:
-        """The shards as topology records (see anechain.topology)."""
+        """The shards as topology records (see anechain.shards)."""
         m, io = self.model, self.contract
         return [
             ShardRecord(
@@ -261,182 +254,31 @@ class Check(_JSON):
     detail: str
 
 
-def _file_ref(path: Path, root: Path, what: str, digest: str | None = None) -> FileRef:
-    rel = relative_inside(path, root, what)
-    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
-    return FileRef(rel, digest or sha256_tree(path), sum(f.stat().st_size for f in files))
-
-
-# ---- build ----------------------------------------------------------------------------------
-
-
-def _versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"anechain": __version__}
-    for dist in ("coremltools", "torch", "transformers"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    return versions
-
-
-def build_manifest(
-    reports: list[Path],
-    out: Path,
-    overwrite: bool = False,
-    rope: dict[str, Any] | None = None,
-    embedding: Path | None = None,
-) -> Manifest:
-    """Check validated shards and write their manifest to `out` atomically.
-
-    Args:
-        reports: validation reports, or shard packages whose report sits beside them
-            (<name>.report.json beside <name>.mlpackage), in any order.
-            A head's report (or the head package) may be among them.
-        rope: host-side RoPE data (rope.RopeParameters.to_dict()), kept as rope.precomputed;
-            by default the one the exporter recorded in the shards' reports.
-        embedding: the fp16 token table (.npy) the host gathers from.
-    """
-    out = Path(out)
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise ManifestError(f"{out} already exists; pass --overwrite to replace it")
-    if not reports:
-        raise ManifestError("no shards given: pass validation reports or shard packages")
-    kinds = [(Path(src), report_kind(Path(src))) for src in reports]
-    heads = [read_head_report(src) for src, kind in kinds if kind == KIND_HEAD]
-    if len(heads) > 1:
-        raise ManifestError(f"{len(heads)} heads given ({heads[0].report}, {heads[1].report})")
-    shards = [read_shard_report(src) for src, kind in kinds if kind != KIND_HEAD]
-    if not shards:
-        raise ManifestError("no layer shards given: pass their validation reports or packages")
-    seen: dict[Path, ValidatedShard] = {}
-    for s in shards:
-        if (prev := seen.setdefault(s.package.resolve(), s)) is not s:
-            raise ManifestError(
-                f"shard {s.record.label} is given twice (reports {prev.report} and {s.report})"
-            )
-    if len({s.record.name for s in shards}) < len(shards):
-        # The same file name in different folders: tell the shards apart by path.
-        shards = [replace(s, record=replace(s.record, name=str(s.package))) for s in shards]
-    check_topology([s.record for s in shards])
-    shards.sort(key=lambda s: s.record.layers.start)
-    first = shards[0]
-    problems = architecture_problems([(s.record, s.architecture) for s in shards])
-    if problems:
-        raise ManifestError(problems[0])
-
-    root = out.parent
-    entries = []
-    for s in shards:
-        what = f"shard {s.record.label}"
-        relative_inside(s.package, root, f"{what} package")
-        if not s.package.is_dir():
-            raise ManifestError(f"{what}: package {s.package} does not exist (report {s.report})")
-        digest = sha256_tree(s.package)
-        if digest != s.validated_sha256:
-            raise ManifestError(
-                f"{what} changed after validation: sha256 {digest[:12]} now, "
-                f"{s.validated_sha256[:12]} in report {s.report}; validate it "
-                f"again"
-            )
-        compiled = _compiled_ref(s.package, digest, root, what)
-        entries.append(
-            ShardEntry(
-                s.record.layers.start,
-                s.record.layers.end,
-                _file_ref(s.package, root, f"{what} package", digest),
-                compiled,
-                s.weights_fingerprint,
-                s.record.contract.states,
-                _load(Validation, s.summary),
-                s.functions,
-            )
-        )
-
-    arch, rec = first.architecture, first.record
-    if rope is None:
-        # Every shard was exported from one checkpoint (checked above): take its RoPE data.
-        ropes = [s.rope for s in shards if s.rope is not None]
-        if ropes and any(r != ropes[0] for r in ropes):
-            raise ManifestError("shards disagree on their RoPE parameters; export them again")
-        rope = ropes[0] if ropes else None
-    head_entry = _head_entry(heads[0], rec, root) if heads else None
-    embedding_entry = _embedding_entry(embedding, arch, root) if embedding else None
-    manifest = Manifest(
-        SCHEMA_VERSION,
-        datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        _versions(),
-        Model(arch, arch.num_hidden_layers, rec.checkpoint_fingerprint),
-        rec.context_length,
-        Rope(**{k: getattr(arch, k) for k in Rope.FROM_ARCHITECTURE}, precomputed=rope),
-        Mask(),
-        StepIO(rec.contract.inputs, rec.contract.outputs),
-        tuple(entries),
-        embedding_entry,
-        head_entry,
-    )
-    _schema_check(manifest.to_dict(), out)  # what we write must load
-    try:
-        atomic_write_text(out, manifest.to_json(), overwrite=overwrite)
-    except FileExistsError:
-        raise ManifestError(f"{out} already exists; pass --overwrite to replace it") from None
-    return manifest
-
-
-def _compiled_ref(package: Path, digest: str, root: Path, what: str) -> FileRef | None:
-    """The .mlmodelc beside a package, if there is one, and only if it was compiled from
-    exactly this package (the compile sidecar records the package's sha256)."""
-    from anechain.compile import is_up_to_date
-
-    mlmodelc = package.with_suffix(".mlmodelc")
-    if not (mlmodelc.exists() or mlmodelc.is_symlink()):
-        return None
-    if not is_up_to_date(mlmodelc, digest):
-        raise ManifestError(
-            f"{what}: {mlmodelc.name} was not compiled from the validated package (stale or "
-            f"unknown); run `anechain compile {package.name}` again or remove it"
-        )
-    return _file_ref(mlmodelc, root, f"{what} compiled model")
-
-
-def _head_entry(head: ValidatedHead, rec: ShardRecord, root: Path) -> HeadEntry:
-    what = f"head {head.package.name}"
-    if head.checkpoint_fingerprint != rec.checkpoint_fingerprint:
-        raise ManifestError(f"{what} comes from another checkpoint than shard {rec.label}")
-    hidden = [i for i in head.contract.inputs if i.name == "hidden_states"]
-    out = [o for o in rec.contract.outputs if o.name == "output_hidden_states"]
-    if not hidden or not out or hidden[0].shape != out[0].shape:
-        raise ManifestError(f"{what} does not take the shards' output_hidden_states shape")
-    relative_inside(head.package, root, f"{what} package")
-    if not head.package.is_dir():
-        raise ManifestError(f"{what}: package {head.package} does not exist")
-    digest = sha256_tree(head.package)
-    if digest != head.validated_sha256:
-        raise ManifestError(f"{what} changed after validation; validate it again")
-    compiled = _compiled_ref(head.package, digest, root, what)
-    return HeadEntry(
-        _file_ref(head.package, root, f"{what} package", digest),
-        compiled,
-        head.weights_fingerprint,
-        head.chunk_rows,
-        StepIO(head.contract.inputs, head.contract.outputs),
-        _load(Validation, head.summary),
-    )
-
-
-def _embedding_entry(path: Path, arch: Architecture, root: Path) -> EmbeddingEntry:
-    import numpy as np
-
-    try:
-        table = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"embedding {path} is not a readable .npy table ({exc})") from None
-    want = (arch.vocab_size, arch.hidden_size)
-    if table.shape != want or table.dtype != np.float16:
-        raise ManifestError(
-            f"embedding {path} is {table.dtype} {table.shape}; the model needs float16 {want}"
-        )
-    return EmbeddingEntry(_file_ref(path, root, "embedding"), want, "float16")
+def gate_problems(
+    gates: tuple[Gate, ...], mandatory: tuple[GateSpec, ...], required: dict[str, float]
+) -> list[str]:
+    """Why a validation's gates do not prove the shard against `required` bounds (by
+    config.Gates field): each mandatory gate present once, with its comparison, a bound at
+    least as strict, and a value that meets it."""
+    specs = {s.name: s for s in mandatory}
+    names = [g.name for g in gates]
+    problems = [f"gate {n} is missing" for n in specs if n not in names]
+    problems += [f"gate {n} is listed twice" for n in sorted(set(names)) if names.count(n) > 1]
+    problems += [f"gate {n} is unknown" for n in names if n not in specs]
+    for g in gates:
+        spec = specs.get(g.name)
+        if spec is None:
+            continue
+        need = 0.0 if spec.bound_field is None else required.get(spec.bound_field)
+        if g.op != spec.op:
+            problems.append(f"gate {g.name} compares with {g.op!r}, not {spec.op!r}")
+        elif need is None:
+            problems.append(f"the manifest records no bound {spec.bound_field} for gate {g.name}")
+        elif g.bound is None or spec.looser(g.bound, need):
+            problems.append(f"gate {g.name} bound {g.bound} is looser than {g.op} {need:g}")
+        elif g.value is None or not OPS[g.op](g.value, g.bound):
+            problems.append(f"gate {g.name} value {g.value} does not meet {g.op} {g.bound:g}")
+    return problems
 
 
 # ---- load and verify ------------------------------------------------------------------------
@@ -450,7 +292,7 @@ def manifest_schema() -> dict[str, Any]:
     return schema
 
 
-def _schema_check(data: Any, where: Path) -> None:
+def schema_check(data: Any, where: Path) -> None:
     validator = jsonschema.Draft202012Validator(manifest_schema())
     error = jsonschema.exceptions.best_match(validator.iter_errors(data))
     if error is not None:
@@ -476,7 +318,7 @@ def load_manifest(path: str | Path) -> Manifest:
         raise ManifestError(
             f"manifest {path} has schema_version {version}; this anechain reads {SCHEMA_VERSION}"
         )
-    _schema_check(data, path)
+    schema_check(data, path)
     for i, shard in enumerate(data["shards"]):
         for key in ("package", "compiled"):
             if shard[key] is not None:
@@ -524,6 +366,13 @@ def verify_manifest(path: str | Path) -> list[Check]:
     ]
     if m.head is not None and m.head.contract.inputs[0].shape != m.contract.outputs[0].shape:
         raise ManifestError(f"manifest {path}: the head does not take the shards' output")
+    validations = [(str(s.layers), KIND_LAYERS, s.functions, s.validation) for s in m.shards]
+    validations += [("head", KIND_HEAD, None, m.head.validation)] if m.head else []
+    for label, kind, functions, v in validations:
+        problems = gate_problems(v.gates, gate_specs(kind, functions), m.gates)
+        if problems:
+            raise ManifestError(f"manifest {path}: {label}: {problems[0]}")
+    checks.append(Check("gates", f"{len(validations)} validations meet the manifest's gates"))
     for what, ref in m.files():
         file = path.parent / ref.path
         if not file.exists():
@@ -537,87 +386,3 @@ def verify_manifest(path: str | Path) -> list[Check]:
             )
         checks.append(Check("sha256", ref.path))
     return checks
-
-
-# ---- show -----------------------------------------------------------------------------------
-
-
-def _functions_text(functions: dict[str, int] | None) -> str:
-    """`decode+prefill(T=64)`, or `decode` for a decode-only package."""
-    if not functions or "prefill" not in functions:
-        return "decode"
-    return f"decode+prefill(T={functions['prefill']})"
-
-
-_RESIDENCY_TEXT = {"checked": "checked", "report_only": "report only", "not_checked": "NOT CHECKED"}
-
-
-def render_manifest(m: Manifest, path: str | Path = "manifest") -> str:
-    """The topology at a glance, for a terminal."""
-    arch, n = m.model.architecture, m.model.num_hidden_layers
-    pre = "precomputed tables included" if m.rope.precomputed else "no precomputed tables"
-    lines = [
-        f"{path}  (manifest v{m.schema_version}, built {m.created}, anechain "
-        f"{m.versions.get('anechain')})",
-        f"model    {n} decoder layers, hidden {arch.hidden_size}, "
-        f"{arch.num_attention_heads}/{arch.num_key_value_heads} heads, checkpoint "
-        f"{m.model.checkpoint_fingerprint[:12]}",
-        f"context  {m.context_length} tokens; RoPE theta {m.rope.rope_theta:g}, rotary_dim "
-        f"{m.rope.rotary_dim}, {pre}; mask {m.mask.attended_value:g}/{m.mask.masked_value:g}",
-        "",
-    ]
-    rows = [
-        ["layers", "package", "size", "compiled", "functions", "gates", "cosine", "backend"]
-        + ["residency"]
-    ]
-    for s in m.shards:
-        v = s.validation
-        cosine = v.metrics.get("cosine")
-        passed = sum(g.passed for g in v.gates)
-        rows.append(
-            [
-                str(s.layers),
-                s.package.path,
-                f"{s.package.size_bytes / 1e6:.1f} MB",
-                f"{s.compiled.size_bytes / 1e6:.1f} MB" if s.compiled else "-",
-                _functions_text(s.functions),
-                f"{passed}/{len(v.gates)} {v.verdict}",
-                f"{cosine:.5f}" if isinstance(cosine, int | float) else "-",
-                v.backend,
-                _RESIDENCY_TEXT[v.residency.status],
-            ]
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    table = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    table.insert(1, "  ".join("-" * w for w in widths))
-    unchecked = [str(s.layers) for s in m.shards if s.validation.residency.status != "checked"]
-    total = sum(s.package.size_bytes for s in m.shards) / 1e6
-    residency = (
-        f"not checked on the ANE for {len(unchecked)} of {len(m.shards)} shard(s): "
-        f"{', '.join(unchecked)}"
-        if unchecked
-        else "checked for every shard"
-    )
-    extra = []
-    if m.head is not None:
-        h = m.head
-        extra.append(
-            f"head       {h.package.path}  {h.package.size_bytes / 1e6:.1f} MB, chunks of "
-            f"{h.chunk_rows} rows, top-1 agreement "
-            f"{h.validation.metrics.get('top1_agreement')}, {h.validation.verdict}"
-        )
-    if m.embedding is not None:
-        e = m.embedding
-        extra.append(
-            f"embedding  {e.file.path}  {e.dtype} {e.shape[0]} x {e.shape[1]}, "
-            f"{e.file.size_bytes / 1e6:.1f} MB"
-        )
-    return "\n".join(
-        [
-            *lines,
-            *table,
-            *extra,
-            "",
-            f"{len(m.shards)} shards, 0:{n}, {total:.1f} MB; residency {residency}",
-        ]
-    )

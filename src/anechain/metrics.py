@@ -1,6 +1,9 @@
 """Pure-numpy comparison metrics.
 
-Any NaN/Inf in the actual values is counted, never averaged away.
+Any NaN/Inf in the actual values is counted, never averaged away. Besides absolute errors,
+`rel_rmse` and `rel_max_abs` measure the error against the reference's own scale, step by
+step: hidden states grow from ~1 to hundreds or thousands through a real model, so an
+absolute bound cannot fit every layer (see DESIGN.md, "Gates that fit the model's scale").
 """
 
 from __future__ import annotations
@@ -13,13 +16,20 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Comparison:
-    """Actual vs expected: cosine, RMSE, max_abs error, and the count of non-finite actuals."""
+    """Actual vs expected: cosine, RMSE, max_abs error, and the count of non-finite actuals.
+
+    `rel_rmse` and `rel_max_abs` are scale-free figures of each row (a step: the last axis),
+    the worst row reported (see `_relative_errors`). For a single row they are relative to
+    that row alone; validation gates the figures of all steps compared at once.
+    """
 
     cosine: float
     rmse: float
     max_abs: float
     nonfinite: int
     count: int
+    rel_rmse: float = math.nan
+    rel_max_abs: float = math.nan
 
     @property
     def finite(self) -> bool:
@@ -33,7 +43,9 @@ class Comparison:
 
 
 def compare(actual: np.ndarray, expected: np.ndarray) -> Comparison:
-    """Metrics in float64. With any non-finite actual value, the metrics are NaN."""
+    """Metrics in float64 over all elements; the relative ones per row of the last axis
+    (e.g. per step of (S, C) hidden states). With any non-finite actual value, the metrics
+    are NaN."""
     a = np.asarray(actual, dtype=np.float64).ravel()
     e = np.asarray(expected, dtype=np.float64).ravel()
     if a.shape != e.shape:
@@ -41,7 +53,7 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> Comparison:
     nonfinite = int(a.size - np.count_nonzero(np.isfinite(a)))
     if nonfinite:
         nan = float("nan")
-        return Comparison(nan, nan, nan, nonfinite, int(a.size))
+        return Comparison(nan, nan, nan, nonfinite, int(a.size), nan, nan)
     diff = a - e
     na, ne = np.linalg.norm(a), np.linalg.norm(e)
     if na == 0 and ne == 0:
@@ -50,13 +62,45 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> Comparison:
         cosine = 0.0
     else:
         cosine = float(np.dot(a, e) / (na * ne))
+    rel_rmse, rel_max_abs = _relative_errors(actual, expected)
     return Comparison(
         cosine=cosine,
         rmse=float(np.sqrt(np.mean(diff * diff))) if a.size else 0.0,
         max_abs=float(np.max(np.abs(diff))) if a.size else 0.0,
         nonfinite=0,
         count=int(a.size),
+        rel_rmse=rel_rmse,
+        rel_max_abs=rel_max_abs,
     )
+
+
+def _relative_errors(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+    """Per row r (a step) of the last axis, against the step's scale s_r, the worst row's:
+
+    rel_rmse    = RMSE_r / s_r
+    rel_max_abs = max_i |a_ri - e_ri| / (s_r + |e_ri|)
+
+    s_r = max(RMS(e_r), the median row's RMS): a step is judged against its own size, but
+    never a size below the sequence's typical one, since its error also comes through
+    attention from the other steps. The second figure is numpy's allclose turned into a
+    number (atol = rtol * s_r): an element may err in proportion to its own size (fp16
+    rounding and INT8 error grow with the value, as in outlier channels) or to the step's.
+    """
+    e = np.asarray(expected, dtype=np.float64)
+    width = e.shape[-1] if e.ndim else 1
+    e = e.reshape(-1, width)
+    d = np.asarray(actual, dtype=np.float64).reshape(-1, width) - e
+    if not e.size:
+        return 0.0, 0.0
+    rms = np.sqrt(np.mean(e * e, axis=1, keepdims=True))  # (rows, 1)
+    scale = np.maximum(rms, np.median(rms))
+    rmse = np.sqrt(np.mean(d * d, axis=1, keepdims=True))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # A zero reference: no error is 0, any error is infinitely large.
+        rel_rmse = np.where(scale > 0, rmse / scale, np.where(rmse > 0, np.inf, 0.0))
+        room = scale + np.abs(e)
+        rel_abs = np.where(room > 0, np.abs(d) / room, np.where(d != 0, np.inf, 0.0))
+    return float(np.max(rel_rmse)), float(np.max(rel_abs))
 
 
 @dataclass(frozen=True)
@@ -77,6 +121,8 @@ class ShardComparison:
             "cosine": out["cosine"],
             "rmse": out["rmse"],
             "max_abs": out["max_abs"],
+            "rel_rmse": out["rel_rmse"],
+            "rel_max_abs": out["rel_max_abs"],
             "delta_cosine": d["cosine"],
             "delta_rmse": d["rmse"],
             "delta_max_abs": d["max_abs"],

@@ -7,30 +7,26 @@ checked) and cache both in the report folder, keyed by everything they depend on
 re-run or a widened search never rebuilds a package it already has. `plan_topology` ties
 them together and writes the chosen shards' manifest through `build_manifest`.
 
-The report folder (the cache) holds, per range tried, `layers_S_E.mlpackage` and
-`layers_S_E.report.json` (the `anechain validate shard` convention), plus `plan-cache.json`,
-which records the key each package and report was made with. An entry whose key differs
-is rebuilt; a package or report there that the index does not know is refused unless
-`overwrite` is set.
+The report folder holds, per range tried, `layers_S_E.mlpackage` and
+`layers_S_E.report.json` (the `anechain validate shard` convention), plus the artifact cache
+`artifacts.py` keeps for `plan` and `build` alike (artifact-cache.json): what each package
+and verdict was made from. In a folder without that file, a package or report is refused
+unless `overwrite` is set: the plan did not make it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from anechain import __version__
+from anechain.artifacts import ArtifactCache, InputKeys, VerdictInputs
 from anechain.checkpoint import Checkpoint
-from anechain.config import ExportSettings, LayerRange, ValidationSettings, to_dict
+from anechain.config import ExportSettings, LayerRange, ValidationSettings
 from anechain.errors import CompileError, ExportError
-from anechain.fsutil import sha256_tree
-from anechain.jsonio import atomic_write_json
+from anechain.report import ValidationReport, report_path_for
 from anechain.search import (  # noqa: F401  (re-exported)
     Attempt,
     PlanError,
@@ -47,95 +43,53 @@ from anechain.search import (  # noqa: F401  (re-exported)
 
 Progress = Callable[[str], None]
 
-CACHE_INDEX = "plan-cache.json"
-CACHE_SCHEMA = "anechain.plan-cache/1"
 _PACKAGE_NAME = re.compile(r"^layers_(\d+)_(\d+)\.(mlpackage|report\.json)$")
 
 
 # ---- the real validator: export + validate_shard, cached ------------------------------------
 
 
-def _digest(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def _dist_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:  # pragma: no cover
-        return None
-
-
 _RESIDENCY_TEXT = {"checked": "checked", "report_only": "report only", "not_checked": "not checked"}
 
 
-def range_result_from_report(data: dict[str, Any], report: Path | None = None) -> RangeResult:
-    """A validation report (JSON, as `write_report` writes it) as the search sees it."""
-    failed = [g["name"] for g in data["gates"] if not g["passed"]]
-    residency = data["residency"]
-    if residency.get("passed") is False:
-        failed.append("residency")
-    first = data["golden"].get("first_nonfinite") or None
+def range_result_from_report(report: ValidationReport, path: Path | None = None) -> RangeResult:
+    """A validation report (gates recomputed when read) as the search sees it."""
+    failed = report.failed_gates()
+    first = report.golden.first_nonfinite or None
     layer = first.get("layer") if first else None
-    reasons = []
-    if failed:
-        reasons.append(f"gate(s) {', '.join(failed)} failed")
+    reasons = [f"gate(s) failed: {report.failures()}"] if failed else []
     if first:
         where = f" in layer {layer}" if layer is not None else ""
         op = f" at op {first['op']}" if first.get("op") else ""
-        reasons.append(f"first non-finite value at step {first['step']}{where}{op}")
-    if residency.get("passed") is False:
+        reasons.append(f"first non-finite value at step {first.get('step')}{where}{op}")
+    residency = report.residency
+    if report.residency_passed is False:
         c = residency.get("counts") or {}
         reasons.append(
             f"residency: conv {c.get('conv_ane', '?')}/{c.get('conv_total', '?')} on the ANE, "
             f"{c.get('compute_non_ane', '?')} compute op(s) elsewhere"
         )
-    status = _RESIDENCY_TEXT.get(residency.get("status", ""), str(residency.get("status")))
-    if residency.get("passed") is False:
+    status = _RESIDENCY_TEXT.get(residency["status"], str(residency["status"]))
+    if report.residency_passed is False:
         status += " FAIL"
     return RangeResult(
-        passed=data["verdict"] == "pass",
+        passed=report.verdict == "pass",
         failed_gates=tuple(failed),
         failing_layer=int(layer) if layer is not None else None,
         reason="; ".join(reasons),
         residency=status,
-        size_bytes=data["package"].get("size_bytes"),
-        report=report,
-    )
-
-
-def _result_to_dict(r: RangeResult) -> dict[str, Any]:
-    return {
-        "passed": r.passed,
-        "failed_gates": list(r.failed_gates),
-        "failing_layer": r.failing_layer,
-        "reason": r.reason,
-        "residency": r.residency,
-        "size_bytes": r.size_bytes,
-    }
-
-
-def _result_from_dict(d: dict[str, Any], report: Path | None) -> RangeResult:
-    return RangeResult(
-        passed=bool(d["passed"]),
-        failed_gates=tuple(d["failed_gates"]),
-        failing_layer=d["failing_layer"],
-        reason=d["reason"],
-        residency=d["residency"],
-        size_bytes=d["size_bytes"],
-        reused=True,
-        report=report,
+        size_bytes=report.size_bytes,
+        report=path,
     )
 
 
 class RangeValidator:
     """`validate(range)` for the search: export + validate_shard, cached in `report_dir`.
 
-    The export key is the checkpoint fingerprint, the weights fingerprint of each layer in
-    the range, the export settings and the anechain/coremltools/torch versions; the
-    validation key adds the package's sha256, the validation settings (gates included),
-    the backend and the residency options. A cached package is reused only if its sha256
-    is still the one recorded. An export or compile failure counts as a failed range.
+    Reuse is decided by artifacts.py, as for `build`: a package is reused when it was made
+    from the same inputs and is unchanged, a verdict when it was reached from the same inputs
+    on this very package (read back through its report, gates recomputed). An export or
+    compile failure counts as a failed range and is cached like a verdict.
     `export_fn`/`validate_fn` default to `export_shard`/`validate_shard` (tests count calls).
     """
 
@@ -154,14 +108,13 @@ class RangeValidator:
         validate_fn: Callable[..., Any] | None = None,
     ) -> None:
         from anechain.export import export_shard
-        from anechain.residency import live_plan_available
+        from anechain.residency import expected_live_status
         from anechain.runners import resolve_backend
         from anechain.validate import ResidencyOptions, validate_shard
 
         self.checkpoint = checkpoint
         self.report_dir = Path(report_dir)
-        # The topology list is the plan's output, not an input of any one shard.
-        self.export_settings = replace(export_settings, topology=())
+        self.export_settings = export_settings
         self.validation_settings = validation_settings
         self.backend = resolve_backend(backend)
         self.residency = residency or ResidencyOptions()
@@ -169,114 +122,47 @@ class RangeValidator:
         self.progress = progress
         self.export_fn = export_fn or export_shard
         self.validate_fn = validate_fn or validate_shard
-        self._layer_fingerprints: dict[int, str] = {}
-        self._residency_key = {
-            "settings": to_dict(self.residency.settings),
-            "report_only": self.residency.report_only,
-            "live": live_plan_available(),
-        }
-        self.index_path = self.report_dir / CACHE_INDEX
-        self.entries = self._load_index(overwrite)
+        self.keys = InputKeys(checkpoint)
+        self.how = VerdictInputs(
+            validation_settings,
+            self.backend,
+            self.residency.settings,
+            self.residency.report_only,
+            expected_live_status(),
+        )
+        self.cache = ArtifactCache(self.report_dir, progress)
         if not overwrite:
             self._refuse_unknown_files()
 
-    # -- cache index --
-
-    def _load_index(self, overwrite: bool) -> dict[str, dict[str, Any]]:
-        if not self.index_path.exists():
-            return {}
-        try:
-            data = json.loads(self.index_path.read_text())
-            if data["schema"] != CACHE_SCHEMA or not isinstance(data["entries"], dict):
-                raise ValueError
-            entries: dict[str, dict[str, Any]] = data["entries"]
-            return entries
-        except (ValueError, KeyError, TypeError):
-            if overwrite:
-                return {}
-            raise PlanError(
-                f"plan cache {self.index_path} is unreadable; pass --overwrite to start afresh"
-            ) from None
-
-    def _save_index(self) -> None:
-        data = {"schema": CACHE_SCHEMA, "entries": self.entries}
-        atomic_write_json(self.index_path, data)
-
     def _refuse_unknown_files(self) -> None:
-        if not self.report_dir.is_dir():
+        """Never replace a package or report this plan did not make. A folder holding a
+        cache file, even an unreadable one, is a plan's own."""
+        if not self.report_dir.is_dir() or self.cache.found:
             return
         for p in sorted(self.report_dir.iterdir()):
-            m = _PACKAGE_NAME.match(p.name)
-            if m and f"{m[1]}:{m[2]}" not in self.entries:
+            if _PACKAGE_NAME.match(p.name):
                 raise PlanError(
-                    f"{p} was not made by this plan (it is not in {self.index_path}); pass "
+                    f"{p} was not made by this plan (there is no {self.cache.path}); pass "
                     "--overwrite to replace it, or choose another --report-dir"
                 )
-
-    # -- keys --
 
     def package_path(self, layers: LayerRange) -> Path:
         return self.report_dir / f"layers_{layers.start}_{layers.end}.mlpackage"
 
     def report_path(self, layers: LayerRange) -> Path:
-        from anechain.validate import default_report_path
-
-        return default_report_path(self.package_path(layers))
-
-    def _layer_fingerprint(self, layer: int) -> str:
-        if layer not in self._layer_fingerprints:
-            names = self.checkpoint.layer_tensor_names(LayerRange(layer, layer + 1))
-            self._layer_fingerprints[layer] = self.checkpoint.weights_fingerprint(names)
-        return self._layer_fingerprints[layer]
-
-    def export_key(self, layers: LayerRange) -> str:
-        return _digest(
-            {
-                "layers": str(layers),
-                "checkpoint_fingerprint": self.checkpoint.fingerprint,
-                "weights_fingerprints": [
-                    self._layer_fingerprint(i) for i in range(layers.start, layers.end)
-                ],
-                "export": to_dict(self.export_settings),
-                "versions": {
-                    "anechain": __version__,
-                    "coremltools": _dist_version("coremltools"),
-                    "torch": _dist_version("torch"),
-                },
-            }
-        )
-
-    def validation_key(self, export_key: str, package_sha256: str) -> str:
-        return _digest(
-            {
-                "export_key": export_key,
-                "package_sha256": package_sha256,
-                "validation": to_dict(self.validation_settings),
-                "backend": self.backend,
-                "residency": self._residency_key,
-                "anechain": __version__,
-            }
-        )
-
-    # -- the validator --
+        return report_path_for(self.package_path(layers))
 
     def __call__(self, layers: LayerRange) -> RangeResult:
         from anechain.export import LayerSpec
-        from anechain.validate import write_report
 
         label = str(layers)
         package, report = self.package_path(layers), self.report_path(layers)
-        ekey = self.export_key(layers)
-        entry = self.entries.get(label)
-        if entry is not None and entry.get("export_key") != ekey:
-            entry = None  # made from other inputs: rebuild
-        if entry is not None and "export_error" in entry:
-            return RangeResult(False, ("export",), None, entry["export_error"], reused=True)
-        if entry is not None and not (
-            package.is_dir() and sha256_tree(package) == entry.get("package_sha256")
-        ):
-            entry = None  # missing, or changed since it was made
-        if entry is None:
+        key = self.keys.export_key("layers", layers, self.export_settings)
+        failure = self.cache.export_failure(package, key)
+        if failure is not None:
+            return RangeResult(False, ("export",), None, failure, reused=True)
+        sha = self.cache.exported(package, key)
+        if sha is None:
             if self.progress:
                 self.progress(f"[{label}] exporting {package.name}")
             report.unlink(missing_ok=True)  # it describes the package being replaced
@@ -285,23 +171,20 @@ class RangeValidator:
                     self.checkpoint,
                     LayerSpec(layers, package),
                     self.export_settings,
-                    overwrite=True,  # ours (in the index), or accepted with --overwrite
+                    overwrite=True,  # ours (in the cache), or accepted with --overwrite
                     progress=self.progress,
                 )
             except ExportError as exc:
                 reason = f"export failed: {exc}"
-                self.entries[label] = {"export_key": ekey, "export_error": reason}
-                self._save_index()
+                self.cache.record_export_failure(package, key, reason)
                 return RangeResult(False, ("export",), None, reason)
-            entry = {"export_key": ekey, "package_sha256": sha256_tree(package)}
-            self.entries[label] = entry
-            self._save_index()
-        vkey = self.validation_key(ekey, entry["package_sha256"])
-        cached = entry.get("result") if entry.get("validation_key") == vkey else None
-        if cached is not None and (
-            cached.get("compile_error") or self._report_matches(report, entry)
-        ):
-            return _result_from_dict(cached, report if report.is_file() else None)
+            sha = self.cache.record_export(package, key)
+        vkey = self.keys.verdict_key(sha, layers, self.how)
+        verdict = self.cache.verdict(package, vkey)
+        if verdict is not None and verdict.failure is not None:
+            return RangeResult(False, ("compile",), None, verdict.failure, reused=True)
+        if verdict is not None and verdict.report is not None:
+            return replace(range_result_from_report(verdict.report, report), reused=True)
         if self.progress:
             self.progress(f"[{label}] validating with the {self.backend} runner")
         report.unlink(missing_ok=True)
@@ -316,25 +199,12 @@ class RangeValidator:
                 progress=self.progress,
             )
         except CompileError as exc:  # the Core ML compiler refused the fused graph
-            result = RangeResult(False, ("compile",), None, f"compile failed: {exc}")
-            entry.update(
-                validation_key=vkey, result={**_result_to_dict(result), "compile_error": True}
-            )
-            self._save_index()
-            return result
-        data = write_report(validation, report)
-        result = range_result_from_report(data, report)
-        entry.update(validation_key=vkey, result=_result_to_dict(result))
-        self._save_index()
-        return result
-
-    @staticmethod
-    def _report_matches(report: Path, entry: dict[str, Any]) -> bool:
-        try:
-            data = json.loads(report.read_text())
-            return bool(data["package"]["sha256"] == entry["package_sha256"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
+            reason = f"compile failed: {exc}"
+            self.cache.record_verdict(package, vkey, failure=reason)
+            return RangeResult(False, ("compile",), None, reason)
+        validation.write(report)
+        self.cache.record_verdict(package, vkey)
+        return range_result_from_report(validation, report)
 
 
 # ---- the command's library function ----------------------------------------------------------
@@ -378,7 +248,7 @@ def plan_topology(
 ) -> PlanOutcome:
     """Search for the topology (`search_topology`) with real, cached validation, then write
     the chosen shards' manifest (default REPORT_DIR/manifest.json) through `build_manifest`."""
-    from anechain.manifest import build_manifest
+    from anechain.manifest_build import build_manifest
 
     report_dir = Path(report_dir)
     out = Path(manifest_path) if manifest_path is not None else report_dir / "manifest.json"
@@ -405,5 +275,11 @@ def plan_topology(
     )
     search = search_topology(arch.num_hidden_layers, max_layers, validator, rebalance, progress)
     reports = [validator.report_path(r) for r in search.topology]
-    manifest = build_manifest(reports, out, overwrite=overwrite)
+    manifest = build_manifest(
+        reports,
+        out,
+        overwrite=overwrite,
+        gates=validation_settings.gates,
+        residency=validator.residency.settings,
+    )
     return PlanOutcome(search, out, manifest, reports)

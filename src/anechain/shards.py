@@ -1,24 +1,25 @@
-"""A set of layer shards: whether they chain into one model, and what their reports say.
+"""A set of layer shards: whether they chain into one model.
 
 The chain checks (`topology_problems`, `check_topology`, `coverage_problems`) are pure
 functions over plain records (ranges, fingerprints, I/O contracts): no files, no hashing, so
 a `plan` command can use them before anything is exported. Every problem is one line naming
-the shards involved. `read_shard_report` reads a validation report (format in DESIGN.md) and
-refuses a shard that did not pass; `relative_inside` and `check_manifest_path` keep the
-manifest's paths inside its folder.
+the shards involved. `shard_record` makes a record of a validation report (report.py);
+`relative_inside` and `check_manifest_path` keep the manifest's paths inside its folder.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from anechain.config import Architecture, LayerRange, from_dict, to_dict
-from anechain.contract import KIND_HEAD, KIND_LAYERS, IOContract, layer_contract
-from anechain.errors import ConfigError, ManifestError
+from anechain.config import Architecture, LayerRange, to_dict
+from anechain.contract import IOContract, layer_contract
+from anechain.errors import ManifestError
+
+if TYPE_CHECKING:
+    from anechain.report import ValidationReport
 
 
 @dataclass(frozen=True)
@@ -169,244 +170,18 @@ def check_topology(records: Sequence[ShardRecord]) -> list[ShardRecord]:
     return sorted(records, key=lambda r: r.layers.start)
 
 
-# ---- reading validation reports -------------------------------------------------------------
-
-REPORT_SCHEMA = "anechain.validation-report/1"
-REPORT_SUFFIX = ".report.json"
-RESIDENCY_STATUSES = ("checked", "report_only", "not_checked")
-NONE = type(None)
-
-
-@dataclass(frozen=True)
-class ValidatedShard:
-    """A shard whose report says it passed every gate (not yet checked against its files)."""
-
-    report: Path
-    package: Path  # as the report names it, relative to the report's folder
-    record: ShardRecord
-    architecture: Architecture
-    weights_fingerprint: str
-    validated_sha256: str  # sha256_tree of the package when it was validated
-    # verdict, backend, steps, gates, metrics, residency {status, passed, counts}, created,
-    # versions: the manifest's `validation` object
-    summary: dict[str, Any]
-    # Host-side RoPE data the exporter recorded (rope.RopeParameters.to_dict()), if any.
-    rope: dict[str, Any] | None = None
-    # The package's functions (contract.ShardMetadata.functions); decode only if unrecorded.
-    functions: dict[str, int] | None = None
-
-
-def report_path_for(package: str | Path) -> Path:
-    """Where a package's validation report lives: <name>.report.json beside <name>.mlpackage."""
-    package = Path(package)
-    return package.with_name(package.stem + REPORT_SUFFIX)
-
-
-def _get(data: Any, dotted: str, kinds: type | tuple[type, ...], where: Path) -> Any:
-    value = data
-    for key in dotted.split("."):
-        if not isinstance(value, dict) or key not in value:
-            raise ManifestError(f"report {where} is malformed: it has no '{dotted}'")
-        value = value[key]
-    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-        raise ManifestError(f"report {where} is malformed: '{dotted}' is not {names}")
-    return value
-
-
-def _package_of(report: Path, named: Path, source: Path) -> Path:
-    """The package a report is about (its sha256 is checked later, so identity is certain).
-
-    A package given directly is the one. A report's own path is absolute, or relative to the
-    report's folder; failing that, NAME.mlpackage beside NAME.report.json if the report names
-    it (`anechain validate shard` writes the path relative to its working directory).
-    """
-    if source is not report:
-        if named.name != source.name:
-            raise ManifestError(f"report {report} describes {named.name}, not {source.name}")
-        return source
-    package = named if named.is_absolute() else report.parent / named
-    beside = report.parent / named.name
-    conventional = named.name == report.name.removesuffix(REPORT_SUFFIX) + ".mlpackage"
-    return beside if not package.exists() and conventional and beside.exists() else package
-
-
-def _open_report(source: Path) -> tuple[Path, dict[str, Any]]:
-    """(report path, its JSON) for a report or for the package it sits beside."""
-    report = source
-    if source.suffix == ".mlpackage":
-        report = report_path_for(source)
-        if not report.is_file():
-            raise ManifestError(f"shard {source.name} was never validated: no report at {report}")
-    try:
-        data = json.loads(report.read_text())
-    except OSError as exc:
-        raise ManifestError(f"cannot read report {report}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise ManifestError(f"report {report} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA:
-        raise ManifestError(f"report {report} is not an {REPORT_SCHEMA} report")
-    return report, data
-
-
-def report_kind(source: Path) -> str:
-    """`layers` or `head`: what the report (or the package's report) is about."""
-    report, data = _open_report(source)
-    return str(_get(data, "kind", str, report))
-
-
-def _passed_summary(data: dict[str, Any], report: Path, label: str) -> dict[str, Any]:
-    """The manifest's `validation` object; refuses a report whose shard did not pass."""
-
-    def get(key: str, kinds: type | tuple[type, ...]) -> Any:
-        return _get(data, key, kinds, report)
-
-    if get("residency.status", str) not in RESIDENCY_STATUSES:
-        raise ManifestError(
-            f"report {report} has an unknown residency status {data['residency']['status']!r}"
-        )
-    try:
-        gates = [
-            {k: g[k] for k in ("name", "value", "bound", "op")} | {"passed": g["passed"] is True}
-            for g in get("gates", list)
-        ]
-    except (KeyError, TypeError):
-        raise ManifestError(
-            f"report {report} is malformed: a gate lacks name, value, bound, op or passed"
-        ) from None
-    residency = {
-        "status": get("residency.status", str),
-        "passed": get("residency.passed", (bool, NONE)),
-        "counts": get("residency.counts", (dict, NONE)),
-    }
-    verdict = get("verdict", str)
-    failed = [g["name"] for g in gates if not g["passed"]]
-    if residency["passed"] is False and "residency" not in failed:
-        failed.append("residency")
-    if get("golden.passed", bool) is False and not failed:
-        failed.append("golden")
-    if verdict != "pass":
-        raise ManifestError(
-            f"shard {label} failed validation: gate(s) "
-            f"{', '.join(failed) or '(none named)'} failed (report {report})"
-        )
-    if failed:
-        raise ManifestError(
-            f"shard {label}: report {report} says pass but gate(s) "
-            f"{', '.join(failed)} failed; validate the shard again"
-        )
-    return {
-        "verdict": verdict,
-        "backend": get("backend", str),
-        "steps": get("steps", int),
-        "gates": gates,
-        "metrics": get("golden.metrics", dict),
-        "residency": residency,
-        "created": get("created", str),
-        "versions": get("versions", dict),
-    }
-
-
-def _common(
-    source: Path, kind: str
-) -> tuple[Path, dict[str, Any], Path, Architecture, IOContract, Any]:
-    report, data = _open_report(source)
-
-    def get(key: str, kinds: type | tuple[type, ...]) -> Any:
-        return _get(data, key, kinds, report)
-
-    if get("kind", str) != kind:
-        raise ManifestError(f"report {report} is about a {data['kind']!r} package, not {kind!r}")
-    package = _package_of(report, Path(get("package.path", str)), source)
-    try:
-        arch = from_dict(Architecture, get("architecture", dict), "architecture")
-        contract = IOContract.from_dict(get("contract", dict))
-    except ConfigError as exc:
-        raise ManifestError(f"report {report} is malformed: {exc}") from None
-    except (KeyError, TypeError) as exc:
-        raise ManifestError(f"report {report} is malformed: contract lacks {exc}") from None
-    if arch.num_hidden_layers != get("num_hidden_layers", int):
-        raise ManifestError(
-            f"report {report} is inconsistent: num_hidden_layers differs from "
-            f"architecture.num_hidden_layers"
-        )
-    return report, data, package, arch, contract, get
-
-
-def read_shard_report(source: Path) -> ValidatedShard:
-    """Read a layer shard's report (or the report beside it); refuse a shard that did not pass."""
-    report, data, package, arch, contract, get = _common(source, KIND_LAYERS)
-    try:
-        layers = LayerRange.parse(get("layers", str))
-    except ConfigError as exc:
-        raise ManifestError(f"report {report} is malformed: {exc}") from None
-    summary = _passed_summary(data, report, f"{package.name} ({layers})")
-    record = ShardRecord(
-        package.name,
-        layers,
-        arch.num_hidden_layers,
-        get("checkpoint_fingerprint", str),
-        contract,
-        get("context_length", int),
-    )
-    return ValidatedShard(
-        report,
-        package,
-        record,
-        arch,
-        get("weights_fingerprint", str),
-        get("package.sha256", str),
-        summary,
-        data.get("rope") if isinstance(data.get("rope"), dict) else None,
-        _functions(data, report),
-    )
-
-
-def _functions(data: dict[str, Any], report: Path) -> dict[str, int] | None:
-    """The report's `functions` ({"main": 1} or {"decode": 1, "prefill": T}), if recorded."""
-    value = data.get("functions")
-    if value is None:
-        return None
-    if not isinstance(value, dict) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value.values()
-    ):
-        raise ManifestError(f"report {report} is malformed: 'functions' is not name -> tokens")
-    if "prefill" in value and not isinstance(data.get("prefill"), dict):
-        raise ManifestError(
-            f"report {report} names a prefill function but has no prefill validation"
-        )
-    return dict(value)
-
-
-@dataclass(frozen=True)
-class ValidatedHead:
-    """The final norm + LM head package, whose report says it passed."""
-
-    report: Path
-    package: Path
-    architecture: Architecture
-    checkpoint_fingerprint: str
-    weights_fingerprint: str
-    validated_sha256: str
-    contract: IOContract
-    chunk_rows: int
-    summary: dict[str, Any]
-
-
-def read_head_report(source: Path) -> ValidatedHead:
-    """Read the head's report (or the report beside it); refuse a head that did not pass."""
-    report, data, package, arch, contract, get = _common(source, KIND_HEAD)
-    return ValidatedHead(
-        report,
-        package,
-        arch,
-        get("checkpoint_fingerprint", str),
-        get("weights_fingerprint", str),
-        get("package.sha256", str),
-        contract,
-        get("head_chunk_rows", int),
-        _passed_summary(data, report, f"{package.name} (head)"),
+def shard_record(report: ValidationReport, name: str | None = None) -> ShardRecord:
+    """A layer shard's validation report as a topology record."""
+    m = report.meta
+    if m.layers is None:
+        raise ManifestError(f"{report.package.name} is a head, not a layer shard")
+    return ShardRecord(
+        name or report.package.name,
+        m.layers,
+        m.num_hidden_layers,
+        m.checkpoint_fingerprint,
+        m.contract,
+        m.context_length,
     )
 
 

@@ -8,34 +8,26 @@ steps, and the output is compared with the reference leaving layer END-1.
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import math
-import os
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from anechain import __version__
 from anechain.checkpoint import Checkpoint
-from anechain.config import Gates, ResidencySettings, ValidationSettings, to_dict
+from anechain.config import ResidencySettings, ValidationSettings
 from anechain.contract import KIND_HEAD, KIND_LAYERS, ShardMetadata, read_package_metadata
 from anechain.errors import PackageError
 from anechain.fsutil import sha256_tree
 from anechain.golden import calibration_tokens, reference_boundaries
 from anechain.head import head_tensor_names, run_head_golden
-from anechain.jsonio import atomic_write_json
 from anechain.metrics import ShardComparison, compare_shard
 from anechain.package import package_size
+from anechain.report import Gate, Golden, ValidationReport, evaluate_gates
 from anechain.rope import RopeParameters, step_inputs
 from anechain.runners import ShardRunner, open_runner, resolve_backend
-
-REPORT_SCHEMA = "anechain.validation-report/1"
 
 
 @dataclass(frozen=True)
@@ -45,167 +37,6 @@ class ResidencyOptions:
     save_plan_to: Path | None = None
     report_only: bool = False  # count, but do not gate (hosted macOS runners have no ANE)
     compiled: Path | None = None  # the package already compiled, for a live plan
-
-
-@dataclass(frozen=True)
-class GateResult:
-    name: str
-    value: float | None
-    bound: float
-    op: str  # ">=" or "<="
-    passed: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "value": self.value,
-            "bound": self.bound,
-            "op": self.op,
-            "passed": self.passed,
-        }
-
-
-def _gate(metrics: dict[str, Any], name: str, key: str, bound: float, op: str) -> GateResult:
-    """`metrics[key] op bound`; a missing or non-finite value fails."""
-    value = metrics[key]
-    ok = (
-        value is not None
-        and math.isfinite(value)
-        and (value >= bound if op == ">=" else value <= bound)
-    )
-    return GateResult(name, value, bound, op, ok)
-
-
-def _finite_gate(metrics: dict[str, Any]) -> GateResult:
-    return GateResult("finite", float(metrics["nonfinite"]), 0.0, "<=", metrics["nonfinite"] == 0)
-
-
-def apply_gates(metrics: dict[str, Any], gates: Gates) -> list[GateResult]:
-    """Each gate on its metric; a non-finite output fails every gate and its own."""
-
-    return [
-        _finite_gate(metrics),
-        _gate(metrics, "cosine", "cosine", gates.min_cosine, ">="),
-        _gate(metrics, "delta_cosine", "delta_cosine", gates.min_delta_cosine, ">="),
-        _gate(metrics, "rmse", "rmse", gates.max_rmse, "<="),
-        _gate(metrics, "max_abs", "max_abs", gates.max_abs, "<="),
-    ]
-
-
-def apply_head_gates(metrics: dict[str, Any], gates: Gates) -> list[GateResult]:
-    """The head: finite, top-1 agreement, flips only between near-ties, and the chunk maxima
-    close to the reference's (cosine)."""
-
-    return [
-        _finite_gate(metrics),
-        _gate(metrics, "top1_agreement", "top1_agreement", gates.min_top1_agreement, ">="),
-        _gate(metrics, "top1_margin", "worst_margin", gates.max_top1_margin, "<="),
-        _gate(metrics, "logit_cosine", "cosine", gates.min_cosine, ">="),
-    ]
-
-
-@dataclass
-class GoldenResult:
-    metrics: dict[str, Any]
-    per_step: list[dict[str, Any]]
-    first_nonfinite: dict[str, Any] | None
-    layer_max_abs: dict[int, float]  # absolute layer index -> largest |activation|
-    passed: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "metrics": self.metrics,
-            "per_step": self.per_step,
-            "first_nonfinite": self.first_nonfinite,
-            "layer_max_abs": {str(k): v for k, v in self.layer_max_abs.items()},
-            "passed": self.passed,
-        }
-
-
-@dataclass
-class ValidationReport:
-    package: Path
-    package_sha256: str
-    size_bytes: int
-    meta: ShardMetadata
-    backend: str
-    steps: int
-    golden: GoldenResult
-    gates: list[GateResult]
-    residency: dict[str, Any]
-    prefill: dict[str, Any] | None = None  # validate_prefill.PrefillGolden, two-function packages
-    created: str = field(
-        default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    )
-
-    @property
-    def verdict(self) -> str:
-        residency_ok = self.residency.get("passed") is not False
-        return "pass" if all(g.passed for g in self.gates) and residency_ok else "fail"
-
-    def failed_gates(self) -> list[str]:
-        names = [g.name for g in self.gates if not g.passed]
-        if self.residency.get("passed") is False:
-            names.append("residency")
-        return names
-
-    def to_dict(self) -> dict[str, Any]:
-        m = self.meta
-        return {
-            "schema": REPORT_SCHEMA,
-            "package": {
-                "path": str(self.package),
-                "sha256": self.package_sha256,
-                "size_bytes": self.size_bytes,
-            },
-            "kind": m.kind,
-            "layers": str(m.layers) if m.layers is not None else None,
-            **({"head_chunk_rows": int(m.extra["head_chunk_rows"])} if m.kind == KIND_HEAD else {}),
-            "num_hidden_layers": m.num_hidden_layers,
-            "checkpoint_fingerprint": m.checkpoint_fingerprint,
-            "weights_fingerprint": m.weights_fingerprint,
-            "quantization": m.quantization,
-            "architecture": to_dict(m.architecture),
-            "contract": m.contract.to_dict(),
-            "functions": dict(m.functions),
-            "prefill": self.prefill,
-            "context_length": m.context_length,
-            "rope": json.loads(m.extra["rope"]) if "rope" in m.extra else None,
-            "backend": self.backend,
-            "steps": self.steps,
-            "golden": self.golden.to_dict(),
-            "residency": self.residency,
-            "gates": [g.to_dict() for g in self.gates],
-            "verdict": self.verdict,
-            "versions": versions(),
-            "created": self.created,
-        }
-
-
-def write_report(report: ValidationReport, path: str | Path) -> dict[str, Any]:
-    """Write the report as JSON (atomically), the package path relative to the report."""
-    path = Path(path)
-    data = report.to_dict()
-    # Relative to the report, so the pair can move together.
-    data["package"]["path"] = os.path.relpath(report.package.resolve(), path.resolve().parent)
-    atomic_write_json(path, data)
-    return data
-
-
-def default_report_path(package: str | Path) -> Path:
-    """Reports live beside their package: layers_0_8.mlpackage -> layers_0_8.report.json."""
-    package = Path(package)
-    return package.with_name(package.stem + ".report.json")
-
-
-def versions() -> dict[str, str]:
-    out = {"anechain": __version__, "python": platform.python_version()}
-    for dist in ("coremltools", "torch", "transformers", "numpy"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:  # pragma: no cover
-            out[dist] = "unknown"
-    return out
 
 
 def check_package_matches(meta: ShardMetadata, checkpoint: Checkpoint, where: str) -> None:
@@ -242,7 +73,7 @@ def run_golden(
     settings: ValidationSettings,
     cache_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
-) -> tuple[GoldenResult, list[GateResult]]:
+) -> tuple[Golden, tuple[Gate, ...]]:
     """The decode loop: reference in, shard out, compared per step and overall."""
     if settings.steps > meta.context_length:
         raise PackageError(
@@ -282,13 +113,12 @@ def run_golden(
 
     overall: ShardComparison = compare_shard(np.stack(fed), np.stack(outputs), ref_in, ref_out)
     metrics = overall.to_dict()
-    gates = apply_gates(metrics, settings.gates)
-    golden = GoldenResult(
+    gates = evaluate_gates(metrics, settings.gates, KIND_LAYERS)
+    golden = Golden(
         metrics=metrics,
         per_step=per_step,
         first_nonfinite=first_nonfinite,
         layer_max_abs=layer_max,
-        passed=all(g.passed for g in gates),
     )
     return golden, gates
 
@@ -326,13 +156,11 @@ def validate_shard(
     ).to_dict()
     if meta.kind == KIND_HEAD:
         head = run_head_golden(runner, meta, checkpoint, settings, cache_dir, progress)
-        gates = apply_head_gates(head["metrics"], settings.gates)
-        golden = GoldenResult(
+        gates = evaluate_gates(head["metrics"], settings.gates, KIND_HEAD)
+        golden = Golden(
             metrics=head["metrics"],
             per_step=head["per_step"],
             first_nonfinite=head["first_nonfinite"],
-            layer_max_abs={},
-            passed=all(g.passed for g in gates),
         )
     else:
         golden, gates = run_golden(runner, meta, checkpoint, settings, cache_dir, progress)

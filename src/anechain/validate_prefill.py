@@ -12,7 +12,7 @@ decode-only loop compares it. Gates reuse the decode gates, named `prefill_*`,
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,9 @@ from anechain.contract import FUNCTION_PREFILL, ShardMetadata
 from anechain.errors import PackageError
 from anechain.golden import _LayerRunner, calibration_tokens, reference_boundaries
 from anechain.metrics import compare, compare_shard
+from anechain.report import PREFILL_GATES, Gate, evaluate_specs
 from anechain.rope import RopeParameters, chunk_inputs, chunk_outputs, prefill_plan, step_inputs
 from anechain.runners import ShardRunner, open_runner
-from anechain.validate import GateResult, _finite_gate, _gate, apply_gates
 
 
 def prefill_length(steps: int, tokens: int) -> int:
@@ -66,7 +66,7 @@ class PrefillGolden:
     kv: dict[str, Any]  # {"keys": Comparison, "values": Comparison} over 0..P-1
     decode_metrics: dict[str, Any]  # decode over positions P..S-1
     per_position: list[dict[str, Any]]
-    gates: list[GateResult] = field(default_factory=list)
+    gates: tuple[Gate, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -82,10 +82,6 @@ class PrefillGolden:
             "per_position": self.per_position,
             "passed": self.passed,
         }
-
-
-def _renamed(gates: list[GateResult], prefix: str) -> list[GateResult]:
-    return [GateResult(prefix + g.name, g.value, g.bound, g.op, g.passed) for g in gates]
 
 
 def run_prefill_golden(
@@ -155,17 +151,9 @@ def run_prefill_golden(
         np.stack(d_in), np.stack(d_out), ref_in[covered:], ref_out[covered:]
     ).to_dict()
 
-    g = settings.gates
-    kv_gates = [
-        _finite_gate({"nonfinite": kv["keys"]["nonfinite"] + kv["values"]["nonfinite"]}),
-        _gate(kv["keys"], "keys_cosine", "cosine", g.min_cosine, ">="),
-        _gate(kv["values"], "values_cosine", "cosine", g.min_cosine, ">="),
-    ]
-    gates = (
-        _renamed(apply_gates(metrics, g), "prefill_")
-        + _renamed(kv_gates, "prefill_kv_")
-        + _renamed(apply_gates(decode_metrics, g), "prefill_decode_")
-    )
+    # report.PREFILL_GATES: the decode gates on each part, read where the report keeps them.
+    evidence = {"prefill": {"metrics": metrics, "kv": kv, "decode_metrics": decode_metrics}}
+    gates = evaluate_specs(evidence, settings.gates, PREFILL_GATES)
     return PrefillGolden(t, chunks, metrics, kv, decode_metrics, per_position, gates)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from anechain.cli import AnechainGroup
-from anechain.cli._common import InputFile
+from anechain.cli._common import InputFile, config_option
 
 
 @click.group("manifest", cls=AnechainGroup)
@@ -36,21 +36,27 @@ def manifest_group() -> None:
     type=InputFile(),
     help="The fp16 token table (.npy) from `anechain export --embedding`.",
 )
+@config_option(
+    "YAML config whose validation gates every report must meet or beat (default: Phi-4-mini's)."
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def build(
     shards: tuple[Path, ...],
     reports: tuple[Path, ...],
     out: Path,
     embedding: Path | None,
+    config_path: Path | None,
     overwrite: bool,
 ) -> None:
     """Write a manifest for validated shards, given as reports and/or packages.
 
     A package SHARD (NAME.mlpackage) is read through its report beside it,
     NAME.report.json, as `anechain validate shard` writes it (a SHARD may also be a
-    report). Shards may come in
-    any order; they must have passed every gate, be unchanged since validation, share one
-    I/O contract and cover the model's decoder layers exactly once. The head (from
+    report). Shards may come in any order. Each report's gates are recomputed from their
+    values (its pass flags are not trusted); it must hold every mandatory gate, with bounds
+    at least as strict as the config's (recorded in the manifest), and pass them all. The
+    shards must be unchanged since validation, share one I/O contract and cover the model's
+    decoder layers exactly once. The head (from
     `anechain export --head`, validated like a shard) may be given the same way, and the
     embedding table with --embedding. Paths in the manifest are relative to it, so the files
     must sit in its folder (or below).
@@ -62,8 +68,8 @@ def build(
       anechain manifest build --report artifacts/layers_0_8.report.json \\
           --report artifacts/layers_8_32.report.json -o artifacts/manifest.json --overwrite
     """
-    from anechain.cli._common import check_outputs, human_bytes
-    from anechain.manifest import build_manifest
+    from anechain.cli._common import check_outputs, human_bytes, resolve_config
+    from anechain.manifest_build import build_manifest
 
     sources = [*reports, *shards]
     if not sources:
@@ -71,7 +77,15 @@ def build(
     check_outputs(out)
     if out.exists() and not overwrite:
         raise click.UsageError(f"{out} already exists; pass --overwrite to replace it")
-    manifest = build_manifest(sources, out, overwrite=overwrite, embedding=embedding)
+    config = resolve_config(config_path)
+    manifest = build_manifest(
+        sources,
+        out,
+        overwrite=overwrite,
+        embedding=embedding,
+        gates=config.validation.gates,
+        residency=config.residency,
+    )
     size = sum(s.package.size_bytes for s in manifest.shards)
     ranges = ", ".join(str(s.layers) for s in manifest.shards)
     click.echo(f"wrote {out}: {len(manifest.shards)} shards ({ranges}), {human_bytes(size)}")
@@ -99,7 +113,7 @@ def verify(manifest: Path) -> None:
 @manifest_group.command("show")
 @click.argument("manifest", type=InputFile())
 def show(manifest: Path) -> None:
-    """Print a manifest's topology: ranges, sizes, gate results, residency status.
+    """Print a manifest's topology: ranges, sizes, gate bounds and results, residency status.
 
     Reads and checks the manifest's schema and paths but does not hash files; use
     `anechain manifest verify` for that.
@@ -108,7 +122,8 @@ def show(manifest: Path) -> None:
     Example:
       anechain manifest show artifacts/manifest.json
     """
-    from anechain.manifest import load_manifest, render_manifest
+    from anechain.manifest import load_manifest
+    from anechain.manifest_render import render_manifest
 
     click.echo(render_manifest(load_manifest(manifest), manifest))
 

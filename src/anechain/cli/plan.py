@@ -152,7 +152,7 @@ def plan(
           --max-layers-per-shard 3 --report-dir artifacts/tiny-plan -o artifacts/tiny.json
     """
     from anechain.checkpoint import Checkpoint
-    from anechain.manifest import render_manifest
+    from anechain.manifest_render import render_manifest
     from anechain.plan import (
         PlanError,
         PlanLimits,

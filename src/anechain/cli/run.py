@@ -44,22 +44,20 @@ def render_build(result) -> str:  # type: ignore[no-untyped-def]
                 ]
             )
             continue
-        m = r["golden"]["metrics"]
-        res = r["residency"]
+        m = r.golden.metrics
         residency = {
-            "checked": "pass" if res["passed"] else "FAIL",
+            "checked": "pass" if r.residency_passed else "FAIL",
             "report_only": "report only",
             "not_checked": "not checked",
-        }[res["status"]]
-        if r["kind"] == "head":
+        }[r.residency["status"]]
+        if r.kind == "head":
             golden = f"top1 {_fmt(m['top1_agreement'], 3)}, cos {_fmt(m['cosine'])}"
         else:
             golden = (
                 f"cos {_fmt(m['cosine'])}, delta {_fmt(m['delta_cosine'])}, "
-                f"rmse {_fmt(m['rmse'], 4)}, max {_fmt(m['max_abs'], 3)}"
+                f"rel rmse {_fmt(m.get('rel_rmse'), 4)}, rel max {_fmt(m.get('rel_max_abs'), 3)}"
             )
-        failed = [g["name"] for g in r["gates"] if not g["passed"]]
-        verdict = "pass" if r["verdict"] == "pass" else "FAIL " + ",".join(failed or ["residency"])
+        verdict = "pass" if r.verdict == "pass" else "FAIL " + ",".join(r.failed_gates())
         rows.append(
             [
                 a.name,
@@ -67,7 +65,7 @@ def render_build(result) -> str:  # type: ignore[no-untyped-def]
                 human_bytes(a.size_bytes),
                 residency,
                 golden,
-                r["backend"],
+                r.backend,
                 verdict,
                 "reused" if a.reused else "built",
             ]
@@ -172,7 +170,7 @@ def build(
                     "path": str(a.path),
                     "size_bytes": a.size_bytes,
                     "reused": a.reused,
-                    "verdict": a.report["verdict"] if a.report else None,
+                    "verdict": a.report.verdict if a.report else None,
                 }
                 for a in result.artifacts
             ],

@@ -118,8 +118,14 @@ def validate() -> None:
 )
 @click.option("--min-cosine", type=FiniteFloat(), help="Gate override.")
 @click.option("--min-delta-cosine", type=FiniteFloat(), help="Gate override.")
-@click.option("--max-rmse", type=FiniteFloat(), help="Gate override.")
-@click.option("--max-abs", type=FiniteFloat(), help="Gate override.")
+@click.option(
+    "--max-rel-rmse", type=FiniteFloat(), help="Gate override: worst step's RMSE / RMS(reference)."
+)
+@click.option(
+    "--max-rel-abs",
+    type=FiniteFloat(),
+    help="Gate override: worst |error_i| / (RMS(reference) + |reference_i|).",
+)
 @click.option(
     "--compute-plan",
     "plan_file",
@@ -144,8 +150,8 @@ def validate_shard_cmd(
     report_path: Path | None,
     min_cosine: float | None,
     min_delta_cosine: float | None,
-    max_rmse: float | None,
-    max_abs: float | None,
+    max_rel_rmse: float | None,
+    max_rel_abs: float | None,
     plan_file: Path | None,
     save_plan_to: Path | None,
     report_only: bool,
@@ -164,12 +170,8 @@ def validate_shard_cmd(
       anechain validate shard layers_24_30.mlpackage --model phi-4-mini --min-cosine 0.999
     """
     from anechain.checkpoint import Checkpoint
-    from anechain.validate import (
-        ResidencyOptions,
-        default_report_path,
-        validate_shard,
-        write_report,
-    )
+    from anechain.report import report_path_for
+    from anechain.validate import ResidencyOptions, validate_shard
 
     config = resolve_config(config_path)
     settings = config.validation
@@ -178,8 +180,8 @@ def validate_shard_cmd(
         for k, v in {
             "min_cosine": min_cosine,
             "min_delta_cosine": min_delta_cosine,
-            "max_rmse": max_rmse,
-            "max_abs": max_abs,
+            "max_rel_rmse": max_rel_rmse,
+            "max_rel_abs": max_rel_abs,
         }.items()
         if v is not None
     }
@@ -198,7 +200,7 @@ def validate_shard_cmd(
             "to save; replay a saved one with --compute-plan",
             param_hint="--save-plan",
         )
-    check_outputs(report_path or default_report_path(package), save_plan_to)
+    check_outputs(report_path or report_path_for(package), save_plan_to)
     checkpoint = Checkpoint(model_dir)
     residency = ResidencyOptions(config.residency, plan_file, save_plan_to, report_only)
     if compute_units != "cpu_and_ne" and resolve_backend(backend) != "coreml":
@@ -218,8 +220,8 @@ def validate_shard_cmd(
         progress=progress_printer(),
         runner_options=runner_options,
     )
-    out = report_path or default_report_path(package)
-    data = write_report(report, out)
+    out = report_path or report_path_for(package)
+    data = report.write(out)
     click.echo(render_report(data))
     click.echo(f"report: {out}", err=True)
     if report.verdict != "pass":
