@@ -566,6 +566,34 @@ def test_malformed_safetensors_header(ckpt, tmp_path, error_line):
     assert "malformed header entry for model.norm.weight" in error_line(result, 1)
 
 
+@pytest.mark.parametrize(
+    ("offsets", "message"),
+    [
+        # The right shape and dtype over too few bytes: safetensors would read past them.
+        (lambda b, e: [b, b + 2], "model.norm.weight holds 2 bytes, not the 128 its shape needs"),
+        (lambda b, e: [e, b], "model.norm.weight runs past its end"),  # end before begin
+        (lambda b, e: [b, e + 10**9], "model.norm.weight runs past its end"),
+    ],
+)
+def test_safetensors_offsets_that_do_not_hold_the_tensor(
+    ckpt, tmp_path, offsets, message, error_line
+):
+    import struct
+
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    file = ckpt / index["weight_map"]["model.norm.weight"]
+    raw = file.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + size])
+    entry = header["model.norm.weight"]
+    entry["data_offsets"] = offsets(*entry["data_offsets"])
+    text = json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + size :])
+    result = invoke("export", "--model", ckpt, "--config", TINY, "--head", tmp_path / "h.mlpackage")
+    assert message in error_line(result, 1)
+    assert not (tmp_path / "h.mlpackage").exists()
+
+
 def test_running_out_of_memory_is_one_line(
     tiny_shards, tiny_checkpoint_dir, tmp_path, monkeypatch, error_line
 ):

@@ -231,6 +231,54 @@ def test_a_live_work_folder_is_never_swept(tmp_path):
     assert not live.exists()
 
 
+@pytest.mark.parametrize("err", [errno.ENOLCK, errno.EOPNOTSUPP, errno.EACCES])
+def test_a_filesystem_without_locks_still_writes_and_sweeps_nothing(tmp_path, monkeypatch, err):
+    # Some network/FUSE mounts refuse flock (ENOLCK, ...): a write must neither loop forever
+    # making work folders nor sweep one it cannot tell is stale.
+    import fcntl
+
+    def no_flock(fd, op):  # type: ignore[no-untyped-def]
+        raise OSError(err, os.strerror(err))
+
+    made = []
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args):  # type: ignore[no-untyped-def]
+        made.extend([path] if str(path).endswith(".partial") else [])
+        if len(made) > 3:
+            raise AssertionError("work folders made in a loop")
+        real_mkdir(path, *args)
+
+    other = tmp_path / ".out.json.0123456789ab.partial"  # maybe another run's, live
+    other.mkdir()
+    (other / "out.json").write_text("in use")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with atomic_path(tmp_path / "out.json") as tmp:
+        tmp.write_text("{}")
+    assert (tmp_path / "out.json").read_text() == "{}" and len(made) == 1
+    assert (other / "out.json").read_text() == "in use"
+
+
+def test_a_work_folder_swept_before_its_check_is_made_again(tmp_path, monkeypatch):
+    # Another run's sweep removed the new folder between our lock and the samestat check.
+    import anechain.fsutil as fsutil
+
+    real, calls = fsutil._try_lock, []
+
+    def lock_then_swept(path):  # type: ignore[no-untyped-def]
+        fd = real(path)
+        calls.append(path)
+        if len(calls) == 1:
+            os.rmdir(path)
+        return fd
+
+    monkeypatch.setattr(fsutil, "_try_lock", lock_then_swept)
+    with work_folder(tmp_path / "p") as work:
+        assert work.is_dir() and work == calls[-1] and len(calls) == 2
+    assert partials(tmp_path) == []
+
+
 def test_recover_restores_only_a_missing_destination(tmp_path):
     dest = tmp_path / "p"
     stale = tmp_path / ".p.deadbeef.partial"

@@ -130,6 +130,7 @@ def test_a_mac_without_a_neural_engine_captures_counts_without_a_verdict(
     )
     replay = replay_bundle(path, tiny_checkpoint)
     assert replay.residency.status == "report_only" and replay.residency.passed is None
+    assert replay.verdict == "unproven"  # its golden passes, but nothing ran on an ANE
     # A bundle from that machine claiming a checked, passed residency is refused.
     claim = forged(path, tmp_path / "f", lambda d: d["residency"].update(status="checked"))
     with pytest.raises(CaptureError, match="residency status 'checked'"):
@@ -195,6 +196,8 @@ def test_a_cpu_only_capture_claiming_residency_is_refused(bundles, tiny_checkpoi
         ),
         (lambda d: d["runs"]["cpu_and_ne"]["outputs"].pop(), "asks for step 15"),
         (lambda d: d["compiled_metadata"][0]["inputSchema"].pop(), "inputs differ"),
+        (lambda d: d.pop("compiled_metadata"), "metadata.json is unreadable"),
+        (lambda d: d.update(compiled_metadata=[7]), "metadata.json is unreadable"),
         (lambda d: d.update(schema="other/1"), "not an anechain capture"),
     ],
 )

@@ -87,17 +87,30 @@ def writes_in_place(dest: str | Path, folder: bool = False) -> bool:
 # --- work folders, locks, recovery ---------------------------------------------------------
 
 
+# flock's answer when another process holds the lock; any other errno means the
+# filesystem cannot lock (some network and FUSE mounts): ENOLCK, EOPNOTSUPP, ... Treating
+# those as "held" would make every new work folder look taken, forever.
+_HELD = (errno.EWOULDBLOCK, errno.EAGAIN)
+
+
+class _NoLocks(Exception):
+    """This filesystem has no flock."""
+
+
 def _try_lock(path: Path) -> int | None:
-    """An fd holding an exclusive flock on folder `path`, or None if someone holds it."""
+    """An fd holding an exclusive flock on folder `path`, or None if someone holds it (or
+    it is gone). _NoLocks where the filesystem cannot lock at all."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
         os.close(fd)
-        return None
+        if exc.errno in _HELD:
+            return None
+        raise _NoLocks(exc.strerror) from None
     return fd
 
 
@@ -123,7 +136,10 @@ def recover(dest: str | Path) -> None:
         match = _PARTIAL_NAME.fullmatch(partial.name)
         if match is None or not partial.is_dir() or partial.is_symlink():
             continue
-        fd = _try_lock(partial)
+        try:
+            fd = _try_lock(partial)
+        except _NoLocks:
+            return  # nothing can tell a live run's folder from a stale one: leave them all
         if fd is None:
             continue  # a live run's work folder
         try:
@@ -136,6 +152,13 @@ def recover(dest: str | Path) -> None:
             log.info("removed %s, left by an interrupted run", partial)
         finally:
             os.close(fd)
+
+
+def _same_folder(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:  # swept and not recreated
+        return False
 
 
 @contextlib.contextmanager
@@ -154,9 +177,14 @@ def work_folder(dest: str | Path, parent: Path | None = None) -> Iterator[Path]:
         while fd is None:
             path = where / f".{dest.name}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}"
             os.mkdir(path, 0o700)
-            fd = _try_lock(path)
+            try:
+                fd = _try_lock(path)
+            except _NoLocks:
+                # Unlocked: its fresh random name is all that keeps it ours, and `recover`
+                # on this filesystem leaves work folders alone.
+                fd = os.open(path, os.O_RDONLY)
             # A sweep by another run may have taken it between mkdir and the lock.
-            if fd is not None and not os.path.samestat(os.fstat(fd), os.stat(path)):
+            if fd is not None and not _same_folder(fd, path):
                 os.close(fd)
                 fd = None
         yield path

@@ -85,8 +85,11 @@ class Replay:
 
     @property
     def verdict(self) -> str:
-        ok = self.residency.passed is not False and self.golden["cpu_and_ne"]["passed"]
-        return "pass" if ok else "fail"
+        """pass / fail; `unproven` for a Mac without a Neural Engine (residency counted, not
+        gated, and its CPU_AND_NE run never touched the Neural Engine)."""
+        if self.residency.passed is False or not self.golden["cpu_and_ne"]["passed"]:
+            return "fail"
+        return "pass" if self.residency.passed else "unproven"
 
 
 def _same(recorded: Any, recomputed: Any, what: str, where: str) -> None:

@@ -151,12 +151,15 @@ class ManifestRuntime:
     def _step(self, token: int, position: int, profile: Profile | None) -> int:
         t0 = time.perf_counter()
         hidden = np.asarray(self.embedding[token], dtype=np.float16)
+        # cos/sin, mask and position are the same for every shard: made once per token.
+        inputs = step_inputs(self.rope, hidden, position, self.context_length)
         for name, runner in self.shards:
             ts = time.perf_counter()
-            inputs = step_inputs(self.rope, hidden, position, self.context_length)
-            hidden = runner.step(inputs)["output_hidden_states"].reshape(-1)
+            out = runner.step(inputs)["output_hidden_states"]  # (1, C, 1, 1)
+            inputs = {**inputs, "hidden_states": out.astype(np.float16, copy=False)}
             if profile is not None:
                 profile.per_shard.setdefault(name, []).append(time.perf_counter() - ts)
+        hidden = inputs["hidden_states"].reshape(-1)
         t1 = time.perf_counter()
         nxt = self._head(hidden, position)
         if profile is not None:

@@ -104,6 +104,8 @@ def features_from_compiled(
     try:
         meta = json.loads(meta_path.read_text())
         entry = meta[0] if isinstance(meta, list) else meta
+        if not isinstance(entry, dict):
+            raise TypeError(f"a {type(entry).__name__}, not an object")
 
         def arrays(key: str) -> list[FeatureSpec]:
             return [
