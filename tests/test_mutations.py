@@ -160,16 +160,16 @@ HOST_MUTANTS = {
 # The gate that catches each mutant on both checkpoints (others may fail too). Measured
 # values (tiny / odd), with the bound: see the comments.
 CAUGHT_BY = {
-    "negated_sin": "kv_cosine",  # 0.543 / 0.604, >= 0.99
-    "rotate_half_swapped": "kv_cosine",  # 0.661 / 0.808
-    "longrope_scaling_dropped": "kv_cosine",  # 0.891 / 0.937 (output cosine 0.912 / 0.939)
-    "query_scaling_x1.25": "rmse",  # worst step RMSE / RMS(ref) 0.363 / 0.380, <= 0.2
-    "mask_one_too_wide": "rmse",  # worst step RMSE / RMS(ref) 0.64 / 0.59, <= 0.2
-    "kv_at_position_plus_1": "kv_unwritten",  # 5.88 / 4.79, <= 0
-    "gqa_wrong_kv_head": "layer_delta_cosine",  # 0.368 / 0.588, >= 0.9
+    "negated_sin": "kv_cosine",  # 0.543 / 0.570, >= 0.99
+    "rotate_half_swapped": "kv_cosine",  # 0.661 / 0.696
+    "longrope_scaling_dropped": "kv_cosine",  # 0.891 / 0.940
+    "query_scaling_x1.25": "rmse",  # worst step RMSE / RMS(ref) 0.363 / 0.347, <= 0.2
+    "mask_one_too_wide": "rmse",  # 0.641 / 0.592
+    "kv_at_position_plus_1": "kv_unwritten",  # 5.88 / 6.14, <= 0
+    "gqa_wrong_kv_head": "layer_delta_cosine",  # 0.368 / 0.608, >= 0.9
     "gate_up_swapped": "step_delta_cosine",  # 0.522 / 0.550, >= 0.8
-    "rmsnorm_eps_x100": "layer_delta_cosine",  # 0.649 / 0.671
-    "neighbour_weights": "layer_delta_cosine",  # 0.001 / -0.039, and it names layer 1
+    "rmsnorm_eps_x100": "layer_delta_cosine",  # 0.649 / 0.714
+    "neighbour_weights": "layer_delta_cosine",  # 0.001 / -0.018, and it names layer 1
 }
 
 
