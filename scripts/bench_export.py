@@ -66,18 +66,25 @@ def run_child(cmd: list[str]) -> tuple[float, float, float, str]:
 
 
 def checkpoint(work: Path, n_layers: int) -> Path:
+    path = work / f"checkpoint-{n_layers}"
+    if not path.exists():
+        # In a child process: Linux carries a parent's RSS into a forked child's ru_maxrss,
+        # so writing gigabytes of random weights here would inflate every export's peak.
+        t = time.perf_counter()
+        subprocess.run(
+            [sys.executable, __file__, "--write-checkpoint", str(path), "--layers", str(n_layers)],
+            check=True,
+        )
+        print(f"# random checkpoint, {n_layers} layers: {time.perf_counter() - t:.0f}s", flush=True)
+    return path
+
+
+def write_checkpoint(path: Path, n_layers: int) -> None:
     from anechain.checkpoint import write_random_checkpoint
     from anechain.config import load_preset
 
-    path = work / f"checkpoint-{n_layers}"
-    if not path.exists():
-        arch = dataclasses.replace(
-            load_preset("phi-4-mini").architecture, num_hidden_layers=n_layers
-        )
-        t = time.perf_counter()
-        write_random_checkpoint(path, arch)
-        print(f"# random checkpoint, {n_layers} layers: {time.perf_counter() - t:.0f}s", flush=True)
-    return path
+    arch = dataclasses.replace(load_preset("phi-4-mini").architecture, num_hidden_layers=n_layers)
+    write_random_checkpoint(path, arch)
 
 
 def payload_bytes(layers: int, head: bool = False) -> int:
@@ -159,9 +166,12 @@ def main() -> None:
     p.add_argument("--range", help=argparse.SUPPRESS)
     p.add_argument("--path", default="fast", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--write-checkpoint", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
+    if args.write_checkpoint:
+        return write_checkpoint(args.write_checkpoint, args.layers)
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="anechain-bench-"))
     work.mkdir(parents=True, exist_ok=True)
