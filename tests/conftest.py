@@ -42,11 +42,7 @@ def tiny_config() -> Config:
 def tiny_checkpoint_dir(tmp_path_factory: pytest.TempPathFactory, tiny_config: Config) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     # Small shard files so the index/sharding path is exercised as in a real checkpoint.
-    # The flat style, as `build` makes: with the trained-like default the two-function
-    # packages fail prefill's decode window (see DESIGN); trained_checkpoint has that style.
-    return write_random_checkpoint(
-        out, tiny_config.architecture, seed=0, max_shard_bytes=200_000, style="flat"
-    )
+    return write_random_checkpoint(out, tiny_config.architecture, seed=0, max_shard_bytes=200_000)
 
 
 @pytest.fixture(scope="session")
@@ -166,7 +162,7 @@ def odd_config(tiny_config: Config) -> Config:
 @pytest.fixture(scope="session")
 def odd_checkpoint(tmp_path_factory: pytest.TempPathFactory, odd_config: Config) -> Checkpoint:
     out = tmp_path_factory.mktemp("odd") / "ckpt"
-    return Checkpoint(write_random_checkpoint(out, odd_config.architecture, seed=1, style="flat"))
+    return Checkpoint(write_random_checkpoint(out, odd_config.architecture, seed=1))
 
 
 @pytest.fixture(scope="session")

@@ -103,7 +103,7 @@ def test_a_bundle_holds_what_the_mac_did(bundles):
     assert len(data["inputs"]) == len(data["runs"]["cpu_and_ne"]["outputs"]) == 16
     key = decode_array(data["runs"]["cpu_and_ne"]["states"]["key_cache"])
     assert key.dtype == np.float16 and key.shape == (1, 2, 64, 16)
-    assert data["checkpoint"]["random"] == {"preset": "tiny", "seed": 0, "style": "flat"}
+    assert data["checkpoint"]["random"] == {"preset": "tiny", "seed": 0, "style": "trained"}
     assert "stateSchema" in data["compiled_metadata"][0]
     assert bundles["5:6"].stat().st_size < 200_000  # tiny model only
 
