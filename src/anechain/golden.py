@@ -147,13 +147,8 @@ class _LayerRunner:
         causal = torch.full((seq_len, seq_len), torch.finfo(torch.float32).min).triu(1)
         self.mask = causal[None, None]  # (1, 1, S, S) additive
 
-    def run(self, layer_index: int, hidden: np.ndarray, cache: Any = None) -> np.ndarray:
-        """The layer's output (S, C); a transformers `Cache` given as `cache` receives its KV."""
-        return self.trace(layer_index, hidden, cache).hidden
-
-    def trace(self, layer_index: int, hidden: np.ndarray, cache: Any = None) -> LayerTrace:
-        """One layer over the sequence, with its KV cache and attention probabilities."""
-        from transformers import DynamicCache
+    def layer(self, layer_index: int) -> Any:
+        """transformers' Phi3DecoderLayer `layer_index` with the checkpoint's weights, fp32."""
         from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
 
         layer = Phi3DecoderLayer(self.config, layer_idx=layer_index).eval()
@@ -162,6 +157,17 @@ class _LayerRunner:
         layer.load_state_dict(
             {k[len(prefix) :]: v.float() for k, v in tensors.items()}, strict=True
         )
+        return layer
+
+    def run(self, layer_index: int, hidden: np.ndarray, cache: Any = None) -> np.ndarray:
+        """The layer's output (S, C); a transformers `Cache` given as `cache` receives its KV."""
+        return self.trace(layer_index, hidden, cache).hidden
+
+    def trace(self, layer_index: int, hidden: np.ndarray, cache: Any = None) -> LayerTrace:
+        """One layer over the sequence, with its KV cache and attention probabilities."""
+        from transformers import DynamicCache
+
+        layer = self.layer(layer_index)
         probs: list[torch.Tensor] = []
         hook = layer.self_attn.register_forward_hook(lambda m, a, out: probs.append(out[1]))
         if cache is None:
