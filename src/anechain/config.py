@@ -197,6 +197,13 @@ class Gates:
     # max_top1_margin logit standard deviations (a flip between near-ties).
     min_top1_agreement: float = 0.9
     max_top1_margin: float = 0.25
+    # Next-token verdicts (nexttoken.py): the whole model's budget of KL(ref || shard) in nats,
+    # mean and worst over the validated positions; a shard gets its layer share of it
+    # (derivation in DESIGN.md, "Next-token verdicts").
+    max_kl_mean: float = 0.05
+    max_kl_worst: float = 0.5
+    # Cosine of the output without its massive channels (metrics.bulk_channels).
+    min_bulk_cosine: float = 0.99
 
 
 @dataclass(frozen=True)

@@ -125,12 +125,31 @@ PREFILL_GATES: tuple[GateSpec, ...] = (
 )
 
 
+# ---- next-token verdicts and the bulk channels (issue 17.4; nexttoken.py) -----------------
+# A layer shard's outputs finished by the fp32 reference (the remaining layers, the final norm,
+# the LM head) against the full reference, over every validated position of every window:
+# KL(ref || shard) at the whole model's scale (the shard's KL / its layer share) within the
+# whole-model budget, i.e. the shard's KL within its share of the budget (DESIGN.md,
+# "Next-token verdicts"). Read from golden.next_token.metrics, which a reader recomputes from
+# golden.next_token.per_position.
+NEXT_TOKEN_SOURCE = "golden.next_token.metrics"
+NEXT_TOKEN_GATES: tuple[GateSpec, ...] = (
+    GateSpec("next_token_kl_mean", "kl_mean_model", "max_kl_mean", "<=", (NEXT_TOKEN_SOURCE,)),
+    GateSpec("next_token_kl_worst", "kl_worst_model", "max_kl_worst", "<=", (NEXT_TOKEN_SOURCE,)),
+    # The output without its massive channels, which hide a broken rest from cosine and RMSE.
+    GateSpec("bulk_cosine", "bulk_cosine", "min_bulk_cosine", ">="),
+    GateSpec("bulk_rmse", "bulk_rel_rmse", "max_rel_rmse", "<="),
+)
+# ---- end of the next-token block ------------------------------------------------------------
+
+
 def gate_specs(kind: str, functions: Mapping[str, int] | None = None) -> tuple[GateSpec, ...]:
-    """The mandatory gates of a package: its kind's, plus prefill's if it has that function."""
+    """The mandatory gates of a package: its kind's, plus prefill's if it has that function,
+    plus a layer shard's next-token and bulk gates."""
     specs = GATE_SETS[kind]
-    return (
-        specs + PREFILL_GATES if kind == KIND_LAYERS and "prefill" in (functions or {}) else specs
-    )
+    if kind != KIND_LAYERS:
+        return specs
+    return specs + (PREFILL_GATES if "prefill" in (functions or {}) else ()) + NEXT_TOKEN_GATES
 
 
 @dataclass(frozen=True)
@@ -195,6 +214,8 @@ class Golden:
     windows: dict[str, Any] = field(default_factory=dict)  # "early"/"late" -> metrics
     kv: list[dict[str, Any]] = field(default_factory=list)  # per window, state, layer
     layers: list[dict[str, Any]] = field(default_factory=list)  # per-layer metrics (mil)
+    # nexttoken.next_token_verdict: metrics, per window, per position (layer shards).
+    next_token: dict[str, Any] | None = None
 
 
 def versions() -> dict[str, str]:
@@ -321,6 +342,7 @@ class ValidationReport:
             "windows": self.golden.windows,
             "kv": self.golden.kv,
             "layers": self.golden.layers,
+            **({"next_token": self.golden.next_token} if self.golden.next_token else {}),
             # Written for readers of the JSON; never read back (recomputed from the gates).
             "passed": all(g.passed for g in self.gates),
         }

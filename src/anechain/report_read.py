@@ -132,6 +132,7 @@ class _Parser:
                 for key, kind_ in (("windows", dict), ("kv", list), ("layers", list))
                 if key in self.data["golden"]
             },
+            next_token=self.next_token(kind, meta),  # before the gates that read it
         )
         return ValidationReport(
             package=Path(self.get("package.path", str)),
@@ -246,6 +247,38 @@ class _Parser:
             raise self.fail("names a prefill function but has no prefill validation")
         return prefill
 
+    # ---- next-token verdicts (issue 17.4) ----
+
+    def next_token(self, kind: str, meta: ShardMetadata) -> dict[str, Any] | None:
+        """A layer shard's next-token verdict, its figures recomputed from its per-position
+        records and the shard's layer share: a forged mean, worst, agreement or flip list
+        is refused (nexttoken.assemble is what validation wrote them with)."""
+        from anechain.nexttoken import assemble
+
+        if kind != KIND_LAYERS:
+            return None
+        block = self.get("golden.next_token", dict)
+        records = self.get("golden.next_token.per_position", list)
+        for r in records:
+            if not (
+                isinstance(r, dict)
+                and isinstance(r.get("window"), str)
+                and all(_is_int(r.get(k)) for k in ("position", "expected", "token"))
+                and as_number(r.get("margin")) is not None
+                and (r.get("kl") is None or (as_number(r["kl"]) or 0.0) >= 0.0)
+                and (r.get("kl") is None or as_number(r["kl"]) is not None)
+            ):
+                raise self.fail(f"is malformed: a next-token record is not one position: {r!r}")
+        assert meta.layers is not None  # a layer report has them
+        recomputed = assemble(records, meta.layers.num_layers / meta.num_hidden_layers)
+        for key in ("metrics", "windows"):
+            if block.get(key) != recomputed[key]:
+                raise self.fail(
+                    f"is inconsistent: golden.next_token.{key} differs from its per-position "
+                    f"records ({recomputed[key] if key == 'metrics' else 'per window'})"
+                )
+        return block
+
     def residency(self) -> dict[str, Any]:
         residency = self.get("residency", dict)
         status = self.get("residency.status", str)
@@ -288,3 +321,7 @@ def _residency_passes(residency: dict[str, Any], parser: _Parser) -> bool:
         if gate_failures(counts, share, str(plumbing.get("basis", "")), settings):
             return False
     return True
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -25,6 +25,7 @@ from anechain.fsutil import sha256_tree
 from anechain.golden import calibration_tokens, reference
 from anechain.head import head_tensor_names, run_head_golden
 from anechain.metrics import compare_cache, compare_shard
+from anechain.nexttoken import WindowOutputs
 from anechain.package import package_size
 from anechain.report import Gate, Golden, ValidationReport, evaluate_gates
 from anechain.rope import RopeParameters, step_inputs
@@ -125,6 +126,7 @@ def run_golden(
     cache_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
     rope: RopeParameters | None = None,
+    collect: list[WindowOutputs] | None = None,
 ) -> tuple[Golden, tuple[Gate, ...]]:
     """The decode loop: reference in, shard out, compared per step, per layer (when the
     runner exposes layer outputs), and for the KV cache read back from the shard's state.
@@ -132,6 +134,7 @@ def run_golden(
     Two windows: the first `steps` positions from an empty cache, and `late_steps` at the
     end of the context with the cache filled from the reference before them. The host
     inputs come from the package's rope metadata (`rope`, read and checked if not given).
+    Each window's outputs are appended to `collect` (for the next-token verdict).
     """
     rope = rope or package_rope(meta, checkpoint, "the package")
     context = meta.context_length
@@ -195,6 +198,8 @@ def run_golden(
                 for k, c in enumerate(layers)
             ]
 
+    if collect is not None:
+        collect += [WindowOutputs(w.name, tuple(w.positions), np.stack(w.outputs)) for w in windows]
     by_window = {
         w.name: compare_shard(
             np.stack(w.fed), np.stack(w.outputs), ref_in[w.positions], ref_out[w.positions]
@@ -302,16 +307,24 @@ def validate_shard(
             first_nonfinite=head["first_nonfinite"],
         )
     else:
-        golden, gates = run_golden(runner, meta, checkpoint, settings, cache_dir, progress, rope)
+        outputs: list[WindowOutputs] = []
+        golden, gates = run_golden(
+            runner, meta, checkpoint, settings, cache_dir, progress, rope, collect=outputs
+        )
     prefill = None
     if meta.prefill_tokens:  # a two-function package: prefill, then decode from its cache
         from anechain.validate_prefill import open_prefill_runner, run_prefill_golden
 
         second = open_prefill_runner(backend, package, runner, **(runner_options or {}))
         prefill = run_prefill_golden(
-            runner, second, meta, checkpoint, settings, cache_dir, progress
+            runner, second, meta, checkpoint, settings, cache_dir, progress, collect=outputs
         )
         gates = gates + prefill.gates
+    if meta.kind == KIND_LAYERS:
+        golden, more = next_token_golden(
+            golden, outputs, meta, checkpoint, settings, cache_dir, progress
+        )
+        gates = gates + more
     return ValidationReport(
         package=package,
         package_sha256=sha256_tree(package),
@@ -324,3 +337,34 @@ def validate_shard(
         residency=residency_report,
         prefill=prefill.to_dict() if prefill is not None else None,
     )
+
+
+def next_token_golden(
+    golden: Golden,
+    outputs: list[WindowOutputs],
+    meta: ShardMetadata,
+    checkpoint: Checkpoint,
+    settings: ValidationSettings,
+    cache_dir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Golden, tuple[Gate, ...]]:
+    """Every window's outputs through the rest of the fp32 reference (nexttoken.py), and the
+    next-token and bulk gates (report.NEXT_TOKEN_GATES)."""
+    from dataclasses import replace
+
+    from anechain.nexttoken import next_token_verdict
+    from anechain.report import NEXT_TOKEN_GATES, evaluate_specs
+
+    n = checkpoint.architecture.num_hidden_layers
+    length = max(p for w in outputs for p in w.positions) + 1
+    tokens = calibration_tokens(settings, checkpoint, length)
+    # Every window runs a prefix of one sequence (causal: its reference is the long one's).
+    short = calibration_tokens(settings, checkpoint)
+    if tokens[: len(short)] != short[: len(tokens)]:
+        raise PackageError("the calibration windows do not share one token sequence")
+    ref = reference(checkpoint, tokens, n, cache_dir, progress)
+    share = meta.layers.num_layers / n
+    verdict = next_token_verdict(checkpoint, ref, meta.layers.end, outputs, share, progress)
+    golden = replace(golden, next_token=verdict)
+    evidence = {"golden": {"metrics": golden.metrics, "next_token": verdict}}
+    return golden, evaluate_specs(evidence, settings.gates, NEXT_TOKEN_GATES)
