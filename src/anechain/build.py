@@ -68,6 +68,29 @@ class GenerationCheck:
 
 
 @dataclass
+class ChainCheck:
+    """The whole chain's final hidden states (every shard's outputs substituted, decode from
+    the embedding) through the fp32 reference's final norm and LM head, against the full
+    reference over the calibration positions: the whole-model next-token budget, unsplit."""
+
+    verdict: dict[str, Any]  # nexttoken.summarize over the positions
+    max_kl_mean: float
+    max_kl_worst: float
+
+    @property
+    def passed(self) -> bool:
+        m = self.verdict
+        return (
+            m["kl_mean"] is not None
+            and m["kl_mean"] <= self.max_kl_mean
+            and m["kl_worst"] <= self.max_kl_worst
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+@dataclass
 class BuildResult:
     out_dir: Path
     checkpoint: Path
@@ -75,11 +98,18 @@ class BuildResult:
     manifest: Path | None = None
     generation: GenerationCheck | None = None
     compiled: bool = False
+    chain: ChainCheck | None = None
 
     @property
     def passed(self) -> bool:
         gen_ok = self.generation is None or self.generation.passed
-        return all(a.passed for a in self.artifacts) and self.manifest is not None and gen_ok
+        chain_ok = self.chain is None or self.chain.passed
+        return (
+            all(a.passed for a in self.artifacts)
+            and self.manifest is not None
+            and gen_ok
+            and chain_ok
+        )
 
 
 def run_build(
@@ -202,7 +232,32 @@ def run_build(
     result.generation = _check_generation(
         config, manifest, checkpoint_dir, checkpoint.architecture.vocab_size, backend, say
     )
+    result.chain = check_chain(config, manifest, checkpoint, backend, cache_dir, say)
     return result
+
+
+def check_chain(
+    config: Config,
+    manifest: Path,
+    checkpoint: Checkpoint,
+    backend: str,
+    cache_dir: Path | None,
+    say: Progress,
+) -> ChainCheck:
+    """The chain's next-token figure (ChainCheck) over the calibration sequence."""
+    from anechain.golden import calibration_tokens, reference
+    from anechain.nexttoken import WindowOutputs, next_token_verdict
+    from anechain.runtime import ManifestRuntime
+
+    tokens = calibration_tokens(config.validation, checkpoint)
+    say(f"next-token verdict of the whole chain over {len(tokens)} positions")
+    hidden = ManifestRuntime(manifest, backend=backend).final_hidden_states(tokens)
+    n = checkpoint.architecture.num_hidden_layers
+    ref = reference(checkpoint, tokens, n, cache_dir, say)
+    chain = WindowOutputs("chain", tuple(range(len(tokens))), hidden)
+    verdict = next_token_verdict(checkpoint, ref, n, [chain], 1.0)["metrics"]
+    g = config.validation.gates
+    return ChainCheck(verdict, g.max_kl_mean, g.max_kl_worst)
 
 
 def sha_size(path: Path) -> int:

@@ -87,7 +87,9 @@ def position_records(
     """Per position: KL(ref || shard) in nats, both top-1 tokens, the reference's top1 - top2
     logit margin. A non-finite shard logit gives KL None (fails every gate)."""
     records = []
-    for p, r, s in zip(positions, ref_logits.astype(np.float64), logits.astype(np.float64), strict=True):
+    for p, r, s in zip(
+        positions, ref_logits.astype(np.float64), logits.astype(np.float64), strict=True
+    ):
         finite = bool(np.isfinite(s).all())
         lr = r - np.logaddexp.reduce(r)
         kl = None

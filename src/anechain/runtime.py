@@ -233,6 +233,20 @@ class ManifestRuntime:
                 on_token(token)
         return Generation(list(prompt), new[:max_new_tokens], profile)
 
+    def final_hidden_states(self, tokens: list[int]) -> np.ndarray:
+        """Teacher forcing: the last shard's output at each position of `tokens`, (S, C) fp32
+        (what the head receives), decode steps only."""
+        self.reset()
+        rows = []
+        for p, token in enumerate(tokens):
+            hidden = np.asarray(self.embedding[token], dtype=np.float16)
+            inputs = step_inputs(self.rope, hidden, p, self.context_length)
+            for _, runner in self.shards:
+                out = runner.step(inputs)["output_hidden_states"]
+                inputs = {**inputs, "hidden_states": out.astype(np.float16, copy=False)}
+            rows.append(inputs["hidden_states"].astype(np.float32).reshape(-1))
+        return np.stack(rows)
+
     def next_tokens(self, tokens: list[int]) -> list[int]:
         """Teacher forcing: the chain's next-token choice after each position of `tokens`."""
         self.reset()

@@ -21,8 +21,16 @@ from anechain.contract import (
     layer_contract,
 )
 from anechain.fsutil import sha256_tree
+from anechain.nexttoken import assemble
 from anechain.package import package_size
-from anechain.report import PREFILL_GATES, Golden, ValidationReport, evaluate_gates, evaluate_specs
+from anechain.report import (
+    NEXT_TOKEN_GATES,
+    PREFILL_GATES,
+    Golden,
+    ValidationReport,
+    evaluate_gates,
+    evaluate_specs,
+)
 from anechain.residency import ResidencyCounts, ResidencyReport
 
 TINY = {
@@ -55,7 +63,28 @@ LAYER_METRICS = {
     "layer_delta_cosine": 0.99,
     "kv_cosine": 0.9995,
     "kv_unwritten_max_abs": 0.0,
+    "bulk_cosine": 0.999,
+    "bulk_rel_rmse": 0.04,
+    "massive_channels": 2,
 }
+
+
+def next_token_block(share: float) -> dict[str, Any]:
+    """A next-token verdict as validation writes it (nexttoken.assemble), 4 positions."""
+    records = [
+        {
+            "window": "early",
+            "position": p,
+            "kl": 0.001 * (p + 1),
+            "expected": 7,
+            "token": 7,
+            "margin": 2.0,
+        }
+        for p in range(4)
+    ]
+    return assemble(records, share)
+
+
 HEAD_METRICS = {
     "top1_agreement": 1.0,
     "worst_margin": 0.0,
@@ -137,6 +166,7 @@ def layer_report(
     )
     metrics = {**LAYER_METRICS, **(metrics or {})}
     gate_list = evaluate_gates(metrics, gates or Gates(), KIND_LAYERS)
+    next_token = next_token_block(rng.num_layers / architecture.num_hidden_layers)
     prefill = None
     if prefill_tokens:
         kv = {"cosine": 0.9999, "rmse": 0.001, "max_abs": 0.01, "nonfinite": 0}
@@ -147,6 +177,8 @@ def layer_report(
             "decode_metrics": dict(LAYER_METRICS),
         }
         gate_list += evaluate_specs({"prefill": prefill}, gates or Gates(), PREFILL_GATES)
+    evidence = {"golden": {"metrics": metrics, "next_token": next_token}}
+    gate_list += evaluate_specs(evidence, gates or Gates(), NEXT_TOKEN_GATES)
     return ValidationReport(
         package=pkg,
         package_sha256=sha256_tree(pkg),
@@ -159,6 +191,7 @@ def layer_report(
             per_step=[{"step": 0, **metrics}],
             first_nonfinite=None,
             layer_max_abs={i: 1.0 for i in range(rng.start, rng.end)},
+            next_token=next_token,
         ),
         gates=gate_list,
         residency=residency_dict(residency),

@@ -53,9 +53,12 @@ def render_build(result) -> str:  # type: ignore[no-untyped-def]
         if r.kind == "head":
             golden = f"top1 {_fmt(m['top1_agreement'], 3)}, cos {_fmt(m['cosine'])}"
         else:
+            nt = (r.golden.next_token or {}).get("metrics", {})
             golden = (
                 f"cos {_fmt(m['cosine'])}, delta {_fmt(m['delta_cosine'])}, "
-                f"rel rmse {_fmt(m.get('rel_rmse'), 4)}, rel max {_fmt(m.get('rel_max_abs'), 3)}"
+                f"rel rmse {_fmt(m.get('rel_rmse'), 4)}, rel max {_fmt(m.get('rel_max_abs'), 3)}, "
+                f"bulk cos {_fmt(m.get('bulk_cosine'))}, KL {_fmt(nt.get('kl_mean'))}/"
+                f"{_fmt(nt.get('kl_worst'))}, top1 {_fmt(nt.get('top1_agreement'), 3)}"
             )
         verdict = "pass" if r.verdict == "pass" else "FAIL " + ",".join(r.failed_gates())
         rows.append(
@@ -83,6 +86,17 @@ def render_build(result) -> str:  # type: ignore[no-untyped-def]
             f"teacher-forced agreement {g.agreement:.3f} (>= {g.min_agreement}), largest flip "
             f"margin {g.max_flip_margin:.3f} (<= {g.bound} logit std): "
             f"{'pass' if g.passed else 'FAIL'}"
+        )
+    c = result.chain
+    if c is not None:
+        m = c.verdict
+        flips = ", ".join(f"@{f['position']} margin {f['margin']:.3f}" for f in m["flips"])
+        lines.append(
+            f"chain next-token: KL mean {_fmt(m['kl_mean'])} (<= {c.max_kl_mean}), worst "
+            f"{_fmt(m['kl_worst'])} (<= {c.max_kl_worst}) over {m['positions']} positions, "
+            f"top-1 {_fmt(m['top1_agreement'], 3)}"
+            + (f", flips {flips}" if flips else "")
+            + f": {'pass' if c.passed else 'FAIL'}"
         )
     if result.manifest is not None:
         lines.append(f"manifest: {result.manifest}")
@@ -175,6 +189,7 @@ def build(
                 for a in result.artifacts
             ],
             "generation": result.generation.to_dict() if result.generation else None,
+            "chain": result.chain.to_dict() if result.chain else None,
         }
         atomic_write_json(json_out, summary, sort_keys=False)
     if not result.passed:
