@@ -1,0 +1,172 @@
+"""Next-token verdicts (nexttoken.py): shard outputs finished by the fp32 reference, against it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from anechain.config import LayerRange
+from anechain.contract import read_package_metadata
+from anechain.errors import ReportError
+from anechain.golden import calibration_tokens, reference
+from anechain.head import head_tensor_names
+from anechain.nexttoken import WindowOutputs, finish_reference, next_token_verdict, summarize
+from anechain.report_read import parse_report
+from anechain.runners import open_runner
+from anechain.validate import next_token_golden, run_golden, validate_shard
+
+NEXT_TOKEN = {"next_token_kl_mean", "next_token_kl_worst", "bulk_cosine", "bulk_rmse"}
+
+
+@pytest.fixture
+def cache(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "golden-cache"
+
+
+def test_the_reference_substituted_for_itself_is_the_reference(tiny_checkpoint, tiny_config, cache):
+    """Finishing the reference's own hidden states at any layer gives its final ones (KL 0,
+    no flip); a perturbed row does not."""
+    n = tiny_checkpoint.architecture.num_hidden_layers
+    tokens = calibration_tokens(tiny_config.validation, tiny_checkpoint, 64)
+    ref = reference(tiny_checkpoint, tokens, n, cache)
+    positions = [0, 1, 5, 17, 62, 63]
+    for end in range(n + 1):
+        final = finish_reference(
+            tiny_checkpoint, ref, end, positions, ref.boundaries[end][positions]
+        )
+        np.testing.assert_allclose(final, ref.boundaries[n][positions], rtol=1e-4, atol=1e-3)
+    same = WindowOutputs("early", tuple(positions), ref.boundaries[1][positions])
+    m = next_token_verdict(tiny_checkpoint, ref, 1, [same], 1 / n)["metrics"]
+    assert m["kl_worst"] < 1e-8 and m["top1_agreement"] == 1.0 and m["flips"] == []
+    noisy = ref.boundaries[1][positions] + np.random.default_rng(0).normal(
+        0, 3.0, ref.boundaries[1][positions].shape
+    ).astype(np.float32)
+    bad = WindowOutputs("early", tuple(positions), noisy)
+    assert next_token_verdict(tiny_checkpoint, ref, 1, [bad], 1 / n)["metrics"]["kl_worst"] > 0.1
+
+
+def test_summary_lists_flips_with_the_reference_margin():
+    records = [
+        {"window": "early", "position": 0, "kl": 0.01, "expected": 3, "token": 3, "margin": 4.0},
+        {"window": "late", "position": 9, "kl": 0.03, "expected": 3, "token": 8, "margin": 0.2},
+    ]
+    m = summarize(records, share=0.5)
+    assert m["kl_mean"] == pytest.approx(0.02) and m["kl_worst"] == 0.03
+    assert m["kl_mean_model"] == pytest.approx(0.04) and m["kl_worst_model"] == 0.06
+    assert m["top1_agreement"] == 0.5
+    assert m["flips"] == [
+        {"window": "late", "position": 9, "expected": 3, "token": 8, "margin": 0.2}
+    ]
+    # A non-finite shard logit (KL None) leaves no figure to pass a gate with.
+    assert summarize([{**records[0], "kl": None}])["kl_mean"] is None
+
+
+@pytest.mark.parametrize("layers", [LayerRange(0, 3), LayerRange(5, 6)])
+def test_correct_shard_passes_the_next_token_gates(
+    tiny_shards, tiny_checkpoint, tiny_config, cache, layers
+):
+    report = validate_shard(
+        tiny_shards[layers], tiny_checkpoint, tiny_config.validation, backend="mil", cache_dir=cache
+    )
+    gates = {g.name: g for g in report.gates}
+    assert NEXT_TOKEN <= set(gates) and all(gates[n].passed for n in NEXT_TOKEN)
+    nt = report.golden.next_token
+    n = tiny_checkpoint.architecture.num_hidden_layers
+    assert nt["metrics"]["share"] == layers.num_layers / n
+    assert set(nt["windows"]) == {"early", "late"}
+    assert nt["metrics"]["positions"] == tiny_config.validation.steps + 4
+    assert report.verdict == "pass"
+    # Written and read back: the figures are recomputed and agree.
+    back = parse_report(json.loads(json.dumps(report.to_dict())), "r")
+    assert back.golden.next_token == nt
+
+
+class _TokenBias:
+    """A seeded bug: the shard's output pushed along one token's LM-head row (through the
+    final norm's gain) by `eps` of the step's typical element: the hidden state barely
+    moves, that token's logit rises everywhere."""
+
+    def __init__(self, inner: Any, checkpoint: Any, eps: float, token: int = 5) -> None:
+        norm, head = head_tensor_names(checkpoint)
+        t = checkpoint.read_tensors([norm, head])
+        u = t[head][token].float().numpy() * t[norm].float().numpy()
+        self.inner, self.eps, self.u = inner, eps, u / np.linalg.norm(u)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def step(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.inner.step(inputs)
+        h = out["output_hidden_states"].astype(np.float32)
+        typical = np.sqrt(np.median(h**2) * h.size)  # the bulk's scale, not the massive channels'
+        bent = h + self.eps * typical * self.u.reshape(h.shape)
+        return {**out, "output_hidden_states": bent.astype(np.float16)}
+
+
+def test_a_bug_that_barely_moves_the_hidden_state_but_flips_tokens_is_caught_by_kl(
+    tiny_shards, tiny_checkpoint, tiny_config, cache
+):
+    pkg = tiny_shards[LayerRange(5, 6)]
+    meta = read_package_metadata(pkg)
+    settings = tiny_config.validation
+    runner = _TokenBias(open_runner("mil", pkg), tiny_checkpoint, eps=0.05)
+    outputs: list[WindowOutputs] = []
+    golden, gates = run_golden(runner, meta, tiny_checkpoint, settings, cache, collect=outputs)
+    golden, more = next_token_golden(golden, outputs, meta, tiny_checkpoint, settings, cache)
+    failed = {g.name for g in (*gates, *more) if not g.passed}
+    # Every hidden-state gate (and the bulk's) passes: cosine ~0.9999.
+    assert golden.metrics["cosine"] > 0.9995
+    assert failed == {"next_token_kl_mean", "next_token_kl_worst"}
+    assert golden.next_token["metrics"]["top1_agreement"] < 1.0
+
+
+@pytest.fixture
+def written(tiny_shards, tiny_checkpoint, tiny_config, cache) -> dict[str, Any]:
+    report = validate_shard(
+        tiny_shards[LayerRange(3, 5)],
+        tiny_checkpoint,
+        tiny_config.validation,
+        "mil",
+        cache_dir=cache,
+    )
+    return json.loads(json.dumps(report.to_dict()))
+
+
+def _gate(data: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(g for g in data["gates"] if g["name"] == name)
+
+
+def test_reader_refuses_forged_kl(written):
+    parse_report(written, "r")  # as written: accepted
+    forged = json.loads(json.dumps(written))
+    m = forged["golden"]["next_token"]["metrics"]
+    m["kl_mean_model"] = m["kl_mean"] = 1e-6  # and the gate's value agrees with it
+    _gate(forged, "next_token_kl_mean")["value"] = 1e-6
+    with pytest.raises(ReportError, match="next_token.metrics differs from its per-position"):
+        parse_report(forged, "r")
+
+
+def test_reader_refuses_a_hidden_flip_or_a_forged_share(written):
+    hidden = json.loads(json.dumps(written))
+    record = hidden["golden"]["next_token"]["per_position"][0]
+    record["token"] = record["expected"] + 1  # a flip the figures do not list
+    with pytest.raises(ReportError, match="differs from its per-position records"):
+        parse_report(hidden, "r")
+    share = json.loads(json.dumps(written))
+    m = share["golden"]["next_token"]["metrics"]
+    # A larger layer share would scale the model-level KL down.
+    m["share"], m["kl_mean_model"] = 1.0, m["kl_mean"]
+    _gate(share, "next_token_kl_mean")["value"] = m["kl_mean"]
+    with pytest.raises(ReportError, match="differs from its per-position records"):
+        parse_report(share, "r")
+    negative = json.loads(json.dumps(written))
+    negative["golden"]["next_token"]["per_position"][0]["kl"] = -1.0
+    with pytest.raises(ReportError, match="not one position"):
+        parse_report(negative, "r")
+    gone = json.loads(json.dumps(written))
+    del gone["golden"]["next_token"]
+    with pytest.raises(ReportError, match="golden.next_token"):
+        parse_report(gone, "r")
