@@ -151,3 +151,47 @@ def test_gates_on_real_passing_figures_and_nan():
     nan = {**worst_passing, "cosine": None, "rel_rmse": None, "rel_max_abs": None, "nonfinite": 4}
     failed = {g.name for g in apply_gates(nan, Gates()) if not g.passed}
     assert failed == {"finite", "cosine", "rmse", "max_abs"}
+
+
+def _bulk_gates(metrics):
+    from anechain.report import NEXT_TOKEN_GATES, evaluate_specs
+
+    bulk = tuple(s for s in NEXT_TOKEN_GATES if s.name.startswith("bulk"))
+    return {
+        g.name: g.passed for g in evaluate_specs({"golden": {"metrics": metrics}}, Gates(), bulk)
+    }
+
+
+def test_bulk_figures_catch_a_broken_subspace_the_massive_channels_hide():
+    """Phi-4-mini's shape: two channels near 185 on every step, the rest ~3. A third of the
+    other channels wrong (30 % of their size): plain cosine and RMSE pass, the bulk's fail."""
+    steps, width = 20, 96
+    expected = 3.0 * rng.standard_normal((steps, width))
+    expected[:, [7, 40]] = 185.0 * np.sign(rng.standard_normal((steps, 2)))
+    actual = expected.copy()
+    broken = [c for c in range(width) if c not in (7, 40)][::3]
+    actual[:, broken] += 0.9 * 3.0 * rng.standard_normal((steps, len(broken)))
+    c = compare_shard(expected, actual, expected, expected)  # input = reference input
+    d = c.to_dict()
+    assert d["massive_channels"] == 2
+    plain = {g.name: g.passed for g in apply_gates(d, Gates())}
+    assert plain["cosine"] and plain["rmse"]  # the whole-vector figures let it through
+    assert d["bulk_cosine"] < 0.99 and d["bulk_rel_rmse"] > 0.2
+    assert _bulk_gates(d) == {"bulk_cosine": False, "bulk_rmse": False}
+    # The same error spread evenly at fp16-like size passes both.
+    fine = expected * (1 + 1e-3 * rng.standard_normal(expected.shape))
+    ok = compare_shard(expected, fine, expected, expected).to_dict()
+    assert _bulk_gates(ok) == {"bulk_cosine": True, "bulk_rmse": True}
+
+
+def test_bulk_channels_keep_ordinary_heavy_tails():
+    from anechain.metrics import bulk_channels
+
+    # Channels of unequal sizes (0.3x to 3x the typical one) and tails (t, 5 degrees of
+    # freedom): none is massive.
+    own = np.random.default_rng(1)
+    scales = np.exp(0.5 * own.standard_normal(256)).clip(0.3, 3.0)
+    e = own.standard_t(df=5, size=(64, 256)) * scales
+    assert bulk_channels(e).all()
+    e[:, 3] = 500.0
+    assert bulk_channels(e).sum() == 255 and not bulk_channels(e)[3]

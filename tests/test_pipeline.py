@@ -345,3 +345,39 @@ def test_a_corrupt_build_cache_is_a_miss_not_a_traceback(
             progress=said.append,
         )
     assert said[0] == f"{out / CACHE_FILE} is unreadable: everything in {out} is made again"
+
+
+def test_build_shows_the_chains_next_token_figure(tiny_build, tiny_config, monkeypatch):
+    """Every shard's outputs chained from the embedding, then the reference's norm and head:
+    the whole-model KL budget, in the summary; a broken chain (RoPE of position 0 at every
+    step) exceeds it and fails the build."""
+    import dataclasses
+
+    import anechain.build as build
+    import anechain.runtime as runtime
+    from anechain.checkpoint import Checkpoint
+    from anechain.cli.run import render_build
+
+    result, cache = tiny_build
+    chain = result.chain
+    assert chain is not None and chain.passed
+    assert chain.verdict["positions"] == tiny_config.validation.steps
+    assert 0 <= chain.verdict["kl_mean"] <= chain.verdict["kl_worst"] <= chain.max_kl_worst
+    assert "chain next-token: KL mean" in render_build(result)
+    real = runtime.step_inputs
+    monkeypatch.setattr(
+        runtime,
+        "step_inputs",
+        lambda rope, h, p, n: {
+            **real(rope, h, p, n),
+            **{k: v for k, v in real(rope, h, 0, n).items() if k in ("cos", "sin")},
+        },
+    )
+    broken = build.check_chain(
+        tiny_config, result.manifest, Checkpoint(result.checkpoint), "mil", cache, lambda m: None
+    )
+    assert not broken.passed and broken.verdict["kl_mean"] > chain.max_kl_mean
+    assert not dataclasses.replace(result, chain=broken).passed
+    lines = render_build(dataclasses.replace(result, chain=broken)).splitlines()
+    assert lines[-1] == "build: FAIL"
+    assert any(line.startswith("chain next-token") and line.endswith("FAIL") for line in lines)

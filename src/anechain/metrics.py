@@ -163,8 +163,9 @@ def compare_shard(
 
 # A channel is massive when its largest |reference value| exceeds this many times the median
 # channel's RMS: Phi-4-mini's few massive channels reach ~185 against an RMS of ~3 (~60x);
-# ordinary channels peak at ~3-10x over a run (heavy-tailed but not massive).
-MASSIVE_RATIO = 20.0
+# ordinary channels of unequal sizes and heavy tails peak at up to ~18x over a run
+# (tests/test_metrics.py).
+MASSIVE_RATIO = 32.0
 
 
 def bulk_channels(expected: np.ndarray) -> np.ndarray:
