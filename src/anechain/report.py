@@ -128,14 +128,13 @@ PREFILL_GATES: tuple[GateSpec, ...] = (
 # ---- next-token verdicts and the bulk channels (issue 17.4; nexttoken.py) -----------------
 # A layer shard's outputs finished by the fp32 reference (the remaining layers, the final norm,
 # the LM head) against the full reference, over every validated position of every window:
-# KL(ref || shard) at the whole model's scale (the shard's KL / its layer share) within the
-# whole-model budget, i.e. the shard's KL within its share of the budget (DESIGN.md,
-# "Next-token verdicts"). Read from golden.next_token.metrics, which a reader recomputes from
-# golden.next_token.per_position.
+# KL(ref || shard) within the whole-model budget (DESIGN.md, "Next-token verdicts": not split
+# by layer share, since measured KL does not add up across layers; `build` gates the chain's).
+# Read from golden.next_token.metrics, which a reader recomputes from its per-position records.
 NEXT_TOKEN_SOURCE = "golden.next_token.metrics"
 NEXT_TOKEN_GATES: tuple[GateSpec, ...] = (
-    GateSpec("next_token_kl_mean", "kl_mean_model", "max_kl_mean", "<=", (NEXT_TOKEN_SOURCE,)),
-    GateSpec("next_token_kl_worst", "kl_worst_model", "max_kl_worst", "<=", (NEXT_TOKEN_SOURCE,)),
+    GateSpec("next_token_kl_mean", "kl_mean", "max_kl_mean", "<=", (NEXT_TOKEN_SOURCE,)),
+    GateSpec("next_token_kl_worst", "kl_worst", "max_kl_worst", "<=", (NEXT_TOKEN_SOURCE,)),
     # The output without its massive channels, which hide a broken rest from cosine and RMSE.
     GateSpec("bulk_cosine", "bulk_cosine", "min_bulk_cosine", ">="),
     GateSpec("bulk_rmse", "bulk_rel_rmse", "max_rel_rmse", "<="),
