@@ -353,7 +353,11 @@ def test_overflowing_layer_fails_the_plan_naming_it(overflow_plan):
     assert "layer 4 fails on its own" in message and "\n" not in message
     assert "finite" in message and "in layer 4" in message
     tried = [str(a.layers) for a in error.attempts]
-    assert tried == ["0:3", "3:6", "4:6", "4:5"]
+    # 0:3 is bisected first: on this checkpoint layer 4's amplified output dominates the final
+    # hidden state, and the INT8 0:3 shard moves next tokens past the budget (KL mean 0.068,
+    # worst 0.53: a flip at a 0.99-logit margin; 0.0094 and 0.15 on the unscaled checkpoint).
+    assert tried[0] == "0:3" and tried[1] == "0:2"
+    assert tried[-3:] == ["3:6", "4:6", "4:5"], tried
     assert not (root / "plan" / "manifest.json").exists()
 
 
