@@ -8,13 +8,11 @@ names are exactly those of coremltools 9.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from coremltools.models.compute_device import (
     MLCPUComputeDevice,
     MLGPUComputeDevice,
@@ -35,9 +33,6 @@ from coremltools.models.compute_plan import (
     MLModelStructureProgramValue,
     MLModelStructureProgramValueType,
 )
-
-from anechain.compile import Compiler
-from anechain.errors import CompileError
 
 # --- devices ----------------------------------------------------------------------------------
 
@@ -253,181 +248,13 @@ def layer_ops(prefix: str = "l0", conv_device: str = "ane", other_device: str = 
     ]
 
 
-# --- compiler -----------------------------------------------------------------------------------
+# --- compiler, compiled models and states: tests/fakes/coreml_model.py -------------------------
 
+from tests.fakes.coreml_model import (  # noqa: E402  (re-exported for the tests importing here)
+    FakeCompiler,
+    mil_compiled_model,
+    mil_loader,
+    toy_shard_model,
+)
 
-class FakeCompiler:
-    """Writes a plausible .mlmodelc (model.mil + metadata.json) and counts its calls."""
-
-    def __init__(self, fail_with: str | None = None, write_nothing: bool = False) -> None:
-        self.calls: list[tuple[Path, Path]] = []
-        self.fail_with = fail_with
-        self.write_nothing = write_nothing
-
-    def run(self, package: Path, dest: Path) -> None:
-        self.calls.append((package, dest))
-        if self.fail_with is not None:
-            raise CompileError(f"fake compiler failed: {self.fail_with}", stderr=self.fail_with)
-        if self.write_nothing:
-            return
-        dest.mkdir()
-        (dest / "model.mil").write_text(f"compiled from {package.name} call {len(self.calls)}\n")
-        try:
-            from anechain.package import load_spec
-            from anechain.runners.coreml import features_from_spec
-
-            inputs, outputs, states = features_from_spec(load_spec(package))
-        except Exception:  # a stand-in package without a real spec
-            inputs, outputs, states = [], [], []
-
-        def schema(features: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-            # The compiler's CamelCase type names: float16 -> Float16, int32 -> Int32.
-            return {f.name: (f.shape, f.dtype.name.capitalize()) for f in features}
-
-        write_compiled_metadata(dest, schema(inputs), schema(outputs), schema(states))
-
-    @property
-    def compiler(self) -> Compiler:
-        return Compiler("fake", self.run)
-
-
-def write_compiled_metadata(
-    compiled: Path,
-    inputs: dict[str, tuple[tuple[int, ...], str]],
-    outputs: dict[str, tuple[tuple[int, ...], str]],
-    states: dict[str, tuple[tuple[int, ...], str]] | None = None,
-) -> None:
-    """A metadata.json in the Core ML compiler's format (shape as a string, CamelCase dtype);
-    `stateSchema` only for a stateful model."""
-
-    def schema(d: dict[str, tuple[tuple[int, ...], str]]) -> list[dict[str, str]]:
-        return [
-            {
-                "name": n,
-                "type": "MultiArray",
-                "dataType": t,
-                "shape": json.dumps(list(s)),
-                "hasShapeFlexibility": "0",
-                "isOptional": "0",
-            }
-            for n, (s, t) in d.items()
-        ]
-
-    entry = {"inputSchema": schema(inputs), "outputSchema": schema(outputs)}
-    if states:
-        entry["stateSchema"] = schema(states)
-    compiled.mkdir(parents=True, exist_ok=True)
-    (compiled / "metadata.json").write_text(json.dumps([entry]))
-
-
-# --- compiled model (CompiledMLModel look-alike) ------------------------------------------------
-
-
-class FakeState:
-    """Like coremltools' MLState: `read_state(name)`."""
-
-    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        self.values = {n: np.zeros(s, dtype=np.float16) for n, s in shapes.items()}
-
-    def read_state(self, name: str) -> np.ndarray:
-        if name not in self.values:
-            raise RuntimeError(f"no state named {name}")
-        return self.values[name].astype(np.float32)  # Core ML hands fp16 states back as fp32
-
-
-class FakeCompiledModel:
-    """Like CompiledMLModel: `make_state()`, `predict(data, state=)`.
-
-    Behaves like a shard: writes position+1 into both caches at the given position and returns
-    `hidden_states * 2` as float32 (as Core ML hands back fp16 outputs). Like the real
-    `predict`, it converts fp16 arrays in the dict it is given to fp32 in place.
-    """
-
-    def __init__(self, state_shapes: dict[str, tuple[int, ...]]) -> None:
-        self.state_shapes = state_shapes
-        self.predicts = 0
-        self.states_made = 0
-
-    def make_state(self) -> FakeState:
-        self.states_made += 1
-        return FakeState(self.state_shapes)
-
-    def predict(self, data: dict[str, Any], state: FakeState | None = None) -> dict[str, Any]:
-        for k, v in data.items():
-            if isinstance(v, np.ndarray) and v.dtype == np.float16:
-                data[k] = v.astype(np.float32)
-        assert state is not None
-        self.predicts += 1
-        p = int(data["position"][0])
-        for value in state.values.values():
-            value[:, :, p, :] = p + 1
-        return {"output_hidden_states": (data["hidden_states"] * 2).astype(np.float32)}
-
-
-# --- a real CompiledMLModel over a proxy that runs the MIL interpreter ----------------------
-
-
-class MILStateProxy:
-    """Stands in for Core ML's state proxy behind coremltools' real `MLState`: a MIL runner of
-    its own, whose state is this state (fp16 values read back as fp32, as Core ML does)."""
-
-    def __init__(self, package: Path) -> None:
-        from anechain.runners.mil import MILRunner
-
-        self.runner = MILRunner(package, track_activations=False)
-
-    def read_state(self, name: str) -> np.ndarray:
-        try:
-            return self.runner.read_state(name).astype(np.float32)
-        except Exception as exc:
-            raise RuntimeError(str(exc)) from None
-
-    def write_state(self, name: str, value: np.ndarray) -> None:
-        try:
-            self.runner.write_state(name, value)
-        except Exception as exc:
-            raise RuntimeError(str(exc)) from None
-
-
-class MILModelProxy:
-    """Stands in for `_MLModelProxy` behind coremltools' real `CompiledMLModel`: `predict`
-    receives what coremltools hands it (fp16 inputs already converted to fp32), casts to the
-    model's declared input types as Core ML does, and answers with fp32 arrays."""
-
-    def __init__(self, package: Path, nan_at_step: int | None = None) -> None:
-        from anechain.runners.mil import MILRunner
-
-        self.package = package
-        self.stateless = MILRunner(package, track_activations=False)
-        self.predicts = 0
-        self.nan_at_step = nan_at_step
-
-    def newState(self) -> MILStateProxy:  # noqa: N802 (Core ML's name)
-        return MILStateProxy(self.package)
-
-    def predict(self, data: dict[str, Any], state: MILStateProxy | None) -> dict[str, Any]:
-        runner = self.stateless if state is None else state.runner
-        feeds = {t.name: np.asarray(data[t.name]).astype(t.dtype) for t in runner.inputs}
-        out = runner.step(feeds)
-        self.predicts += 1
-        result = {k: np.asarray(v).astype(np.float32) for k, v in out.items()}
-        if self.nan_at_step is not None and self.predicts - 1 == self.nan_at_step:
-            for v in result.values():
-                if v.dtype.kind == "f":
-                    v.flat[0] = np.nan
-        return result
-
-
-def mil_compiled_model(package: Path, **proxy_options: Any) -> Any:
-    """A real coremltools `CompiledMLModel` whose Core ML proxy runs `package` with the MIL
-    interpreter: the `load_model` seam of the Core ML runner."""
-    from coremltools import ComputeUnit
-    from coremltools.models import CompiledMLModel
-
-    model = object.__new__(CompiledMLModel)  # __init__ insists on the native proxy
-    model.compute_unit = ComputeUnit.CPU_AND_NE
-    model.function_name = ""
-    model.path_or_asset = str(package)
-    model.optimization_hints = None
-    model._proxy = MILModelProxy(package, **proxy_options)
-    return model
+__all__ = ["FakeCompiler", "mil_compiled_model", "mil_loader", "toy_shard_model"]
