@@ -311,7 +311,7 @@ def test_real_compile_plan_and_predict(shard, tiny_checkpoint, tmp_path):
     rng = np.random.default_rng(0)
     # CPU_ONLY computes in fp32; compare with the fp16 MIL reference loosely.
     coreml = CoreMLRunner(result.compiled, "cpu_only")
-    assert coreml.state_names == ["key_cache", "value_cache"]  # from the compiled schema
+    assert coreml.state_names == ["key_cache", "value_cache"]  # from the sidecar's package
     reference = MILRunner(shard)
     for p in range(3):
         inputs = step_inputs(rope, rng.standard_normal(arch.hidden_size), p, context)

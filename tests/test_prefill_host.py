@@ -272,6 +272,15 @@ def test_a_compiled_two_function_model_is_described_per_function(
     np.testing.assert_allclose(np.stack(after), np.stack(want_after), atol=1e-2)
     with pytest.raises(RunnerError, match="no function 'verify'"):
         CoreMLRunner(compiled.compiled, load_model=load, function="verify")
+    # The fake's own rules: a function takes its own inputs; a state of another model is
+    # refused (the bridge passes it on unchecked, mm:550-552; Core ML wants its own).
+    x = chunk_inputs(rope, hidden[:4], 0, T, CONTEXT)
+    with pytest.raises(RuntimeError, match="'hidden_states' has shape"):
+        load("c", "cpu_and_ne").predict(dict(x), load("c", "cpu_and_ne").make_state())
+    other = build_attention_package(tmp_path / "other.mlpackage", arch, CONTEXT, T)
+    foreign = mil_loader(other)("c", "cpu_and_ne").make_state()
+    with pytest.raises(RuntimeError, match="a state made by .*other.mlpackage"):
+        load("c", "cpu_and_ne", "prefill").predict(dict(x), foreign)
 
 
 @pytest.mark.macos
