@@ -252,6 +252,29 @@ def test_a_compiled_model_without_its_package_is_refused_in_one_line(shard, tmp_
         CoreMLRunner(tmp_path / "gone.mlmodelc", load_model=load)
 
 
+def test_a_package_and_a_compiled_model_of_another_are_refused(tiny_shards, tmp_path):
+    from anechain.compile import compile_package
+
+    def load(*args):
+        raise AssertionError("never loaded")
+
+    shard, other = tiny_shards[SHARD], tiny_shards[LayerRange(3, 5)]
+    compiled = compile_package(shard, tmp_path, compiler=FakeCompiler().compiler)
+    with pytest.raises(RunnerError) as info:
+        CoreMLRunner(other, compiled=compiled.compiled, load_model=load)
+    assert str(info.value) == (
+        f"{compiled.compiled} was not compiled from {other} (its compile record names another "
+        "package); compile it again"
+    )
+    with pytest.raises(RunnerError, match="not compiled from"):
+        CoreMLRunner(shard, compiled=compiled.compiled, load_model=load, package_sha256="0" * 64)
+    model = toy_shard_model({"key_cache": (3, 2, 64, 16), "value_cache": (3, 2, 64, 16)})
+    runner = CoreMLRunner(
+        shard, compiled=compiled.compiled, load_model=lambda *a: model, package_sha256=None
+    )
+    assert runner.compiled == compiled.compiled
+
+
 def test_bad_arguments(tmp_path, shard):
     with pytest.raises(ConfigError, match="unknown compute units 'npu'"):
         CoreMLRunner(shard, "npu", load_model=lambda path, units: None)

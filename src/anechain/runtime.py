@@ -125,6 +125,8 @@ class ManifestRuntime:
             # package it names beside it (no API describes an .mlmodelc); MIL reads the package.
             if self.backend == "coreml" and compiled is not None:
                 options["compiled"] = root / compiled.path
+                if "state_from" not in options:  # verify_manifest hashed the package already
+                    options["package_sha256"] = package.sha256
             return open_runner(self.backend, root / package.path, **options)
 
         self.shards: list[tuple[str, ShardRunner]] = [

@@ -142,6 +142,23 @@ def source_package(compiled: Path) -> Path:
     return package
 
 
+def check_pairing(package: Path, compiled: Path, package_sha256: str | None = None) -> None:
+    """RunnerError if `compiled`'s compile sidecar records another package than `package`
+    (by sha256: `package_sha256` when the caller knows it, as a verified manifest does). A
+    compiled model without a sidecar (a temporary compile) is paired by its caller."""
+    from anechain.compile import read_sidecar
+    from anechain.fsutil import sha256_tree
+
+    recorded = read_sidecar(compiled)
+    if recorded is None:
+        return
+    if recorded.get("source_sha256") != (package_sha256 or sha256_tree(package)):
+        raise RunnerError(
+            f"{compiled} was not compiled from {package} (its compile record names another "
+            "package); compile it again"
+        )
+
+
 def _coremltools_load_model(compiled: str, compute_units: str, function: str | None = None) -> Any:
     import coremltools as ct
 
@@ -160,6 +177,8 @@ class CoreMLRunner:
     head) is predicted without a state; Core ML would hand it an empty one rather than
     refuse. Every array handed to Core ML passes `bridge`'s checks first. `load_model` and
     `compiler` replace the Core ML calls (tests).
+    `compiled` with a package must come from it (`check_pairing`; `package_sha256` spares
+    hashing the package again).
     `function` picks a function of a multifunction model; `state_from` is a runner of another
     function of the same model whose state this one shares (Core ML states work across a
     model's functions: prefill fills the KV cache decode reads).
@@ -177,6 +196,7 @@ class CoreMLRunner:
         compiler: Any = None,
         function: str | None = None,
         state_from: CoreMLRunner | None = None,
+        package_sha256: str | None = None,
     ) -> None:
         from anechain.compile import compile_to
 
@@ -200,6 +220,8 @@ class CoreMLRunner:
             inputs, outputs, states = features_from_spec(load_spec(path), function)
             if compiled is None and state_from is not None:  # the same package: compiled once
                 compiled = state_from.compiled
+            elif compiled is not None and state_from is None:
+                check_pairing(path, Path(compiled), package_sha256)
             if compiled is None:
                 self._tmp = Path(tempfile.mkdtemp(prefix="anechain-coreml-"))
                 self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
