@@ -33,7 +33,8 @@ def convert_value(value: Any, macos26_sdk: bool = False) -> Any:
     MLMultiArray wraps, a NotAMultiArray, or RuntimeError("value type not convertible")."""
     if isinstance(value, int | float | str | bytes | dict | list | tuple):
         return NotAMultiArray()  # Utils.mm:364-395 (int64, double, string, dict, sequence)
-    if isinstance(value, np.ndarray) and value.ndim > 0:  # Utils.mm:397-401 -> :167-175
+    # Utils.mm:397-401 -> :167-175 (a 0-d array: "no shape, can't be an array", :170-172).
+    if isinstance(value, np.ndarray) and value.ndim > 0:
         kind, size = value.dtype.kind, value.dtype.itemsize
         accepted = (
             (kind == "i" and size == 4)  # Array.mm:16-17 Int32
@@ -50,8 +51,9 @@ def convert_value(value: Any, macos26_sdk: bool = False) -> Any:
 
 
 def transfer(source: np.ndarray, buffer: np.ndarray) -> None:
-    """`transferToMultiArray:` (MLMultiArray.h, macOS 15+): copies into the destination's
-    data type, up- or down-casting; the shapes must agree."""
+    """`transferToMultiArray:` (MLMultiArray.h, macOS 15+): "Numeric data will be up or down
+    casted as needed", into the destination's layout. Apple does not say what a shape
+    mismatch does (its example transfers equal shapes): refused here."""
     if source.shape != buffer.shape:
         raise RuntimeError(f"cannot transfer a {source.shape} multi-array into {buffer.shape}")
     buffer[...] = source.astype(buffer.dtype)
