@@ -94,55 +94,6 @@ def test_runner_over_a_package_steps_and_keeps_state(shard):
     assert not Path(compiled).exists()
 
 
-DTYPES = ["float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint32", "bool"]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_the_fake_state_converts_as_the_bridge_does(dtype, capsys):
-    """Array.mm:10-30: int32, float32 and float64 only (int8 needs the macOS 26 SDK);
-    anything else is Utils.mm:407-409's "value type not convertible"."""
-    state = toy_shard_model({"key_cache": (1, 1, 4, 2)}).make_state()
-    value = np.ones((1, 1, 4, 2), dtype=dtype)
-    if dtype in ("int32", "float32", "float64"):
-        state.write_state("key_cache", value)
-        assert state.read_state("key_cache").dtype == np.float32  # fp16 comes back as fp32
-        assert (state.read_state("key_cache") == 1).all()
-    else:
-        with pytest.raises(RuntimeError, match="^value type not convertible$"):
-            state.write_state("key_cache", value)
-        assert capsys.readouterr().out.startswith("Error: value type not convertible:")
-    with pytest.raises(RuntimeError, match="only multi-array value is supported"):
-        state.write_state("key_cache", 1.0)
-    read_only = np.ones((1, 1, 4, 2), np.float32)
-    read_only.flags.writeable = False  # Array.mm:55 mutable_data() throws
-    with pytest.raises(RuntimeError, match="^value type not convertible$"):
-        state.write_state("key_cache", read_only)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_the_bridge_rules_refuse_what_the_bridge_cannot_convert(dtype):
-    from anechain.runners import bridge
-
-    value = np.ones((2, 3), dtype=dtype)
-    if dtype in ("int32", "float32", "float64"):
-        bridge.check_array("input 'x'", value)
-    else:
-        with pytest.raises(RunnerError, match=f"input 'x' has dtype {dtype}; coremltools' bridge"):
-            bridge.check_array("input 'x'", value)
-    read_only = np.ones(3, np.float32)
-    read_only.flags.writeable = False  # Array.mm:55 mutable_data() throws
-    with pytest.raises(RunnerError, match="read-only"):
-        bridge.check_array("input 'x'", read_only)
-    # predict casts fp16 to fp32 itself (_compiled_model.py:229-231), write_state does not.
-    fed = bridge.predict_inputs({"h": np.ones(2, np.float16), "p": np.array([1], np.int32)})
-    assert fed["h"].dtype == np.float32 and fed["p"].dtype == np.int32
-    with pytest.raises(RunnerError, match="input 'p' has dtype int64"):
-        bridge.predict_inputs({"p": np.array([1], np.int64)})
-    assert bridge.state_value("k", np.ones(2, np.float16), np.float16).dtype == np.float32
-    with pytest.raises(RunnerError, match="state 'k' has dtype int8"):
-        bridge.state_value("k", np.ones(2), np.int8)
-
-
 def test_write_state_hands_core_ml_an_array_it_converts(shard, capsys):
     """The fp16 KV cache is written as fp32, which Core ML casts into the fp16 state
     (mm:714-724); an fp16 array would be refused (Array.mm:10-30)."""
