@@ -40,6 +40,7 @@ make --no-print-directory VENV="$VENV" ${PYTHON:+PYTHON="$PYTHON"} "$BIN/anechai
 export PATH="$PWD/$BIN:$PATH" TQDM_DISABLE=1
 sw_vers
 xcrun --find coremlcompiler || echo "no xcrun coremlcompiler: coremltools' compile_model is used"
+python -c 'import coremltools as ct; print("coremltools", ct.__version__)'
 ane="$(python -c 'from anechain.platform import has_neural_engine as h; print(int(h()))')"
 chip="$(sysctl -n machdep.cpu.brand_string 2>/dev/null || uname -m)"
 echo "chip: $chip; Neural Engine listed by Core ML: $([ "$ane" = 1 ] && echo yes || echo no)"
