@@ -37,7 +37,8 @@ step() { printf '\n== %s (%s)\n' "$1" "$(date +%H:%M:%S)"; }
 
 step "venv"
 make --no-print-directory VENV="$VENV" ${PYTHON:+PYTHON="$PYTHON"} "$BIN/anechain"
-export PATH="$PWD/$BIN:$PATH" TQDM_DISABLE=1
+case "$BIN" in /*) ;; *) BIN="$PWD/$BIN" ;; esac
+export PATH="$BIN:$PATH" TQDM_DISABLE=1
 sw_vers
 xcrun --find coremlcompiler || echo "no xcrun coremlcompiler: coremltools' compile_model is used"
 python -c 'import coremltools as ct; print("coremltools", ct.__version__)'
