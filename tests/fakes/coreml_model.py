@@ -147,7 +147,9 @@ class ModelProxy:
             value = arrays[name]
             if value.shape != shape:
                 raise RuntimeError(f"{name!r} has shape {value.shape}; the model takes {shape}")
-            feeds[name] = value.astype(dtype)  # Core ML casts a multi-array to the input type
+            # Core ML casts a multi-array to the input's type: coremltools counts on it, sending
+            # fp16 inputs as fp32 (_compiled_model.py:229-231).
+            feeds[name] = value.astype(dtype)
         return feeds
 
 
@@ -163,15 +165,37 @@ def compiled_model(proxy: ModelProxy, compute_units: str = "cpu_and_ne") -> Comp
     return model
 
 
-def _schema(package: Path, function: str | None) -> tuple[str, Schema]:
-    """(function name, its inputs, outputs and states) from the package's spec."""
-    from anechain.package import load_spec
-    from anechain.runners.coreml import features_from_spec
+# ArrayFeatureType.ArrayDataType names (FeatureTypes.proto) as numpy dtypes.
+_PROTO_DTYPES = {
+    "FLOAT16": np.float16,
+    "FLOAT32": np.float32,
+    "DOUBLE": np.float64,
+    "INT32": np.int32,
+    "INT8": np.int8,
+}
 
-    spec = load_spec(package)
-    name = function or spec.description.defaultFunctionName or "main"
-    described = features_from_spec(spec, function or None)
-    return name, tuple({f.name: (f.shape, f.dtype) for f in part} for part in described)
+
+def _schema(package: Path, function: str | None) -> tuple[str, Schema]:
+    """(function name, its inputs, outputs and states) read from the package's protobuf
+    description here, not through the runner's own reader (which the fake must not trust)."""
+    from coremltools.models.utils import load_spec
+
+    spec = load_spec(str(package))
+    desc = spec.description
+    name = function or desc.defaultFunctionName or "main"
+    if len(desc.functions):
+        [desc] = [f for f in desc.functions if f.name == name]
+
+    def arrays(features: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+        out = {}
+        for f in features:
+            kind = f.type.WhichOneof("Type")
+            arr = f.type.stateType.arrayType if kind == "stateType" else f.type.multiArrayType
+            dtype = _PROTO_DTYPES[arr.ArrayDataType.Name(arr.dataType)]
+            out[f.name] = (tuple(int(d) for d in arr.shape), np.dtype(dtype))
+        return out
+
+    return name, (arrays(desc.input), arrays(desc.output), arrays(desc.state))
 
 
 # --- a toy shard (no program run) -------------------------------------------------------------
