@@ -2,9 +2,10 @@
 
 Two sources, one code path. On macOS 14.4+ the plan is read live with coremltools'
 `MLComputePlan` and normalised into a `ComputePlan` (`residency.plan`); anywhere else a saved
-plan (or a captured bundle, `anechain.capture`) is replayed from JSON. Either way the plan is
-matched with the package's own program (`residency.program`), which also says what class of work each
-op does; counting and the gate (`residency.gate`) only ever see a matched, classified plan.
+plan (or a captured bundle, `anechain.capture`) is replayed from JSON. Either way the plan
+is matched with the package's own program (`residency.program`), which also says what class
+of work each op does; counting and the gate (`residency.gate`) only ever see a matched,
+classified plan.
 
 A package has one program function (`main`) or two (`decode` and `prefill`, sharing weights
 and states); one plan load covers all of them. Each function's plan is matched with that
