@@ -67,6 +67,7 @@ INT_RESULT_OPS = frozenset(
 )
 # Where a plan op's class came from.
 FROM_PROGRAM, FROM_PLAN, ASSUMED = "program", "plan", "assumed"
+CONST_VALUE = "CONST"  # the dtype recorded for the output of a constant the program lacks
 
 
 @dataclass(frozen=True)
@@ -114,18 +115,23 @@ def _is_const(kind: str) -> bool:
     return kind == "const" or kind.startswith("constexpr_")
 
 
-def infer_class(op: PlanOp, dtypes: dict[str, str]) -> tuple[str, str, str | None]:
+def infer_class(
+    op: PlanOp, dtypes: dict[str, str], state_dtype: str | None = None
+) -> tuple[str, str, str | None]:
     """(class, source, output dtype or None) of a plan op, from its operator type and the dtypes
-    of the variables it binds (`dtypes`, name -> dtype); unknown dtypes make it `compute`."""
+    of the variables it binds (`dtypes`, name -> dtype); unknown dtypes make it `compute`.
+    `state_dtype`: what every `read_state` of the program yields, when they all agree."""
     if _is_const(op.type):
         return CONST, FROM_PLAN, None
     if op.type in STATE_OPS:
-        return STATE, FROM_PLAN, None
+        return STATE, FROM_PLAN, state_dtype if op.type == "read_state" else None
     if op.type in INT_RESULT_OPS:
         return INDEX, FROM_PLAN, "INT32"
-    bound = [n for _, names in op.inputs for n in names if n != "<value>"]
-    known = [dtypes.get(n) for n in bound]
-    if not bound or None in known:
+    # A constant the plan renamed is an operand whose dtype follows the op's (MIL's type
+    # rules); the op is classed by its other operands.
+    names = [n for _, bound in op.inputs for n in bound if n != "<value>"]
+    known = [d for d in (dtypes.get(n) for n in names) if d != CONST_VALUE]
+    if not known or None in known:
         return COMPUTE, ASSUMED, None
     tensors = [d for d in known if d != "STATE"]
     if tensors and not set(tensors) & _FLOAT_DTYPES:
@@ -161,12 +167,18 @@ def match_plan(
     for prog in program.ops:
         if prog.name not in matched and not _is_const(prog.type):
             unmatched[prog.type].append(prog)
+    # Every read_state of a function reads one of its states; if they all yield one dtype
+    # (fp16 KV caches), a read_state the program lacks yields it too.
+    read = {d for p in program.ops if p.type == "read_state" for d in p.dtypes}
+    state_dtype = read.pop() if len(read) == 1 else None
     renamed, added = [], []
     for op in plan.ops:  # in plan order, so inferred dtypes reach the ops that read them
         if id(op) not in pending:
             continue
-        op_class, source, out = infer_class(op, dtypes)
+        op_class, source, out = infer_class(op, dtypes, state_dtype)
         classes[op.name] = op_class
+        if op_class == CONST:
+            out = CONST_VALUE
         for name in op.outputs:
             if out is None:
                 dtypes.pop(name, None)

@@ -1,0 +1,258 @@
+"""Live residency that survives the Core ML compiler, and functions Core ML gives no usage.
+
+Plans are coremltools' own MLComputePlan over a fake proxy, built from the package's protobuf
+and then changed as a compiler may (tests/fakes/coreml.py CompilerEdits): renamed ops, a fused
+op, dropped view ops. Whether Core ML reports prefill's usage is unknown until a Mac answers
+(mac-bridge-audit #2), so the two-function tests run under both behaviours.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tests.fakes.coreml import (
+    RENAMED,
+    SILU_MUL_FUSED,
+    VIEWS_DROPPED,
+    CompilerEdits,
+    FakeCompiler,
+    PlanLoader,
+    anemll_placement,
+    plan_for_package,
+)
+from tests.fakes.reports import edit_json, make_shard
+
+from anechain.config import LayerRange, ResidencySettings
+from anechain.errors import ReportError, ResidencyError
+from anechain.report_read import read_report
+from anechain.residency import check_residency, read_programs, save_plan
+from anechain.residency import render as r
+from anechain.residency.match import infer_class
+from anechain.residency.plan import PlanOp
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "check_residency.py"
+BOTH = CompilerEdits(rename=RENAMED.rename, drop=VIEWS_DROPPED.drop, fuse=SILU_MUL_FUSED.fuse)
+
+
+@pytest.fixture(scope="module")
+def two_fn(tmp_path_factory, tiny_checkpoint, tiny_config) -> Path:
+    """Layer 0 of the tiny preset with its prefill function beside decode."""
+    from anechain.export import LayerSpec, export_shard
+
+    spec = LayerSpec(LayerRange(0, 1), tmp_path_factory.mktemp("live") / "l0.mlpackage")
+    return export_shard(tiny_checkpoint, spec, tiny_config.export).path
+
+
+def live(pkg, place=anemll_placement, *, ane=True, edits=None, unreported=(), **settings):
+    loader = PlanLoader(plan_for_package(pkg, place, edits=edits, unreported=unreported))
+    return check_residency(
+        pkg,
+        ResidencySettings(**settings),
+        load_plan=loader,
+        compiler=FakeCompiler().compiler,
+        ane_present=ane,
+    )
+
+
+def placing(**by_type: str):
+    def place(op):
+        device = anemll_placement(op)
+        return by_type.get(op.type, device) if device is not None else None
+
+    return place
+
+
+# Both answers Core ML may give for prefill's ops under a plan made for the default function.
+@pytest.fixture(params=[True, False], ids=["prefill-reported", "prefill-unreported"])
+def prefill_reported(request) -> bool:
+    return request.param
+
+
+@pytest.mark.parametrize(
+    "edits",
+    [None, RENAMED, VIEWS_DROPPED, SILU_MUL_FUSED, BOTH],
+    ids=["same", "renamed", "views", "fused", "all"],
+)
+def test_a_live_plan_the_compiler_changed_is_matched_and_gated(two_fn, edits, prefill_reported):
+    unreported = () if prefill_reported else ("prefill",)
+    report = live(two_fn, edits=edits, unreported=unreported)
+    decode, prefill = report.functions
+    # decode, the default function, is always reported; every conv is still there and gated.
+    assert decode.usage == "reported" and decode.passed is True, decode.failures
+    assert (decode.counts.conv_total, decode.counts.conv_ane) == (4, 4)
+    assert decode.counts.index_ops > 0  # int32 plumbing classed as such, even when renamed
+    if prefill_reported:
+        assert report.passed is True, report.failures
+        assert prefill.counts.conv_total == 4
+    else:
+        assert report.status == "checked" and report.passed is False
+        assert prefill.counts is None and prefill.plan_ops[1] == 4
+        assert report.failures == (
+            "prefill: device usage not reported by Core ML for any op of this function: "
+            "its residency is unproven",
+        )
+        assert report.counts == decode.counts  # the package sums only what was measured
+        data = report.to_dict()
+        assert data["functions"]["prefill"]["counts"] is None
+        assert data["functions"]["prefill"]["usage"] == "not_reported"
+        assert data["unreported_functions"] == ["prefill"]
+        rows = dict(map(tuple, r.summary_rows(report)))
+        assert rows["prefill: device usage"] == "not reported by Core ML"
+    match = decode.match
+    assert match.mode == "lenient"
+    if edits is None:
+        assert not match.changed and match.exact > 0
+    if edits is RENAMED:
+        programmed = [o for o in read_programs(two_fn)[0].ops if not o.type.startswith("const")]
+        assert not match.added and not match.removed and match.exact == 0
+        assert len(match.renamed) == len(programmed)
+        assert {c.source for c in match.renamed} == {"plan"}  # every dtype was told by the plan
+    if edits is VIEWS_DROPPED:
+        assert {c.type for c in match.removed} == {"reshape"} and not match.added
+    if edits is SILU_MUL_FUSED:
+        assert [(c.type, c.op_class) for c in match.added] == [("silu_mul", "compute")]
+        assert sorted(c.type for c in match.removed) == ["mul", "silu"]
+    if edits is not None:
+        assert any(
+            row[0] == "decode:   compiler renamed" or "compiler" in row[0]
+            for row in r.summary_rows(report)
+        )
+        assert r.change_rows(report)
+        assert report.to_dict()["functions"]["decode"]["match"]["mode"] == "lenient"
+
+
+def test_an_unreported_function_is_never_a_pass_in_report_only_mode_either(two_fn):
+    report = live(two_fn, ane=False, unreported=("prefill",))
+    assert report.status == "report_only" and report.passed is None
+    assert report.functions[1].counts is None
+    assert r.verdict_lines(report)[0].endswith("would FAIL")
+    assert any("not reported by Core ML" in f for f in report.failures)
+
+
+def test_a_renamed_fp16_op_off_the_ane_still_fails(two_fn):
+    report = live(two_fn, placing(softmax="cpu"), edits=RENAMED)
+    assert report.passed is False
+    assert {op.type for op in report.non_ane_ops} == {"softmax"}
+
+
+def test_a_fused_op_whose_dtype_the_plan_cannot_tell_must_be_on_the_ane(two_fn):
+    # The fused op reads a fp16 tensor: compute, so on the CPU it fails the strict gate.
+    report = live(two_fn, placing(mul="cpu"), edits=SILU_MUL_FUSED)
+    assert report.passed is False and "silu_mul" in {op.type for op in report.non_ane_ops}
+
+
+@pytest.mark.parametrize(
+    ("edits", "message"),
+    [
+        (CompilerEdits(drop=frozenset({"layers_0_mlp_down"})), r"lacks 1 conv op\(s\) of"),
+        (CompilerEdits(drop=frozenset({"silu"})), r"lacks 1 fp16 compute op\(s\).*adds none"),
+    ],
+    ids=["conv-dropped", "compute-dropped"],
+)
+def test_a_live_plan_lacking_work_of_the_program_is_refused(two_fn, edits, message):
+    with pytest.raises(ResidencyError, match=message):
+        live(two_fn, edits=edits)
+
+
+def test_a_replayed_plan_with_the_compilers_changes_is_refused(two_fn, tmp_path):
+    # The same plan that passes live is refused from a file: only a live plan is lenient.
+    loader = PlanLoader(plan_for_package(two_fn, edits=RENAMED))
+    saved = tmp_path / "plan.json"
+    report = check_residency(
+        two_fn,
+        load_plan=loader,
+        compiler=FakeCompiler().compiler,
+        ane_present=True,
+        save_plan_to=saved,
+    )
+    assert report.passed is True and report.functions[0].match.renamed
+    with pytest.raises(ResidencyError, match="does not match the program"):
+        check_residency(two_fn, plan_file=saved)
+
+
+def test_infer_class_reads_operator_type_and_bound_dtypes():
+    dtypes = {"pos": "INT32", "x": "FLOAT16", "k": "CONST", "cache": "STATE"}
+
+    def op(kind, **inputs):
+        return PlanOp(kind, ("out",), "cpu", inputs=tuple((k, tuple(v)) for k, v in inputs.items()))
+
+    assert infer_class(op("add", x=["pos"], y=["k"]), dtypes)[:2] == ("index", "plan")
+    assert infer_class(op("add", x=["x"], y=["<value>"]), dtypes)[:2] == ("compute", "plan")
+    assert infer_class(op("reduce_argmax", x=["x"]), dtypes)[:2] == ("index", "plan")
+    assert infer_class(op("cast", x=["x"]), dtypes)[:2] == ("compute", "assumed")
+    assert infer_class(op("add", x=["unknown"]), dtypes)[:2] == ("compute", "assumed")
+    assert infer_class(op("read_state", input=["cache"]), dtypes)[0] == "state"
+
+
+# --- the report reader: replayed plans are strictly matched -----------------------------------
+
+
+def test_a_report_claiming_a_lenient_match_for_a_replayed_plan_is_refused(tmp_path):
+    path = make_shard(tmp_path, "0:3")
+    read_report(path)  # as written: fine
+
+    def forge(d):
+        d["residency"]["plan_source"] = "replay:plan.json"
+        d["residency"]["match"] = {
+            "mode": "lenient",
+            "exact": 3,
+            "renamed": [{"type": "conv", "name": "a", "class": "compute", "source": "plan"}],
+            "added": [],
+            "removed": [],
+        }
+
+    edit_json(path, forge)
+    with pytest.raises(ReportError, match="lenient plan/program match for a replayed plan"):
+        read_report(path)
+
+
+def test_a_report_with_an_unreported_function_does_not_pass_on_read(tmp_path):
+    path = make_shard(tmp_path, "0:3")
+
+    def unreported(d):
+        res = d["residency"]
+        part = {"counts": dict(res["counts"]), "plumbing": dict(res["plumbing"]), "passed": True}
+        res["functions"] = {"decode": part, "prefill": {**part, "counts": None}}
+
+    edit_json(path, unreported)
+    _, report = read_report(path)
+    assert report.residency["passed"] is False
+
+
+# --- scripts/check_residency.py ----------------------------------------------------------------
+
+
+def run_script(path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), str(path), *args], capture_output=True, text=True
+    )
+
+
+def test_check_residency_script(two_fn, tmp_path, prefill_reported):
+    unreported = () if prefill_reported else ("prefill",)
+    out = tmp_path / "residency.json"
+    out.write_text(json.dumps(live(two_fn, edits=RENAMED, unreported=unreported).to_dict()))
+    ok = run_script(out, "--layers", "1")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "decode: conv_total 4 = 4 x 1" in ok.stdout
+    strict = run_script(out, "--layers", "1", "--require-all")
+    if prefill_reported:
+        assert strict.returncode == 0, strict.stdout
+    else:
+        assert "prefill: note device usage not reported by Core ML" in ok.stdout
+        assert strict.returncode == 1
+        assert "prefill: FAIL device usage not reported by Core ML" in strict.stdout
+    # Inputs the script must reject: the wrong layer count, a plan that lost a conv.
+    wrong = run_script(out, "--layers", "2")
+    assert wrong.returncode == 1 and "FAIL conv_total 4, expected 8" in wrong.stdout
+    data = json.loads(out.read_text())
+    data["functions"]["decode"]["counts"]["conv_total"] = 3
+    out.write_text(json.dumps({"residency": data}))  # a validation report's shape
+    lost = run_script(out, "--layers", "1")
+    assert lost.returncode == 1 and "decode: FAIL conv_total 3" in lost.stdout
+    out.write_text("{}")
+    assert run_script(out, "--layers", "1").returncode == 2
