@@ -29,7 +29,7 @@ from tests.fakes.reports import edit_json, make_shard
 from anechain.config import LayerRange, ResidencySettings
 from anechain.errors import ReportError, ResidencyError
 from anechain.report_read import read_report
-from anechain.residency import check_residency, read_programs, save_plan
+from anechain.residency import check_residency, read_programs
 from anechain.residency import render as r
 from anechain.residency.match import infer_class
 from anechain.residency.plan import PlanOp
@@ -117,11 +117,10 @@ def test_a_live_plan_the_compiler_changed_is_matched_and_gated(two_fn, edits, pr
         assert [(c.type, c.op_class) for c in match.added] == [("silu_mul", "compute")]
         assert sorted(c.type for c in match.removed) == ["mul", "silu"]
     if edits is not None:
-        assert any(
-            row[0] == "decode:   compiler renamed" or "compiler" in row[0]
-            for row in r.summary_rows(report)
-        )
-        assert r.change_rows(report)
+        labels = {row[0] for row in r.summary_rows(report)}
+        kinds = {k for k in ("renamed", "added", "removed") if getattr(match, k)}
+        assert {f"decode:   compiler {k}" for k in kinds} <= labels
+        assert {row[0] for row in r.change_rows(report)} == kinds
         assert report.to_dict()["functions"]["decode"]["match"]["mode"] == "lenient"
 
 
