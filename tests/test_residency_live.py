@@ -255,3 +255,28 @@ def test_check_residency_script(two_fn, tmp_path, prefill_reported):
     assert lost.returncode == 1 and "decode: FAIL conv_total 3" in lost.stdout
     out.write_text("{}")
     assert run_script(out, "--layers", "1").returncode == 2
+
+
+def test_a_capture_lists_the_compilers_changes_and_its_replay_refuses_them(
+    tiny_shards, tiny_checkpoint, tiny_config, tmp_path
+):
+    # Captured live, the plan is matched leniently and its changes are in the bundle; replayed,
+    # the same plan must be the program's ops exactly, as any saved plan.
+    from tests.fakes.coreml import mil_compiled_model
+
+    from anechain.capture import CaptureSeams, capture_package, read_bundle
+    from anechain.replay import replay_bundle
+
+    pkg = tiny_shards[LayerRange(5, 6)]
+    seams = CaptureSeams(
+        load_model=lambda compiled, units: mil_compiled_model(pkg),
+        load_plan=PlanLoader(plan_for_package(pkg, edits=RENAMED)),
+        compiler=FakeCompiler().compiler,
+        machine={"system": "darwin", "macos": "15.1", "neural_engine_cores": 16},
+    )
+    bundle = capture_package(pkg, tiny_checkpoint, tiny_config, tmp_path, seams=seams)
+    residency = read_bundle(bundle)["residency"]
+    assert residency["passed"] is True and residency["match"]["mode"] == "lenient"
+    assert residency["functions"]["main"]["match"]["renamed"]
+    with pytest.raises(ResidencyError, match="does not match the program"):
+        replay_bundle(bundle, tiny_checkpoint)
