@@ -3,7 +3,8 @@
 A compute plan carries op kinds, names and devices but no dtypes; the saved ML Program (the
 protobuf inside the .mlpackage, which is what the Core ML compiler reads: `coreml_update_state`
 is already split into `write_state` + `read_state` there) carries the dtypes. Plan ops are
-mapped to program ops by name, and a plan whose ops differ from the program is refused.
+mapped to program ops by name; a replayed plan whose ops differ from the program is refused
+(a live plan is matched leniently, `residency.match`).
 
 Op classes:
 - `const`: constants and weight decompression (`constexpr_*`), no run-time compute;
