@@ -275,7 +275,7 @@ def residency_report(
         counts=counts,
         passed=None if report_only else not failures,
         failures=failures,
-        non_ane_ops=tuple(off_ane_compute(ops)),
+        non_ane_ops=tuple(off_ane_compute(ops)) if reported else (),
         plumbing_ops=tuple(c for c in ops if c.op_class in PLUMBING and c.op.computes),
         plumbing_share=share,
         plumbing_basis=basis,

@@ -59,15 +59,20 @@ def summary_rows(report: ResidencyReport) -> list[list[str]]:
         for f in report.functions:
             rows += _counts_rows(f, f"{f.function}: ") + _match_rows(f, f"{f.function}: ")
         if report.counts is not None:
-            rows += _counts_rows(report, "package: ")
-            rows[-1][0] = "package:   largest function share"
+            # Sums of the functions Core ML reported; the others are named, never summed as 0.
+            label = "package: " if not report.unreported else "package (reported only): "
+            rows += _counts_rows(report, label)
+            rows[-1][0] = f"{label}  largest function share"
+        if report.unreported:
+            rows.append(["package: usage " + NOT_REPORTED, ", ".join(report.unreported)])
     else:
         rows += _counts_rows(report) + _match_rows(report)
     c = report.counts
     if c is None:
         return rows
     return rows + [
-        ["ops (incl. const)", str(c.ops_total)],
+        # Every function's ops are in the plan, reported or not.
+        ["ops (incl. const)", str(report.plan_ops[0] if report.unreported else c.ops_total)],
         ["compute by device", ", ".join(f"{d} {n}" for d, n in c.by_device.items())],
         ["ANE share of est. cost", _pct(report.ane_cost_share)],
     ]
