@@ -29,7 +29,7 @@ from tests.fakes.reports import edit_json, make_shard
 from anechain.config import LayerRange, ResidencySettings
 from anechain.errors import ReportError, ResidencyError
 from anechain.report_read import read_report
-from anechain.residency import check_residency, read_programs
+from anechain.residency import check_residency, read_programs, save_plan
 from anechain.residency import render as r
 from anechain.residency.match import infer_class
 from anechain.residency.plan import PlanOp
@@ -102,6 +102,9 @@ def test_a_live_plan_the_compiler_changed_is_matched_and_gated(two_fn, edits, pr
         assert data["unreported_functions"] == ["prefill"]
         rows = dict(map(tuple, r.summary_rows(report)))
         assert rows["prefill: device usage"] == "not reported by Core ML"
+        assert rows["package: usage not reported by Core ML"] == "prefill"
+        assert "package: conv on ANE" not in rows  # the sums are labelled "reported only"
+        assert prefill.non_ane_ops == ()  # no usage is not "off the ANE": it is unknown
     match = decode.match
     assert match.mode == "lenient"
     if edits is None:
@@ -280,3 +283,34 @@ def test_a_capture_lists_the_compilers_changes_and_its_replay_refuses_them(
     assert residency["functions"]["main"]["match"]["renamed"]
     with pytest.raises(ResidencyError, match="does not match the program"):
         replay_bundle(bundle, tiny_checkpoint)
+
+
+def test_cli_an_unreported_prefill_fails_strict_and_would_fail_report_only(two_fn, tmp_path):
+    import click
+    from click.testing import CliRunner
+
+    from anechain.cli import AnechainGroup
+    from anechain.cli.macos import COMMANDS
+    from anechain.fsutil import sha256_tree
+    from anechain.residency import normalise_plans
+
+    @click.group(cls=AnechainGroup)
+    def cli() -> None:
+        """The real error boundary with the macOS commands."""
+
+    for command in COMMANDS:
+        cli.add_command(command)
+    ct_plan = plan_for_package(two_fn, unreported=("prefill",))
+    plan = save_plan(
+        normalise_plans(ct_plan, package_sha256=sha256_tree(two_fn)), tmp_path / "plan.json"
+    )
+    args = ["residency", str(two_fn), "--compute-plan", str(plan), "--json", str(tmp_path / "r")]
+    strict = CliRunner().invoke(cli, args)
+    assert strict.exit_code == 1, strict.output
+    assert "prefill: device usage" in strict.stdout and "not reported by Core ML" in strict.stdout
+    assert "residency: FAIL" in strict.stdout
+    data = json.loads((tmp_path / "r").read_text())
+    assert data["functions"]["prefill"]["counts"] is None and data["passed"] is False
+    report_only = CliRunner().invoke(cli, [*args, "--report-only"])
+    assert report_only.exit_code == 0 and "would FAIL" in report_only.stdout
+    assert "not reported by Core ML" in report_only.stdout
