@@ -3,7 +3,10 @@
 The compute plan is a real `MLComputePlan` whose proxy (the part that needs Core ML) is
 replaced; its model structure is made of coremltools' real `MLModelStructure*` dataclasses and
 its devices subclass coremltools' real device classes, so `isinstance` checks and attribute
-names are exactly those of coremltools 9.
+names are exactly those of coremltools 9. What Core ML itself decides is modelled as what it
+may do, not as what anechain expects: the compiler may rename, fuse or drop ops
+(`CompilerEdits`), and a function other than the default may get no device usage
+(`plan_for_package(unreported=...)`); tests run under each.
 """
 
 from __future__ import annotations
