@@ -19,6 +19,7 @@ from tests.fakes.coreml import (
     SILU_MUL_FUSED,
     VIEWS_DROPPED,
     CompilerEdits,
+    DefaultFunctionCoreML,
     FakeCompiler,
     PlanLoader,
     anemll_placement,
@@ -47,14 +48,22 @@ def two_fn(tmp_path_factory, tiny_checkpoint, tiny_config) -> Path:
     return export_shard(tiny_checkpoint, spec, tiny_config.export).path
 
 
-def live(pkg, place=anemll_placement, *, ane=True, edits=None, unreported=(), **settings):
-    loader = PlanLoader(plan_for_package(pkg, place, edits=edits, unreported=unreported))
+# What Core ML may answer for prefill's ops, the plan being made for the default function:
+# usage for every function; usage for the default function only (so prefill is planned again
+# from a copy whose default it is); no usage for prefill even then.
+ALL, DEFAULT_ONLY, NEVER = "reports-all", "default-only", "never-prefill"
+
+
+def live(pkg, place=anemll_placement, *, ane=True, edits=None, coreml=ALL, **settings):
+    if coreml == DEFAULT_ONLY:
+        fake = DefaultFunctionCoreML(place, edits)
+        loader, compiler = fake.load_plan, fake.compiler
+    else:
+        unreported = ("prefill",) if coreml == NEVER else ()
+        loader = PlanLoader(plan_for_package(pkg, place, edits=edits, unreported=unreported))
+        compiler = FakeCompiler().compiler
     return check_residency(
-        pkg,
-        ResidencySettings(**settings),
-        load_plan=loader,
-        compiler=FakeCompiler().compiler,
-        ane_present=ane,
+        pkg, ResidencySettings(**settings), load_plan=loader, compiler=compiler, ane_present=ane
     )
 
 
@@ -66,9 +75,8 @@ def placing(**by_type: str):
     return place
 
 
-# Both answers Core ML may give for prefill's ops under a plan made for the default function.
-@pytest.fixture(params=[True, False], ids=["prefill-reported", "prefill-unreported"])
-def prefill_reported(request) -> bool:
+@pytest.fixture(params=[ALL, DEFAULT_ONLY, NEVER])
+def coreml(request) -> str:
     return request.param
 
 
@@ -77,17 +85,18 @@ def prefill_reported(request) -> bool:
     [None, RENAMED, VIEWS_DROPPED, SILU_MUL_FUSED, BOTH],
     ids=["same", "renamed", "views", "fused", "all"],
 )
-def test_a_live_plan_the_compiler_changed_is_matched_and_gated(two_fn, edits, prefill_reported):
-    unreported = () if prefill_reported else ("prefill",)
-    report = live(two_fn, edits=edits, unreported=unreported)
+def test_a_live_plan_the_compiler_changed_is_matched_and_gated(two_fn, edits, coreml):
+    report = live(two_fn, edits=edits, coreml=coreml)
     decode, prefill = report.functions
     # decode, the default function, is always reported; every conv is still there and gated.
     assert decode.usage == "reported" and decode.passed is True, decode.failures
     assert (decode.counts.conv_total, decode.counts.conv_ane) == (4, 4)
     assert decode.counts.index_ops > 0  # int32 plumbing classed as such, even when renamed
-    if prefill_reported:
+    if coreml != NEVER:
         assert report.passed is True, report.failures
         assert prefill.counts.conv_total == 4
+        replanned = "prefill planned as the default function of a copy" in report.reason
+        assert replanned == (coreml == DEFAULT_ONLY)
     else:
         assert report.status == "checked" and report.passed is False
         assert prefill.counts is None and prefill.plan_ops[1] == 4
@@ -128,7 +137,7 @@ def test_a_live_plan_the_compiler_changed_is_matched_and_gated(two_fn, edits, pr
 
 
 def test_an_unreported_function_is_never_a_pass_in_report_only_mode_either(two_fn):
-    report = live(two_fn, ane=False, unreported=("prefill",))
+    report = live(two_fn, ane=False, coreml=NEVER)
     assert report.status == "report_only" and report.passed is None
     assert report.functions[1].counts is None
     assert r.verdict_lines(report)[0].endswith("would FAIL")
@@ -234,15 +243,14 @@ def run_script(path: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_check_residency_script(two_fn, tmp_path, prefill_reported):
-    unreported = () if prefill_reported else ("prefill",)
+def test_check_residency_script(two_fn, tmp_path, coreml):
     out = tmp_path / "residency.json"
-    out.write_text(json.dumps(live(two_fn, edits=RENAMED, unreported=unreported).to_dict()))
+    out.write_text(json.dumps(live(two_fn, edits=RENAMED, coreml=coreml).to_dict()))
     ok = run_script(out, "--layers", "1")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "decode: conv_total 4 = 4 x 1" in ok.stdout
     strict = run_script(out, "--layers", "1", "--require-all")
-    if prefill_reported:
+    if coreml != NEVER:
         assert strict.returncode == 0, strict.stdout
     else:
         assert "prefill: note device usage not reported by Core ML" in ok.stdout
@@ -314,3 +322,22 @@ def test_cli_an_unreported_prefill_fails_strict_and_would_fail_report_only(two_f
     report_only = CliRunner().invoke(cli, [*args, "--report-only"])
     assert report_only.exit_code == 0 and "would FAIL" in report_only.stdout
     assert "not reported by Core ML" in report_only.stdout
+
+
+def test_prefill_unreported_by_the_default_plan_is_planned_from_a_copy(two_fn, tiny_shards):
+    from anechain.fsutil import sha256_tree
+
+    before = sha256_tree(two_fn)
+    fake = DefaultFunctionCoreML()
+    report = check_residency(
+        two_fn, load_plan=fake.load_plan, compiler=fake.compiler, ane_present=True
+    )
+    assert fake.defaults == ["decode", "prefill"]  # one more compile and plan, for prefill only
+    assert report.passed is True and report.unreported == ()
+    assert report.functions[1].counts.conv_ane == 4
+    assert sha256_tree(two_fn) == before  # the copy's new spec never wrote through a link
+    # A one-function package has nothing to replan.
+    one = DefaultFunctionCoreML()
+    shard = tiny_shards[LayerRange(0, 3)]
+    check_residency(shard, load_plan=one.load_plan, compiler=one.compiler, ane_present=True)
+    assert one.defaults == ["main"]

@@ -334,6 +334,38 @@ def plan_for_package(
     return plan
 
 
+class DefaultFunctionCoreML:
+    """Core ML as it may behave: the plan of a compiled model gives device usage for the ops of
+    its default function only (the bridge plans with no function name). `compiler` compiles
+    with FakeCompiler and records, in the fake .mlmodelc, the package it came from;
+    `load_plan` plans that package with every other function unreported."""
+
+    SOURCE = "fake-source-package.txt"
+
+    def __init__(self, place: Any = anemll_placement, edits: CompilerEdits | None = None):
+        self.fake = FakeCompiler()
+        self.place, self.edits = place, edits
+        self.defaults: list[str] = []  # the default function of each plan load
+
+    def _run(self, package: Path, dest: Path) -> None:
+        self.fake.run(package, dest)
+        (dest / self.SOURCE).write_text(str(Path(package).resolve()))
+
+    @property
+    def compiler(self) -> Compiler:
+        return Compiler("fake", self._run)
+
+    def load_plan(self, compiled: str, compute_units: str) -> MLComputePlan:
+        from anechain.package import load_spec
+
+        package = Path((Path(compiled) / self.SOURCE).read_text())
+        spec = load_spec(package)
+        default = spec.description.defaultFunctionName or "main"
+        self.defaults.append(default)
+        others = [f for f in spec.mlProgram.functions if f != default]
+        return plan_for_package(package, self.place, edits=self.edits, unreported=others)
+
+
 def layer_ops(prefix: str = "l0", conv_device: str = "ane", other_device: str = "ane") -> list[Op]:
     """A decoder layer's shape: const weights (no usage), 4 convs, a handful of elementwise ops."""
     return [

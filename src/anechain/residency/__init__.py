@@ -75,6 +75,7 @@ from anechain.residency.program import (
     read_program,
     read_programs,
 )
+from anechain.residency.refocus import refocus_unreported, unreported_functions
 
 __all__ = [
     "COMPUTE_UNITS",
@@ -116,6 +117,8 @@ __all__ = [
     "read_program",
     "read_programs",
     "read_saved_plan",
+    "refocus_unreported",
+    "unreported_functions",
     "package_report",
     "report_for_plan",
     "save_plan",
@@ -263,11 +266,24 @@ def check_residency(
             return not_checked(settings, f"needs macOS {'.'.join(map(str, need))}+ or a saved plan")
         try:
             plan = _live_plan(model, compiled, compute_units, load_plan, compiler)
+            plan, replanned = refocus_unreported(
+                plan, source_package(model), load_plan=load_plan, compiler=compiler
+            )
         except PlatformError as exc:  # e.g. the compiler needs a newer macOS than the plan
             return not_checked(settings, str(exc))
         source = "live"
         ane = has_neural_engine() if ane_present is None else ane_present
-        reason = "" if ane else NO_ANE_REASON
+        reason = "; ".join(
+            part
+            for part in (
+                "" if ane else NO_ANE_REASON,
+                f"{', '.join(replanned)} planned as the default function of a copy "
+                "(Core ML reported no usage for it otherwise)"
+                if replanned
+                else "",
+            )
+            if part
+        )
         report_only = report_only or not ane
     lenient = plan_file is None  # a live plan of the package compiled here
     if save_plan_to is not None:
