@@ -188,7 +188,8 @@ def replay_bundle(
     claimed = data["residency"]
     _same(claimed.get("status"), residency.status, "residency status", where)
     _same(claimed.get("passed"), residency.passed, "residency passed", where)
-    _same(claimed.get("counts"), residency.counts.to_dict(), "residency counts", where)
+    counts = residency.counts.to_dict() if residency.counts else None
+    _same(claimed.get("counts"), counts, "residency counts", where)
     per_function = {
         name: {k: v for k, v in f.items() if k in ("counts", "passed")}
         for name, f in (claimed.get("functions") or {}).items()

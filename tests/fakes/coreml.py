@@ -3,13 +3,16 @@
 The compute plan is a real `MLComputePlan` whose proxy (the part that needs Core ML) is
 replaced; its model structure is made of coremltools' real `MLModelStructure*` dataclasses and
 its devices subclass coremltools' real device classes, so `isinstance` checks and attribute
-names are exactly those of coremltools 9.
+names are exactly those of coremltools 9. What Core ML itself decides is modelled as what it
+may do, not as what anechain expects: the compiler may rename, fuse or drop ops
+(`CompilerEdits`), and a function other than the default may get no device usage
+(`plan_for_package(unreported=...)`); tests run under each.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,17 @@ from coremltools.models.compute_plan import (
     MLModelStructureProgramValue,
     MLModelStructureProgramValueType,
 )
+from tests.fakes.coreml_model import (  # the compiler, compiled models and states
+    FakeCompiler,
+    mil_compiled_model,
+    mil_loader,
+    toy_shard_model,
+)
+
+from anechain.compile import Compiler
+
+# Re-exported for the tests that import them from here.
+__all__ = ["FakeCompiler", "mil_compiled_model", "mil_loader", "toy_shard_model"]
 
 # --- devices ----------------------------------------------------------------------------------
 
@@ -75,16 +89,24 @@ class Op:
 
 
 class FakeComputePlanProxy:
-    """Stands in for coremltools' `_MLComputePlanProxy`: answers per op object."""
+    """Stands in for coremltools' `_MLComputePlanProxy`: answers per op object.
 
-    def __init__(self, functions: dict[str, Sequence[Op]]) -> None:
+    `unreported` functions get no device usage and no cost for any op (`None`, which
+    coremltools documents as "the usage couldn't be determined"): what Core ML may answer for
+    the ops of a function other than the default one, since `MLComputePlan.load_from_path`
+    builds its configuration without a function name (mac-bridge-audit #2)."""
+
+    def __init__(self, functions: dict[str, Sequence[Op]], unreported: Sequence[str] = ()) -> None:
         self._usage: dict[int, MLComputePlanDeviceUsage | None] = {}
         self._cost: dict[int, MLComputePlanCost | None] = {}
         self._keep: list[Any] = []  # keeps ops alive so their ids stay unique
         self.usage_queries = 0
+        assert set(unreported) <= set(functions), f"no function {set(unreported)}"
         program = MLModelStructureProgram(
             functions={
-                name: MLModelStructureProgramFunction(inputs=[], block=self._block(ops))
+                name: MLModelStructureProgramFunction(
+                    inputs=[], block=self._block(_silenced(ops) if name in unreported else ops)
+                )
                 for name, ops in functions.items()
             }
         )
@@ -138,6 +160,13 @@ class FakeComputePlanProxy:
 
     def get_estimated_cost_for_mlprogram_operation(self, operation: Any) -> Any:
         return self._cost[id(operation)]
+
+
+def _silenced(ops: Sequence[Op]) -> list[Op]:
+    """The same ops with no device usage and no cost (nested blocks too)."""
+    return [
+        replace(o, preferred=None, cost=None, blocks=[_silenced(b) for b in o.blocks]) for o in ops
+    ]
 
 
 def make_plan(main: Sequence[Op], **other_functions: Sequence[Op]) -> MLComputePlan:
@@ -215,22 +244,132 @@ def plan_ops_for_package(
     return ops_of(fn.block_specializations[fn.opset])
 
 
+@dataclass(frozen=True)
+class CompilerEdits:
+    """What the Core ML compiler may make of a program before `MLModelStructure` shows it:
+    Core ML reads the structure from the compiled model and promises no mirror of the source
+    program (mac-bridge-audit #3). Each edit keeps the program's dataflow: readers of a
+    renamed, dropped or fused op read its replacement.
+
+    - `rename(name) -> name` for the outputs of ops of the kinds in `rename_types` (empty:
+      every kind), constants included;
+    - `drop`: ops of these kinds (view-only: `reshape`, `expand_dims`) or names removed,
+      readers rewired to the op's `x`;
+    - `fuse`: `(first, second)` pairs; an op of kind `second` right after the `first` it
+      reads become one op `first_second` (an op the program lacks).
+    """
+
+    rename: Any = None
+    rename_types: frozenset[str] = frozenset()
+    drop: frozenset[str] = frozenset()
+    fuse: tuple[tuple[str, str], ...] = ()
+
+    def apply(self, ops: list[Op]) -> list[Op]:
+        alias: dict[str, str] = {}  # program variable -> the plan's
+        return self._block(ops, alias)
+
+    def _block(self, ops: list[Op], alias: dict[str, str]) -> list[Op]:
+        out: list[Op] = []
+        i = 0
+        while i < len(ops):
+            op = ops[i]
+            kind = op.type.rsplit(".", 1)[-1]
+            inputs = {k: [alias.get(n, n) for n in v] for k, v in op.inputs.items()}
+            if (kind in self.drop or op.name in self.drop) and op.name and inputs.get("x"):
+                alias[op.name] = inputs["x"][0]
+                i += 1
+                continue
+            nxt = ops[i + 1] if i + 1 < len(ops) else None
+            if (
+                nxt is not None
+                and (kind, nxt.type.rsplit(".", 1)[-1]) in self.fuse
+                and op.name in {n for v in nxt.inputs.values() for n in v}
+            ):
+                second = {
+                    k: [alias.get(n, n) for n in v if n != op.name] for k, v in nxt.inputs.items()
+                }
+                fused_inputs = {**{f"a_{k}": v for k, v in inputs.items()}}
+                fused_inputs.update({f"b_{k}": v for k, v in second.items() if v})
+                opset = op.type.rsplit(".", 1)[0] + "." if "." in op.type else ""
+                fused_kind = f"{opset}{kind}_{nxt.type.rsplit('.', 1)[-1]}"
+                out.append(replace(nxt, type=fused_kind, inputs=fused_inputs))
+                i += 2
+                continue
+            name = op.name
+            if (
+                name
+                and self.rename is not None
+                and (not self.rename_types or kind in self.rename_types)
+            ):
+                name = self.rename(name)
+                alias[op.name] = name
+            blocks = [self._block(list(b), alias) for b in op.blocks]
+            out.append(replace(op, name=name, inputs=inputs, blocks=blocks))
+            i += 1
+        return out
+
+
+# The compiler differences a test can ask for (each legitimate).
+RENAMED = CompilerEdits(rename=lambda n: f"{n}_cast_fp16")
+VIEWS_DROPPED = CompilerEdits(drop=frozenset({"reshape", "expand_dims"}))
+SILU_MUL_FUSED = CompilerEdits(fuse=(("silu", "mul"),))
+
+
 def plan_for_package(
-    package: Path, place: Any = anemll_placement, **place_in: Any
+    package: Path,
+    place: Any = anemll_placement,
+    *,
+    edits: CompilerEdits | None = None,
+    unreported: Sequence[str] = (),
+    **place_in: Any,
 ) -> MLComputePlan:
     """A real coremltools MLComputePlan of `package`, devices chosen by `place` (or, for the
     function named, by `place_in[function]`): one plan function per program function
-    (`main`, or `decode` and `prefill`), as Core ML's."""
+    (`main`, or `decode` and `prefill`), as Core ML's. `edits` changes the program as a
+    compiler may; `unreported` functions get no device usage (FakeComputePlanProxy)."""
     from anechain.package import load_spec
 
     functions = sorted(load_spec(package).mlProgram.functions)
     unknown = set(place_in) - set(functions)
     assert not unknown, f"{package} has no function {unknown}"
     plan = object.__new__(MLComputePlan)  # __init__ insists on the native proxy type
-    plan.__proxy__ = FakeComputePlanProxy(
-        {f: plan_ops_for_package(package, place_in.get(f, place), function=f) for f in functions}
-    )
+    ops = {f: plan_ops_for_package(package, place_in.get(f, place), function=f) for f in functions}
+    if edits is not None:
+        ops = {f: edits.apply(o) for f, o in ops.items()}
+    plan.__proxy__ = FakeComputePlanProxy(ops, unreported)
     return plan
+
+
+class DefaultFunctionCoreML:
+    """Core ML as it may behave: the plan of a compiled model gives device usage for the ops of
+    its default function only (the bridge plans with no function name). `compiler` compiles
+    with FakeCompiler and records, in the fake .mlmodelc, the package it came from;
+    `load_plan` plans that package with every other function unreported."""
+
+    SOURCE = "fake-source-package.txt"
+
+    def __init__(self, place: Any = anemll_placement, edits: CompilerEdits | None = None):
+        self.fake = FakeCompiler()
+        self.place, self.edits = place, edits
+        self.defaults: list[str] = []  # the default function of each plan load
+
+    def _run(self, package: Path, dest: Path) -> None:
+        self.fake.run(package, dest)
+        (dest / self.SOURCE).write_text(str(Path(package).resolve()))
+
+    @property
+    def compiler(self) -> Compiler:
+        return Compiler("fake", self._run)
+
+    def load_plan(self, compiled: str, compute_units: str) -> MLComputePlan:
+        from anechain.package import load_spec
+
+        package = Path((Path(compiled) / self.SOURCE).read_text())
+        spec = load_spec(package)
+        default = spec.description.defaultFunctionName or "main"
+        self.defaults.append(default)
+        others = [f for f in spec.mlProgram.functions if f != default]
+        return plan_for_package(package, self.place, edits=self.edits, unreported=others)
 
 
 def layer_ops(prefix: str = "l0", conv_device: str = "ane", other_device: str = "ane") -> list[Op]:
@@ -246,15 +385,3 @@ def layer_ops(prefix: str = "l0", conv_device: str = "ane", other_device: str = 
         Op("silu", f"{prefix}_act", cost=0.02),
         Op("conv", f"{prefix}_down_proj", cost=0.2),
     ]
-
-
-# --- compiler, compiled models and states: tests/fakes/coreml_model.py -------------------------
-
-from tests.fakes.coreml_model import (  # noqa: E402  (re-exported for the tests importing here)
-    FakeCompiler,
-    mil_compiled_model,
-    mil_loader,
-    toy_shard_model,
-)
-
-__all__ = ["FakeCompiler", "mil_compiled_model", "mil_loader", "toy_shard_model"]
