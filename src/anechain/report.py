@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from anechain import __version__
-from anechain.config import Gates, LayerRange, ResidencySettings, from_dict, to_dict
+from anechain.config import (
+    Gates,
+    LayerRange,
+    ResidencySettings,
+    ValidationSettings,
+    from_dict,
+    to_dict,
+)
 from anechain.contract import KIND_HEAD, KIND_LAYERS, ShardMetadata
 from anechain.errors import ConfigError, ReportError
 from anechain.jsonio import atomic_write_json
@@ -336,6 +343,21 @@ class ValidationReport:
                     f"looser than the required {g.op} {need:g}{what}; validate "
                     f"{self.package.name} again with these gates"
                 )
+
+    def check_long(self, required: ValidationSettings, where: Path | str) -> None:
+        """ReportError if `required` asks for the long window (the runtime's run) and this
+        layer report has none, or one with fewer prompt positions or decode steps."""
+        need = required.long_window(self.meta.context_length) if self.kind == KIND_LAYERS else None
+        if need is None:
+            return
+        have = (self.long or {}).get("prompt", 0), (self.long or {}).get("decode_steps", 0)
+        if self.long is None or have[0] < need[0] or have[1] < need[1]:
+            got = "none" if self.long is None else f"{have[0]} + {have[1]}"
+            raise ReportError(
+                f"report {where}: the config requires a long window of {need[0]} prompt "
+                f"positions + {need[1]} decode steps, the report has {got}; validate "
+                f"{self.package.name} again with this config"
+            )
 
     # -- JSON --
 
