@@ -7,6 +7,7 @@ position and the KV cache are compared with transformers in fp32. Shards are exp
 the work dir (reused when there), validated with the MIL runner and the config's gates.
 
     python scripts/bench_long.py --model smollm2 [--workdir DIR] [--long-tokens N]
+        [--context 1024] [--prefill-tokens 64] [--quantization none] [--ranges 0:10]
     python scripts/bench_long.py --model tiny
 """
 
@@ -50,6 +51,7 @@ def main() -> None:
     p.add_argument("--long-tokens", type=int, help="default: the context minus long_steps")
     p.add_argument("--quantization", choices=("int8", "none"))
     p.add_argument("--prefill-tokens", type=int, help="T; 0: decode-only shards")
+    p.add_argument("--context", type=int, help="export.context_length (default: the config's)")
     p.add_argument("--ranges", nargs="*", help="layer ranges (default: the config's topology)")
     args = p.parse_args()
 
@@ -66,6 +68,8 @@ def main() -> None:
         export = dataclasses.replace(export, quantization=args.quantization)
     if args.prefill_tokens is not None:
         export = dataclasses.replace(export, prefill_tokens=args.prefill_tokens)
+    if args.context is not None:
+        export = dataclasses.replace(export, context_length=args.context)
     settings = config.validation
     if args.long_tokens is not None:
         settings = dataclasses.replace(settings, long_tokens=args.long_tokens)
@@ -77,7 +81,7 @@ def main() -> None:
     specs = {s.name: s for s in LONG_GATES}
     for text in args.ranges or export.topology:
         r = LayerRange.parse(text)
-        tag = f"{export.quantization}_T{export.prefill_tokens}"
+        tag = f"{export.quantization}_T{export.prefill_tokens}_c{export.context_length}"
         pkg = work / f"layers_{r.start}_{r.end}_{tag}.mlpackage"
         if not pkg.exists():
             export_shard(ckpt, LayerSpec(r, pkg), export)

@@ -89,7 +89,8 @@ def test_a_correct_two_function_shard_passes_every_position(
     )
     # ... and the very outputs the report's per-position figures were measured on.
     np.testing.assert_allclose(cos, [r["cosine"] for r in rows], atol=1e-5)
-    assert {o.name for o in report.outputs} == {"early", "late", "long"}
+    assert {o.name for o in report.outputs} == {"early", "late", "prefill", "long"}
+    assert all(len(o.positions) == len(o.outputs) == len(o.fed) for o in report.outputs)
 
 
 def test_a_decode_only_shard_decodes_the_prompt_token_by_token(
@@ -279,3 +280,32 @@ def test_cli_long_tokens_option(
     result = CliRunner().invoke(cli, [*base, "--long-tokens", "61"])
     assert result.exit_code == 1 and "does not fit the context of 64" in result.output
     assert "Traceback" not in result.output
+
+
+def test_real_smollm2_passes_the_long_window_and_a_late_cache_bug_fails_it(
+    smollm2_checkpoint_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real trained model (layers 0:2, its INT8 shard, context 64, T = 4): the long
+    window passes with margin, and the offset that wraps at 32 is rejected by it alone."""
+    from anechain.checkpoint import Checkpoint
+    from anechain.config import load_config
+
+    ckpt = Checkpoint(smollm2_checkpoint_dir)
+    config = load_config(CONFIGS / "smollm2.yaml")
+    export = dataclasses.replace(config.export, context_length=64, prefill_tokens=4)
+    pkg = tmp_path / "layers_0_2.mlpackage"
+    export_shard(ckpt, LayerSpec(LayerRange(0, 2), pkg), export)
+    cache = tmp_path / "golden"
+    good = validate_shard(pkg, ckpt, config.validation, backend="mil", cache_dir=cache)
+    assert good.verdict == "pass", good.failures()
+    assert good.long is not None and good.long["prompt"] == 60
+    # Measured: long_rmse 0.0127 (<= 0.2), long_max_abs 0.043 (<= 0.5), long_kv_cosine
+    # 0.99987 (>= 0.99); with the bug long_kv_cosine 0.270, long_rmse 0.204, long_max_abs 0.65.
+    values = {g.name: g.value for g in good.gates}
+    assert values["long_rmse"] < 0.1 and values["long_max_abs"] < 0.25
+    monkeypatch.setattr(validate_prefill, "chunk_inputs", _wraps_at_32)
+    monkeypatch.setattr(validate_long, "chunk_inputs", _wraps_at_32)
+    bad = validate_shard(pkg, ckpt, config.validation, backend="mil", cache_dir=cache)
+    failed = _failed(bad)
+    assert "long_kv_cosine" in failed and all(n.startswith("long_") for n in failed), failed
+    print({n: round(v, 4) if v is not None else v for n, v in failed.items()}, values)

@@ -231,7 +231,6 @@ class ValidationSettings:
                 f"validation.calibration_seed must be in 0..{SEED_MAX}, got {self.calibration_seed}"
             )
 
-
     def long_window(self, context: int) -> tuple[int, int] | None:
         """(prompt positions, decode steps) of the long window in a context, or None (off)."""
         if self.long_tokens == 0:

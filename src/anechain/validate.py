@@ -335,6 +335,7 @@ def validate_shard(
             runner, second, meta, checkpoint, settings, cache_dir, progress
         )
         gates = gates + prefill.gates
+        outputs.append(prefill.outputs)
     long = None
     if meta.kind == KIND_LAYERS and rope is not None:  # the runtime's window
         from anechain.validate_long import run_long_golden
