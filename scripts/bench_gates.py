@@ -34,7 +34,7 @@ def main() -> None:
     from anechain.config import LayerRange, load_preset
     from anechain.export import LayerSpec, export_shard
     from anechain.golden import calibration_tokens, reference_boundaries
-    from anechain.report import GATE_SETS, PREFILL_GATES
+    from anechain.report import GATE_SETS, LONG_GATES, PREFILL_GATES
     from anechain.validate import validate_shard
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="anechain-bench-gates-"))
@@ -79,7 +79,7 @@ def main() -> None:
         f"overall: cosine {m['cosine']:.5f}, rmse {m['rmse']:.4f}, max_abs {m['max_abs']:.4f}, "
         f"worst step rel_rmse {m['rel_rmse']:.4f}, rel_max_abs {m['rel_max_abs']:.4f}"
     )
-    specs = {s.name: s for s in (*GATE_SETS["layers"], *PREFILL_GATES)}
+    specs = {s.name: s for s in (*GATE_SETS["layers"], *PREFILL_GATES, *LONG_GATES)}
     for g in report.gates:
         print(f"gate {g.name:<13} {specs[g.name].metric:<13} {g.describe()}")
     print(f"verdict: {report.verdict}")

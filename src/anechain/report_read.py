@@ -142,7 +142,8 @@ class _Parser:
             steps=self.get("steps", int),
             golden=golden,
             prefill=self.prefill(meta.functions),  # before the gates that read it
-            gates=self.gates(kind, meta.functions),
+            long=(long := self.long(kind)),
+            gates=self.gates(kind, meta.functions, long is not None),
             residency=self.residency(),
             created=self.get("created", str),
             versions=self.get("versions", dict),
@@ -192,10 +193,10 @@ class _Parser:
         except (TypeError, ValueError):
             raise self.fail("is malformed: golden.layer_max_abs is not layer -> number") from None
 
-    def gates(self, kind: str, functions: dict[str, int]) -> tuple[Gate, ...]:
+    def gates(self, kind: str, functions: dict[str, int], long: bool = False) -> tuple[Gate, ...]:
         """The package's mandatory gates, each recomputed; refuses a missing, unknown,
         duplicate, re-defined or inconsistent gate. Stored `passed` flags are never read."""
-        specs = {s.name: s for s in gate_specs(kind, functions)}
+        specs = {s.name: s for s in gate_specs(kind, functions, long)}
         entries = self.get("gates", list)
         seen: dict[str, Gate] = {}
         for entry in entries:
@@ -245,6 +246,19 @@ class _Parser:
         if FUNCTION_PREFILL in functions and prefill is None:
             raise self.fail("names a prefill function but has no prefill validation")
         return prefill
+
+    def long(self, kind: str) -> dict[str, Any] | None:
+        """The long window (validate_long), or None; its gates are then mandatory, and
+        whether a config needs one is manifest build's question (`check_long`)."""
+        long = self.get("long", (dict, _NONE)) if "long" in self.data else None
+        if long is not None and kind != KIND_LAYERS:
+            raise self.fail("is malformed: a head report has a long window")
+        if long is not None:
+            for key in ("prompt", "decode_steps"):
+                value = self.get(f"long.{key}", int)
+                if value < (1 if key == "decode_steps" else 0):
+                    raise self.fail(f"is malformed: long.{key} is {value}")
+        return long
 
     def residency(self) -> dict[str, Any]:
         residency = self.get("residency", dict)

@@ -125,6 +125,7 @@ def run_golden(
     cache_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
     rope: RopeParameters | None = None,
+    outputs: list[Any] | None = None,
 ) -> tuple[Golden, tuple[Gate, ...]]:
     """The decode loop: reference in, shard out, compared per step, per layer (when the
     runner exposes layer outputs), and for the KV cache read back from the shard's state.
@@ -132,6 +133,7 @@ def run_golden(
     Two windows: the first `steps` positions from an empty cache, and `late_steps` at the
     end of the context with the cache filled from the reference before them. The host
     inputs come from the package's rope metadata (`rope`, read and checked if not given).
+    Each window's outputs are appended to `outputs` (validate_long.WindowOutputs) if given.
     """
     rope = rope or package_rope(meta, checkpoint, "the package")
     context = meta.context_length
@@ -195,6 +197,19 @@ def run_golden(
                 for k, c in enumerate(layers)
             ]
 
+    if outputs is not None:
+        from anechain.validate_long import WindowOutputs
+
+        outputs += [
+            WindowOutputs(
+                w.name,
+                tuple(tokens),
+                np.asarray(w.positions),
+                np.stack(w.fed),
+                np.stack(w.outputs),
+            )
+            for w in windows
+        ]
     by_window = {
         w.name: compare_shard(
             np.stack(w.fed), np.stack(w.outputs), ref_in[w.positions], ref_out[w.positions]
@@ -230,6 +245,11 @@ def run_golden(
         layers=layers,
     )
     return golden, gates
+
+
+def reference_length(settings: ValidationSettings, context: int) -> int:
+    """How long a calibration sequence the decode windows compare against."""
+    return _windows(settings, context)[-1].positions.stop
 
 
 def _layer_metrics(
@@ -284,6 +304,7 @@ def validate_shard(
     if progress:
         progress(f"[{meta.layers or 'head'}] loading {package.name} with the {backend} runner")
     runner = open_runner(backend, package, **(runner_options or {}))
+    outputs: list[Any] = []  # the shard's outputs per window, for next-token verdicts
     residency_report = check_residency(
         package,
         opts.settings,
@@ -302,8 +323,10 @@ def validate_shard(
             first_nonfinite=head["first_nonfinite"],
         )
     else:
-        golden, gates = run_golden(runner, meta, checkpoint, settings, cache_dir, progress, rope)
-    prefill = None
+        golden, gates = run_golden(
+            runner, meta, checkpoint, settings, cache_dir, progress, rope, outputs
+        )
+    prefill = second = None
     if meta.prefill_tokens:  # a two-function package: prefill, then decode from its cache
         from anechain.validate_prefill import open_prefill_runner, run_prefill_golden
 
@@ -312,6 +335,18 @@ def validate_shard(
             runner, second, meta, checkpoint, settings, cache_dir, progress
         )
         gates = gates + prefill.gates
+        outputs.append(prefill.outputs)
+    long = None
+    if meta.kind == KIND_LAYERS and rope is not None:  # the runtime's window
+        from anechain.validate_long import run_long_golden
+
+        length = reference_length(settings, meta.context_length)
+        long = run_long_golden(
+            runner, second, meta, checkpoint, settings, rope, length, cache_dir, progress
+        )
+        if long is not None:
+            gates = gates + long.gates
+            outputs.append(long.outputs)
     return ValidationReport(
         package=package,
         package_sha256=sha256_tree(package),
@@ -323,4 +358,6 @@ def validate_shard(
         gates=gates,
         residency=residency_report,
         prefill=prefill.to_dict() if prefill is not None else None,
+        long=long.to_dict() if long is not None else None,
+        outputs=tuple(outputs),
     )

@@ -67,6 +67,7 @@ class PrefillGolden:
     decode_metrics: dict[str, Any]  # prefill 0..P-1 then decode P..S-1, as one run
     per_position: list[dict[str, Any]]
     gates: tuple[Gate, ...] = ()
+    outputs: Any = None  # validate_long.WindowOutputs "prefill": every position, not written
 
     @property
     def passed(self) -> bool:
@@ -162,7 +163,16 @@ def run_prefill_golden(
     # report.PREFILL_GATES: the decode gates on each part, read where the report keeps them.
     evidence = {"prefill": {"metrics": metrics, "kv": kv, "decode_metrics": decode_metrics}}
     gates = evaluate_specs(evidence, settings.gates, PREFILL_GATES)
-    return PrefillGolden(t, chunks, metrics, kv, decode_metrics, per_position, gates)
+    from anechain.validate_long import WindowOutputs
+
+    outputs = WindowOutputs(
+        "prefill",
+        tuple(tokens),
+        np.arange(len(tokens)),
+        np.concatenate([a_in, np.stack(d_in)]),
+        np.concatenate([a_out, np.stack(d_out)]),
+    )
+    return PrefillGolden(t, chunks, metrics, kv, decode_metrics, per_position, gates, outputs)
 
 
 def open_prefill_runner(

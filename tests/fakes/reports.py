@@ -22,7 +22,14 @@ from anechain.contract import (
 )
 from anechain.fsutil import sha256_tree
 from anechain.package import package_size
-from anechain.report import PREFILL_GATES, Golden, ValidationReport, evaluate_gates, evaluate_specs
+from anechain.report import (
+    LONG_GATES,
+    PREFILL_GATES,
+    Golden,
+    ValidationReport,
+    evaluate_gates,
+    evaluate_specs,
+)
 from anechain.residency import ResidencyCounts, ResidencyReport
 
 TINY = {
@@ -117,9 +124,11 @@ def layer_report(
     residency: str = "checked",
     gates: Gates | None = None,
     prefill_tokens: int = 0,
+    long: tuple[int, int] | None = (-4, 4),
 ) -> ValidationReport:
     """The report `anechain validate shard` would write for layer shard `pkg` (with a prefill
-    function of `prefill_tokens` tokens if not 0)."""
+    function of `prefill_tokens` tokens if not 0), with a long window of `long` = (prompt
+    positions, decode steps) (a negative prompt: the context minus it) unless None."""
     rng = LayerRange.parse(layers)
     architecture = Architecture(**arch)
     meta = ShardMetadata(
@@ -147,6 +156,17 @@ def layer_report(
             "decode_metrics": dict(LAYER_METRICS),
         }
         gate_list += evaluate_specs({"prefill": prefill}, gates or Gates(), PREFILL_GATES)
+    long_window = None
+    if long is not None:
+        prompt = long[0] if long[0] >= 0 else context + long[0]
+        long_window = {
+            "prompt": prompt,
+            "decode_steps": long[1],
+            "function": "prefill" if prefill_tokens else "decode",
+            "tokens": prefill_tokens or 1,
+            "metrics": dict(LAYER_METRICS),
+        }
+        gate_list += evaluate_specs({"long": long_window}, gates or Gates(), LONG_GATES)
     return ValidationReport(
         package=pkg,
         package_sha256=sha256_tree(pkg),
@@ -154,6 +174,7 @@ def layer_report(
         meta=meta,
         backend="mil",
         steps=4,
+        long=long_window,
         golden=Golden(
             metrics=metrics,
             per_step=[{"step": 0, **metrics}],

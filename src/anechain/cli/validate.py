@@ -84,6 +84,17 @@ def render_report(report: dict) -> str:
     if prefill:  # the prefill_* gates above: chunks at offset+rows, then decode from them
         chunks = ", ".join(f"{o}+{n}" for o, n in prefill["chunks"])
         lines.append(f"prefill T={prefill['tokens']}: chunks {chunks}, then decode from that cache")
+    long = report.get("long")
+    if long:  # the long_* gates above: the runtime's run
+        how = (
+            f"prefill T={long['tokens']} ({len(long['chunks'])} chunks)"
+            if long["function"] == "prefill"
+            else "decode, token by token"
+        )
+        lines.append(
+            f"long window: {long['prompt']} prompt positions through {how}, then "
+            f"{long['decode_steps']} decode steps from that cache"
+        )
     status = report["residency"]["status"]
     caveat = {
         "not_checked": " (residency not checked)",
@@ -113,6 +124,13 @@ def validate() -> None:
     "anechain YAML config for steps, calibration and gates (default: the phi-4-mini preset)."
 )
 @click.option("--steps", type=AsciiIntRange(min=1), help="Decode steps to compare.")
+@click.option(
+    "--long-tokens",
+    type=AsciiIntRange(min=0),
+    help="Prompt positions of the long window (the runtime's run: prefill through the "
+    "shard's own cache, then decode); 0: no long window. Default: validation.long_tokens, "
+    "else the context minus validation.long_steps.",
+)
 @click.option(
     "--compute-units",
     type=click.Choice(COMPUTE_UNITS),
@@ -157,6 +175,7 @@ def validate_shard_cmd(
     backend: str,
     config_path: Path | None,
     steps: int | None,
+    long_tokens: int | None,
     compute_units: str,
     report_path: Path | None,
     min_cosine: float | None,
@@ -202,6 +221,8 @@ def validate_shard_cmd(
         )
     if steps is not None:
         settings = dataclasses.replace(settings, steps=steps)
+    if long_tokens is not None:
+        settings = dataclasses.replace(settings, long_tokens=long_tokens)
 
     from anechain.residency import live_plan_available
 
