@@ -1,0 +1,359 @@
+"""The report pages' content: a shard's sections, and the model and plan index pages that
+embed every shard's (html_report.py holds the page primitives and what is read from a
+report)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from anechain import report_figures as figs
+from anechain.fsutil import human_size
+from anechain.html_report import (
+    Entry,
+    anchor_of,
+    badge,
+    esc,
+    fmt,
+    gate_bounds,
+    kl_values,
+    layer_deltas,
+    layer_peaks,
+    note,
+    page,
+    section,
+    shard_name,
+    step_series,
+    table,
+    window_rows,
+)
+
+_STATUS = {"checked": "checked", "report_only": "report only", "not_checked": "not checked"}
+
+
+# ---- one shard ----------------------------------------------------------------------------
+
+
+def failure_box(report: Mapping[str, Any]) -> str:
+    failed = [g for g in report.get("gates", []) if not g.get("passed")]
+    res = report.get("residency") or {}
+    lines = [
+        f"{g['name']}: {fmt(g.get('value'))} (bound {g.get('op')} {fmt(g.get('bound'))})"
+        for g in failed
+    ]
+    if res.get("passed") is False:
+        lines.append("residency: " + ("; ".join(res.get("failures") or []) or "failed"))
+    first = (report.get("golden") or {}).get("first_nonfinite")
+    if first:
+        where = f" in layer {first['layer']}" if first.get("layer") is not None else ""
+        op = f" at op {first['op']} ({first.get('op_type')})" if first.get("op") else ""
+        lines.append(f"first non-finite value: step {first.get('step')}{where}{op}")
+    if not lines:
+        return ""
+    items = "".join(f"<li>{esc(line)}</li>" for line in lines)
+    return f'<div class="failure"><strong>Failed</strong><ul>{items}</ul></div>'
+
+
+def gates_section(report: Mapping[str, Any], anchor: str) -> str:
+    gates = report.get("gates", [])
+    rows = [
+        [g["name"], g.get("value"), f"{g.get('op')} {fmt(g.get('bound'))}", _pf(g.get("passed"))]
+        for g in gates
+    ]
+    body = table(["gate", "value", "bound", "result"], rows, [not g.get("passed") for g in gates])
+    return section("gates", "Gates", body, anchor)
+
+
+def _pf(passed: Any) -> str:
+    return "pass" if passed is True else "FAIL" if passed is False else "-"
+
+
+def activations_section(peaks: Mapping[int, float | None], anchor: str, name: str) -> str:
+    if not peaks:
+        body = note(
+            "not measured: the runner exposes no per-layer activations (the mil runner does)"
+        )
+    else:
+        svg = figs.to_svg(figs.activation_figure(peaks), f"{name}-activations")
+        worst = max((v for v in peaks.values() if v is not None), default=None)
+        nonfinite = [k for k, v in peaks.items() if v is None]
+        headroom = (
+            f"largest: {fmt(worst)} ({figs.FP16_MAX / worst:.3g}x below the fp16 limit)"
+            if worst
+            else ""
+        )
+        extra = f"; non-finite in layer(s) {', '.join(map(str, nonfinite))}" if nonfinite else ""
+        body = svg + f'<p class="meta">{esc(headroom + extra)}</p>'
+    return section("activations", "Largest |activation| per layer", body, anchor)
+
+
+def errors_section(report: Mapping[str, Any], anchor: str, name: str) -> str:
+    series = step_series(report)
+    parts = []
+    if series:
+        fig = figs.step_figure(series, gate_bounds(report))
+        parts.append(figs.to_svg(fig, f"{name}-errors"))
+    else:
+        parts.append(note("no per-step errors in this report"))
+    headers, rows = window_rows(report)
+    if rows:
+        parts.append("<h3>Per window, all steps together</h3>" + table(headers, rows))
+    if report.get("kind") == "head":
+        steps = (report.get("golden") or {}).get("per_step") or []
+        flips = [s for s in steps if s.get("token") != s.get("expected")]
+        parts.append(
+            f'<p class="meta">top-1 tokens: {len(steps) - len(flips)}/{len(steps)} as '
+            f"transformers' ({len(flips)} flipped)</p>"
+        )
+        if flips:
+            parts.append(
+                table(
+                    ["step", "token", "transformers", "margin (logit std)"],
+                    [[s.get("step"), s.get("token"), s.get("expected"), s.get("margin")] for s in flips],
+                )
+            )
+    return section("errors", "Per-step errors", "".join(parts), anchor)
+
+
+def delta_section(
+    deltas: Mapping[int, float | None], bound: float | None, anchor: str, name: str
+) -> str:
+    if not deltas:
+        body = note("not measured: the runner exposes no per-layer outputs (the mil runner does)")
+    else:
+        svg = figs.to_svg(figs.delta_figure(deltas, bound), f"{name}-delta")
+        rows = [[k, v] for k, v in sorted(deltas.items())]
+        bad = [v is None or (bound is not None and v < bound) for _, v in rows]
+        body = svg + table(["layer", "delta cosine"], rows, bad)
+    return section("delta-cosine", "Per-layer delta cosine", body, anchor)
+
+
+def kl_section(found: Sequence[tuple[str, Any]], anchor: str) -> str:
+    body = table(["where", "KL"], [list(f) for f in found]) if found else note("not measured")
+    return section("next-token-kl", "Next-token KL", body, anchor)
+
+
+def residency_section(report: Mapping[str, Any], anchor: str, name: str) -> str:
+    res = report.get("residency") or {}
+    status = str(res.get("status"))
+    label = _STATUS.get(status, status)
+    if status == "not_checked":  # never drawn as zeros: nothing was counted
+        reason = res.get("reason") or ""
+        body = f"<p><strong>not checked</strong>{esc(': ' + reason if reason else '')}</p>"
+        return section("residency", "Residency", body, anchor)
+    functions = res.get("functions") or {
+        "/".join(report.get("functions") or {}) or "package": res
+    }
+    counts = {f: r["counts"] for f, r in functions.items() if r.get("counts")}
+    rows, bad = [], []
+    for f, r in functions.items():
+        c = r.get("counts") or {}
+        verdict = "report only" if status == "report_only" else _pf(r.get("passed"))
+        rows.append(
+            [
+                f,
+                f"{c.get('compute_ane', '?')}/{c.get('compute_total', '?')}",
+                c.get("compute_cpu"),
+                c.get("compute_gpu"),
+                f"{c.get('conv_ane', '?')}/{c.get('conv_total', '?')}",
+                f"{c.get('plumbing_non_ane', '?')}/{c.get('plumbing_total', '?')}",
+                c.get("index_ops"),
+                c.get("state_ops"),
+                verdict,
+            ]
+        )
+        bad.append(r.get("passed") is False and status == "checked")
+    headers = [
+        "function",
+        "compute on ANE",
+        "on CPU",
+        "on GPU",
+        "conv on ANE",
+        "plumbing off ANE",
+        "index ops",
+        "state ops",
+        "result",
+    ]
+    source = res.get("plan_source") or ""
+    head = f"<p><strong>{esc(label)}</strong>"
+    head += esc(f" (plan: {source})") if source else ""
+    if status == "report_only":
+        head += esc(" - counted, not gated: this Mac's Core ML lists no Neural Engine")
+    head += "</p>"
+    svg = figs.to_svg(figs.residency_figure(counts), f"{name}-residency") if counts else ""
+    fails = res.get("failures") or []
+    fail_list = (
+        "<ul>" + "".join(f"<li>{esc(f)}</li>" for f in fails) + "</ul>" if fails else ""
+    )
+    return section("residency", "Residency", head + table(headers, rows, bad) + svg + fail_list, anchor)
+
+
+def shard_body(report: Mapping[str, Any], anchor: str = "", per_layer: bool = True) -> str:
+    """A shard's sections; `per_layer` False leaves the per-layer figures to the model page."""
+    name = shard_name(report)
+    ident = anchor.rstrip("-") or "shard"
+    pkg = report.get("package") or {}
+    verdict = str(report.get("verdict"))
+    meta = (
+        f"{esc(pkg.get('path', ''))} &middot; layers {esc(report.get('layers') or 'head')}"
+        f" of {esc(report.get('num_hidden_layers'))} &middot; "
+        f"{esc(human_size(pkg['size_bytes']) if 'size_bytes' in pkg else '?')} &middot; "
+        f"backend {esc(report.get('backend'))} &middot; {esc(report.get('steps'))} steps"
+        f" &middot; functions {esc(', '.join(report.get('functions') or {}))}"
+    )
+    parts = [
+        f"<h2 id=\"{esc(ident)}\">{esc(report.get('kind'))} {esc(name)} {badge(verdict)}</h2>",
+        f'<p class="meta">{meta}</p>',
+        failure_box(report),
+        gates_section(report, anchor),
+    ]
+    delta_bound = next(
+        (g["bound"] for g in report.get("gates", []) if g["name"] == "layer_delta_cosine"), None
+    )
+    if report.get("kind") == "layers" and per_layer:
+        parts.append(activations_section(layer_peaks(report), anchor, ident))
+    parts.append(errors_section(report, anchor, ident))
+    if report.get("kind") == "layers" and per_layer:
+        parts.append(delta_section(layer_deltas(report), delta_bound, anchor, ident))
+    if per_layer:
+        parts.append(kl_section(kl_values(report), anchor))
+    parts.append(residency_section(report, anchor, ident))
+    versions = ", ".join(f"{k} {v}" for k, v in (report.get("versions") or {}).items())
+    parts.append(f'<p class="meta">{esc(report.get("created", ""))} &middot; {esc(versions)}</p>')
+    return f'<div class="shard" data-verdict="{esc(verdict)}">{"".join(parts)}</div>'
+
+
+def shard_page(report: Mapping[str, Any]) -> str:
+    """The page of one validated package (a report's JSON, `ValidationReport.to_dict()`)."""
+    title = f"anechain: {report.get('package', {}).get('path', shard_name(report))}"
+    head = f"<h1>{esc(title)}</h1>"
+    return page(title, head + shard_body(report))
+
+
+# ---- a model: build and plan --------------------------------------------------------------
+
+
+def _merged(entries: Sequence[Entry], what: Any) -> dict[int, float | None]:
+    out: dict[int, float | None] = {}
+    for e in entries:
+        if e.report is not None and e.report.get("kind") == "layers":
+            out.update(what(e.report))
+    return out
+
+
+def model_page(
+    title: str,
+    entries: Sequence[Entry],
+    num_layers: int,
+    summary: str = "",
+    extra: str = "",
+) -> str:
+    """An index page: the topology, model-wide per-layer figures, then every shard's
+    sections, each under its own anchor. `summary`/`extra` are HTML (already escaped)."""
+    layered = [e for e in entries if e.report is not None and e.report.get("layers")]
+    segments = []
+    for e in layered:
+        start, end = (int(x) for x in str(e.report["layers"]).split(":"))  # type: ignore[index]
+        size = human_size(e.size_bytes) if e.size_bytes is not None else "?"
+        segments.append(figs.Segment(start, end, e.name, size, e.verdict or "-"))
+    verdicts = [e.verdict for e in entries if e.report is not None]
+    overall = "pass" if verdicts and all(v == "pass" for v in verdicts) else "fail"
+    nav = "".join(
+        f'<a href="#{esc(anchor_of(e.name).rstrip("-"))}">{esc(e.name)}</a>'
+        for e in entries
+        if e.report is not None
+    )
+    rows = [
+        [e.name, e.file, human_size(e.size_bytes) if e.size_bytes is not None else "-",
+         e.verdict or "-", e.note]
+        for e in entries
+    ]
+    body = [
+        f"<h1>{esc(title)} {badge(overall)}</h1>",
+        summary,
+        f"<nav>{nav}</nav>",
+        section(
+            "topology",
+            "Topology",
+            (figs.to_svg(figs.topology_figure(segments, num_layers), "topology") if segments else "")
+            + table(
+                ["artifact", "file", "size", "verdict", ""], rows, [e.verdict == "fail" for e in entries]
+            ),
+        ),
+        activations_section(_merged(entries, layer_peaks), "", "model"),
+        delta_section(
+            _merged(entries, layer_deltas), _delta_bound(entries), "", "model"
+        ),
+        kl_section(
+            [(f"{e.name}: {w}", v) for e in entries if e.report for w, v in kl_values(e.report)], ""
+        ),
+        extra,
+    ]
+    shards = "".join(
+        shard_body(e.report, anchor_of(e.name), per_layer=False)
+        for e in entries
+        if e.report is not None
+    )
+    body.append(f'<section data-section="shards" id="shards"><h2>Shards</h2>{shards}</section>')
+    return page(title, "".join(body))
+
+
+def _delta_bound(entries: Sequence[Entry]) -> float | None:
+    for e in entries:
+        for g in (e.report or {}).get("gates", []):
+            if g["name"] == "layer_delta_cosine":
+                return float(g["bound"])
+    return None
+
+
+def build_page(result: Any) -> str:
+    """`build`'s index page (a build.BuildResult)."""
+    entries = [
+        Entry(
+            a.name,
+            a.path.name,
+            a.size_bytes,
+            a.report.to_dict() if a.report is not None else None,
+            "reused" if a.reused else "built",
+        )
+        for a in result.artifacts
+    ]
+    num_layers = max(
+        (e.report.get("num_hidden_layers") or 0 for e in entries if e.report), default=0
+    )
+    lines = [f"checkpoint {result.checkpoint}"]
+    lines.append(f"manifest {result.manifest.name}" if result.manifest else "no manifest: a shard failed")
+    g = result.generation
+    if g is not None:
+        lines.append(
+            f"generation: {len(g.tokens)} tokens, {'identical to' if g.exact else 'differs from'} "
+            f"transformers' greedy; teacher-forced agreement {g.agreement:.3f} (>= "
+            f"{g.min_agreement:g}), largest flip margin {g.max_flip_margin:.3f} (<= {g.bound:g}): "
+            f"{'pass' if g.passed else 'FAIL'}"
+        )
+    summary = "".join(f'<p class="meta">{esc(line)}</p>' for line in lines)
+    return model_page(f"anechain build: {result.out_dir.name}", entries, num_layers, summary)
+
+
+def plan_page(outcome: Any, num_layers: int) -> str:
+    """`plan`'s page (a plan.PlanOutcome): the chosen topology, every range tried."""
+    from anechain.report_read import read_report
+
+    entries = []
+    for r, path in zip(outcome.search.topology, outcome.reports, strict=True):
+        _, report = read_report(path)
+        entries.append(Entry(str(r), report.package.name, report.size_bytes, report.to_dict()))
+    rows, bad = [], []
+    for n, a in enumerate(outcome.search.attempts, start=1):
+        res = a.result
+        verdict = "pass" if res.passed else "FAIL " + ", ".join(res.failed_gates)
+        size = human_size(res.size_bytes) if res.size_bytes is not None else "-"
+        rows.append([n, str(a.layers), size, a.phase, res.residency or "-", verdict, a.decision, res.reason])
+        bad.append(not res.passed)
+    attempts = section(
+        "attempts",
+        f"Ranges tried ({len(rows)})",
+        table(["#", "layers", "size", "phase", "residency", "result", "decision", "why"], rows, bad),
+    )
+    summary = f'<p class="meta">manifest {esc(outcome.manifest_path.name)}</p>'
+    return model_page("anechain plan", entries, num_layers, summary, attempts)
