@@ -5,6 +5,7 @@ report)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from anechain import report_figures as figs
@@ -37,10 +38,7 @@ _STATUS = {"checked": "checked", "report_only": "report only", "not_checked": "n
 def failure_box(report: Mapping[str, Any]) -> str:
     failed = [g for g in report.get("gates", []) if not g.get("passed")]
     res = report.get("residency") or {}
-    lines = [
-        f"{g['name']}: {fmt(g.get('value'))} (bound {g.get('op')} {fmt(g.get('bound'))})"
-        for g in failed
-    ]
+    lines = [f"gates: {', '.join(g['name'] for g in failed)}"] if failed else []
     if res.get("passed") is False:
         lines.append("residency: " + ("; ".join(res.get("failures") or []) or "failed"))
     first = (report.get("golden") or {}).get("first_nonfinite")
@@ -55,33 +53,61 @@ def failure_box(report: Mapping[str, Any]) -> str:
 
 
 def gates_section(report: Mapping[str, Any], anchor: str) -> str:
-    gates = report.get("gates", [])
-    rows = [
-        [g["name"], g.get("value"), f"{g.get('op')} {fmt(g.get('bound'))}", _pf(g.get("passed"))]
-        for g in gates
-    ]
-    body = table(["gate", "value", "bound", "result"], rows, [not g.get("passed") for g in gates])
-    return section("gates", "Gates", body, anchor)
+    """Every gate, grouped by the run it judges (side by side: a long list is hard to read)."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for g in report.get("gates", []):
+        name = str(g["name"])
+        run = (
+            "decode after prefill"
+            if name.startswith("prefill_decode_")
+            else "prefill"
+            if name.startswith("prefill_")
+            else "decode"
+        )
+        groups.setdefault(run, []).append(g)
+    tables = []
+    for run, gates in groups.items():
+        rows = [
+            [
+                g["name"],
+                g.get("value"),
+                f"{g.get('op')} {fmt(g.get('bound'))}",
+                _pf(g.get("passed")),
+            ]
+            for g in gates
+        ]
+        bad = [not g.get("passed") for g in gates]
+        headers = ["gate", "value", "bound", "result"]
+        tables.append(f"<div><h4>{esc(run)}</h4>{table(headers, rows, bad)}</div>")
+    return section("gates", "Gates", f'<div class="cols">{"".join(tables)}</div>', anchor)
 
 
 def _pf(passed: Any) -> str:
     return "pass" if passed is True else "FAIL" if passed is False else "-"
 
 
-def activations_section(peaks: Mapping[int, float | None], anchor: str, name: str) -> str:
+def activations_section(
+    peaks: Mapping[int, float | None],
+    anchor: str,
+    name: str,
+    colors: Mapping[int, str] | None = None,
+) -> str:
     if not peaks:
         body = note(
             "not measured: the runner exposes no per-layer activations (the mil runner does)"
         )
     else:
-        svg = figs.to_svg(figs.activation_figure(peaks), f"{name}-activations")
+        svg = figs.to_svg(figs.activation_figure(peaks, colors), f"{name}-activations")
         worst = max((v for v in peaks.values() if v is not None), default=None)
         nonfinite = [k for k, v in peaks.items() if v is None]
         headroom = (
-            f"largest: {fmt(worst)} ({figs.FP16_MAX / worst:.3g}x below the fp16 limit)"
+            f"largest: {fmt(worst)}, {figs.FP16_MAX / worst:.3g}x below the fp16 limit"
             if worst
             else ""
         )
+        if worst and worst >= figs.ANE_MATMUL_SATURATION:
+            headroom += ", above the ANE matmul saturation"
+
         extra = f"; non-finite in layer(s) {', '.join(map(str, nonfinite))}" if nonfinite else ""
         body = svg + f'<p class="meta">{esc(headroom + extra)}</p>'
     return section("activations", "Largest |activation| per layer", body, anchor)
@@ -93,7 +119,7 @@ def errors_section(report: Mapping[str, Any], anchor: str, name: str) -> str:
     if series:
         fig = figs.step_figure(series, gate_bounds(report))
         parts.append(figs.to_svg(fig, f"{name}-errors"))
-    else:
+    elif report.get("kind") != "head":
         parts.append(note("no per-step errors in this report"))
     headers, rows = window_rows(report)
     if rows:
@@ -109,7 +135,10 @@ def errors_section(report: Mapping[str, Any], anchor: str, name: str) -> str:
             parts.append(
                 table(
                     ["step", "token", "transformers", "margin (logit std)"],
-                    [[s.get("step"), s.get("token"), s.get("expected"), s.get("margin")] for s in flips],
+                    [
+                        [s.get("step"), s.get("token"), s.get("expected"), s.get("margin")]
+                        for s in flips
+                    ],
                 )
             )
     return section("errors", "Per-step errors", "".join(parts), anchor)
@@ -122,9 +151,18 @@ def delta_section(
         body = note("not measured: the runner exposes no per-layer outputs (the mil runner does)")
     else:
         svg = figs.to_svg(figs.delta_figure(deltas, bound), f"{name}-delta")
-        rows = [[k, v] for k, v in sorted(deltas.items())]
-        bad = [v is None or (bound is not None and v < bound) for _, v in rows]
-        body = svg + table(["layer", "delta cosine"], rows, bad)
+        bad = [
+            k for k, v in sorted(deltas.items()) if v is None or (bound is not None and v < bound)
+        ]
+        finite = {k: v for k, v in deltas.items() if v is not None}
+        text = ""
+        if finite:
+            worst = min(finite, key=lambda k: finite[k])
+            text = f"lowest: layer {worst}, {fmt(finite[worst])}"
+        if bad:
+            text += f"; below the gate or non-finite: layer(s) {', '.join(map(str, bad))}"
+        body = svg + f'<p class="meta">{esc(text.lstrip("; "))}</p>'
+
     return section("delta-cosine", "Per-layer delta cosine", body, anchor)
 
 
@@ -141,9 +179,7 @@ def residency_section(report: Mapping[str, Any], anchor: str, name: str) -> str:
         reason = res.get("reason") or ""
         body = f"<p><strong>not checked</strong>{esc(': ' + reason if reason else '')}</p>"
         return section("residency", "Residency", body, anchor)
-    functions = res.get("functions") or {
-        "/".join(report.get("functions") or {}) or "package": res
-    }
+    functions = res.get("functions") or {"/".join(report.get("functions") or {}) or "package": res}
     counts = {f: r["counts"] for f, r in functions.items() if r.get("counts")}
     rows, bad = [], []
     for f, r in functions.items():
@@ -182,27 +218,26 @@ def residency_section(report: Mapping[str, Any], anchor: str, name: str) -> str:
     head += "</p>"
     svg = figs.to_svg(figs.residency_figure(counts), f"{name}-residency") if counts else ""
     fails = res.get("failures") or []
-    fail_list = (
-        "<ul>" + "".join(f"<li>{esc(f)}</li>" for f in fails) + "</ul>" if fails else ""
+    fail_list = "<ul>" + "".join(f"<li>{esc(f)}</li>" for f in fails) + "</ul>" if fails else ""
+    return section(
+        "residency", "Residency", head + table(headers, rows, bad) + svg + fail_list, anchor
     )
-    return section("residency", "Residency", head + table(headers, rows, bad) + svg + fail_list, anchor)
 
 
 def shard_body(report: Mapping[str, Any], anchor: str = "", per_layer: bool = True) -> str:
     """A shard's sections; `per_layer` False leaves the per-layer figures to the model page."""
-    name = shard_name(report)
     ident = anchor.rstrip("-") or "shard"
-    pkg = report.get("package") or {}
+    pkg = dict(report.get("package") or {})
+    pkg["path"] = Path(str(pkg.get("path", ""))).name
     verdict = str(report.get("verdict"))
     meta = (
-        f"{esc(pkg.get('path', ''))} &middot; layers {esc(report.get('layers') or 'head')}"
-        f" of {esc(report.get('num_hidden_layers'))} &middot; "
+        f"{esc(pkg['path'])} &middot; {esc(_what(report))} &middot; "
         f"{esc(human_size(pkg['size_bytes']) if 'size_bytes' in pkg else '?')} &middot; "
         f"backend {esc(report.get('backend'))} &middot; {esc(report.get('steps'))} steps"
         f" &middot; functions {esc(', '.join(report.get('functions') or {}))}"
     )
     parts = [
-        f"<h2 id=\"{esc(ident)}\">{esc(report.get('kind'))} {esc(name)} {badge(verdict)}</h2>",
+        f'<h2 id="{esc(ident)}">{esc(_title(report))} {badge(verdict)}</h2>',
         f'<p class="meta">{meta}</p>',
         failure_box(report),
         gates_section(report, anchor),
@@ -221,6 +256,17 @@ def shard_body(report: Mapping[str, Any], anchor: str = "", per_layer: bool = Tr
     versions = ", ".join(f"{k} {v}" for k, v in (report.get("versions") or {}).items())
     parts.append(f'<p class="meta">{esc(report.get("created", ""))} &middot; {esc(versions)}</p>')
     return f'<div class="shard" data-verdict="{esc(verdict)}">{"".join(parts)}</div>'
+
+
+def _title(report: Mapping[str, Any]) -> str:
+    return f"layers {report['layers']}" if report.get("layers") else str(report.get("kind"))
+
+
+def _what(report: Mapping[str, Any]) -> str:
+    n = report.get("num_hidden_layers")
+    if report.get("layers"):
+        return f"decoder layers {report['layers']} of {n}"
+    return f"final norm and LM head of a {n}-layer model"
 
 
 def shard_page(report: Mapping[str, Any]) -> str:
@@ -264,8 +310,13 @@ def model_page(
         if e.report is not None
     )
     rows = [
-        [e.name, e.file, human_size(e.size_bytes) if e.size_bytes is not None else "-",
-         e.verdict or "-", e.note]
+        [
+            e.name,
+            e.file,
+            human_size(e.size_bytes) if e.size_bytes is not None else "-",
+            e.verdict or "-",
+            e.note,
+        ]
         for e in entries
     ]
     body = [
@@ -275,15 +326,19 @@ def model_page(
         section(
             "topology",
             "Topology",
-            (figs.to_svg(figs.topology_figure(segments, num_layers), "topology") if segments else "")
+            (
+                figs.to_svg(figs.topology_figure(segments, num_layers), "topology")
+                if segments
+                else ""
+            )
             + table(
-                ["artifact", "file", "size", "verdict", ""], rows, [e.verdict == "fail" for e in entries]
+                ["artifact", "file", "size", "verdict", ""],
+                rows,
+                [e.verdict == "fail" for e in entries],
             ),
         ),
-        activations_section(_merged(entries, layer_peaks), "", "model"),
-        delta_section(
-            _merged(entries, layer_deltas), _delta_bound(entries), "", "model"
-        ),
+        activations_section(_merged(entries, layer_peaks), "", "model", _shard_colors(layered)),
+        delta_section(_merged(entries, layer_deltas), _delta_bound(entries), "", "model"),
         kl_section(
             [(f"{e.name}: {w}", v) for e in entries if e.report for w, v in kl_values(e.report)], ""
         ),
@@ -296,6 +351,15 @@ def model_page(
     )
     body.append(f'<section data-section="shards" id="shards"><h2>Shards</h2>{shards}</section>')
     return page(title, "".join(body))
+
+
+def _shard_colors(entries: Sequence[Entry]) -> dict[int, str]:
+    """Layer -> a colour alternating by shard, so the shards show in per-layer figures."""
+    out = {}
+    for i, e in enumerate(entries):
+        start, end = (int(x) for x in str(e.report["layers"]).split(":"))  # type: ignore[index]
+        out.update({k: ("#1f5fa8", "#6fa8dc")[i % 2] for k in range(start, end)})
+    return out
 
 
 def _delta_bound(entries: Sequence[Entry]) -> float | None:
@@ -322,7 +386,9 @@ def build_page(result: Any) -> str:
         (e.report.get("num_hidden_layers") or 0 for e in entries if e.report), default=0
     )
     lines = [f"checkpoint {result.checkpoint}"]
-    lines.append(f"manifest {result.manifest.name}" if result.manifest else "no manifest: a shard failed")
+    lines.append(
+        f"manifest {result.manifest.name}" if result.manifest else "no manifest: a shard failed"
+    )
     g = result.generation
     if g is not None:
         lines.append(
@@ -348,12 +414,16 @@ def plan_page(outcome: Any, num_layers: int) -> str:
         res = a.result
         verdict = "pass" if res.passed else "FAIL " + ", ".join(res.failed_gates)
         size = human_size(res.size_bytes) if res.size_bytes is not None else "-"
-        rows.append([n, str(a.layers), size, a.phase, res.residency or "-", verdict, a.decision, res.reason])
+        rows.append(
+            [n, str(a.layers), size, a.phase, res.residency or "-", verdict, a.decision, res.reason]
+        )
         bad.append(not res.passed)
     attempts = section(
         "attempts",
         f"Ranges tried ({len(rows)})",
-        table(["#", "layers", "size", "phase", "residency", "result", "decision", "why"], rows, bad),
+        table(
+            ["#", "layers", "size", "phase", "residency", "result", "decision", "why"], rows, bad
+        ),
     )
     summary = f'<p class="meta">manifest {esc(outcome.manifest_path.name)}</p>'
     return model_page("anechain plan", entries, num_layers, summary, attempts)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from anechain import report_figures as figs
-from anechain.fsutil import atomic_write_text, human_size
+from anechain.fsutil import atomic_write_text
 from anechain.report import GATE_SETS, PREFILL_GATES
 
 # Section names every page has (data-section attributes; the browser test checks them).
@@ -49,6 +49,8 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.bad td{color:#c62828;font-weight:600}
 svg{width:100%;height:auto;display:block}
 nav a{margin-right:12px}
+.cols{display:flex;flex-wrap:wrap;gap:8px 28px;align-items:flex-start}
+h4{margin:6px 0 2px;font-size:13px;color:#5a6272}
 """
 
 
@@ -104,7 +106,7 @@ def page(title: str, body: str) -> str:
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         # No script, no fetch, no external style: nothing leaves the file.
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
         "style-src 'unsafe-inline'; img-src data:\">"
         f"<title>{esc(title)}</title><style>{_STYLE}</style></head>"
         f"<body><main>{body}</main></body></html>\n"
@@ -162,7 +164,9 @@ def window_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
     if prefill.get("decode_metrics"):
         windows["prefill then decode"] = prefill["decode_metrics"]
     metrics = sorted({k for w in windows.values() for k in w})
-    return ["window", *metrics], [[name, *(w.get(k) for k in metrics)] for name, w in windows.items()]
+    return ["window", *metrics], [
+        [name, *(w.get(k) for k in metrics)] for name, w in windows.items()
+    ]
 
 
 def kl_values(report: Mapping[str, Any]) -> list[tuple[str, Any]]:

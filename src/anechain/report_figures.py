@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import matplotlib
-from matplotlib import lines, ticker
+from matplotlib import lines, patches, ticker
 from matplotlib.backends.backend_svg import FigureCanvasSVG
 from matplotlib.figure import Figure
 
@@ -79,7 +79,7 @@ def activation_figure(
     """Each layer's largest |activation| (log scale) under the fp16 limit and the ANE
     matmul saturation. A layer whose value is None (non-finite) reaches the top, in red."""
     layers = sorted(peaks)
-    fig = _figure(8.5, 3.2)
+    fig = _figure(8.5, 2.6)
     with matplotlib.rc_context(_STYLE):
         ax = fig.add_subplot()
         finite = [v for v in (_finite(peaks[k]) for k in layers) if v]
@@ -107,7 +107,6 @@ def activation_figure(
                 ax.text(i, bottom * 1.5, "NaN/Inf", rotation=90, ha="center", color="white")
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("largest |activation|")
-        ax.set_title("Activation headroom per layer")
         ax.legend(loc="upper left", ncols=2)
     return fig
 
@@ -124,6 +123,12 @@ class Series:
     values: dict[str, list[float | None]]
 
 
+_LABELS = {
+    "rel_rmse": "rel_rmse: the step's RMSE",
+    "rel_max_abs": "rel_max_abs: worst element's |error|, scaled",
+}
+
+
 def step_figure(series: Sequence[Series], bounds: Mapping[str, float]) -> Figure:
     """One panel per window, every metric it has on a log scale, each gate's bound dashed."""
     n = len(series)
@@ -133,8 +138,11 @@ def step_figure(series: Sequence[Series], bounds: Mapping[str, float]) -> Figure
     metrics = sorted({m for s in series for m in s.values})
     color = {m: SERIES[i % len(SERIES)] for i, m in enumerate(metrics)}
     with matplotlib.rc_context(_STYLE):
-        axes = fig.subplots(rows, cols, squeeze=False)
+        # One y scale for every window, so a worse window looks worse.
+        axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+        nonfinite = False
         for ax, s in zip(axes.flat, series, strict=False):
+            ax.set_xlim(min(s.x) - 0.6, max(s.x) + 0.6)
             for m, ys in s.values.items():
                 pts = [(x, y) for x, y in zip(s.x, ys, strict=True) if _finite(y) is not None]
                 pts = [(x, max(y, 1e-6)) for x, y in pts]  # an exact 0 has no log
@@ -142,21 +150,26 @@ def step_figure(series: Sequence[Series], bounds: Mapping[str, float]) -> Figure
                     ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, color=color[m])
                 missing = [x for x, y in zip(s.x, ys, strict=True) if _finite(y) is None]
                 for x in missing:  # a non-finite step is shown, never dropped silently
-                    ax.axvline(x, color=FAIL, linewidth=2, alpha=0.6)
+                    ax.axvspan(x - 0.3, x + 0.3, color=FAIL, alpha=0.35, linewidth=0)
+                    nonfinite = True
                 if m in bounds:
                     ax.axhline(bounds[m], color=color[m], linestyle="--", linewidth=1)
             ax.set_yscale("log")
             ax.set_title(f"{s.window} ({len(s.x)} steps)")
             ax.set_xlabel("position")
+            ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        relative = all(m.startswith("rel_") for m in metrics)
+        for row in axes:
+            row[0].set_ylabel("error / RMS(reference)" if relative else "value")
         for ax in axes.flat[n:]:
             ax.set_visible(False)
         handles = [
-            lines.Line2D([], [], color=color[m], marker="o", markersize=3, label=m)
+            lines.Line2D([], [], color=color[m], marker="o", markersize=3, label=_LABELS.get(m, m))
             for m in metrics
         ]
-        handles.append(
-            lines.Line2D([], [], color="#555555", linestyle="--", label="gate bound")
-        )
+        handles.append(lines.Line2D([], [], color="#555555", linestyle="--", label="gate bound"))
+        if nonfinite:
+            handles.append(patches.Patch(color=FAIL, alpha=0.35, label="NaN/Inf at this step"))
         fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
     return fig
 
@@ -167,7 +180,7 @@ def step_figure(series: Sequence[Series], bounds: Mapping[str, float]) -> Figure
 def delta_figure(deltas: Mapping[int, float | None], bound: float | None) -> Figure:
     """1 - each layer's delta cosine (log scale: 0.9999 and 0.99 apart), the gate dashed."""
     layers = sorted(deltas)
-    fig = _figure(8.5, 2.8)
+    fig = _figure(8.5, 2.4)
     with matplotlib.rc_context(_STYLE):
         ax = fig.add_subplot()
         gaps = [_finite(deltas[k]) for k in layers]
@@ -194,7 +207,6 @@ def delta_figure(deltas: Mapping[int, float | None], bound: float | None) -> Fig
             )
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("1 - delta cosine")
-        ax.set_title("Per-layer delta cosine (lower bar is better)")
     return fig
 
 
@@ -232,7 +244,6 @@ def residency_figure(counts: Mapping[str, Mapping[str, int]]) -> Figure:
         ax.set_yticks(range(len(labels)), labels)
         ax.invert_yaxis()
         ax.set_xlabel("ops (by preferred device)")
-        ax.set_title("Residency per function")
         seen: dict[str, object] = {}
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(lab, h)
@@ -278,5 +289,4 @@ def topology_figure(segments: Sequence[Segment], num_layers: int) -> Figure:
         ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.set_xlabel("decoder layer")
         ax.spines["left"].set_visible(False)
-        ax.set_title("Topology")
     return fig
