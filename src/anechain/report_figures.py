@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -61,7 +62,22 @@ def to_svg(fig: Figure, name: str) -> str:
     head, rest = svg.split(">", 1)
     # Drop the fixed width/height (pt): the viewBox keeps the aspect, CSS sets the width.
     attrs = [a for a in head.split("\n") if not a.strip().startswith(("width=", "height="))]
-    return f'{" ".join(a.strip() for a in attrs)} role="img" aria-label="{name}">{rest}'
+    return _own_ids(
+        f'{" ".join(a.strip() for a in attrs)} role="img" aria-label="{name}">{rest}', name
+    )
+
+
+def _own_ids(svg: str, name: str) -> str:
+    """Every id of the SVG (matplotlib numbers them per figure: figure_1, axes_1, ...) and
+    every reference to one prefixed with `name`: ids must be unique in the page."""
+    prefix = re.sub(r"[^A-Za-z0-9_-]", "-", name) + "-"
+    ids = set(re.findall(r'\bid="([^"]+)"', svg))
+    svg = re.sub(r'\bid="([^"]+)"', lambda m: f'id="{prefix}{m.group(1)}"', svg)
+    return re.sub(
+        r'(url\(#|href="#)([^")]+)',
+        lambda m: m.group(1) + prefix + m.group(2) if m.group(2) in ids else m.group(0),
+        svg,
+    )
 
 
 def _finite(v: object) -> float | None:
@@ -247,7 +263,9 @@ def residency_figure(counts: Mapping[str, Mapping[str, int]]) -> Figure:
         seen: dict[str, object] = {}
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(lab, h)
-        ax.legend(seen.values(), seen.keys(), loc="outside lower center", ncols=len(seen))
+        fig.legend(
+            list(seen.values()), list(seen.keys()), loc="outside lower center", ncols=len(seen)
+        )
     return fig
 
 
