@@ -10,12 +10,12 @@ import re
 import shutil
 import subprocess
 import sys
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from tests.fakes.coreml import FakeCompiler, PlanLoader, anemll_placement, plan_for_package
+from tests.html_page import Page
 
 from anechain.cli import cli
 from anechain.config import LayerRange, ResidencySettings
@@ -24,46 +24,6 @@ from anechain.html_pages import build_page, shard_page
 from anechain.html_report import MODEL_SECTIONS, SHARD_SECTIONS
 from anechain.residency import check_residency
 from anechain.validate import validate_shard
-
-
-class Page(HTMLParser):
-    """What a page holds: sections by name (their text), ids, links, svgs, scripts."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.sections: dict[str, list[str]] = {}
-        self.ids: list[str] = []
-        self.links: list[str] = []
-        self.tags: list[str] = []
-        self._open: list[str | None] = []
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):  # type: ignore[no-untyped-def]
-        a = dict(attrs)
-        self.tags.append(tag)
-        if "id" in a:
-            self.ids.append(a["id"])
-        if tag == "a":
-            self.links.append(a.get("href", ""))
-        if tag == "section":
-            name = a.get("data-section")
-            self._open.append(name)
-            if name:
-                self.sections.setdefault(name, [])
-        elif self._open and tag == "section":
-            self._open.append(None)
-
-    def handle_endtag(self, tag):  # type: ignore[no-untyped-def]
-        if tag == "section" and self._open:
-            self._open.pop()
-
-    def handle_data(self, data):  # type: ignore[no-untyped-def]
-        for name in self._open:
-            if name:
-                self.sections[name].append(data)
-
-    def text(self, section: str) -> str:
-        return " ".join(" ".join(self.sections[section]).split())
 
 
 def report_of(result, name: str) -> dict:
