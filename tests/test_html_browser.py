@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 from tests.html_page import Page
 
-from anechain.html_pages import build_page, shard_page
+from anechain.html_model import build_page
+from anechain.html_pages import shard_page
 from anechain.html_report import MODEL_SECTIONS, SHARD_SECTIONS, write_page
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

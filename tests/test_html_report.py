@@ -20,7 +20,8 @@ from tests.html_page import Page
 from anechain.cli import cli
 from anechain.config import LayerRange, ResidencySettings
 from anechain.export import LayerSpec, export_shard
-from anechain.html_pages import build_page, shard_page
+from anechain.html_model import build_page
+from anechain.html_pages import shard_page
 from anechain.html_report import MODEL_SECTIONS, SHARD_SECTIONS
 from anechain.residency import check_residency
 from anechain.validate import validate_shard

@@ -237,6 +237,9 @@ def residency_figure(counts: Mapping[str, Mapping[str, int]]) -> Figure:
         ax = fig.add_subplot()
         ax.grid(axis="y", visible=False)
         labels, y = [], 0
+        widest = max(
+            max(c.get("compute_total", 0), c.get("plumbing_total", 0)) for c in counts.values()
+        )
         parts = (
             ("compute on ANE", "compute_ane", PASS),
             ("compute on CPU", "compute_cpu", FAIL),
@@ -253,6 +256,7 @@ def residency_figure(counts: Mapping[str, Mapping[str, int]]) -> Figure:
                     n = int(c.get(key, 0))
                     if n:
                         ax.barh(y, n, left=left, color=colour, label=label, height=0.6)
+                    if n >= 0.04 * widest:  # a count that fits in its bar
                         ax.text(left + n / 2, y, str(n), ha="center", va="center", color="white")
                     left += n
                 labels.append(row)

@@ -219,7 +219,7 @@ def plan(
     click.echo("")
     click.echo(f"ranges tried ({len(search.attempts)}):")
     click.echo(render_attempts(search.attempts, arch, quant))
-    from anechain.html_pages import plan_page
+    from anechain.html_model import plan_page
     from anechain.html_report import write_page
 
     write_page(html_path, plan_page(outcome, arch.num_hidden_layers))

@@ -166,7 +166,7 @@ def build(
         residency_report_only=report_only,
     )
     click.echo(render_build(result))
-    from anechain.html_pages import build_page
+    from anechain.html_model import build_page
     from anechain.html_report import write_page
 
     write_page(html_path, build_page(result))
