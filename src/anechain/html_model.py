@@ -25,11 +25,18 @@ from anechain.html_report import (
 # ---- a model: build and plan --------------------------------------------------------------
 
 
-def _merged(entries: Sequence[Entry], what: Any) -> dict[int, float | None]:
+def _merged(entries: Sequence[Entry], what: Any, worst: Any) -> dict[int, float | None]:
+    """Per layer across shards; where shards overlap (a plan's tries) the worst value, a
+    non-finite one (None) first."""
     out: dict[int, float | None] = {}
     for e in entries:
-        if e.report is not None and e.report.get("kind") == "layers":
-            out.update(what(e.report))
+        if e.report is None or e.report.get("kind") != "layers":
+            continue
+        for k, v in what(e.report).items():
+            if k not in out:
+                out[k] = v
+            elif out[k] is not None:
+                out[k] = None if v is None else worst(out[k], v)
     return out
 
 
@@ -83,8 +90,10 @@ def model_page(
                 [e.verdict == "fail" for e in entries],
             ),
         ),
-        activations_section(_merged(entries, layer_peaks), "", "model", _shard_colors(layered)),
-        delta_section(_merged(entries, layer_deltas), _delta_bound(entries), "", "model"),
+        activations_section(
+            _merged(entries, layer_peaks, max), "", "model", _shard_colors(layered)
+        ),
+        delta_section(_merged(entries, layer_deltas, min), _delta_bound(entries), "", "model"),
         kl_section(
             [(f"{e.name}: {w}", v) for e in entries if e.report for w, v in kl_values(e.report)], ""
         ),
@@ -155,21 +164,43 @@ def plan_page(outcome: Any, num_layers: int) -> str:
     for r, path in zip(outcome.search.topology, outcome.reports, strict=True):
         _, report = read_report(path)
         entries.append(Entry(str(r), report.package.name, report.size_bytes, report.to_dict()))
+    attempts = _attempts_section(outcome.search.attempts)
+    summary = f'<p class="meta">manifest {esc(outcome.manifest_path.name)}</p>'
+    return model_page("anechain plan", entries, num_layers, summary, attempts)
+
+
+def plan_failure_page(error: Any, num_layers: int) -> str:
+    """`plan`'s page when no topology passes (a search.PlanError): every range tried, with
+    the reports of those validated, the failing ones first in the eye."""
+    from anechain.report_read import read_report
+
+    entries, seen = [], set()
+    for a in error.attempts:
+        path = a.result.report
+        if path is None or a.layers in seen or not path.is_file():
+            continue
+        seen.add(a.layers)
+        _, report = read_report(path)
+        entries.append(
+            Entry(str(a.layers), report.package.name, report.size_bytes, report.to_dict())
+        )
+    summary = f'<div class="failure"><strong>{esc(error)}</strong></div>'
+    return model_page(
+        "anechain plan: no topology passes",
+        entries,
+        num_layers,
+        summary,
+        _attempts_section(error.attempts),
+    )
+
+
+def _attempts_section(attempts: Sequence[Any]) -> str:
     rows, bad = [], []
-    for n, a in enumerate(outcome.search.attempts, start=1):
+    for n, a in enumerate(attempts, start=1):
         res = a.result
         verdict = "pass" if res.passed else "FAIL " + ", ".join(res.failed_gates)
         size = human_size(res.size_bytes) if res.size_bytes is not None else "-"
-        rows.append(
-            [n, str(a.layers), size, a.phase, res.residency or "-", verdict, a.decision, res.reason]
-        )
+        rows.append([n, str(a.layers), size, a.phase, res.residency or "-", verdict, a.decision])
         bad.append(not res.passed)
-    attempts = section(
-        "attempts",
-        f"Ranges tried ({len(rows)})",
-        table(
-            ["#", "layers", "size", "phase", "residency", "result", "decision", "why"], rows, bad
-        ),
-    )
-    summary = f'<p class="meta">manifest {esc(outcome.manifest_path.name)}</p>'
-    return model_page("anechain plan", entries, num_layers, summary, attempts)
+    headers = ["#", "layers", "size", "phase", "residency", "result", "decision"]
+    return section("attempts", f"Ranges tried ({len(rows)})", table(headers, rows, bad))

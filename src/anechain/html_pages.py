@@ -98,7 +98,7 @@ def activations_section(
         worst = max((v for v in peaks.values() if v is not None), default=None)
         nonfinite = [k for k, v in peaks.items() if v is None]
         headroom = (
-            f"largest: {fmt(worst)}, {figs.FP16_MAX / worst:.3g}x below the fp16 limit"
+            f"largest: {fmt(worst)}, headroom to the fp16 limit {figs.FP16_MAX / worst:.3g}x"
             if worst
             else ""
         )

@@ -211,16 +211,10 @@ def delta_figure(deltas: Mapping[int, float | None], bound: float | None) -> Fig
         ax.set_yscale("log")
         ax.set_ylim(min([1e-5, *(s / 3 for s in shown)]), 3.0)
         if bound is not None:
-            ax.axhline(1 - bound, color=FAIL, linestyle="--", linewidth=1.2)
-            ax.text(
-                0.995,
-                1 - bound,
-                f"gate: delta cosine >= {bound:g}",
-                transform=ax.get_yaxis_transform(),
-                ha="right",
-                va="bottom",
-                color=FAIL,
+            ax.axhline(
+                1 - bound, color=FAIL, linestyle="--", linewidth=1.2, label=f"gate: >= {bound:g}"
             )
+            ax.legend(loc="upper left")
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("1 - delta cosine")
     return fig
@@ -288,25 +282,35 @@ class Segment:
 
 
 def topology_figure(segments: Sequence[Segment], num_layers: int) -> Figure:
-    """The model's layers as one bar, a segment per shard with its range, size and verdict."""
-    fig = _figure(8.5, 1.7)
+    """The model's layers as a bar, a segment per shard with its range, size and verdict.
+    Overlapping segments (ranges a plan tried) go on rows of their own, in order."""
+    rows: list[list[Segment]] = []
+    for s in segments:
+        row = next((r for r in rows if all(s.end <= o.start or o.end <= s.start for o in r)), None)
+        if row is None:
+            rows.append(row := [])
+        row.append(s)
+    fig = _figure(8.5, 1.2 + 0.75 * max(len(rows), 1))
     with matplotlib.rc_context(_STYLE):
         ax = fig.add_subplot()
         ax.grid(False)
-        for s in segments:
-            colour = PASS if s.verdict == "pass" else FAIL if s.verdict == "fail" else MUTED
-            ax.barh(0, s.end - s.start, left=s.start, color=colour, edgecolor="white", height=0.8)
-            ax.text(
-                (s.start + s.end) / 2,
-                0,
-                f"{s.label}\n{s.size}\n{s.verdict}",
-                ha="center",
-                va="center",
-                color="white",
-                fontsize=8,
-            )
+        for y, row in enumerate(rows):
+            for s in row:
+                colour = PASS if s.verdict == "pass" else FAIL if s.verdict == "fail" else MUTED
+                ax.barh(
+                    y, s.end - s.start, left=s.start, color=colour, edgecolor="white", height=0.9
+                )
+                ax.text(
+                    (s.start + s.end) / 2,
+                    y,
+                    f"{s.label}\n{s.size}\n{s.verdict}",
+                    ha="center",
+                    va="center",
+                    color="white",
+                    fontsize=8,
+                )
         ax.set_xlim(0, max(num_layers, 1))
-        ax.set_ylim(-0.5, 0.5)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
         ax.set_yticks([])
         ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.set_xlabel("decoder layer")

@@ -193,20 +193,29 @@ def plan(
         f"budget {human_bytes(limits.size_budget_bytes or 0)}); packages and reports in "
         f"{report_dir}"
     )
-    outcome = plan_topology(
-        checkpoint,
-        report_dir,
-        config.export,
-        config.validation,
-        limits,
-        backend=backend,
-        residency=ResidencyOptions(config.residency, report_only=report_only),
-        manifest_path=out,
-        overwrite=overwrite,
-        rebalance=not no_rebalance,
-        cache_dir=cache_dir,
-        progress=say,
-    )
+    from anechain.html_model import plan_failure_page, plan_page
+    from anechain.html_report import write_page
+
+    try:
+        outcome = plan_topology(
+            checkpoint,
+            report_dir,
+            config.export,
+            config.validation,
+            limits,
+            backend=backend,
+            residency=ResidencyOptions(config.residency, report_only=report_only),
+            manifest_path=out,
+            overwrite=overwrite,
+            rebalance=not no_rebalance,
+            cache_dir=cache_dir,
+            progress=say,
+        )
+    except PlanError as exc:
+        if exc.attempts:  # what was tried and why it failed, as a page too
+            write_page(html_path, plan_failure_page(exc, arch.num_hidden_layers))
+            click.echo(f"report page: {html_path}", err=True)
+        raise
     search = outcome.search
     sizes = "/".join(str(r.num_layers) for r in search.topology)
     click.echo(
@@ -219,9 +228,6 @@ def plan(
     click.echo("")
     click.echo(f"ranges tried ({len(search.attempts)}):")
     click.echo(render_attempts(search.attempts, arch, quant))
-    from anechain.html_model import plan_page
-    from anechain.html_report import write_page
-
     write_page(html_path, plan_page(outcome, arch.num_hidden_layers))
     click.echo(f"report page: {html_path}", err=True)
 
