@@ -164,12 +164,17 @@ def step_figure(series: Sequence[Series], bounds: Mapping[str, float]) -> Figure
                 pts = [(x, max(y, 1e-6)) for x, y in pts]  # an exact 0 has no log
                 if pts:
                     ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, color=color[m])
-                missing = [x for x, y in zip(s.x, ys, strict=True) if _finite(y) is None]
-                for x in missing:  # a non-finite step is shown, never dropped silently
-                    ax.axvspan(x - 0.3, x + 0.3, color=FAIL, alpha=0.35, linewidth=0)
-                    nonfinite = True
                 if m in bounds:
                     ax.axhline(bounds[m], color=color[m], linestyle="--", linewidth=1)
+            missing = {
+                x
+                for ys in s.values.values()
+                for x, y in zip(s.x, ys, strict=True)
+                if _finite(y) is None
+            }
+            for x in sorted(missing):  # a non-finite step is shown, never dropped silently
+                ax.axvspan(x - 0.3, x + 0.3, color=FAIL, alpha=0.35, linewidth=0)
+            nonfinite = nonfinite or bool(missing)
             ax.set_yscale("log")
             ax.set_title(f"{s.window} ({len(s.x)} steps)")
             ax.set_xlabel("position")
@@ -186,7 +191,7 @@ def step_figure(series: Sequence[Series], bounds: Mapping[str, float]) -> Figure
         handles.append(lines.Line2D([], [], color="#555555", linestyle="--", label="gate bound"))
         if nonfinite:
             handles.append(patches.Patch(color=FAIL, alpha=0.35, label="NaN/Inf at this step"))
-        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4))
     return fig
 
 
