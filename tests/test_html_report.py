@@ -127,6 +127,12 @@ def test_windows_and_metrics_are_rendered_by_their_names(tiny_build):
     assert "long (4 steps)" in page.text("errors")
     assert "golden.metrics.next_token_kl 0.00123" in page.text("next-token-kl")
     assert "not measured" not in page.text("next-token-kl")
+    # The head's steps have tokens only (a table); a per-step KL there gets its panel.
+    head = report_of(result, "head")
+    assert "steps)" not in Page(shard_page(head)).text("errors")
+    steps = [dict(s, next_token_kl=0.01) for s in head["golden"]["per_step"]]
+    grown = {**head, "golden": {**head["golden"], "per_step": steps}}
+    assert f"decode ({len(steps)} steps)" in Page(shard_page(grown)).text("errors")
 
 
 def test_the_build_page_has_the_topology_and_every_shard(tiny_build):

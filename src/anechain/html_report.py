@@ -140,8 +140,8 @@ def step_series(report: Mapping[str, Any]) -> list[figs.Series]:
     carries, then prefill's positions by function (prefill, then decode after it)."""
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for row in report.get("golden", {}).get("per_step", []):
-        if "window" in row:
-            groups.setdefault(str(row["window"]), []).append(row)
+        # The head's steps carry no window: one run of decode steps.
+        groups.setdefault(str(row.get("window", "decode")), []).append(row)
     for row in (report.get("prefill") or {}).get("per_position", []):
         fn = str(row.get("function", "prefill"))
         name = "prefill" if fn == "prefill" else f"{fn} after prefill"
@@ -150,6 +150,8 @@ def step_series(report: Mapping[str, Any]) -> list[figs.Series]:
     for name, rows in groups.items():
         keys = [m for m in STEP_METRICS if any(m in r for r in rows)]
         keys += sorted({k for r in rows for k in r if _KL.search(k)})
+        if not keys:  # e.g. the head's steps: tokens, shown as a table
+            continue
         x = [int(r.get("step", r.get("position", i))) for i, r in enumerate(rows)]
         series.append(figs.Series(name, x, {k: [r.get(k) for r in rows] for k in keys}))
     return series
