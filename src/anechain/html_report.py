@@ -44,7 +44,8 @@ font-size:13px}
 .failure{border-left:4px solid #c62828;background:#fdecea;padding:8px 12px;margin:8px 0}
 .note{color:#5a6272;font-style:italic}
 table{border-collapse:collapse;font-size:13px;margin:6px 0}
-th,td{border-bottom:1px solid #e6e8ec;padding:3px 10px;text-align:left}
+th,td{border-bottom:1px solid #e6e8ec;padding:3px 10px;text-align:left;white-space:nowrap}
+td.wrap{white-space:normal}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.bad td{color:#c62828;font-weight:600}
 svg{width:100%;height:auto;display:block}
@@ -69,6 +70,9 @@ def fmt(value: Any) -> str:
     return f"{value:.6g}" if math.isfinite(value) else "non-finite"
 
 
+_WRAP = ' class="wrap"'
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], bad: Sequence[bool] = ()) -> str:
     flags = list(bad)
     out = ["<table><thead><tr>", *(f"<th>{esc(h)}</th>" for h in headers), "</tr></thead><tbody>"]
@@ -77,7 +81,8 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], bad: Sequence[b
         cells = "".join(
             f'<td class="num">{esc(fmt(c))}</td>'
             if isinstance(c, int | float) or c is None
-            else f"<td>{esc(c)}</td>"
+            # Short cells stay on one line; long text (a list of gates) wraps.
+            else f"<td{_WRAP if len(str(c)) > 40 else ''}>{esc(c)}</td>"
             for c in row
         )
         out.append(f"<tr{cls}>{cells}</tr>")
