@@ -14,7 +14,7 @@ import html
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +226,6 @@ class Entry:
     size_bytes: int | None
     report: Mapping[str, Any] | None = None
     note: str = ""  # "reused", "cached", ...
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def verdict(self) -> str | None:
