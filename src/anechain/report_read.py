@@ -253,11 +253,35 @@ class _Parser:
             raise self.fail(f"has an unknown residency status {status!r}")
         self.get("residency.passed", (bool, _NONE))
         counts = self.get("residency.counts", (dict, _NONE))
-        if status == "checked" and counts is None:
+        unreported = residency.get("unreported_functions") or []
+        if status == "checked" and counts is None and not unreported:
             raise self.fail("is malformed: residency was checked but has no counts")
+        _check_match(residency, self)
         # Like a gate's, the residency verdict is recomputed from its evidence, the counts.
         passed = _residency_passes(residency, self) if status == "checked" else None
         return {**residency, "passed": passed}
+
+
+def _check_match(residency: dict[str, Any], parser: _Parser) -> None:
+    """A plan replayed from a file or a capture is matched with its program exactly; a report
+    of such a plan claiming a lenient match (ops the compiler changed) is forged or stale."""
+    source = str(residency.get("plan_source", ""))
+    if source in ("", "live"):
+        return
+    functions = residency.get("functions")
+    parts = [residency, *(functions.values() if isinstance(functions, dict) else [])]
+    for part in parts:
+        match = part.get("match") if isinstance(part, dict) else None
+        if match is None:
+            continue  # reports from before the lenient match
+        if not isinstance(match, dict):
+            raise parser.fail("is malformed: residency.match is not an object")
+        changed = any(match.get(k) for k in ("renamed", "added", "removed"))
+        if match.get("mode") != "strict" or changed:
+            raise parser.fail(
+                f"claims a lenient plan/program match for a replayed plan ({source}); "
+                "replayed plans must match their program exactly"
+            )
 
 
 def _residency_passes(residency: dict[str, Any], parser: _Parser) -> bool:
@@ -276,6 +300,9 @@ def _residency_passes(residency: dict[str, Any], parser: _Parser) -> bool:
         raise parser.fail("is malformed: residency.functions is not function -> counts")
     parts = list(functions.values()) if functions else [residency]
     for part in parts:
+        if not isinstance(part, dict) or part.get("counts") is None:
+            # Core ML reported no device usage: unproven, never a pass (residency.gate).
+            return False
         plumbing = part.get("plumbing") if isinstance(part, dict) else None
         plumbing = plumbing if isinstance(plumbing, dict) else {}
         share = as_number(plumbing.get("share_off_ane", 0.0))

@@ -52,6 +52,9 @@ def render_report(report: dict) -> str:
             f"conv {c.get('conv_ane', '?')}/{c.get('conv_total', '?')} on ANE, "
             f"{c.get('compute_non_ane', '?')} non-ANE"
         )
+        unreported = res.get("unreported_functions") or []
+        if unreported:  # their ops are not in the counts
+            value += f"; {', '.join(unreported)}: usage not reported by Core ML"
         verdict = {True: "pass", False: "FAIL", None: "report only"}[res.get("passed")]
         rows.append(["residency", value, res["status"], verdict])
     lines = [
