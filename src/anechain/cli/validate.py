@@ -145,6 +145,12 @@ def validate() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="JSON report path (default: beside the package, NAME.report.json).",
 )
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the report as one self-contained HTML page (figures inline).",
+)
 @click.option("--min-cosine", type=FiniteFloat(), help="Gate override.")
 @click.option("--min-delta-cosine", type=FiniteFloat(), help="Gate override.")
 @click.option(
@@ -178,6 +184,7 @@ def validate_shard_cmd(
     long_tokens: int | None,
     compute_units: str,
     report_path: Path | None,
+    html_path: Path | None,
     min_cosine: float | None,
     min_delta_cosine: float | None,
     max_rel_rmse: float | None,
@@ -232,7 +239,7 @@ def validate_shard_cmd(
             "to save; replay a saved one with --compute-plan",
             param_hint="--save-plan",
         )
-    check_outputs(report_path or report_path_for(package), save_plan_to)
+    check_outputs(report_path or report_path_for(package), save_plan_to, html_path)
     checkpoint = Checkpoint(model_dir)
     residency = ResidencyOptions(config.residency, plan_file, save_plan_to, report_only)
     if compute_units != "cpu_and_ne" and resolve_backend(backend) != "coreml":
@@ -256,6 +263,12 @@ def validate_shard_cmd(
     data = report.write(out)
     click.echo(render_report(data))
     click.echo(f"report: {out}", err=True)
+    if html_path is not None:
+        from anechain.html_pages import shard_page
+        from anechain.html_report import write_page
+
+        write_page(html_path, shard_page(data))
+        click.echo(f"report page: {html_path}", err=True)
     if report.verdict != "pass":
         raise click.exceptions.Exit(1)
 
