@@ -57,6 +57,10 @@ def test_a_shard_page_shows_every_window_and_figure(tiny_build):
     for window, steps in (("early", 16), ("late", 4), ("prefill", 11)):
         assert f"{window} ({steps} steps)" in errors, errors
     assert "decode after prefill (5 steps)" in errors
+    # The long window: its prompt and decode positions, and its whole-run row.
+    long = report["long"]
+    assert f"long ({len(long['per_position'])} steps)" in errors, errors
+    assert re.search(r"<td>long</td>", shard_page(report))
     worst = min(m["delta_cosine"] for m in report["golden"]["layers"])
     assert f"{worst:.6g}" in page.text("delta-cosine")
     assert page.text("next-token-kl") == "Next-token KL not measured"

@@ -151,6 +151,9 @@ def step_series(report: Mapping[str, Any]) -> list[figs.Series]:
         fn = str(row.get("function", "prefill"))
         name = "prefill" if fn == "prefill" else f"{fn} after prefill"
         groups.setdefault(name, []).append(row)
+    # The long window: the runtime's prompt through the shard's own cache, then decode.
+    for row in (report.get("long") or {}).get("per_position", []):
+        groups.setdefault("long", []).append(row)
     series = []
     for name, rows in groups.items():
         keys = [m for m in STEP_METRICS if any(m in r for r in rows)]
@@ -170,6 +173,9 @@ def window_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
         windows["prefill"] = prefill["metrics"]
     if prefill.get("decode_metrics"):
         windows["prefill then decode"] = prefill["decode_metrics"]
+    long = report.get("long") or {}
+    if long.get("metrics"):
+        windows["long"] = long["metrics"]
     metrics = sorted({k for w in windows.values() for k in w})
     return ["window", *metrics], [
         [name, *(w.get(k) for k in metrics)] for name, w in windows.items()
