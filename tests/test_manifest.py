@@ -679,7 +679,7 @@ def test_render_shows_topology(built: Path) -> None:
     text = render_manifest(load_manifest(built), built)
     lines = text.splitlines()
     row_0 = next(line for line in lines if line.startswith("0:3 "))
-    assert "layers_0_3.mlpackage" in row_0 and "13/13 pass" in row_0 and "checked" in row_0
+    assert "layers_0_3.mlpackage" in row_0 and "21/21 pass" in row_0 and "checked" in row_0
     assert "MB" in row_0 and "0.99950" in row_0
     assert "residency checked for every shard" in lines[-1]
 

@@ -451,6 +451,26 @@ def test_cli_single_layer_failure_is_one_line_exit_1(
     assert result.stdout == ""
 
 
+def test_cli_single_layer_failure_writes_its_page(
+    cli, overflow_plan, overflow_checkpoint, golden_cache, tmp_path
+):
+    """What was tried and why it failed, as a report page beside the manifest it could not
+    write."""
+    from tests.html_page import Page
+
+    _, source = overflow_plan
+    root = tmp_path / "copy"
+    shutil.copytree(source, root)
+    result = CliRunner().invoke(cli, _args(overflow_checkpoint.path, root, golden_cache))
+    assert result.exit_code == 1 and not (root / "plan" / "manifest.json").exists()
+    text = (root / "plan" / "manifest.html").read_text()
+    page = Page(text)
+    assert "no topology passes: layer 4 fails on its own" in text
+    assert all(r in page.text("topology") for r in ("0:3", "3:6", "4:6", "4:5"))
+    assert "fails alone" in page.text("attempts")
+    assert 'id="shard-4-5-gates"' in text and text.count('data-verdict="fail"') == 3
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

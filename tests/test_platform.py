@@ -62,3 +62,27 @@ def test_off_macos_there_is_no_neural_engine_and_no_core_ml():
 @pytest.mark.ane
 def test_the_ane_marker_sees_what_core_ml_sees():
     assert platform.has_neural_engine() and platform.machine_info()["neural_engine_cores"] > 0
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="off-macOS behaviour")
+def test_mac_check_off_macos_is_one_line_before_installing_anything(tmp_path):
+    """`make mac-check` (scripts/mac_check.sh) says it needs macOS 15+ and stops, before it
+    makes a venv (VENV points at a folder that must stay absent)."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "mac_check.sh"
+    venv = tmp_path / "venv"
+    result = subprocess.run(
+        ["bash", str(script)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "VENV": str(venv)},
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"Error: make mac-check needs macOS 15+ with Core ML; this machine runs {sys.platform}\n"
+    )
+    assert not venv.exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.fakes.coreml import FakeCompiledModel, FakeCompiler
+from tests.fakes.coreml_model import FakeCompiler, mil_loader, toy_shard_model
 from tests.mb_attention import build_attention_package
 
 from anechain import rope as rope_module
@@ -222,12 +222,12 @@ def test_shared_state_resets_for_both_and_refuses_foreign_runners(
 
 def test_coreml_runner_loads_a_function_and_shares_one_state(attention_package, rope, arch):
     contract = layer_contract(arch, CONTEXT, 1, T)
-    model = FakeCompiledModel({s.name: s.shape for s in contract.states})
+    states = {s.name: s.shape for s in contract.states}
     loads: list[tuple] = []
 
     def load_model(*args):
-        loads.append(args[2:])
-        return model
+        loads.append(args[2:])  # one compiled model: a state of either function serves both
+        return toy_shard_model(states, function=(args[2:] or ("",))[0], model=args[0])
 
     fake = FakeCompiler()
     decode = CoreMLRunner(attention_package, load_model=load_model, compiler=fake.compiler)
@@ -244,6 +244,43 @@ def test_coreml_runner_loads_a_function_and_shares_one_state(attention_package, 
     assert not prefill.read_state("key_cache").any()
     with pytest.raises(RunnerError, match="no function 'verify'"):
         CoreMLRunner(attention_package, load_model=load_model, function="verify")
+
+
+def test_a_compiled_two_function_model_is_described_per_function(
+    attention_package, rope, arch, tmp_path
+):
+    """An .mlmodelc of decode + prefill: each function's inputs come from the package the
+    compile sidecar names (the fake compiler's metadata.json has per-function schemas only,
+    which nothing reads), and prefill then decode equal the mil runner's."""
+    from anechain.compile import compile_package
+
+    compiled = compile_package(attention_package, tmp_path, compiler=FakeCompiler().compiler)
+    load = mil_loader(attention_package)
+    decode = CoreMLRunner(compiled.compiled, load_model=load)
+    prefill = CoreMLRunner(
+        compiled.compiled, load_model=load, function="prefill", state_from=decode
+    )
+    mil_decode, mil_prefill = runners(attention_package)
+    assert [f.shape for f in prefill.inputs] == [s.shape for s in mil_prefill.inputs]
+    assert [f.shape for f in decode.inputs] == [s.shape for s in mil_decode.inputs]
+    hidden = np.random.default_rng(4).standard_normal((11, arch.hidden_size)).astype(np.float32)
+    got = np.concatenate(run_prefill(decode, prefill, rope, hidden[:9]))
+    want = np.concatenate(run_prefill(mil_decode, mil_prefill, rope, hidden[:9]))
+    np.testing.assert_allclose(got, want, atol=1e-2)
+    after = run_decode(decode, rope, hidden[9:], 9)
+    want_after = run_decode(mil_decode, rope, hidden[9:], 9)
+    np.testing.assert_allclose(np.stack(after), np.stack(want_after), atol=1e-2)
+    with pytest.raises(RunnerError, match="no function 'verify'"):
+        CoreMLRunner(compiled.compiled, load_model=load, function="verify")
+    # The fake's own rules: a function takes its own inputs; a state of another model is
+    # refused (the bridge passes it on unchecked, mm:550-552; Core ML wants its own).
+    x = chunk_inputs(rope, hidden[:4], 0, T, CONTEXT)
+    with pytest.raises(RuntimeError, match="'hidden_states' has shape"):
+        load("c", "cpu_and_ne").predict(dict(x), load("c", "cpu_and_ne").make_state())
+    other = build_attention_package(tmp_path / "other.mlpackage", arch, CONTEXT, T)
+    foreign = mil_loader(other)("c", "cpu_and_ne").make_state()
+    with pytest.raises(RuntimeError, match="a state made by .*other.mlpackage"):
+        load("c", "cpu_and_ne", "prefill").predict(dict(x), foreign)
 
 
 @pytest.mark.macos

@@ -333,7 +333,13 @@ def test_late_window_crosses_into_the_long_longrope_factors(tmp_path, tiny_confi
     )
     ckpt = Checkpoint(write_random_checkpoint(tmp_path / "ckpt", arch))
     pkg = tmp_path / "layers_0_2.mlpackage"
-    decode_only = dataclasses.replace(tiny_config.export, prefill_tokens=0)  # context 64
+    # fp16 weights: with INT8 the long window (every position of the context) finds a
+    # near-tie in this random model's attention at position 49 (layer 0 head 2: 0.329 vs
+    # 0.317) that INT8 flips: long_rmse 0.214 > 0.2 there (0.023 in fp16), the random
+    # model's fragility (issue 17), not the host's; this test is about the host's LongRoPE.
+    decode_only = dataclasses.replace(
+        tiny_config.export, prefill_tokens=0, quantization="none"
+    )  # context 64
     export_shard(ckpt, LayerSpec(LayerRange(0, 2), pkg), decode_only)
     rope = RopeParameters.from_hf_config(ckpt.hf_config)
     assert rope.inv_freq_long != rope.inv_freq_short

@@ -227,6 +227,7 @@ def run_build(
         embedding=emb_path,
         gates=config.validation.gates,
         residency=config.residency,
+        validation=config.validation,
     )
     result.manifest = manifest
     result.generation = _check_generation(

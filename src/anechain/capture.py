@@ -190,6 +190,7 @@ def capture_package(
             plan_source="live",
             reason="" if ane else NO_ANE_REASON,
             where=package.name,
+            lenient=True,  # compiled just above; its replay is matched strictly
         )
         runs: dict[str, Any] = {}
         inputs: list[dict[str, Any]] = []

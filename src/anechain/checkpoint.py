@@ -21,13 +21,12 @@ from typing import Any
 
 import torch
 
+from anechain.checkpoint_files import CONFIG_NAME, INDEX_NAME, save_sharded, write_config
 from anechain.config import Architecture, LayerRange
 from anechain.errors import CheckpointError, ConfigError
 from anechain.fsutil import atomic_path, human_size
 from anechain.jsonio import loads_json
 
-INDEX_NAME = "model.safetensors.index.json"
-CONFIG_NAME = "config.json"
 # Bytes sampled per tensor for the checkpoint fingerprint: cheap, yet different weights
 # (another seed, an altered layer) give a different fingerprint.
 _SAMPLE_CHUNKS, _SAMPLE_CHUNK_BYTES = 8, 4096
@@ -643,8 +642,6 @@ def write_random_checkpoint(
     temporary folder and renamed into place. Layers are generated and written a shard
     file at a time, so memory stays near one shard even at full size.
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"{out_dir} already exists; pass --overwrite to replace it")
@@ -673,37 +670,8 @@ def write_random_checkpoint(
 
     with atomic_path(out_dir, overwrite=overwrite) as tmp:
         tmp.mkdir()
-        files: list[dict[str, torch.Tensor]] = [{}]
-        sizes = [0]
-        written: list[tuple[str, list[str]]] = []
-
-        def flush() -> None:
-            name = f"part-{len(written) + 1:05d}.safetensors"
-            save_file(files[-1], str(tmp / name), metadata={"format": "pt"})
-            written.append((name, list(files[-1])))
-            files[-1], sizes[-1] = {}, 0
-
-        for group in groups():
-            nbytes = sum(t.numel() * t.element_size() for t in group.values())
-            if files[-1] and sizes[-1] + nbytes > max_shard_bytes:
-                flush()
-            files[-1].update(group)
-            sizes[-1] += nbytes
-        flush()
-        total = len(written)
-        weight_map: dict[str, str] = {}
-        total_size = 0
-        for n, (name, names) in enumerate(written, start=1):
-            final = f"model-{n:05d}-of-{total:05d}.safetensors"
-            (tmp / name).rename(tmp / final)
-            total_size += (tmp / final).stat().st_size
-            weight_map.update(dict.fromkeys(names, final))
-        index = {
-            "metadata": {"total_size": total_size},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config_dict(arch), indent=2) + "\n")
+        save_sharded(tmp, groups(), max_shard_bytes)
+        write_config(tmp, hf_config_dict(arch))
         if progress:
             progress("measuring activation statistics with transformers")
         stats = random_checkpoint_stats(Checkpoint(tmp), style, seed)

@@ -216,6 +216,12 @@ class ValidationSettings:
     # Steps decoded at the end of the context window (the cache filled from the reference
     # up to context - late_steps), so the mask and positions at the end are exercised.
     late_steps: int = 4
+    # The runtime's window (validate_long): a prompt of `long_tokens` positions through the
+    # shard's own prefill (decode-only: decode, token by token) and cache, then `long_steps`
+    # decode steps from that cache, every position compared. None: the context minus
+    # long_steps; 0: no long window (a manifest built with such a config does not need one).
+    long_tokens: int | None = None
+    long_steps: int = 4
     gates: Gates = field(default_factory=Gates)
 
     def __post_init__(self) -> None:
@@ -223,10 +229,27 @@ class ValidationSettings:
             raise ConfigError(f"validation.steps must be positive, got {self.steps}")
         if self.late_steps < 0:
             raise ConfigError(f"validation.late_steps must be >= 0, got {self.late_steps}")
+        if self.long_tokens is not None and self.long_tokens < 0:
+            raise ConfigError(f"validation.long_tokens must be >= 0, got {self.long_tokens}")
+        if self.long_steps < 1:
+            raise ConfigError(f"validation.long_steps must be >= 1, got {self.long_steps}")
         if not 0 <= self.calibration_seed <= SEED_MAX:
             raise ConfigError(
                 f"validation.calibration_seed must be in 0..{SEED_MAX}, got {self.calibration_seed}"
             )
+
+    def long_window(self, context: int) -> tuple[int, int] | None:
+        """(prompt positions, decode steps) of the long window in a context, or None (off)."""
+        if self.long_tokens == 0:
+            return None
+        steps = self.long_steps
+        prompt = context - steps if self.long_tokens is None else self.long_tokens
+        if prompt < 1 or prompt + steps > context:
+            raise ConfigError(
+                f"the long window ({prompt} prompt positions + {steps} decode steps) does not "
+                f"fit the context of {context}"
+            )
+        return prompt, steps
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from anechain import __version__
-from anechain.config import Architecture, Gates, ResidencySettings, to_dict
+from anechain.config import Architecture, Gates, ResidencySettings, ValidationSettings, to_dict
 from anechain.contract import KIND_HEAD, KIND_LAYERS
 from anechain.errors import ManifestError
 from anechain.fsutil import atomic_write_text, sha256_tree
@@ -90,12 +90,17 @@ def _scalar(value: Any) -> bool:
 
 
 def _read(
-    source: Path, gates: Gates, residency: ResidencySettings | None
+    source: Path,
+    gates: Gates,
+    residency: ResidencySettings | None,
+    validation: ValidationSettings | None = None,
 ) -> tuple[Path, ValidationReport]:
-    """A report that passed, with bounds at least as strict as `gates` (and `residency`)."""
+    """A report that passed, with bounds at least as strict as `gates` (and `residency`),
+    and the long window `validation` requires."""
     path, report = read_report(source)
     report.require_pass(path)
     report.check_bounds(gates, path, residency)
+    report.check_long(validation or ValidationSettings(), path)
     return path, report
 
 
@@ -107,6 +112,7 @@ def build_manifest(
     embedding: Path | None = None,
     gates: Gates | None = None,
     residency: ResidencySettings | None = None,
+    validation: ValidationSettings | None = None,
 ) -> Manifest:
     """Check validated shards and write their manifest to `out` atomically.
 
@@ -121,6 +127,9 @@ def build_manifest(
             recorded in the manifest.
         residency: the residency gate a counted plan must have been judged by, or a stricter
             one (default: config.ResidencySettings(), strict).
+        validation: whose long window (the runtime's run) every layer report must have run,
+            at least as long (default: config.ValidationSettings(), the context minus its
+            decode steps); its `gates` are not read (`gates` are).
     """
     out = Path(out)
     gates = gates or Gates()
@@ -129,7 +138,7 @@ def build_manifest(
         raise ManifestError(f"{out} already exists; pass --overwrite to replace it")
     if not reports:
         raise ManifestError("no shards given: pass validation reports or shard packages")
-    read = [_read(Path(src), gates, residency) for src in reports]
+    read = [_read(Path(src), gates, residency, validation) for src in reports]
     heads = [(p, r) for p, r in read if r.kind == KIND_HEAD]
     if len(heads) > 1:
         raise ManifestError(f"{len(heads)} heads given ({heads[0][0]}, {heads[1][0]})")

@@ -29,8 +29,8 @@ from anechain.head import reference_logits
 
 @dataclass(frozen=True)
 class WindowOutputs:
-    """One window's shard outputs: (N, C) hidden states at `positions` (strictly increasing
-    or not; each row is judged on its own)."""
+    """One window's shard outputs: (N, C) hidden states at `positions` (each row is judged on
+    its own). Any object with these fields will do (validate_long.WindowOutputs)."""
 
     name: str
     positions: tuple[int, ...]
@@ -137,31 +137,48 @@ def summarize(records: Sequence[dict[str, Any]], share: float = 1.0) -> dict[str
     }
 
 
+# Rows of logits computed at once: a Phi-4-mini vocabulary is 200064 wide (0.8 MB a row).
+_LOGIT_ROWS = 128
+
+
+def window_records(
+    checkpoint: Checkpoint,
+    ref: Reference,
+    end: int,
+    windows: Sequence[Any],
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Per-position records of `windows` (each with name, positions, outputs) substituted at
+    layer `end` into `ref` (every layer's boundaries and KV), against the full reference."""
+    n = checkpoint.architecture.num_hidden_layers
+    positions = [int(p) for w in windows for p in w.positions]
+    names = [w.name for w in windows for _ in w.positions]
+    hidden = np.concatenate([np.asarray(w.outputs, np.float32) for w in windows])
+    final = finish_reference(checkpoint, ref, end, positions, hidden, progress)
+    records: list[dict[str, Any]] = []
+    for i in range(0, len(positions), _LOGIT_ROWS):
+        rows = slice(i, i + _LOGIT_ROWS)
+        logits = reference_logits(checkpoint, final[rows])
+        expected = reference_logits(checkpoint, ref.boundaries[n][positions[rows]])
+        for name in dict.fromkeys(names[rows]):
+            mine = [k for k, m in enumerate(names[rows]) if m == name]
+            records += position_records(
+                name, [positions[rows][k] for k in mine], expected[mine], logits[mine]
+            )
+    return records
+
+
 def next_token_verdict(
     checkpoint: Checkpoint,
     ref: Reference,
     end: int,
-    windows: Sequence[WindowOutputs],
+    windows: Sequence[Any],
     share: float,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Every window's outputs substituted at layer `end`, finished by the reference, against
     the full reference: {"metrics": all positions, "windows": per window, "per_position"}."""
-    n = checkpoint.architecture.num_hidden_layers
-    positions = [p for w in windows for p in w.positions]
-    hidden = np.concatenate([np.asarray(w.outputs, np.float32) for w in windows])
-    final = finish_reference(checkpoint, ref, end, positions, hidden, progress)
-    logits = reference_logits(checkpoint, final)
-    expected = reference_logits(checkpoint, ref.boundaries[n][positions])
-    records: list[dict[str, Any]] = []
-    row = 0
-    for w in windows:
-        k = len(w.positions)
-        records += position_records(
-            w.name, w.positions, expected[row : row + k], logits[row : row + k]
-        )
-        row += k
-    return assemble(records, share)
+    return assemble(window_records(checkpoint, ref, end, windows, progress), share)
 
 
 def assemble(records: list[dict[str, Any]], share: float) -> dict[str, Any]:

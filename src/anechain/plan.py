@@ -281,5 +281,6 @@ def plan_topology(
         overwrite=overwrite,
         gates=validation_settings.gates,
         residency=validator.residency.settings,
+        validation=validation_settings,
     )
     return PlanOutcome(search, out, manifest, reports)

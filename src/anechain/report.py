@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from anechain import __version__
-from anechain.config import Gates, LayerRange, ResidencySettings, from_dict, to_dict
+from anechain.config import (
+    Gates,
+    LayerRange,
+    ResidencySettings,
+    ValidationSettings,
+    from_dict,
+    to_dict,
+)
 from anechain.contract import KIND_HEAD, KIND_LAYERS, ShardMetadata
 from anechain.errors import ConfigError, ReportError
 from anechain.jsonio import atomic_write_json
@@ -125,6 +132,25 @@ PREFILL_GATES: tuple[GateSpec, ...] = (
 )
 
 
+# ---- the long window (validate_long) -------------------------------------------------------
+# The runtime's run: a long prompt through the shard's own prefill (or decode) and cache, then
+# decode from it; every position held to the decode window's hidden-state gates, and the KV
+# cache read back.
+LONG_GATES: tuple[GateSpec, ...] = (
+    *_prefixed(OUTPUT_GATES, "long_", "long.metrics"),
+    GateSpec(
+        "long_step_delta_cosine",
+        "step_delta_cosine",
+        "min_step_delta_cosine",
+        ">=",
+        ("long.metrics",),
+    ),
+    GateSpec("long_kv_cosine", "kv_cosine", "min_kv_cosine", ">=", ("long.metrics",)),
+    GateSpec("long_kv_unwritten", "kv_unwritten_max_abs", None, "<=", ("long.metrics",)),
+)
+# ---- end of the long window's gates -------------------------------------------------------
+
+
 # ---- next-token verdicts and the bulk channels (issue 17.4; nexttoken.py) -----------------
 # A layer shard's outputs finished by the fp32 reference (the remaining layers, the final norm,
 # the LM head) against the full reference, over every validated position of every window:
@@ -142,13 +168,18 @@ NEXT_TOKEN_GATES: tuple[GateSpec, ...] = (
 # ---- end of the next-token block ------------------------------------------------------------
 
 
-def gate_specs(kind: str, functions: Mapping[str, int] | None = None) -> tuple[GateSpec, ...]:
+def gate_specs(
+    kind: str, functions: Mapping[str, int] | None = None, long: bool = False
+) -> tuple[GateSpec, ...]:
     """The mandatory gates of a package: its kind's, plus prefill's if it has that function,
-    plus a layer shard's next-token and bulk gates."""
+    plus the long window's if the report has one (`long`), plus a layer shard's next-token and
+    bulk gates."""
     specs = GATE_SETS[kind]
     if kind != KIND_LAYERS:
         return specs
-    return specs + (PREFILL_GATES if "prefill" in (functions or {}) else ()) + NEXT_TOKEN_GATES
+    if "prefill" in (functions or {}):
+        specs = specs + PREFILL_GATES
+    return specs + (LONG_GATES if long else ()) + NEXT_TOKEN_GATES
 
 
 @dataclass(frozen=True)
@@ -245,8 +276,12 @@ class ValidationReport:
     gates: tuple[Gate, ...]
     residency: dict[str, Any]  # residency.ResidencyReport.to_dict()
     prefill: dict[str, Any] | None = None  # validate_prefill.PrefillGolden, two functions
+    long: dict[str, Any] | None = None  # validate_long.LongGolden.to_dict(), the runtime's window
     created: str = field(default_factory=_now)
     versions: dict[str, str] = field(default_factory=versions)
+    # The shard's output hidden states per validated position (validate_long.WindowOutputs per
+    # window), for a consumer in the same process (next-token verdicts); never written.
+    outputs: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def kind(self) -> str:
@@ -317,7 +352,9 @@ class ValidationReport:
                     f"report {where}: residency was judged with {self.residency.get('gate')}, "
                     f"looser than {to_dict(residency)}; validate {self.package.name} again"
                 )
-        specs = {s.name: s for s in gate_specs(self.kind, self.meta.functions)}
+        specs = {
+            s.name: s for s in gate_specs(self.kind, self.meta.functions, self.long is not None)
+        }
         for g in self.gates:
             spec = specs[g.name]
             need = spec.bound(required)
@@ -328,6 +365,21 @@ class ValidationReport:
                     f"looser than the required {g.op} {need:g}{what}; validate "
                     f"{self.package.name} again with these gates"
                 )
+
+    def check_long(self, required: ValidationSettings, where: Path | str) -> None:
+        """ReportError if `required` asks for the long window (the runtime's run) and this
+        layer report has none, or one with fewer prompt positions or decode steps."""
+        need = required.long_window(self.meta.context_length) if self.kind == KIND_LAYERS else None
+        if need is None:
+            return
+        have = (self.long or {}).get("prompt", 0), (self.long or {}).get("decode_steps", 0)
+        if self.long is None or have[0] < need[0] or have[1] < need[1]:
+            got = "none" if self.long is None else f"{have[0]} + {have[1]}"
+            raise ReportError(
+                f"report {where}: the config requires a long window of {need[0]} prompt "
+                f"positions + {need[1]} decode steps, the report has {got}; validate "
+                f"{self.package.name} again with this config"
+            )
 
     # -- JSON --
 
@@ -363,6 +415,7 @@ class ValidationReport:
             "contract": m.contract.to_dict(),
             "functions": dict(m.functions),
             "prefill": self.prefill,
+            "long": self.long,
             "context_length": m.context_length,
             "rope": self.rope,
             "backend": self.backend,

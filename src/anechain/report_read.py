@@ -143,7 +143,8 @@ class _Parser:
             steps=self.get("steps", int),
             golden=golden,
             prefill=self.prefill(meta.functions),  # before the gates that read it
-            gates=self.gates(kind, meta.functions),
+            long=(long := self.long(kind)),
+            gates=self.gates(kind, meta.functions, long is not None),
             residency=self.residency(),
             created=self.get("created", str),
             versions=self.get("versions", dict),
@@ -193,10 +194,10 @@ class _Parser:
         except (TypeError, ValueError):
             raise self.fail("is malformed: golden.layer_max_abs is not layer -> number") from None
 
-    def gates(self, kind: str, functions: dict[str, int]) -> tuple[Gate, ...]:
+    def gates(self, kind: str, functions: dict[str, int], long: bool = False) -> tuple[Gate, ...]:
         """The package's mandatory gates, each recomputed; refuses a missing, unknown,
         duplicate, re-defined or inconsistent gate. Stored `passed` flags are never read."""
-        specs = {s.name: s for s in gate_specs(kind, functions)}
+        specs = {s.name: s for s in gate_specs(kind, functions, long)}
         entries = self.get("gates", list)
         seen: dict[str, Gate] = {}
         for entry in entries:
@@ -247,6 +248,19 @@ class _Parser:
             raise self.fail("names a prefill function but has no prefill validation")
         return prefill
 
+    def long(self, kind: str) -> dict[str, Any] | None:
+        """The long window (validate_long), or None; its gates are then mandatory, and
+        whether a config needs one is manifest build's question (`check_long`)."""
+        long = self.get("long", (dict, _NONE)) if "long" in self.data else None
+        if long is not None and kind != KIND_LAYERS:
+            raise self.fail("is malformed: a head report has a long window")
+        if long is not None:
+            for key in ("prompt", "decode_steps"):
+                value = self.get(f"long.{key}", int)
+                if value < (1 if key == "decode_steps" else 0):
+                    raise self.fail(f"is malformed: long.{key} is {value}")
+        return long
+
     # ---- next-token verdicts (issue 17.4) ----
 
     def next_token(self, kind: str, meta: ShardMetadata) -> dict[str, Any] | None:
@@ -286,11 +300,35 @@ class _Parser:
             raise self.fail(f"has an unknown residency status {status!r}")
         self.get("residency.passed", (bool, _NONE))
         counts = self.get("residency.counts", (dict, _NONE))
-        if status == "checked" and counts is None:
+        unreported = residency.get("unreported_functions") or []
+        if status == "checked" and counts is None and not unreported:
             raise self.fail("is malformed: residency was checked but has no counts")
+        _check_match(residency, self)
         # Like a gate's, the residency verdict is recomputed from its evidence, the counts.
         passed = _residency_passes(residency, self) if status == "checked" else None
         return {**residency, "passed": passed}
+
+
+def _check_match(residency: dict[str, Any], parser: _Parser) -> None:
+    """A plan replayed from a file or a capture is matched with its program exactly; a report
+    of such a plan claiming a lenient match (ops the compiler changed) is forged or stale."""
+    source = str(residency.get("plan_source", ""))
+    if source in ("", "live"):
+        return
+    functions = residency.get("functions")
+    parts = [residency, *(functions.values() if isinstance(functions, dict) else [])]
+    for part in parts:
+        match = part.get("match") if isinstance(part, dict) else None
+        if match is None:
+            continue  # reports from before the lenient match
+        if not isinstance(match, dict):
+            raise parser.fail("is malformed: residency.match is not an object")
+        changed = any(match.get(k) for k in ("renamed", "added", "removed"))
+        if match.get("mode") != "strict" or changed:
+            raise parser.fail(
+                f"claims a lenient plan/program match for a replayed plan ({source}); "
+                "replayed plans must match their program exactly"
+            )
 
 
 def _residency_passes(residency: dict[str, Any], parser: _Parser) -> bool:
@@ -309,6 +347,9 @@ def _residency_passes(residency: dict[str, Any], parser: _Parser) -> bool:
         raise parser.fail("is malformed: residency.functions is not function -> counts")
     parts = list(functions.values()) if functions else [residency]
     for part in parts:
+        if not isinstance(part, dict) or part.get("counts") is None:
+            # Core ML reported no device usage: unproven, never a pass (residency.gate).
+            return False
         plumbing = part.get("plumbing") if isinstance(part, dict) else None
         plumbing = plumbing if isinstance(plumbing, dict) else {}
         share = as_number(plumbing.get("share_off_ane", 0.0))

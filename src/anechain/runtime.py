@@ -120,29 +120,27 @@ class ManifestRuntime:
         self.context_length = m.context_length
         self.chunk_rows = m.head.chunk_rows
 
-        def model_path(package: Any, compiled: Any) -> Path:
-            # Core ML runs the compiled model when the manifest has one; MIL reads the package.
-            ref = compiled if self.backend == "coreml" and compiled is not None else package
-            return root / ref.path
+        def runner(package: Any, compiled: Any, **options: Any) -> ShardRunner:
+            # Core ML runs the compiled model when the manifest has one, described by the
+            # package it names beside it (no API describes an .mlmodelc); MIL reads the package.
+            if self.backend == "coreml" and compiled is not None:
+                options["compiled"] = root / compiled.path
+                if "state_from" not in options:  # verify_manifest hashed the package already
+                    options["package_sha256"] = package.sha256
+            return open_runner(self.backend, root / package.path, **options)
 
         self.shards: list[tuple[str, ShardRunner]] = [
-            (str(s.layers), open_runner(self.backend, model_path(s.package, s.compiled)))
-            for s in m.shards
+            (str(s.layers), runner(s.package, s.compiled)) for s in m.shards
         ]
         # T of the shards' prefill functions: used only if every shard has one, of one T.
         ts = {s.prefill_tokens for s in m.shards}
         self.prefill_tokens = ts.pop() if prefill and len(ts) == 1 else 0
         self.prefill_shards: list[ShardRunner] = [
-            open_runner(
-                self.backend,
-                model_path(s.package, s.compiled),
-                function=FUNCTION_PREFILL,
-                state_from=decode,
-            )
+            runner(s.package, s.compiled, function=FUNCTION_PREFILL, state_from=decode)
             for s, (_, decode) in zip(m.shards, self.shards, strict=True)
             if self.prefill_tokens
         ]
-        self.head = open_runner(self.backend, model_path(m.head.package, m.head.compiled))
+        self.head = runner(m.head.package, m.head.compiled)
 
     def reset(self) -> None:
         for _, runner in self.shards:

@@ -25,7 +25,6 @@ from anechain.fsutil import sha256_tree
 from anechain.golden import calibration_tokens, reference
 from anechain.head import head_tensor_names, run_head_golden
 from anechain.metrics import compare_cache, compare_shard
-from anechain.nexttoken import WindowOutputs
 from anechain.package import package_size
 from anechain.report import Gate, Golden, ValidationReport, evaluate_gates
 from anechain.rope import RopeParameters, step_inputs
@@ -126,7 +125,7 @@ def run_golden(
     cache_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
     rope: RopeParameters | None = None,
-    collect: list[WindowOutputs] | None = None,
+    outputs: list[Any] | None = None,
 ) -> tuple[Golden, tuple[Gate, ...]]:
     """The decode loop: reference in, shard out, compared per step, per layer (when the
     runner exposes layer outputs), and for the KV cache read back from the shard's state.
@@ -134,7 +133,7 @@ def run_golden(
     Two windows: the first `steps` positions from an empty cache, and `late_steps` at the
     end of the context with the cache filled from the reference before them. The host
     inputs come from the package's rope metadata (`rope`, read and checked if not given).
-    Each window's outputs are appended to `collect` (for the next-token verdict).
+    Each window's outputs are appended to `outputs` (validate_long.WindowOutputs) if given.
     """
     rope = rope or package_rope(meta, checkpoint, "the package")
     context = meta.context_length
@@ -198,8 +197,19 @@ def run_golden(
                 for k, c in enumerate(layers)
             ]
 
-    if collect is not None:
-        collect += [WindowOutputs(w.name, tuple(w.positions), np.stack(w.outputs)) for w in windows]
+    if outputs is not None:
+        from anechain.validate_long import WindowOutputs
+
+        outputs += [
+            WindowOutputs(
+                w.name,
+                tuple(tokens),
+                np.asarray(w.positions),
+                np.stack(w.fed),
+                np.stack(w.outputs),
+            )
+            for w in windows
+        ]
     by_window = {
         w.name: compare_shard(
             np.stack(w.fed), np.stack(w.outputs), ref_in[w.positions], ref_out[w.positions]
@@ -235,6 +245,11 @@ def run_golden(
         layers=layers,
     )
     return golden, gates
+
+
+def reference_length(settings: ValidationSettings, context: int) -> int:
+    """How long a calibration sequence the decode windows compare against."""
+    return _windows(settings, context)[-1].positions.stop
 
 
 def _layer_metrics(
@@ -289,6 +304,7 @@ def validate_shard(
     if progress:
         progress(f"[{meta.layers or 'head'}] loading {package.name} with the {backend} runner")
     runner = open_runner(backend, package, **(runner_options or {}))
+    outputs: list[Any] = []  # the shard's outputs per window, for next-token verdicts
     residency_report = check_residency(
         package,
         opts.settings,
@@ -307,20 +323,31 @@ def validate_shard(
             first_nonfinite=head["first_nonfinite"],
         )
     else:
-        outputs: list[WindowOutputs] = []
         golden, gates = run_golden(
-            runner, meta, checkpoint, settings, cache_dir, progress, rope, collect=outputs
+            runner, meta, checkpoint, settings, cache_dir, progress, rope, outputs
         )
-    prefill = None
+    prefill = second = None
     if meta.prefill_tokens:  # a two-function package: prefill, then decode from its cache
         from anechain.validate_prefill import open_prefill_runner, run_prefill_golden
 
         second = open_prefill_runner(backend, package, runner, **(runner_options or {}))
         prefill = run_prefill_golden(
-            runner, second, meta, checkpoint, settings, cache_dir, progress, collect=outputs
+            runner, second, meta, checkpoint, settings, cache_dir, progress
         )
         gates = gates + prefill.gates
-    if meta.kind == KIND_LAYERS:
+        outputs.append(prefill.outputs)
+    long = None
+    if meta.kind == KIND_LAYERS and rope is not None:  # the runtime's window
+        from anechain.validate_long import run_long_golden
+
+        length = reference_length(settings, meta.context_length)
+        long = run_long_golden(
+            runner, second, meta, checkpoint, settings, rope, length, cache_dir, progress
+        )
+        if long is not None:
+            gates = gates + long.gates
+            outputs.append(long.outputs)
+    if meta.kind == KIND_LAYERS:  # every window's outputs through the rest of the model
         golden, more = next_token_golden(
             golden, outputs, meta, checkpoint, settings, cache_dir, progress
         )
@@ -336,35 +363,37 @@ def validate_shard(
         gates=gates,
         residency=residency_report,
         prefill=prefill.to_dict() if prefill is not None else None,
+        long=long.to_dict() if long is not None else None,
+        outputs=tuple(outputs),
     )
 
 
 def next_token_golden(
     golden: Golden,
-    outputs: list[WindowOutputs],
+    outputs: list[Any],
     meta: ShardMetadata,
     checkpoint: Checkpoint,
     settings: ValidationSettings,
     cache_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Golden, tuple[Gate, ...]]:
-    """Every window's outputs through the rest of the fp32 reference (nexttoken.py), and the
-    next-token and bulk gates (report.NEXT_TOKEN_GATES)."""
+    """Every window's outputs (validate_long.WindowOutputs: any window, each with the
+    calibration sequence its positions index) through the rest of the fp32 reference
+    (nexttoken.py), and the next-token and bulk gates (report.NEXT_TOKEN_GATES)."""
     from dataclasses import replace
 
-    from anechain.nexttoken import next_token_verdict
+    from anechain.nexttoken import assemble, window_records
     from anechain.report import NEXT_TOKEN_GATES, evaluate_specs
 
     n = checkpoint.architecture.num_hidden_layers
-    length = max(p for w in outputs for p in w.positions) + 1
-    tokens = calibration_tokens(settings, checkpoint, length)
-    # Every window runs a prefix of one sequence (causal: its reference is the long one's).
-    short = calibration_tokens(settings, checkpoint)
-    if tokens[: len(short)] != short[: len(tokens)]:
-        raise PackageError("the calibration windows do not share one token sequence")
-    ref = reference(checkpoint, tokens, n, cache_dir, progress)
-    share = meta.layers.num_layers / n
-    verdict = next_token_verdict(checkpoint, ref, meta.layers.end, outputs, share, progress)
+    records: list[dict[str, Any]] = []
+    by_tokens: dict[tuple[int, ...], list[Any]] = {}
+    for w in outputs:
+        by_tokens.setdefault(tuple(w.tokens), []).append(w)
+    for tokens, windows in by_tokens.items():  # one reference per calibration sequence
+        ref = reference(checkpoint, list(tokens), n, cache_dir, progress)
+        records += window_records(checkpoint, ref, meta.layers.end, windows, progress)
+    verdict = assemble(records, meta.layers.num_layers / n)
     golden = replace(golden, next_token=verdict)
     evidence = {"golden": {"metrics": golden.metrics, "next_token": verdict}}
     return golden, evaluate_specs(evidence, settings.gates, NEXT_TOKEN_GATES)

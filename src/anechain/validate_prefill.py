@@ -24,7 +24,6 @@ from anechain.contract import FUNCTION_PREFILL, ShardMetadata
 from anechain.errors import PackageError
 from anechain.golden import _LayerRunner, calibration_tokens, reference_boundaries
 from anechain.metrics import compare, compare_shard
-from anechain.nexttoken import WindowOutputs
 from anechain.report import PREFILL_GATES, Gate, evaluate_specs
 from anechain.rope import chunk_inputs, chunk_outputs, prefill_plan, step_inputs
 from anechain.runners import ShardRunner, open_runner
@@ -68,6 +67,7 @@ class PrefillGolden:
     decode_metrics: dict[str, Any]  # prefill 0..P-1 then decode P..S-1, as one run
     per_position: list[dict[str, Any]]
     gates: tuple[Gate, ...] = ()
+    outputs: Any = None  # validate_long.WindowOutputs "prefill": every position, not written
 
     @property
     def passed(self) -> bool:
@@ -93,7 +93,6 @@ def run_prefill_golden(
     settings: ValidationSettings,
     cache_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
-    collect: list[WindowOutputs] | None = None,
 ) -> PrefillGolden:
     """`prefill` and `decode` share one state; prefill in chunks, then decode, vs transformers."""
     if meta.layers is None or not meta.prefill_tokens:
@@ -161,13 +160,19 @@ def run_prefill_golden(
         ref_out[: len(tokens)],
     ).to_dict()
 
-    if collect is not None:  # the whole prefill-then-decode run, for the next-token verdict
-        run = np.concatenate([a_out, np.stack(d_out)]) if d_out else a_out
-        collect.append(WindowOutputs("prefill", tuple(range(len(run))), run))
     # report.PREFILL_GATES: the decode gates on each part, read where the report keeps them.
     evidence = {"prefill": {"metrics": metrics, "kv": kv, "decode_metrics": decode_metrics}}
     gates = evaluate_specs(evidence, settings.gates, PREFILL_GATES)
-    return PrefillGolden(t, chunks, metrics, kv, decode_metrics, per_position, gates)
+    from anechain.validate_long import WindowOutputs
+
+    outputs = WindowOutputs(
+        "prefill",
+        tuple(tokens),
+        np.arange(len(tokens)),
+        np.concatenate([a_in, np.stack(d_in)]),
+        np.concatenate([a_out, np.stack(d_out)]),
+    )
+    return PrefillGolden(t, chunks, metrics, kv, decode_metrics, per_position, gates, outputs)
 
 
 def open_prefill_runner(

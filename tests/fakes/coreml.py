@@ -3,18 +3,19 @@
 The compute plan is a real `MLComputePlan` whose proxy (the part that needs Core ML) is
 replaced; its model structure is made of coremltools' real `MLModelStructure*` dataclasses and
 its devices subclass coremltools' real device classes, so `isinstance` checks and attribute
-names are exactly those of coremltools 9.
+names are exactly those of coremltools 9. What Core ML itself decides is modelled as what it
+may do, not as what anechain expects: the compiler may rename, fuse or drop ops
+(`CompilerEdits`), and a function other than the default may get no device usage
+(`plan_for_package(unreported=...)`); tests run under each.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from coremltools.models.compute_device import (
     MLCPUComputeDevice,
     MLGPUComputeDevice,
@@ -35,9 +36,17 @@ from coremltools.models.compute_plan import (
     MLModelStructureProgramValue,
     MLModelStructureProgramValueType,
 )
+from tests.fakes.coreml_model import (  # the compiler, compiled models and states
+    FakeCompiler,
+    mil_compiled_model,
+    mil_loader,
+    toy_shard_model,
+)
 
 from anechain.compile import Compiler
-from anechain.errors import CompileError
+
+# Re-exported for the tests that import them from here.
+__all__ = ["FakeCompiler", "mil_compiled_model", "mil_loader", "toy_shard_model"]
 
 # --- devices ----------------------------------------------------------------------------------
 
@@ -80,16 +89,24 @@ class Op:
 
 
 class FakeComputePlanProxy:
-    """Stands in for coremltools' `_MLComputePlanProxy`: answers per op object."""
+    """Stands in for coremltools' `_MLComputePlanProxy`: answers per op object.
 
-    def __init__(self, functions: dict[str, Sequence[Op]]) -> None:
+    `unreported` functions get no device usage and no cost for any op (`None`, which
+    coremltools documents as "the usage couldn't be determined"): what Core ML may answer for
+    the ops of a function other than the default one, since `MLComputePlan.load_from_path`
+    builds its configuration without a function name (mac-bridge-audit #2)."""
+
+    def __init__(self, functions: dict[str, Sequence[Op]], unreported: Sequence[str] = ()) -> None:
         self._usage: dict[int, MLComputePlanDeviceUsage | None] = {}
         self._cost: dict[int, MLComputePlanCost | None] = {}
         self._keep: list[Any] = []  # keeps ops alive so their ids stay unique
         self.usage_queries = 0
+        assert set(unreported) <= set(functions), f"no function {set(unreported)}"
         program = MLModelStructureProgram(
             functions={
-                name: MLModelStructureProgramFunction(inputs=[], block=self._block(ops))
+                name: MLModelStructureProgramFunction(
+                    inputs=[], block=self._block(_silenced(ops) if name in unreported else ops)
+                )
                 for name, ops in functions.items()
             }
         )
@@ -143,6 +160,13 @@ class FakeComputePlanProxy:
 
     def get_estimated_cost_for_mlprogram_operation(self, operation: Any) -> Any:
         return self._cost[id(operation)]
+
+
+def _silenced(ops: Sequence[Op]) -> list[Op]:
+    """The same ops with no device usage and no cost (nested blocks too)."""
+    return [
+        replace(o, preferred=None, cost=None, blocks=[_silenced(b) for b in o.blocks]) for o in ops
+    ]
 
 
 def make_plan(main: Sequence[Op], **other_functions: Sequence[Op]) -> MLComputePlan:
@@ -220,22 +244,132 @@ def plan_ops_for_package(
     return ops_of(fn.block_specializations[fn.opset])
 
 
+@dataclass(frozen=True)
+class CompilerEdits:
+    """What the Core ML compiler may make of a program before `MLModelStructure` shows it:
+    Core ML reads the structure from the compiled model and promises no mirror of the source
+    program (mac-bridge-audit #3). Each edit keeps the program's dataflow: readers of a
+    renamed, dropped or fused op read its replacement.
+
+    - `rename(name) -> name` for the outputs of ops of the kinds in `rename_types` (empty:
+      every kind), constants included;
+    - `drop`: ops of these kinds (view-only: `reshape`, `expand_dims`) or names removed,
+      readers rewired to the op's `x`;
+    - `fuse`: `(first, second)` pairs; an op of kind `second` right after the `first` it
+      reads become one op `first_second` (an op the program lacks).
+    """
+
+    rename: Any = None
+    rename_types: frozenset[str] = frozenset()
+    drop: frozenset[str] = frozenset()
+    fuse: tuple[tuple[str, str], ...] = ()
+
+    def apply(self, ops: list[Op]) -> list[Op]:
+        alias: dict[str, str] = {}  # program variable -> the plan's
+        return self._block(ops, alias)
+
+    def _block(self, ops: list[Op], alias: dict[str, str]) -> list[Op]:
+        out: list[Op] = []
+        i = 0
+        while i < len(ops):
+            op = ops[i]
+            kind = op.type.rsplit(".", 1)[-1]
+            inputs = {k: [alias.get(n, n) for n in v] for k, v in op.inputs.items()}
+            if (kind in self.drop or op.name in self.drop) and op.name and inputs.get("x"):
+                alias[op.name] = inputs["x"][0]
+                i += 1
+                continue
+            nxt = ops[i + 1] if i + 1 < len(ops) else None
+            if (
+                nxt is not None
+                and (kind, nxt.type.rsplit(".", 1)[-1]) in self.fuse
+                and op.name in {n for v in nxt.inputs.values() for n in v}
+            ):
+                second = {
+                    k: [alias.get(n, n) for n in v if n != op.name] for k, v in nxt.inputs.items()
+                }
+                fused_inputs = {**{f"a_{k}": v for k, v in inputs.items()}}
+                fused_inputs.update({f"b_{k}": v for k, v in second.items() if v})
+                opset = op.type.rsplit(".", 1)[0] + "." if "." in op.type else ""
+                fused_kind = f"{opset}{kind}_{nxt.type.rsplit('.', 1)[-1]}"
+                out.append(replace(nxt, type=fused_kind, inputs=fused_inputs))
+                i += 2
+                continue
+            name = op.name
+            if (
+                name
+                and self.rename is not None
+                and (not self.rename_types or kind in self.rename_types)
+            ):
+                name = self.rename(name)
+                alias[op.name] = name
+            blocks = [self._block(list(b), alias) for b in op.blocks]
+            out.append(replace(op, name=name, inputs=inputs, blocks=blocks))
+            i += 1
+        return out
+
+
+# The compiler differences a test can ask for (each legitimate).
+RENAMED = CompilerEdits(rename=lambda n: f"{n}_cast_fp16")
+VIEWS_DROPPED = CompilerEdits(drop=frozenset({"reshape", "expand_dims"}))
+SILU_MUL_FUSED = CompilerEdits(fuse=(("silu", "mul"),))
+
+
 def plan_for_package(
-    package: Path, place: Any = anemll_placement, **place_in: Any
+    package: Path,
+    place: Any = anemll_placement,
+    *,
+    edits: CompilerEdits | None = None,
+    unreported: Sequence[str] = (),
+    **place_in: Any,
 ) -> MLComputePlan:
     """A real coremltools MLComputePlan of `package`, devices chosen by `place` (or, for the
     function named, by `place_in[function]`): one plan function per program function
-    (`main`, or `decode` and `prefill`), as Core ML's."""
+    (`main`, or `decode` and `prefill`), as Core ML's. `edits` changes the program as a
+    compiler may; `unreported` functions get no device usage (FakeComputePlanProxy)."""
     from anechain.package import load_spec
 
     functions = sorted(load_spec(package).mlProgram.functions)
     unknown = set(place_in) - set(functions)
     assert not unknown, f"{package} has no function {unknown}"
     plan = object.__new__(MLComputePlan)  # __init__ insists on the native proxy type
-    plan.__proxy__ = FakeComputePlanProxy(
-        {f: plan_ops_for_package(package, place_in.get(f, place), function=f) for f in functions}
-    )
+    ops = {f: plan_ops_for_package(package, place_in.get(f, place), function=f) for f in functions}
+    if edits is not None:
+        ops = {f: edits.apply(o) for f, o in ops.items()}
+    plan.__proxy__ = FakeComputePlanProxy(ops, unreported)
     return plan
+
+
+class DefaultFunctionCoreML:
+    """Core ML as it may behave: the plan of a compiled model gives device usage for the ops of
+    its default function only (the bridge plans with no function name). `compiler` compiles
+    with FakeCompiler and records, in the fake .mlmodelc, the package it came from;
+    `load_plan` plans that package with every other function unreported."""
+
+    SOURCE = "fake-source-package.txt"
+
+    def __init__(self, place: Any = anemll_placement, edits: CompilerEdits | None = None):
+        self.fake = FakeCompiler()
+        self.place, self.edits = place, edits
+        self.defaults: list[str] = []  # the default function of each plan load
+
+    def _run(self, package: Path, dest: Path) -> None:
+        self.fake.run(package, dest)
+        (dest / self.SOURCE).write_text(str(Path(package).resolve()))
+
+    @property
+    def compiler(self) -> Compiler:
+        return Compiler("fake", self._run)
+
+    def load_plan(self, compiled: str, compute_units: str) -> MLComputePlan:
+        from anechain.package import load_spec
+
+        package = Path((Path(compiled) / self.SOURCE).read_text())
+        spec = load_spec(package)
+        default = spec.description.defaultFunctionName or "main"
+        self.defaults.append(default)
+        others = [f for f in spec.mlProgram.functions if f != default]
+        return plan_for_package(package, self.place, edits=self.edits, unreported=others)
 
 
 def layer_ops(prefix: str = "l0", conv_device: str = "ane", other_device: str = "ane") -> list[Op]:
@@ -251,183 +385,3 @@ def layer_ops(prefix: str = "l0", conv_device: str = "ane", other_device: str = 
         Op("silu", f"{prefix}_act", cost=0.02),
         Op("conv", f"{prefix}_down_proj", cost=0.2),
     ]
-
-
-# --- compiler -----------------------------------------------------------------------------------
-
-
-class FakeCompiler:
-    """Writes a plausible .mlmodelc (model.mil + metadata.json) and counts its calls."""
-
-    def __init__(self, fail_with: str | None = None, write_nothing: bool = False) -> None:
-        self.calls: list[tuple[Path, Path]] = []
-        self.fail_with = fail_with
-        self.write_nothing = write_nothing
-
-    def run(self, package: Path, dest: Path) -> None:
-        self.calls.append((package, dest))
-        if self.fail_with is not None:
-            raise CompileError(f"fake compiler failed: {self.fail_with}", stderr=self.fail_with)
-        if self.write_nothing:
-            return
-        dest.mkdir()
-        (dest / "model.mil").write_text(f"compiled from {package.name} call {len(self.calls)}\n")
-        try:
-            from anechain.package import load_spec
-            from anechain.runners.coreml import features_from_spec
-
-            inputs, outputs, states = features_from_spec(load_spec(package))
-        except Exception:  # a stand-in package without a real spec
-            inputs, outputs, states = [], [], []
-
-        def schema(features: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-            # The compiler's CamelCase type names: float16 -> Float16, int32 -> Int32.
-            return {f.name: (f.shape, f.dtype.name.capitalize()) for f in features}
-
-        write_compiled_metadata(dest, schema(inputs), schema(outputs), schema(states))
-
-    @property
-    def compiler(self) -> Compiler:
-        return Compiler("fake", self.run)
-
-
-def write_compiled_metadata(
-    compiled: Path,
-    inputs: dict[str, tuple[tuple[int, ...], str]],
-    outputs: dict[str, tuple[tuple[int, ...], str]],
-    states: dict[str, tuple[tuple[int, ...], str]] | None = None,
-) -> None:
-    """A metadata.json in the Core ML compiler's format (shape as a string, CamelCase dtype);
-    `stateSchema` only for a stateful model."""
-
-    def schema(d: dict[str, tuple[tuple[int, ...], str]]) -> list[dict[str, str]]:
-        return [
-            {
-                "name": n,
-                "type": "MultiArray",
-                "dataType": t,
-                "shape": json.dumps(list(s)),
-                "hasShapeFlexibility": "0",
-                "isOptional": "0",
-            }
-            for n, (s, t) in d.items()
-        ]
-
-    entry = {"inputSchema": schema(inputs), "outputSchema": schema(outputs)}
-    if states:
-        entry["stateSchema"] = schema(states)
-    compiled.mkdir(parents=True, exist_ok=True)
-    (compiled / "metadata.json").write_text(json.dumps([entry]))
-
-
-# --- compiled model (CompiledMLModel look-alike) ------------------------------------------------
-
-
-class FakeState:
-    """Like coremltools' MLState: `read_state(name)`."""
-
-    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        self.values = {n: np.zeros(s, dtype=np.float16) for n, s in shapes.items()}
-
-    def read_state(self, name: str) -> np.ndarray:
-        if name not in self.values:
-            raise RuntimeError(f"no state named {name}")
-        return self.values[name].astype(np.float32)  # Core ML hands fp16 states back as fp32
-
-
-class FakeCompiledModel:
-    """Like CompiledMLModel: `make_state()`, `predict(data, state=)`.
-
-    Behaves like a shard: writes position+1 into both caches at the given position and returns
-    `hidden_states * 2` as float32 (as Core ML hands back fp16 outputs). Like the real
-    `predict`, it converts fp16 arrays in the dict it is given to fp32 in place.
-    """
-
-    def __init__(self, state_shapes: dict[str, tuple[int, ...]]) -> None:
-        self.state_shapes = state_shapes
-        self.predicts = 0
-        self.states_made = 0
-
-    def make_state(self) -> FakeState:
-        self.states_made += 1
-        return FakeState(self.state_shapes)
-
-    def predict(self, data: dict[str, Any], state: FakeState | None = None) -> dict[str, Any]:
-        for k, v in data.items():
-            if isinstance(v, np.ndarray) and v.dtype == np.float16:
-                data[k] = v.astype(np.float32)
-        assert state is not None
-        self.predicts += 1
-        p = int(data["position"][0])
-        for value in state.values.values():
-            value[:, :, p, :] = p + 1
-        return {"output_hidden_states": (data["hidden_states"] * 2).astype(np.float32)}
-
-
-# --- a real CompiledMLModel over a proxy that runs the MIL interpreter ----------------------
-
-
-class MILStateProxy:
-    """Stands in for Core ML's state proxy behind coremltools' real `MLState`: a MIL runner of
-    its own, whose state is this state (fp16 values read back as fp32, as Core ML does)."""
-
-    def __init__(self, package: Path) -> None:
-        from anechain.runners.mil import MILRunner
-
-        self.runner = MILRunner(package, track_activations=False)
-
-    def read_state(self, name: str) -> np.ndarray:
-        try:
-            return self.runner.read_state(name).astype(np.float32)
-        except Exception as exc:
-            raise RuntimeError(str(exc)) from None
-
-    def write_state(self, name: str, value: np.ndarray) -> None:
-        try:
-            self.runner.write_state(name, value)
-        except Exception as exc:
-            raise RuntimeError(str(exc)) from None
-
-
-class MILModelProxy:
-    """Stands in for `_MLModelProxy` behind coremltools' real `CompiledMLModel`: `predict`
-    receives what coremltools hands it (fp16 inputs already converted to fp32), casts to the
-    model's declared input types as Core ML does, and answers with fp32 arrays."""
-
-    def __init__(self, package: Path, nan_at_step: int | None = None) -> None:
-        from anechain.runners.mil import MILRunner
-
-        self.package = package
-        self.stateless = MILRunner(package, track_activations=False)
-        self.predicts = 0
-        self.nan_at_step = nan_at_step
-
-    def newState(self) -> MILStateProxy:  # noqa: N802 (Core ML's name)
-        return MILStateProxy(self.package)
-
-    def predict(self, data: dict[str, Any], state: MILStateProxy | None) -> dict[str, Any]:
-        runner = self.stateless if state is None else state.runner
-        feeds = {t.name: np.asarray(data[t.name]).astype(t.dtype) for t in runner.inputs}
-        out = runner.step(feeds)
-        self.predicts += 1
-        result = {k: np.asarray(v).astype(np.float32) for k, v in out.items()}
-        if self.nan_at_step is not None and self.predicts - 1 == self.nan_at_step:
-            for v in result.values():
-                if v.dtype.kind == "f":
-                    v.flat[0] = np.nan
-        return result
-
-
-def mil_compiled_model(package: Path, **proxy_options: Any) -> Any:
-    """A real coremltools `CompiledMLModel` whose Core ML proxy runs `package` with the MIL
-    interpreter: the `load_model` seam of the Core ML runner."""
-    from coremltools import ComputeUnit
-    from coremltools.models import CompiledMLModel
-
-    model = object.__new__(CompiledMLModel)  # __init__ insists on the native proxy
-    model.compute_unit = ComputeUnit.CPU_AND_NE
-    model.function_name = ""
-    model.path_or_asset = str(package)
-    model.optimization_hints = None
-    model._proxy = MILModelProxy(package, **proxy_options)
-    return model

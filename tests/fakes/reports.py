@@ -24,6 +24,7 @@ from anechain.fsutil import sha256_tree
 from anechain.nexttoken import assemble
 from anechain.package import package_size
 from anechain.report import (
+    LONG_GATES,
     NEXT_TOKEN_GATES,
     PREFILL_GATES,
     Golden,
@@ -146,9 +147,11 @@ def layer_report(
     residency: str = "checked",
     gates: Gates | None = None,
     prefill_tokens: int = 0,
+    long: tuple[int, int] | None = (-4, 4),
 ) -> ValidationReport:
     """The report `anechain validate shard` would write for layer shard `pkg` (with a prefill
-    function of `prefill_tokens` tokens if not 0)."""
+    function of `prefill_tokens` tokens if not 0), with a long window of `long` = (prompt
+    positions, decode steps) (a negative prompt: the context minus it) unless None."""
     rng = LayerRange.parse(layers)
     architecture = Architecture(**arch)
     meta = ShardMetadata(
@@ -177,6 +180,17 @@ def layer_report(
             "decode_metrics": dict(LAYER_METRICS),
         }
         gate_list += evaluate_specs({"prefill": prefill}, gates or Gates(), PREFILL_GATES)
+    long_window = None
+    if long is not None:
+        prompt = long[0] if long[0] >= 0 else context + long[0]
+        long_window = {
+            "prompt": prompt,
+            "decode_steps": long[1],
+            "function": "prefill" if prefill_tokens else "decode",
+            "tokens": prefill_tokens or 1,
+            "metrics": dict(LAYER_METRICS),
+        }
+        gate_list += evaluate_specs({"long": long_window}, gates or Gates(), LONG_GATES)
     evidence = {"golden": {"metrics": metrics, "next_token": next_token}}
     gate_list += evaluate_specs(evidence, gates or Gates(), NEXT_TOKEN_GATES)
     return ValidationReport(
@@ -186,6 +200,7 @@ def layer_report(
         meta=meta,
         backend="mil",
         steps=4,
+        long=long_window,
         golden=Golden(
             metrics=metrics,
             per_step=[{"step": 0, **metrics}],

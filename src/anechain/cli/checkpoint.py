@@ -1,4 +1,4 @@
-"""`anechain random-checkpoint`."""
+"""`anechain random-checkpoint` and `anechain import`."""
 
 from __future__ import annotations
 
@@ -82,4 +82,47 @@ def random_checkpoint(
         )
 
 
-COMMANDS = [random_checkpoint]
+@click.command("import")
+@click.argument("source", type=click.Path(path_type=Path, exists=True))
+@click.argument("out_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),  # importer.DTYPES (torch-free here)
+    default="bfloat16",
+    show_default=True,
+    help="Stored weight type: bfloat16 like real checkpoints; float32 keeps a dequantized "
+    "GGUF exact.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+def import_command(source: Path, out_dir: Path, dtype: str, overwrite: bool) -> None:
+    """Import a Llama-architecture checkpoint (a HF folder or a GGUF file) as a Phi3 folder.
+
+    A Llama decoder is a Phi3 one with full rotary and no rope scaling; q/k/v and gate/up
+    are concatenated into qkv_proj and gate_up_proj. GGUF files are dequantized by
+    transformers' own GGUF loader (the `gguf` package), q/k rows put back in HF's order,
+    and their tokenizer written beside the weights. Nothing is downloaded. The result is an
+    ordinary checkpoint folder for `export`, `validate`, `build` and `plan`.
+
+    \b
+    Examples:
+      anechain import SmolLM2-135M-Instruct.Q4_1.gguf artifacts/smollm2
+      anechain import path/to/llama-hf-folder artifacts/llama --dtype float16
+      anechain build --model artifacts/smollm2 --config configs/smollm2.yaml
+    """
+    from anechain.importer import import_checkpoint
+
+    check_outputs(folders=(out_dir,))
+    if out_dir.exists() and not overwrite:
+        raise click.UsageError(f"{out_dir} already exists; pass --overwrite to replace it")
+    result = import_checkpoint(
+        source, out_dir, dtype=dtype, overwrite=overwrite, progress=progress_printer()
+    )
+    size = sum(p.stat().st_size for p in out_dir.iterdir())
+    tokenizer = "with its tokenizer" if result.has_tokenizer else "no tokenizer"
+    click.echo(
+        f"wrote {out_dir} (phi3 from {result.source_format}, {result.num_hidden_layers} layers, "
+        f"{result.parameters / 1e6:.1f}M parameters, {dtype}, {tokenizer}, {human_bytes(size)})"
+    )
+
+
+COMMANDS = [random_checkpoint, import_command]

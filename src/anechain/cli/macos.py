@@ -196,6 +196,7 @@ def residency_cmd(
     for headers, rows in (
         (r.NON_ANE_HEADERS, r.non_ane_rows(report)),
         (r.PLUMBING_HEADERS, r.plumbing_rows(report)),
+        (r.CHANGE_HEADERS, r.change_rows(report)),
     ):
         if rows:
             click.echo()

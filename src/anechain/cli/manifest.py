@@ -85,6 +85,7 @@ def build(
         embedding=embedding,
         gates=config.validation.gates,
         residency=config.residency,
+        validation=config.validation,
     )
     size = sum(s.package.size_bytes for s in manifest.shards)
     ranges = ", ".join(str(s.layers) for s in manifest.shards)

@@ -121,6 +121,13 @@ def render_attempts(
     help="Stop at the first passing topology found by splitting (fewer exports, no "
     "optimality guarantee).",
 )
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The plan's report page, one self-contained HTML file (default: beside the "
+    "manifest, MANIFEST_NAME.html).",
+)
 @cache_dir_option
 def plan(
     model_dir: Path,
@@ -133,6 +140,7 @@ def plan(
     overwrite: bool,
     report_only: bool,
     no_rebalance: bool,
+    html_path: Path | None,
     cache_dir: Path | None,
 ) -> None:
     """Find the fastest topology that passes every gate, and write its manifest.
@@ -163,7 +171,8 @@ def plan(
     from anechain.validate import ResidencyOptions
 
     out = manifest_path or report_dir / "manifest.json"
-    check_outputs(out)
+    html_path = html_path or out.with_suffix(".html")
+    check_outputs(out, html_path)
     try:
         check_plan_outputs(report_dir, out, overwrite)
     except PlanError as exc:
@@ -184,20 +193,29 @@ def plan(
         f"budget {human_bytes(limits.size_budget_bytes or 0)}); packages and reports in "
         f"{report_dir}"
     )
-    outcome = plan_topology(
-        checkpoint,
-        report_dir,
-        config.export,
-        config.validation,
-        limits,
-        backend=backend,
-        residency=ResidencyOptions(config.residency, report_only=report_only),
-        manifest_path=out,
-        overwrite=overwrite,
-        rebalance=not no_rebalance,
-        cache_dir=cache_dir,
-        progress=say,
-    )
+    from anechain.html_model import plan_failure_page, plan_page
+    from anechain.html_report import write_page
+
+    try:
+        outcome = plan_topology(
+            checkpoint,
+            report_dir,
+            config.export,
+            config.validation,
+            limits,
+            backend=backend,
+            residency=ResidencyOptions(config.residency, report_only=report_only),
+            manifest_path=out,
+            overwrite=overwrite,
+            rebalance=not no_rebalance,
+            cache_dir=cache_dir,
+            progress=say,
+        )
+    except PlanError as exc:
+        if exc.attempts:  # what was tried and why it failed, as a page too
+            write_page(html_path, plan_failure_page(exc, arch.num_hidden_layers))
+            click.echo(f"report page: {html_path}", err=True)
+        raise
     search = outcome.search
     sizes = "/".join(str(r.num_layers) for r in search.topology)
     click.echo(
@@ -210,6 +228,8 @@ def plan(
     click.echo("")
     click.echo(f"ranges tried ({len(search.attempts)}):")
     click.echo(render_attempts(search.attempts, arch, quant))
+    write_page(html_path, plan_page(outcome, arch.num_hidden_layers))
+    click.echo(f"report page: {html_path}", err=True)
 
 
 COMMANDS = [plan]

@@ -125,6 +125,12 @@ def render_build(result) -> str:  # type: ignore[no-untyped-def]
     type=click.Path(path_type=Path, dir_okay=False),
     help="Also write the summary as JSON.",
 )
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The model's report page, one self-contained HTML file (default: OUT/report.html).",
+)
 def build(
     config_path: Path | None,
     model_dir: Path | None,
@@ -133,6 +139,7 @@ def build(
     cache_dir: Path | None,
     report_only: bool,
     json_out: Path | None,
+    html_path: Path | None,
 ) -> None:
     """Run the whole pipeline and prove it: export every range of the configured topology,
     the head and the embedding; compile and check residency where the machine allows
@@ -153,7 +160,8 @@ def build(
     config = resolve_config(config_path, preset="tiny")
     checkpoint = model_dir or (Path(config.build.checkpoint) if config.build.checkpoint else None)
     out = out_dir or Path(config.build.out_dir or f"artifacts/{config.name or 'build'}")
-    check_outputs(json_out, folders=(out,))
+    html_path = html_path or out / "report.html"
+    check_outputs(json_out, html_path, folders=(out,))
     if checkpoint is not None:
         arch = Checkpoint(checkpoint).architecture
         if arch != config.architecture:
@@ -172,6 +180,11 @@ def build(
         residency_report_only=report_only,
     )
     click.echo(render_build(result))
+    from anechain.html_model import build_page
+    from anechain.html_report import write_page
+
+    write_page(html_path, build_page(result))
+    click.echo(f"report page: {html_path}", err=True)
     if json_out is not None:
         from anechain.jsonio import atomic_write_json
 

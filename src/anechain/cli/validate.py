@@ -52,6 +52,9 @@ def render_report(report: dict) -> str:
             f"conv {c.get('conv_ane', '?')}/{c.get('conv_total', '?')} on ANE, "
             f"{c.get('compute_non_ane', '?')} non-ANE"
         )
+        unreported = res.get("unreported_functions") or []
+        if unreported:  # their ops are not in the counts
+            value += f"; {', '.join(unreported)}: usage not reported by Core ML"
         verdict = {True: "pass", False: "FAIL", None: "report only"}[res.get("passed")]
         rows.append(["residency", value, res["status"], verdict])
     lines = [
@@ -81,6 +84,17 @@ def render_report(report: dict) -> str:
     if prefill:  # the prefill_* gates above: chunks at offset+rows, then decode from them
         chunks = ", ".join(f"{o}+{n}" for o, n in prefill["chunks"])
         lines.append(f"prefill T={prefill['tokens']}: chunks {chunks}, then decode from that cache")
+    long = report.get("long")
+    if long:  # the long_* gates above: the runtime's run
+        how = (
+            f"prefill T={long['tokens']} ({len(long['chunks'])} chunks)"
+            if long["function"] == "prefill"
+            else "decode, token by token"
+        )
+        lines.append(
+            f"long window: {long['prompt']} prompt positions through {how}, then "
+            f"{long['decode_steps']} decode steps from that cache"
+        )
     status = report["residency"]["status"]
     caveat = {
         "not_checked": " (residency not checked)",
@@ -111,6 +125,13 @@ def validate() -> None:
 )
 @click.option("--steps", type=AsciiIntRange(min=1), help="Decode steps to compare.")
 @click.option(
+    "--long-tokens",
+    type=AsciiIntRange(min=0),
+    help="Prompt positions of the long window (the runtime's run: prefill through the "
+    "shard's own cache, then decode); 0: no long window. Default: validation.long_tokens, "
+    "else the context minus validation.long_steps.",
+)
+@click.option(
     "--compute-units",
     type=click.Choice(COMPUTE_UNITS),
     default="cpu_and_ne",
@@ -123,6 +144,12 @@ def validate() -> None:
     "report_path",
     type=click.Path(path_type=Path, dir_okay=False),
     help="JSON report path (default: beside the package, NAME.report.json).",
+)
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the report as one self-contained HTML page (figures inline).",
 )
 @click.option("--min-cosine", type=FiniteFloat(), help="Gate override.")
 @click.option("--min-delta-cosine", type=FiniteFloat(), help="Gate override.")
@@ -154,8 +181,10 @@ def validate_shard_cmd(
     backend: str,
     config_path: Path | None,
     steps: int | None,
+    long_tokens: int | None,
     compute_units: str,
     report_path: Path | None,
+    html_path: Path | None,
     min_cosine: float | None,
     min_delta_cosine: float | None,
     max_rel_rmse: float | None,
@@ -199,6 +228,8 @@ def validate_shard_cmd(
         )
     if steps is not None:
         settings = dataclasses.replace(settings, steps=steps)
+    if long_tokens is not None:
+        settings = dataclasses.replace(settings, long_tokens=long_tokens)
 
     from anechain.residency import live_plan_available
 
@@ -208,7 +239,7 @@ def validate_shard_cmd(
             "to save; replay a saved one with --compute-plan",
             param_hint="--save-plan",
         )
-    check_outputs(report_path or report_path_for(package), save_plan_to)
+    check_outputs(report_path or report_path_for(package), save_plan_to, html_path)
     checkpoint = Checkpoint(model_dir)
     residency = ResidencyOptions(config.residency, plan_file, save_plan_to, report_only)
     if compute_units != "cpu_and_ne" and resolve_backend(backend) != "coreml":
@@ -232,6 +263,12 @@ def validate_shard_cmd(
     data = report.write(out)
     click.echo(render_report(data))
     click.echo(f"report: {out}", err=True)
+    if html_path is not None:
+        from anechain.html_pages import shard_page
+        from anechain.html_report import write_page
+
+        write_page(html_path, shard_page(data))
+        click.echo(f"report page: {html_path}", err=True)
     if report.verdict != "pass":
         raise click.exceptions.Exit(1)
 

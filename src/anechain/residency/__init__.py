@@ -2,14 +2,20 @@
 
 Two sources, one code path. On macOS 14.4+ the plan is read live with coremltools'
 `MLComputePlan` and normalised into a `ComputePlan` (`residency.plan`); anywhere else a saved
-plan (or a captured bundle, `anechain.capture`) is replayed from JSON. Either way the plan must
-match the package's own program (`residency.program`), which also says what class of work each
-op does; counting and the gate (`residency.gate`) only ever see a matched, classified plan.
+plan (or a captured bundle, `anechain.capture`) is replayed from JSON. Either way the plan
+is matched with the package's own program (`residency.program`), which also says what class
+of work each op does; counting and the gate (`residency.gate`) only ever see a matched,
+classified plan.
 
 A package has one program function (`main`) or two (`decode` and `prefill`, sharing weights
 and states); one plan load covers all of them. Each function's plan is matched with that
 function's program and gated on its own, and the package passes only if every function does:
 a plan lacking a function of the package is refused, so prefill's convs are never left out.
+
+A plan read live from a package anechain compiled is matched leniently (the compiler may
+rename, fuse, add or drop ops; `residency.match` lists each change and classes the ops the
+program lacks from the plan itself); a replayed plan must match exactly. A function whose ops
+Core ML gives no device usage is "not reported by Core ML": no counts, and it fails the gate.
 
 A plan is what Core ML intends to do, not proof of what ran. A Mac whose Core ML lists no
 Neural Engine (hosted CI runners are such virtual machines) gets the counts without the gate
@@ -39,6 +45,7 @@ from anechain.residency.gate import (
     package_report,
     residency_report,
 )
+from anechain.residency.match import LENIENT, STRICT, OpChange, OpMatch, match_plan
 from anechain.residency.plan import (
     COMPUTE_UNITS,
     MIN_MACOS,
@@ -68,9 +75,15 @@ from anechain.residency.program import (
     read_program,
     read_programs,
 )
+from anechain.residency.refocus import refocus_unreported, unreported_functions
 
 __all__ = [
     "COMPUTE_UNITS",
+    "LENIENT",
+    "STRICT",
+    "OpChange",
+    "OpMatch",
+    "match_plan",
     "MIN_MACOS",
     "PLAN_SCHEMA",
     "STATUS_CHECKED",
@@ -104,6 +117,8 @@ __all__ = [
     "read_program",
     "read_programs",
     "read_saved_plan",
+    "refocus_unreported",
+    "unreported_functions",
     "package_report",
     "report_for_plan",
     "save_plan",
@@ -176,9 +191,13 @@ def report_for_plan(
     plan_source: str = "",
     reason: str = "",
     where: str = "",
+    lenient: bool = False,
 ) -> ResidencyReport:
     """Match each function's plan with that function's program, class its ops, count and gate
-    it; the package report combines them. The one path for live, saved and captured plans."""
+    it; the package report combines them. The one path for live, saved and captured plans.
+
+    `lenient` only for a plan read live from a package anechain compiled (`residency.match`):
+    a replayed plan (file, capture) must be the program's ops exactly."""
     if plan.compute_units not in ANE_UNITS:
         raise ResidencyError(
             f"the compute plan{f' of {where}' if where else ''} was made for "
@@ -191,19 +210,17 @@ def report_for_plan(
     several = len(programs) > 1
     for program in sorted(programs, key=lambda p: p.function):
         fn_plan = plan.function(program.function)
-        check_plan_matches_program(
-            fn_plan,
-            program,
-            f"{where}, function {program.function!r}" if several else where,
-        )
+        fn_where = f"{where}, function {program.function!r}" if several else where
+        classes, match = match_plan(fn_plan, program, lenient=lenient, where=fn_where)
         reports.append(
             residency_report(
                 fn_plan,
-                classify_plan(fn_plan, program),
+                classes,
                 settings,
                 report_only=report_only,
                 plan_source=plan_source,
                 reason=reason,
+                match=match,
             )
         )
     return package_report(plan, reports)
@@ -249,12 +266,26 @@ def check_residency(
             return not_checked(settings, f"needs macOS {'.'.join(map(str, need))}+ or a saved plan")
         try:
             plan = _live_plan(model, compiled, compute_units, load_plan, compiler)
+            plan, replanned = refocus_unreported(
+                plan, source_package(model), load_plan=load_plan, compiler=compiler
+            )
         except PlatformError as exc:  # e.g. the compiler needs a newer macOS than the plan
             return not_checked(settings, str(exc))
         source = "live"
         ane = has_neural_engine() if ane_present is None else ane_present
-        reason = "" if ane else NO_ANE_REASON
+        reason = "; ".join(
+            part
+            for part in (
+                "" if ane else NO_ANE_REASON,
+                f"{', '.join(replanned)} planned as the default function of a copy "
+                "(Core ML reported no usage for it otherwise)"
+                if replanned
+                else "",
+            )
+            if part
+        )
         report_only = report_only or not ane
+    lenient = plan_file is None  # a live plan of the package compiled here
     if save_plan_to is not None:
         save_plan(plan, save_plan_to)
     return report_for_plan(
@@ -265,6 +296,7 @@ def check_residency(
         plan_source=source,
         reason=reason,
         where=str(model),
+        lenient=lenient,
     )
 
 

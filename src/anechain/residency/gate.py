@@ -16,12 +16,20 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from anechain.config import ResidencySettings
+from anechain.residency.match import OpMatch
 from anechain.residency.plan import ComputePlan, PackagePlan, PlanOp
-from anechain.residency.program import COMPUTE, INDEX, PLUMBING, STATE
+from anechain.residency.program import COMPUTE, CONST, INDEX, PLUMBING, STATE
 
 STATUS_CHECKED = "checked"
 STATUS_REPORT_ONLY = "report_only"
 STATUS_NOT_CHECKED = "not_checked"
+USAGE_REPORTED, USAGE_NOT_REPORTED = "reported", "not_reported"
+NOT_REPORTED = "not reported by Core ML"
+# MLComputePlan.load_from_path plans with a configuration naming no function; whether Core ML
+# then answers for another function's ops (prefill) is unknown, so silence is a finding.
+NOT_REPORTED_FAILURE = (
+    f"device usage {NOT_REPORTED} for any op of this function: its residency is unproven"
+)
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,15 @@ class ResidencyReport:
     ane_cost_share: float | None = None  # estimated-cost-weighted share planned for the ANE
     function: str = ""  # the function this report counts ("" for a whole package)
     functions: tuple[ResidencyReport, ...] = ()  # a package's per-function reports
+    usage: str = USAGE_REPORTED  # not_reported: Core ML gave no op of the function a device
+    plan_ops: tuple[int, int] = (0, 0)  # (ops, convs) in the plan: known even without usage
+    match: OpMatch = field(default_factory=OpMatch)  # how the plan matched the program
+
+    @property
+    def unreported(self) -> tuple[str, ...]:
+        """The functions whose device usage Core ML did not report."""
+        parts = self.functions or (self,)
+        return tuple(f.function for f in parts if f.usage == USAGE_NOT_REPORTED)
 
     def to_dict(self) -> dict[str, Any]:
         out = self._dict()
@@ -201,6 +218,10 @@ class ResidencyReport:
             else round(self.ane_cost_share, 6),
             "plan_source": self.plan_source,
             "reason": self.reason,
+            "usage": self.usage,
+            "unreported_functions": list(self.unreported),
+            "plan_ops": {"ops_total": self.plan_ops[0], "conv_total": self.plan_ops[1]},
+            "match": self.match.to_dict(),
             "gate": {
                 "strict": self.settings.strict,
                 "max_compute_non_ane": self.settings.max_compute_non_ane,
@@ -210,7 +231,17 @@ class ResidencyReport:
 
 
 # What a package report says about each of its functions (the rest is the package's).
-_FUNCTION_KEYS = ("counts", "passed", "failures", "non_ane_ops", "plumbing", "ane_cost_share")
+_FUNCTION_KEYS = (
+    "counts",
+    "passed",
+    "failures",
+    "non_ane_ops",
+    "plumbing",
+    "ane_cost_share",
+    "usage",
+    "plan_ops",
+    "match",
+)
 
 
 def not_checked(settings: ResidencySettings, reason: str) -> ResidencyReport:
@@ -225,20 +256,26 @@ def residency_report(
     report_only: bool = False,
     plan_source: str = "",
     reason: str = "",
+    match: OpMatch | None = None,
 ) -> ResidencyReport:
     """Count a plan whose ops are classified (`classes`: op name -> class) and apply the gate
-    (unless `report_only`)."""
+    (unless `report_only`). A plan in which Core ML gave no op that is not a constant a
+    device usage has no counts: it fails the gate (would fail, in report_only)."""
     settings = settings or ResidencySettings()
     ops = classified(plan, classes)
-    counts = count_plan(ops)
+    counts: ResidencyCounts | None = count_plan(ops)
     share, basis = plumbing_share(ops)
-    failures = tuple(gate_failures(counts, share, basis, settings))
+    reported = any(c.op.computes for c in ops if c.op_class != CONST)
+    if reported:
+        failures = tuple(gate_failures(counts, share, basis, settings))
+    else:  # never zero counts as if measured
+        counts, share, basis, failures = None, 0.0, "", (NOT_REPORTED_FAILURE,)
     return ResidencyReport(
         status=STATUS_REPORT_ONLY if report_only else STATUS_CHECKED,
         counts=counts,
         passed=None if report_only else not failures,
         failures=failures,
-        non_ane_ops=tuple(off_ane_compute(ops)),
+        non_ane_ops=tuple(off_ane_compute(ops)) if reported else (),
         plumbing_ops=tuple(c for c in ops if c.op_class in PLUMBING and c.op.computes),
         plumbing_share=share,
         plumbing_basis=basis,
@@ -247,6 +284,9 @@ def residency_report(
         settings=settings,
         ane_cost_share=ane_cost_share(plan),
         function=plan.function,
+        usage=USAGE_REPORTED if reported else USAGE_NOT_REPORTED,
+        plan_ops=(len(ops), sum(c.op.is_conv for c in ops)),
+        match=match or OpMatch(),
     )
 
 
@@ -260,9 +300,10 @@ def package_report(plan: PackagePlan, reports: Sequence[ResidencyReport]) -> Res
         f"{r.function}: {msg}" if several else msg for r in reports for msg in r.failures
     )
     worst = max(reports, key=lambda r: r.plumbing_share)
+    measured = [r.counts for r in reports if r.counts is not None]
     return ResidencyReport(
         status=first.status,
-        counts=ResidencyCounts.total([r.counts for r in reports if r.counts is not None]),
+        counts=ResidencyCounts.total(measured) if measured else None,
         passed=None if first.passed is None else all(r.passed for r in reports),
         failures=failures,
         non_ane_ops=tuple(op for r in reports for op in r.non_ane_ops),
@@ -274,4 +315,13 @@ def package_report(plan: PackagePlan, reports: Sequence[ResidencyReport]) -> Res
         settings=first.settings,
         ane_cost_share=ane_cost_share(plan),  # over every function's ops
         functions=tuple(reports),
+        usage=USAGE_REPORTED if measured else USAGE_NOT_REPORTED,
+        plan_ops=(sum(r.plan_ops[0] for r in reports), sum(r.plan_ops[1] for r in reports)),
+        match=OpMatch(  # every function's changes; each function's report says whose
+            first.match.mode,
+            sum(r.match.exact for r in reports),
+            tuple(c for r in reports for c in r.match.renamed),
+            tuple(c for r in reports for c in r.match.added),
+            tuple(c for r in reports for c in r.match.removed),
+        ),
     )

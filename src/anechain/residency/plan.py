@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,10 @@ class PlanOp:
     cost: float | None = None
     depth: int = 0  # 0: the function's own block; 1+: nested (control flow) blocks
     name: str = ""  # op_name; defaults to the first output
+    # Input name -> bound variable names ('<value>' for a constant), as the live plan shows
+    # them: evidence for classing an op the program lacks (residency.match). Not saved: a
+    # saved plan must match its program exactly, so it never needs them.
+    inputs: tuple[tuple[str, tuple[str, ...]], ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -289,6 +293,7 @@ def normalise_plan(
                 supported = tuple(device_name(d) for d in usage.supported_compute_devices)
             kind = op_type(op.operator_name)
             outputs = tuple(o.name for o in op.outputs)
+            bindings = _bindings(op)
             ops.append(
                 PlanOp(
                     type=kind,
@@ -297,7 +302,8 @@ def normalise_plan(
                     supported=supported,
                     cost=None if cost is None else float(cost.weight),
                     depth=depth,
-                    name=op_name(kind, outputs, _bindings(op)),
+                    name=op_name(kind, outputs, bindings),
+                    inputs=tuple((k, tuple(v)) for k, v in sorted(bindings.items())),
                 )
             )
             for inner in op.blocks:

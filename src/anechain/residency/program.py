@@ -3,7 +3,8 @@
 A compute plan carries op kinds, names and devices but no dtypes; the saved ML Program (the
 protobuf inside the .mlpackage, which is what the Core ML compiler reads: `coreml_update_state`
 is already split into `write_state` + `read_state` there) carries the dtypes. Plan ops are
-mapped to program ops by name, and a plan whose ops differ from the program is refused.
+mapped to program ops by name; a replayed plan whose ops differ from the program is refused
+(a live plan is matched leniently, `residency.match`).
 
 Op classes:
 - `const`: constants and weight decompression (`constexpr_*`), no run-time compute;
@@ -87,17 +88,32 @@ class Program:
 
     function: str
     ops: tuple[ProgramOp, ...]
+    inputs: tuple[tuple[str, str], ...] = ()  # the function's inputs: (name, dtype or STATE)
 
     def by_name(self) -> dict[str, ProgramOp]:
         return {op.name: op for op in self.ops}
 
+    def dtypes(self) -> dict[str, str]:
+        """Variable name -> dtype: the function's inputs and every op's outputs."""
+        out = dict(self.inputs)
+        for op in self.ops:
+            out.update(zip(op.outputs, op.dtypes, strict=False))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        return {"function": self.function, "ops": [op.to_dict() for op in self.ops]}
+        return {
+            "function": self.function,
+            "inputs": dict(self.inputs),
+            "ops": [op.to_dict() for op in self.ops],
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "program") -> Program:
         try:
-            return cls(str(data["function"]), tuple(ProgramOp.from_dict(o) for o in data["ops"]))
+            inputs = tuple((str(k), str(v)) for k, v in dict(data.get("inputs", {})).items())
+            return cls(
+                str(data["function"]), tuple(ProgramOp.from_dict(o) for o in data["ops"]), inputs
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ResidencyError(f"{where} is malformed: {exc}") from None
 
@@ -148,8 +164,9 @@ def program_from_spec(spec: Any, function: str | None = None) -> Program:
             for inner in op.blocks:
                 walk(inner, depth + 1)
 
+    inputs = tuple((i.name, _dtype_name(i.type) or "OTHER") for i in fn.inputs)
     walk(fn.block_specializations[fn.opset], 0)
-    return Program(function, tuple(ops))
+    return Program(function, tuple(ops), inputs)
 
 
 def read_program(package: str | Path, function: str | None = None) -> Program:

@@ -8,7 +8,6 @@ the validator treats every runner alike.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import weakref
@@ -21,10 +20,10 @@ import numpy as np
 
 from anechain.errors import ConfigError, RunnerError
 from anechain.platform import require_macos
+from anechain.runners import bridge
 
 COMPUTE_UNITS = ("cpu_and_ne", "all", "cpu_and_gpu", "cpu_only")
-# Array data types by their protobuf enum *name* (ArrayFeatureType.ArrayDataType); a compiled
-# model's metadata.json spells the same names in CamelCase ("Float16").
+# Array data types by their protobuf enum *name* (ArrayFeatureType.ArrayDataType).
 _ARRAY_DTYPES = {
     "FLOAT16": np.float16,
     "FLOAT32": np.float32,
@@ -95,37 +94,6 @@ def features_from_spec(
     )
 
 
-def features_from_compiled(
-    compiled: Path,
-) -> tuple[list[FeatureSpec], list[FeatureSpec], list[FeatureSpec]]:
-    """(inputs, outputs, states) from the metadata.json the Core ML compiler writes into an
-    .mlmodelc; a model without `stateSchema` has no state."""
-    meta_path = Path(compiled) / "metadata.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-        entry = meta[0] if isinstance(meta, list) else meta
-        if not isinstance(entry, dict):
-            raise TypeError(f"a {type(entry).__name__}, not an object")
-
-        def arrays(key: str) -> list[FeatureSpec]:
-            return [
-                FeatureSpec(
-                    f["name"],
-                    tuple(int(s) for s in json.loads(f["shape"])),
-                    _dtype(f["dataType"], f"{key} {f['name']!r}"),
-                )
-                for f in entry.get(key, [])
-            ]
-
-        return arrays("inputSchema"), arrays("outputSchema"), arrays("stateSchema")
-    except FileNotFoundError:
-        raise RunnerError(
-            f"{compiled} has no metadata.json; is it a compiled Core ML model?"
-        ) from None
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise RunnerError(f"{meta_path} is unreadable ({exc})") from None
-
-
 def check_inputs(expected: list[FeatureSpec], inputs: dict[str, np.ndarray]) -> None:
     """RunnerError unless `inputs` has exactly the expected names, shapes and dtypes."""
     names = {f.name for f in expected}
@@ -150,16 +118,45 @@ def check_inputs(expected: list[FeatureSpec], inputs: dict[str, np.ndarray]) -> 
             )
 
 
-def _verified_source(compiled: Path) -> Path | None:
-    """The package an .mlmodelc was compiled from, if its sidecar names one that is unchanged."""
+def source_package(compiled: Path) -> Path:
+    """The .mlpackage `compiled` was compiled from, as its compile sidecar records it, and
+    unchanged since. Its spec is the compiled model's description: coremltools has no API
+    that describes a compiled model, and the layout of the compiler's metadata.json (one
+    entry per function or not, states or not) is not documented."""
+    from anechain.compile import read_sidecar, sidecar_path
+    from anechain.fsutil import sha256_tree
+
+    recorded = read_sidecar(compiled)
+    if recorded is None:
+        raise RunnerError(
+            f"{compiled}: no {sidecar_path(compiled).name} names the .mlpackage it was compiled "
+            "from; give the package too (or compile it with `anechain compile`)"
+        )
+    package = Path(str(recorded.get("package", "")))
+    if package.suffix != ".mlpackage" or not package.is_dir():
+        raise RunnerError(f"{compiled} was compiled from {package}, which is missing")
+    if sha256_tree(package) != recorded.get("source_sha256"):
+        raise RunnerError(
+            f"{compiled} was compiled from {package}, which has changed since; compile it again"
+        )
+    return package
+
+
+def check_pairing(package: Path, compiled: Path, package_sha256: str | None = None) -> None:
+    """RunnerError if `compiled`'s compile sidecar records another package than `package`
+    (by sha256: `package_sha256` when the caller knows it, as a verified manifest does). A
+    compiled model without a sidecar (a temporary compile) is paired by its caller."""
     from anechain.compile import read_sidecar
     from anechain.fsutil import sha256_tree
 
-    recorded = read_sidecar(compiled) or {}
-    package = Path(str(recorded.get("package", "")))
-    if package.suffix != ".mlpackage" or not package.is_dir():
-        return None
-    return package if sha256_tree(package) == recorded.get("source_sha256") else None
+    recorded = read_sidecar(compiled)
+    if recorded is None:
+        return
+    if recorded.get("source_sha256") != (package_sha256 or sha256_tree(package)):
+        raise RunnerError(
+            f"{compiled} was not compiled from {package} (its compile record names another "
+            "package); compile it again"
+        )
 
 
 def _coremltools_load_model(compiled: str, compute_units: str, function: str | None = None) -> Any:
@@ -174,10 +171,14 @@ class CoreMLRunner:
     """ShardRunner over Core ML: `CompiledMLModel` + `make_state()` + `predict(state=)`.
 
     Takes an .mlpackage (compiled to a temporary folder removed with the runner, unless
-    `compiled` is that package already compiled) or an .mlmodelc. The model's states come
-    from its description (the package's spec, or the compiled model's `stateSchema`): a
-    stateless model (the head) is predicted without a state; Core ML would hand it an empty
-    one rather than refuse. `load_model` and `compiler` replace the Core ML calls (tests).
+    `compiled` is that package already compiled) or an .mlmodelc (its inputs, outputs and
+    states are read from the package its compile sidecar names: `source_package`). The
+    description is always the package's spec, for the function run: a stateless model (the
+    head) is predicted without a state; Core ML would hand it an empty one rather than
+    refuse. Every array handed to Core ML passes `bridge`'s checks first. `load_model` and
+    `compiler` replace the Core ML calls (tests).
+    `compiled` with a package must come from it (`check_pairing`; `package_sha256` spares
+    hashing the package again).
     `function` picks a function of a multifunction model; `state_from` is a runner of another
     function of the same model whose state this one shares (Core ML states work across a
     model's functions: prefill fills the KV cache decode reads).
@@ -195,6 +196,7 @@ class CoreMLRunner:
         compiler: Any = None,
         function: str | None = None,
         state_from: CoreMLRunner | None = None,
+        package_sha256: str | None = None,
     ) -> None:
         from anechain.compile import compile_to
 
@@ -218,6 +220,8 @@ class CoreMLRunner:
             inputs, outputs, states = features_from_spec(load_spec(path), function)
             if compiled is None and state_from is not None:  # the same package: compiled once
                 compiled = state_from.compiled
+            elif compiled is not None and state_from is None:
+                check_pairing(path, Path(compiled), package_sha256)
             if compiled is None:
                 self._tmp = Path(tempfile.mkdtemp(prefix="anechain-coreml-"))
                 self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
@@ -226,20 +230,14 @@ class CoreMLRunner:
         elif path.suffix == ".mlmodelc":
             if not path.is_dir():
                 raise RunnerError(f"{path} does not exist")
-            inputs, outputs, states = features_from_compiled(path)
-            if not states and (source := _verified_source(path)) is not None:
-                from anechain.package import load_spec
+            from anechain.package import load_spec
 
-                # Compilers that write no stateSchema: the package it came from knows.
-                states = features_from_spec(load_spec(source), function)[2]
+            inputs, outputs, states = features_from_spec(load_spec(source_package(path)), function)
             compiled = path
-            if function is not None:
-                # metadata.json describes the default function only; Core ML checks the rest.
-                inputs, outputs = None, []
         else:
             raise RunnerError(f"{path} is neither an .mlpackage nor an .mlmodelc")
         self.compiled = Path(compiled)
-        self.inputs = inputs
+        self.inputs: list[FeatureSpec] = inputs
         self.outputs = outputs
         self.states = states
         self.state_names = [f.name for f in states]
@@ -286,11 +284,10 @@ class CoreMLRunner:
         self._state = self._new_state()
 
     def step(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.inputs is not None:
-            check_inputs(self.inputs, inputs)
+        check_inputs(self.inputs, inputs)
+        feeds = bridge.predict_inputs(inputs)  # a copy: the caller's dict is left alone
         try:
-            # predict converts fp16 arrays in the dict it is given; hand it a copy.
-            raw = self._model.predict(dict(inputs), state=self._state)
+            raw = self._model.predict(feeds, state=self._state)
         except Exception as exc:
             raise RunnerError(f"Core ML predict failed on {self.compiled}: {exc}") from None
         declared = {f.name: f.dtype for f in self.outputs}
@@ -302,13 +299,18 @@ class CoreMLRunner:
         return out
 
     def write_state(self, name: str, value: np.ndarray) -> None:
-        """Replace a state's value, in its declared dtype."""
+        """Replace a state's value (an fp16 state is written from fp32: see bridge.py)."""
         declared = {f.name: f for f in self.states}
         if name not in declared:
             raise RunnerError(f"no state {name!r}; the model has {self.state_names}")
+        spec = declared[name]
+        if tuple(np.shape(value)) != spec.shape:
+            raise RunnerError(
+                f"state {name!r} has shape {spec.shape}; cannot write {tuple(np.shape(value))}"
+            )
+        wire = bridge.state_value(name, value, spec.dtype)
         try:
-            dtype = declared[name].dtype
-            self._state.write_state(name, np.ascontiguousarray(value, dtype=dtype))
+            self._state.write_state(name, wire)
         except Exception as exc:  # Core ML raises assorted errors for a bad state
             raise RunnerError(f"cannot write state {name!r}: {exc}") from None
 
