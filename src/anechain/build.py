@@ -197,6 +197,7 @@ def run_build(
         embedding=emb_path,
         gates=config.validation.gates,
         residency=config.residency,
+        tokenizer=checkpoint_dir,
     )
     result.manifest = manifest
     result.generation = _check_generation(
