@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 
-from anechain.checkpoint_files import CONFIG_NAME, INDEX_NAME, save_sharded, write_config
+from anechain.checkpoint_files import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    phi3_weight_bytes,
+    save_sharded,
+    write_config,
+)
 from anechain.config import Architecture, LayerRange
 from anechain.errors import CheckpointError, ConfigError
 from anechain.fsutil import atomic_path, human_size
@@ -679,7 +685,8 @@ def write_random_checkpoint(
                 ).to(torch.bfloat16)
             }
 
-    with atomic_path(out_dir, overwrite=overwrite) as tmp:
+    need = phi3_weight_bytes(hf_config_dict(arch))  # bf16
+    with atomic_path(out_dir, overwrite=overwrite, expected_bytes=need) as tmp:
         tmp.mkdir()
         save_sharded(tmp, groups(), max_shard_bytes)
         write_config(tmp, hf_config_dict(arch))
