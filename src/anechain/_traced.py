@@ -119,7 +119,7 @@ def _saver(mlmodel: Any) -> Any:
         mlmodel.save(str(package))
         return mlmodel
 
-    return write, None  # (write, the bytes it needs: unknown)
+    return write
 
 
 def _layer_output_names(mlmodel: Any, num_layers: int) -> list[str]:

@@ -220,7 +220,7 @@ def _check_program(
 
 
 def _save(
-    converter: tuple[Callable[[Path], Any], int | None],
+    write: Callable[[Path], Any],
     meta: ShardMetadata,
     description: str,
     dest: Path,
@@ -232,10 +232,8 @@ def _save(
     write_stage: str = "convert",
 ) -> ExportResult:
     """`write(tmp)` saves a package at tmp and returns its MLModel; check it, finish it,
-    rename it into place (atomic: an error or interrupt leaves nothing at dest).
-    `converter` is (write, the bytes it needs)."""
-    write, need = converter
-    with atomic_path(dest, overwrite=overwrite, expected_bytes=need) as tmp:
+    rename it into place (atomic: an error or interrupt leaves nothing at dest)."""
+    with atomic_path(dest, overwrite=overwrite) as tmp:
         mlmodel = write(tmp)
         stages.done(write_stage)
         functions = tuple(meta.functions) if meta.kind == KIND_LAYERS else (None,)
@@ -292,12 +290,13 @@ def _release(exc: BaseException) -> None:
     gc.collect()
 
 
-def _converter(prog: Any, label: str, dest: Path) -> tuple[Callable[[Path], Any], int]:
+def _converter(prog: Any, label: str, dest: Path) -> Callable[[Path], Any]:
     """Convert the built program straight into the package folder (no second copy).
 
-    Also returns the space the conversion needs at least: coremltools writes the weights
-    and the spec to temporary files first (tempfile: the work folder beside dest), then
-    copies them into the package, so twice the weights and more at the peak."""
+    A full disk during the conversion is named with the space it needs at least:
+    coremltools writes the weights and the spec to temporary files first (tempfile: the
+    work folder beside dest), then copies them into the package, so twice the weights
+    and more at the peak."""
     from anechain.fsutil import filled_by
     from anechain.program import to_mlmodel
 
@@ -314,7 +313,7 @@ def _converter(prog: Any, label: str, dest: Path) -> tuple[Callable[[Path], Any]
             _release(exc)
         raise failure  # outside `except`: it must not keep `exc` alive as its context
 
-    return write, need
+    return write
 
 
 def _layers_description(layers: LayerRange, settings: ExportSettings) -> str:
