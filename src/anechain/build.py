@@ -198,6 +198,7 @@ def run_build(
         gates=config.validation.gates,
         residency=config.residency,
         validation=config.validation,
+        tokenizer=checkpoint_dir,
     )
     result.manifest = manifest
     result.generation = _check_generation(

@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 
-from anechain.checkpoint_files import CONFIG_NAME, INDEX_NAME, save_sharded, write_config
+from anechain.checkpoint_files import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    phi3_weight_bytes,
+    save_sharded,
+    write_config,
+)
 from anechain.config import Architecture, LayerRange
 from anechain.errors import CheckpointError, ConfigError
 from anechain.fsutil import atomic_path, human_size
@@ -416,12 +422,18 @@ def _check_raw_config(raw: dict[str, Any], config_path: Path) -> None:
 
 
 def hf_config_dict(arch: Architecture) -> dict[str, Any]:
-    """A config.json with Phi-4-mini's keys for `arch` (LongRoPE factors made up)."""
+    """A config.json with the Phi-3 family's keys for `arch` (LongRoPE factors made up).
+
+    As the real files: LongRoPE (`rope_scaling` type "longrope") only when the model runs
+    past its original window, else `rope_scaling` null (Phi-3-mini-4k); no
+    `partial_rotary_factor` key for full rotary (Phi-3's configs have none: 1.0).
+    """
     half = arch.rotary_dim // 2
     # Plausible LongRoPE factors: short near 1, long rising towards the interpolation factor.
     short = [round(1.0 + 0.05 * i / max(half - 1, 1), 6) for i in range(half)]
     long = [round(1.0 + 30.0 * (i / max(half - 1, 1)) ** 2, 6) for i in range(half)]
-    return {
+    longrope = arch.max_position_embeddings > arch.original_max_position_embeddings
+    config = {
         "architectures": ["Phi3ForCausalLM"],
         "model_type": "phi3",
         "attention_bias": False,
@@ -442,7 +454,9 @@ def hf_config_dict(arch: Architecture) -> dict[str, Any]:
         "num_key_value_heads": arch.num_key_value_heads,
         "partial_rotary_factor": arch.partial_rotary_factor,
         "rms_norm_eps": arch.rms_norm_eps,
-        "rope_scaling": {"type": "longrope", "short_factor": short, "long_factor": long},
+        "rope_scaling": (
+            {"type": "longrope", "short_factor": short, "long_factor": long} if longrope else None
+        ),
         "rope_theta": arch.rope_theta,
         "sliding_window": 262144,
         "tie_word_embeddings": arch.tie_word_embeddings,
@@ -450,6 +464,9 @@ def hf_config_dict(arch: Architecture) -> dict[str, Any]:
         "use_cache": True,
         "vocab_size": arch.vocab_size,
     }
+    if arch.partial_rotary_factor == 1.0:
+        del config["partial_rotary_factor"]
+    return config
 
 
 # Random-weight styles. "trained" (the default) behaves like a trained model where
@@ -668,7 +685,8 @@ def write_random_checkpoint(
                 ).to(torch.bfloat16)
             }
 
-    with atomic_path(out_dir, overwrite=overwrite) as tmp:
+    need = phi3_weight_bytes(hf_config_dict(arch))  # bf16
+    with atomic_path(out_dir, overwrite=overwrite, expected_bytes=need) as tmp:
         tmp.mkdir()
         save_sharded(tmp, groups(), max_shard_bytes)
         write_config(tmp, hf_config_dict(arch))

@@ -21,7 +21,17 @@ import yaml
 
 from anechain.errors import ConfigError
 
-PRESETS = ("tiny", "phi-4-mini")
+# The Phi-3 family (Phi3ForCausalLM), each with a tiny form of the same rope kind.
+PRESETS = (
+    "tiny",
+    "phi-4-mini",
+    "phi-3-mini-4k",
+    "phi-3-mini-128k",
+    "phi-3.5-mini",
+    "tiny-phi-3-mini-4k",
+    "tiny-phi-3-mini-128k",
+    "tiny-phi-3.5-mini",
+)
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
 
 # ASCII only: int() also accepts other scripts' digits (Arabic-Indic, fullwidth) and
