@@ -114,9 +114,10 @@ def test_a_shard_with_a_seeded_bug_is_rejected(
 ) -> None:
     """Two layers of the real model (10:12) exported from altered weights, validated against
     the real ones with the default gates (decode only, to keep it short)."""
+    from tests.real_mutants import seeded
+
     from anechain.export import LayerSpec, export_shard
     from anechain.validate import validate_shard
-    from tests.real_mutants import seeded
 
     config = _config()
     ckpt = Checkpoint(smollm2_checkpoint_dir)
