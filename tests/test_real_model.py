@@ -127,3 +127,50 @@ def test_a_shard_with_a_seeded_bug_is_rejected(
         export_shard(ckpt, spec, settings)
     report = validate_shard(spec.path, ckpt, config.validation, backend="mil")
     assert report.verdict == "fail", [g.describe() for g in report.gates]
+
+
+# --- the generation check's prompt ------------------------------------------------------
+
+
+def test_build_prompt_follows_the_checkpoint_folder(
+    tiny_config: Config, tiny_checkpoint_dir: Path, smollm2_checkpoint_dir: Path, tmp_path: Path
+) -> None:
+    """Explicit ids first; else the text through the folder's tokenizer (its chat template
+    when it has one); else ids drawn with the seed. A tokenizer that does not fit the model
+    is refused."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from anechain.build import generation_prompt
+    from anechain.checkpoint import copy_checkpoint
+    from anechain.errors import CheckpointError
+    from tests.conftest import save_offline_tokenizer
+
+    ids, text = generation_prompt(tiny_config, tiny_checkpoint_dir, 512)
+    assert len(ids) == 8 and text is None and all(0 <= t < 512 for t in ids)
+    explicit = dataclasses.replace(
+        tiny_config, build=dataclasses.replace(tiny_config.build, prompt_tokens=(5, 6, 7))
+    )
+    assert generation_prompt(explicit, tiny_checkpoint_dir, 512) == ([5, 6, 7], None)
+
+    plain = copy_checkpoint(tiny_checkpoint_dir, tmp_path / "plain")
+    save_offline_tokenizer(plain, 512)
+    config = dataclasses.replace(
+        tiny_config, build=dataclasses.replace(tiny_config.build, prompt="The quick brown fox")
+    )
+    ids, text = generation_prompt(config, plain, 512)
+    assert text == "The quick brown fox"
+    assert ids == AutoTokenizer.from_pretrained(str(plain))(text)["input_ids"]
+
+    ids, text = generation_prompt(tiny_config, smollm2_checkpoint_dir, 49152)
+    assert text is not None and "<|im_start|>user\nWhat is the capital of France?" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    tok = AutoTokenizer.from_pretrained(str(smollm2_checkpoint_dir))
+    assert tok.decode(ids) == text
+
+    mismatched = copy_checkpoint(tiny_checkpoint_dir, tmp_path / "mismatched")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(smollm2_checkpoint_dir / name, mismatched / name)
+    with pytest.raises(CheckpointError, match="outside the vocabulary"):
+        generation_prompt(tiny_config, mismatched, 512)
