@@ -102,8 +102,10 @@ def test_generation_check_rejects_a_broken_chain_on_the_real_model(smollm2_build
             **{k: v for k, v in real(rope, h, 0, n).items() if k in ("cos", "sin")},
         },
     )
+    config = _config()  # 4 new tokens are enough to see it, and quicker
+    config = dataclasses.replace(config, build=dataclasses.replace(config.build, max_new_tokens=4))
     check = build._check_generation(
-        _config(), result.manifest, result.checkpoint, 49152, "mil", lambda m: None
+        config, result.manifest, result.checkpoint, 49152, "mil", lambda m: None
     )
     assert not check.passed and check.max_flip_margin > check.bound
 
@@ -140,12 +142,12 @@ def test_build_prompt_follows_the_checkpoint_folder(
     is refused."""
     import shutil
 
+    from tests.conftest import save_offline_tokenizer
     from transformers import AutoTokenizer
 
     from anechain.build import generation_prompt
     from anechain.checkpoint import copy_checkpoint
     from anechain.errors import CheckpointError
-    from tests.conftest import save_offline_tokenizer
 
     ids, text = generation_prompt(tiny_config, tiny_checkpoint_dir, 512)
     assert len(ids) == 8 and text is None and all(0 <= t < 512 for t in ids)
