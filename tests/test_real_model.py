@@ -110,12 +110,15 @@ def test_generation_check_rejects_a_broken_chain_on_the_real_model(smollm2_build
     assert not check.passed and check.max_flip_margin > check.bound
 
 
-@pytest.mark.parametrize("mutant", ["neighbour", "qk_gguf"])
+@pytest.mark.parametrize("mutant", [None, "neighbour", "qk_gguf"])
 def test_a_shard_with_a_seeded_bug_is_rejected(
-    mutant: str, smollm2_checkpoint_dir: Path, tmp_path: Path
+    mutant: str | None, smollm2_checkpoint_dir: Path, tmp_path: Path
 ) -> None:
     """Two layers of the real model (10:12) exported from altered weights, validated against
-    the real ones with the default gates (decode only, to keep it short)."""
+    the real ones with the default gates (decode only, to keep it short); unaltered, the same
+    shard passes."""
+    from contextlib import nullcontext
+
     from tests.real_mutants import seeded
 
     from anechain.export import LayerSpec, export_shard
@@ -125,10 +128,16 @@ def test_a_shard_with_a_seeded_bug_is_rejected(
     ckpt = Checkpoint(smollm2_checkpoint_dir)
     settings = dataclasses.replace(config.export, prefill_tokens=0)
     spec = LayerSpec(LayerRange(10, 12), tmp_path / "layers_10_12.mlpackage")
-    with seeded(mutant, ckpt, layer=10):
+    with seeded(mutant, ckpt, layer=10) if mutant else nullcontext():
         export_shard(ckpt, spec, settings)
     report = validate_shard(spec.path, ckpt, config.validation, backend="mil")
-    assert report.verdict == "fail", [g.describe() for g in report.gates]
+    failed = report.failed_gates()
+    if mutant is None:
+        assert failed == [], report.failures()
+    else:
+        # Output cosine alone misses both (measured 0.9998+: the massive channels dominate
+        # it); the relative error and the KV cache do not.
+        assert {"rmse", "kv_cosine"} <= set(failed), report.failures()
 
 
 # --- the generation check's prompt ------------------------------------------------------
