@@ -87,6 +87,40 @@ def test_generation_agrees_with_transformers(smollm2_build, smollm2_checkpoint_d
     assert all(f["margin"] <= g.bound for f in g.flips)
 
 
+def test_generate_command_continues_text_as_transformers(
+    smollm2_build, smollm2_checkpoint_dir: Path
+) -> None:
+    """`anechain generate --prompt TEXT --tokenizer DIR` over the manifest: transformers'
+    greedy tokens for the same ids."""
+    from transformers import AutoTokenizer
+
+    from anechain.runtime import transformers_greedy
+
+    text = "The capital of France is"
+    run = CliRunner().invoke(
+        cli,
+        [
+            "generate",
+            "--manifest",
+            str(smollm2_build.manifest),
+            "--prompt",
+            text,
+            "--tokenizer",
+            str(smollm2_checkpoint_dir),
+            "--max-new-tokens",
+            "4",
+            "--backend",
+            "mil",
+        ],
+    )
+    assert run.exit_code == 0, run.output
+    ids_line, decoded = run.stdout.strip().split("\n", 1)  # the ids, then their text
+    tokens = [int(t) for t in ids_line.split(",")]
+    ids = AutoTokenizer.from_pretrained(str(smollm2_checkpoint_dir)).encode(text)
+    assert tokens == transformers_greedy(smollm2_checkpoint_dir, ids, 4)
+    assert decoded.strip().startswith("Paris")
+
+
 def test_generation_check_rejects_a_broken_chain_on_the_real_model(smollm2_build, monkeypatch):
     """Every step fed position 0's RoPE: the chain still runs, and the check fails."""
     import anechain.build as build
