@@ -19,7 +19,7 @@ import numpy as np
 from anechain.artifacts import ArtifactCache, InputKeys, VerdictInputs, digest
 from anechain.checkpoint import Checkpoint, write_random_checkpoint
 from anechain.config import Config, LayerRange
-from anechain.errors import PlatformError
+from anechain.errors import CheckpointError, PlatformError
 from anechain.export import LayerSpec, export_embedding, export_head, export_shard
 from anechain.manifest_build import build_manifest
 from anechain.platform import is_macos
@@ -47,11 +47,15 @@ class ArtifactResult:
 @dataclass
 class GenerationCheck:
     prompt: list[int]
+    # The text the prompt ids were tokenized from (chat template applied); None for ids
+    # given in the config or drawn at random.
+    prompt_text: str | None
     tokens: list[int]
     reference: list[int]
     exact: bool
-    # Teacher-forced on transformers' own sequence: positions where the chain chose another
-    # token, with transformers' top-1 margin there (in logit standard deviations).
+    # Teacher-forced on transformers' own sequence (every prompt position and every generated
+    # one): positions where the chain chose another token, with transformers' top-1 margin
+    # there (in logit standard deviations).
     flips: list[dict[str, float]]
     max_flip_margin: float
     agreement: float  # teacher-forced share of positions where the chain chose transformers'
@@ -225,6 +229,44 @@ def _compile(package: Path, say: Progress) -> Path | None:
     return r.compiled
 
 
+def generation_prompt(
+    config: Config, checkpoint_dir: Path, vocab: int
+) -> tuple[list[int], str | None]:
+    """The generation check's prompt ids and the text they came from (see BuildSettings).
+
+    A real model given random ids answers with near-ties at most positions (SmolLM2-135M:
+    17 of 24 teacher-forced positions within 0.25 logit std), where any rounding flips the
+    choice; its own tokenizer's text is what it was trained on.
+    """
+    settings = config.build
+    if settings.prompt_tokens:
+        return list(settings.prompt_tokens), None
+    if settings.prompt and (checkpoint_dir / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(checkpoint_dir), local_files_only=True)
+        except Exception as exc:  # transformers raises assorted errors for broken tokenizers
+            raise CheckpointError(f"{checkpoint_dir}: cannot load its tokenizer ({exc})") from None
+        text = settings.prompt
+        if getattr(tok, "chat_template", None):
+            messages = [{"role": "user", "content": text}]
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok(text)["input_ids"]
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if not ids or bad:
+            raise CheckpointError(
+                f"{checkpoint_dir}: its tokenizer gives "
+                + (f"token {bad[0]}, outside the vocabulary ({vocab})" if bad else "no tokens")
+                + f" for build.prompt {settings.prompt!r}"
+            )
+        return [int(t) for t in ids], text
+    rng = np.random.default_rng(settings.seed)
+    return rng.integers(0, vocab, size=8).tolist(), None
+
+
 def _check_generation(
     config: Config,
     manifest: Path,
@@ -235,9 +277,7 @@ def _check_generation(
 ) -> GenerationCheck:
     from anechain.runtime import ManifestRuntime, transformers_greedy, transformers_logits
 
-    prompt = list(config.build.prompt_tokens) or (
-        np.random.default_rng(config.build.seed).integers(0, vocab, size=8).tolist()
-    )
+    prompt, text = generation_prompt(config, checkpoint_dir, vocab)
     n = config.build.max_new_tokens
     say(f"generating {n} tokens from the manifest and with transformers")
     runtime = ManifestRuntime(manifest, backend=backend)
@@ -256,6 +296,7 @@ def _check_generation(
             flips.append({"position": p, "margin": round(float(gap), 4)})
     return GenerationCheck(
         prompt=prompt,
+        prompt_text=text,
         tokens=ours.tokens,
         reference=reference,
         exact=ours.tokens == reference,

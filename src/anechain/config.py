@@ -282,7 +282,12 @@ class BuildSettings:
     # Where packages, reports and the manifest go; empty: artifacts/<name>.
     out_dir: str = ""
     seed: int = 0  # of the random checkpoint
-    prompt_tokens: tuple[int, ...] = ()  # empty: 8 tokens drawn with `seed`
+    # The generation check's prompt: explicit ids first; else, when the checkpoint folder has
+    # a tokenizer, `prompt` through it (as a user turn of its chat template, if it has one):
+    # random ids make a trained model answer with near-ties everywhere; else 8 ids drawn
+    # with `seed`.
+    prompt_tokens: tuple[int, ...] = ()
+    prompt: str = "What is the capital of France?"
     max_new_tokens: int = 16
 
     def __post_init__(self) -> None:

@@ -78,7 +78,8 @@ def render_build(result) -> str:  # type: ignore[no-untyped-def]
     g = result.generation
     if g is not None:
         lines.append(
-            f"generation: {len(g.tokens)} tokens after {len(g.prompt)}, "
+            f"generation: {len(g.tokens)} tokens after {len(g.prompt)}"
+            f"{' (text prompt)' if g.prompt_text is not None else ''}, "
             f"{'identical to' if g.exact else 'differs from'} transformers' greedy; "
             f"teacher-forced agreement {g.agreement:.3f} (>= {g.min_agreement}), largest flip "
             f"margin {g.max_flip_margin:.3f} (<= {g.bound} logit std): "
