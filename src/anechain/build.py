@@ -242,19 +242,12 @@ def generation_prompt(
     if settings.prompt_tokens:
         return list(settings.prompt_tokens), None
     if settings.prompt and (checkpoint_dir / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
+        from anechain.tokenizer import encode_prompt, load_tokenizer
 
-        try:
-            tok = AutoTokenizer.from_pretrained(str(checkpoint_dir), local_files_only=True)
-        except Exception as exc:  # transformers raises assorted errors for broken tokenizers
-            raise CheckpointError(f"{checkpoint_dir}: cannot load its tokenizer ({exc})") from None
-        text = settings.prompt
-        if getattr(tok, "chat_template", None):
-            messages = [{"role": "user", "content": text}]
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tok(text)["input_ids"]
+        tok = load_tokenizer(checkpoint_dir)
+        # A chat model is asked as `generate --chat` asks it: a user turn, assistant's opened.
+        ids = encode_prompt(tok, settings.prompt, chat=bool(getattr(tok, "chat_template", None)))
+        text = tok.decode(ids)
         bad = [t for t in ids if not 0 <= t < vocab]
         if not ids or bad:
             raise CheckpointError(
