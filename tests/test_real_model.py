@@ -61,8 +61,10 @@ def test_every_shard_and_the_head_pass_every_gate(smollm2_build) -> None:
 def test_manifest_is_built_and_verifies(smollm2_build, error_line) -> None:
     result = smollm2_build
     checks = verify_manifest(result.manifest)
-    assert sum(c.name == "sha256" for c in checks) == 5  # 3 shards, head, embedding
     m = load_manifest(result.manifest)
+    # 3 shards, the head, the embedding and every tokenizer file copied beside the manifest.
+    assert m.tokenizer is not None and len(m.tokenizer.files) >= 2
+    assert sum(c.name == "sha256" for c in checks) == 5 + len(m.tokenizer.files)
     assert [str(s.layers) for s in m.shards] == ["0:10", "10:20", "20:30"]
     assert m.model.architecture.num_hidden_layers == 30
     assert m.embedding is not None and m.embedding.shape == (49152, 576)
