@@ -107,7 +107,7 @@ def test_random_checkpoint_is_trained_like_and_says_so(trained_checkpoint):
 def test_flat_style_is_the_earlier_model(tmp_path, tiny_config):
     from safetensors.torch import load_file
 
-    from anechain.checkpoint import _random_layer
+    from anechain.random_checkpoint import _random_layer
 
     arch = tiny_config.architecture
     flat = write_random_checkpoint(tmp_path / "flat", arch, style="flat")

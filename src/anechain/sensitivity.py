@@ -60,13 +60,15 @@ def load_layers(checkpoint: Checkpoint, num_layers: int) -> torch.nn.Module:
     config._attn_implementation = "eager"
     with torch.device("meta"):
         model = Phi3Model(config)
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    names = ["model.embed_tokens.weight"]
     names += [f"model.layers.{i}.{n}" for i in range(num_layers) for n in _layer_names()]
     tensors = checkpoint.read_tensors(names)
     state = {k.removeprefix("model."): v.float() for k, v in tensors.items()}
     model.load_state_dict(state, assign=True, strict=False)
     # Buffers (rotary inv_freq) were made on meta: rebuild them on the CPU.
     model.rotary_emb = model.rotary_emb.__class__(config=config)
+    # The shard's output is the residual stream before the final norm.
+    model.norm = torch.nn.Identity()
     return model.eval()
 
 
@@ -112,7 +114,7 @@ def noise_curve(
     tokens = torch.tensor(list(ids))
     clean = _hidden(model, tokens)
     originals = {
-        (i, n): getattr(_module(model, i, n), "weight").detach().clone()
+        (i, n): _module(model, i, n).weight.detach().clone()
         for i in range(num_layers)
         for n in PROJECTIONS
     }
@@ -173,7 +175,9 @@ def prose_text() -> str:
     history section (a fixed, real text for the real model's curve)."""
     import sys
 
-    path = Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    path = (
+        Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    )
     lic = path / "LICENSE.txt"
     if lic.is_file():
         return lic.read_text(encoding="utf-8", errors="replace")
@@ -191,4 +195,3 @@ def format_curve(curve: Curve) -> str:
             f"  {label:>8} {p.early_cosine:10.6f} {p.late_cosine:10.6f} {p.late_min_cosine:10.6f}"
         )
     return "\n".join(rows)
-
