@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from anechain import random_structure as structure
 from anechain.checkpoint_files import save_sharded, write_config
 from anechain.config import Architecture
 from anechain.errors import CheckpointError
@@ -67,12 +68,18 @@ def hf_config_dict(arch: Architecture) -> dict[str, Any]:
 # validation needs it to; "flat" is the earlier model (near-uniform attention), kept to
 # compare against.
 STYLES = ("trained", "flat")
+# The trained style before it had shared structure (attention peaked on random keys), kept
+# only so tests can show the sensitivity band rejects it; not offered by the CLI.
+PEAKED = "peaked"
 STATS_NAME = "random-checkpoint-stats.json"
 
 # Gain of the q and k rows of qkv_proj: attention logits of std ~QK_GAIN^2 (~4.4), so a
 # query spreads over ~2 of 16 positions (entropy ~0.7 nats, uniform 2.77) as trained
 # heads do; at gain 1 attention is near uniform and attention bugs stay invisible.
 QK_GAIN = 1.6
+# With the shared structure (random_structure), the random part of q/k only gives content
+# variety (logit std ~1), as the structured parts decide where attention goes.
+CONTENT_GAIN = 1.0
 # Massive activations: in this early layer, a few MLP units fire on the BOS token only and
 # write a few hundred into MASSIVE_CHANNELS; the residual carries it to the last layer.
 MASSIVE_LAYER = 1
@@ -110,6 +117,8 @@ class _Trigger:
     """The BOS direction the massive-activation units respond to, in hidden space."""
 
     direction: torch.Tensor  # (hidden,) unit vector
+    # The direction every ordinary token shares (random_structure); None in PEAKED.
+    shared: torch.Tensor | None = None
 
 
 def _random_layer(
@@ -149,14 +158,42 @@ def _random_layer(
         p + "mlp.gate_up_proj.weight": mat(2 * i, h),
         p + "mlp.down_proj.weight": down,
     }
-    if style == "trained":
+    if style in ("trained", PEAKED):
         # Outlier channels 3x (not 6x) the others: peaked attention already passes more of
         # each upstream rounding error on, and 6x made INT8 shards fail on that alone.
         down[outliers] *= 0.5
-        tensors[p + "self_attn.qkv_proj.weight"][: nq + nkv] *= QK_GAIN
-        if trigger is not None and layer == min(MASSIVE_LAYER, arch.num_hidden_layers - 1):
+        qkv = tensors[p + "self_attn.qkv_proj.weight"]
+        qkv[: nq + nkv] *= QK_GAIN if trigger is None or trigger.shared is None else CONTENT_GAIN
+        massive = trigger is not None and layer == min(MASSIVE_LAYER, arch.num_hidden_layers - 1)
+        if massive:
             _add_massive_units(arch, tensors[p + "mlp.gate_up_proj.weight"], down, trigger, gen)
+        if trigger is not None and trigger.shared is not None:
+            structure.add_shared_units(
+                arch,
+                tensors[p + "mlp.gate_up_proj.weight"],
+                down,
+                trigger.shared,
+                depth,
+                gen,
+                avoid=_massive_units(arch) if massive else torch.tensor([], dtype=torch.long),
+            )
+            structure.add_attention_structure(arch, qkv, trigger.shared, _bos_dir(trigger), gen)
     return {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
+
+
+def _massive_units(arch: Architecture) -> torch.Tensor:
+    i = arch.intermediate_size
+    n = max(4, min(16, i // 16))
+    return torch.arange(n) * (i // n)
+
+
+def _bos_dir(trigger: _Trigger) -> torch.Tensor:
+    """Where BOS's normed state lies: its trigger direction (first layers), then the
+    massive channels."""
+    h = trigger.direction.shape[0]
+    v = trigger.direction.clone()
+    v[list(massive_channels(h))] += 1.0 / math.sqrt(2)
+    return v / v.norm()
 
 
 def _add_massive_units(
@@ -176,8 +213,8 @@ def _add_massive_units(
     # A few units (as many as a tiny model has at any width): each carries a sizeable part
     # of the massive value, so its down_proj weights set their INT8 row scales, rather than
     # vanishing below them (at 3072 wide, 512 units each writing 3e-4 rounded to 0).
-    n = max(4, min(16, i // 16))
-    units = torch.arange(n) * (i // n)
+    units = _massive_units(arch)
+    n = len(units)
     u = trigger.direction
     # Each row is u plus its own noise (as large as u): BOS still dominates every unit, and
     # the rows' INT8 rounding errors are independent, so they average out over the units.
@@ -218,6 +255,8 @@ def _random_embedding(
     rows = rows * norms
     if trigger is not None:
         rows[bos_token_id(arch)] = trigger.direction * math.sqrt(arch.hidden_size)
+        if trigger.shared is not None:
+            structure.add_shared_to_embedding(rows, trigger.shared, bos_token_id(arch))
     return rows.to(torch.bfloat16)
 
 
@@ -229,6 +268,8 @@ def _final_norm(arch: Architecture, gen: torch.Generator, trigger: _Trigger | No
     gains = 1.0 + 0.1 * torch.randn(h, generator=gen)
     if trigger is not None:
         loud = [*_trigger_channels(h).tolist(), *massive_channels(h), *_outlier_channels(h)]
+        if trigger.shared is not None:
+            loud += structure.shared_channels(h).tolist()
         gains[torch.tensor(loud)] = 0.01
     return gains.to(torch.bfloat16)
 
@@ -256,12 +297,13 @@ def write_random_checkpoint(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"{out_dir} already exists; pass --overwrite to replace it")
-    if style not in STYLES:
+    if style not in (*STYLES, PEAKED):
         raise CheckpointError(f"unknown random-checkpoint style {style!r}; choose {STYLES}")
     gen = torch.Generator().manual_seed(seed)
     trigger = None
-    if style == "trained":
-        trigger = _Trigger(_trigger_direction(arch, seed))
+    if style in ("trained", PEAKED):
+        shared = structure.shared_direction(arch, seed) if style == "trained" else None
+        trigger = _Trigger(_trigger_direction(arch, seed), shared)
 
     def groups() -> Iterable[dict[str, torch.Tensor]]:
         yield {
@@ -307,6 +349,6 @@ def random_checkpoint_stats(checkpoint: Checkpoint, style: str, seed: int) -> di
         "schema": "anechain.random-checkpoint-stats/1",
         "style": style,
         "seed": seed,
-        "massive_channels": list(massive_channels(arch.hidden_size)) if style == "trained" else [],
+        "massive_channels": list(massive_channels(arch.hidden_size)) if style != "flat" else [],
         **activation_statistics(checkpoint, [bos_token_id(arch), *ids]),
     }
