@@ -168,12 +168,17 @@ def _random_layer(
         if massive:
             _add_massive_units(arch, tensors[p + "mlp.gate_up_proj.weight"], down, trigger, gen)
         if trigger is not None and trigger.shared is not None:
+            down *= structure.block_gain(layer)
+            tensors[p + "self_attn.o_proj.weight"] *= structure.block_gain(layer)
             structure.add_shared_units(
                 arch,
                 tensors[p + "mlp.gate_up_proj.weight"],
                 down,
                 trigger.shared,
-                depth,
+                # The shared part builds up over the first layers, as a real model's does
+                # (SmolLM2-135M: ~10 % of a state's energy after the embedding, ~45 % from
+                # layer 2 on); it would otherwise drown the first layers' own outputs.
+                min(1.0, layer / 3),
                 gen,
                 avoid=_massive_units(arch) if massive else torch.tensor([], dtype=torch.long),
             )

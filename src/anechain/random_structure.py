@@ -25,14 +25,22 @@ import torch
 from anechain.config import Architecture
 
 # Shared part of each embedding row, relative to the row's norm.
-SHARED_EMBEDDING = 0.6
+SHARED_EMBEDDING = 0.3
 # What the shared-direction units write per layer, in units of sqrt(hidden) (x depth).
 SHARED_WRITE = 0.5
 # Peak recency logit and the range of sink logits over the heads.
-RECENCY_LOGIT = 6.0
+RECENCY_LOGIT = 9.0
 SINK_LOGITS = (2.0, 6.0)
+# Block outputs (o_proj, down_proj) from layer 2 on, relative to the flat model's: small
+# updates to a large residual, as in a real model, so a perturbation is not amplified
+# layer after layer (a block as large as its input doubles a perturbation's energy).
+LATE_BLOCK_GAIN = 0.2
 # Expected fraction of a normed state along the shared direction (sets the q/k scales).
 _SHARED_FRACTION = 0.5
+
+
+def block_gain(layer: int) -> float:
+    return 1.0 if layer < 2 else LATE_BLOCK_GAIN
 
 
 def shared_channels(hidden_size: int) -> torch.Tensor:
@@ -62,7 +70,7 @@ def add_shared_units(
     gate_up: torch.Tensor,  # (2I, H)
     down: torch.Tensor,  # (H, I)
     m: torch.Tensor,
-    depth: float,
+    ramp: float,
     gen: torch.Generator,
     avoid: torch.Tensor,
 ) -> None:
@@ -83,7 +91,7 @@ def add_shared_units(
     gate_up[i + units] = rows()
     # Each unit gives silu(2) x 2 ~ 3.5; together they write SHARED_WRITE sqrt(H) x depth.
     per_unit = 3.5
-    weight = SHARED_WRITE * math.sqrt(h) / (len(units) * per_unit)
+    weight = SHARED_WRITE * ramp * math.sqrt(h) / (len(units) * per_unit)
     down[:, units] *= 0.1
     down[:, units] += weight * m[:, None] * (1.0 + 0.1 * torch.randn(len(units), generator=gen))
 

