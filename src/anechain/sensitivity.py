@@ -37,9 +37,9 @@ REAL_ONE_MINUS_COS: dict[float | str, tuple[float, float]] = {
     "int8": (1.67e-4, 1.41e-4),
 }
 # A random checkpoint follows the real curve when each of its 1 - cosine is within this
-# factor of the real one's, either way (the trained-like default: 2-5x at hidden 576; the
+# factor of the real one's, either way (the trained-like default: 2.6-4.3x at hidden 576; the
 # old generator, attention peaked on random keys: 30-300x).
-BAND = 8.0
+BAND = 6.0
 # Positions averaged as "early" (after BOS) and as "late" (the sequence's last ones).
 WINDOW = 16
 INT8 = "int8"
