@@ -73,9 +73,8 @@ STYLES = ("trained", "flat")
 PEAKED = "peaked"
 STATS_NAME = "random-checkpoint-stats.json"
 
-# Gain of the q and k rows of qkv_proj: attention logits of std ~QK_GAIN^2 (~4.4), so a
-# query spreads over ~2 of 16 positions (entropy ~0.7 nats, uniform 2.77) as trained
-# heads do; at gain 1 attention is near uniform and attention bugs stay invisible.
+# PEAKED's gain of the q and k rows of qkv_proj: logits of std ~QK_GAIN^2 peak each query
+# on an arbitrary random key, which 0.9 % weight noise flips (sensitivity.py).
 QK_GAIN = 1.6
 # With the shared structure (random_structure), the random part of q/k only gives content
 # variety (logit std ~1), as the structured parts decide where attention goes.
@@ -132,8 +131,9 @@ def _random_layer(
 
     Projections have unit gain (std 1/sqrt(fan_in)), norm gains scatter around 1, and the
     block outputs grow with depth, with a few outlier channels, so the residual stream
-    grows through the layers as in a trained model. The "trained" style also peaks the
-    attention (q/k gain) and, in MASSIVE_LAYER, adds units that fire on the BOS direction.
+    grows through the layers as in a trained model. The "trained" style adds, in
+    MASSIVE_LAYER, units that fire on the BOS direction, and random_structure's shared
+    direction, recency and BOS sink (PEAKED: a q/k gain instead of the structure).
     """
     h, i, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
     nq, nkv = arch.num_attention_heads * d, arch.num_key_value_heads * d
