@@ -29,7 +29,7 @@ SHARED_EMBEDDING = 0.3
 # What the shared-direction units write per layer, in units of sqrt(hidden) (x depth).
 SHARED_WRITE = 0.5
 # Peak recency logit and the range of sink logits over the heads.
-RECENCY_LOGIT = 9.0
+RECENCY_LOGIT = 12.0
 SINK_LOGITS = (2.0, 6.0)
 # Block outputs (o_proj, down_proj) from layer 2 on, relative to the flat model's: small
 # updates to a large residual, as in a real model, so a perturbation is not amplified
