@@ -37,7 +37,7 @@ REAL_ONE_MINUS_COS: dict[float | str, tuple[float, float]] = {
     "int8": (1.67e-4, 1.41e-4),
 }
 # A random checkpoint follows the real curve when each of its 1 - cosine is within this
-# factor of the real one's, either way (the trained-like default: 2.6-4.3x at hidden 576; the
+# factor of the real one's, either way (the trained-like default: 3.2-4.7x at hidden 576; the
 # old generator, attention peaked on random keys: 13-340x).
 BAND = 6.0
 # Positions averaged as "early" (after BOS) and as "late" (the sequence's last ones).
