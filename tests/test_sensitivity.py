@@ -76,3 +76,25 @@ def _at(factor: float) -> Curve:
 def test_band_is_two_sided(factor: float, inside: bool) -> None:
     # Too robust is outside too: a model noise cannot move validates nothing.
     assert (band_violations(_at(factor)) == []) is inside
+
+
+def test_full_rotary_without_scaling_gets_the_structure(tmp_path: Path) -> None:
+    """A Phi-3 / Llama-like model (partial_rotary_factor 1.0, rope_scaling null): the sink
+    goes in RoPE's slowest pair, and the model is as robust as the partial-rotary one."""
+    arch = dataclasses.replace(
+        load_preset("tiny").architecture,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=8192,
+        partial_rotary_factor=1.0,
+        original_max_position_embeddings=4096,
+    )
+    out = write_random_checkpoint(tmp_path / "full", arch, seed=0, rope_scaling="none")
+    checkpoint = Checkpoint(out)
+    assert checkpoint.raw_config["rope_scaling"] is None
+    assert checkpoint.architecture.partial_rotary_factor == 1.0
+    curve = _curve(checkpoint)
+    assert band_violations(curve) == [], format_curve(curve)

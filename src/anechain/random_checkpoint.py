@@ -27,12 +27,23 @@ if TYPE_CHECKING:
     from anechain.checkpoint import Checkpoint
 
 
-def hf_config_dict(arch: Architecture) -> dict[str, Any]:
-    """A config.json with Phi-4-mini's keys for `arch` (LongRoPE factors made up)."""
+def hf_config_dict(arch: Architecture, rope_scaling: str | None = None) -> dict[str, Any]:
+    """A config.json with Phi-4-mini's keys for `arch` (LongRoPE factors made up).
+
+    `rope_scaling` "longrope" (the default, or `arch.rope_scaling` where an architecture
+    has one) or "none" (Phi-3 models without scaling, Llama imports): rope_scaling null.
+    """
+    if rope_scaling is None:
+        rope_scaling = getattr(arch, "rope_scaling", None) or "longrope"
     half = arch.rotary_dim // 2
     # Plausible LongRoPE factors: short near 1, long rising towards the interpolation factor.
     short = [round(1.0 + 0.05 * i / max(half - 1, 1), 6) for i in range(half)]
     long = [round(1.0 + 30.0 * (i / max(half - 1, 1)) ** 2, 6) for i in range(half)]
+    scaling: dict[str, Any] | None = None
+    if rope_scaling == "longrope":
+        scaling = {"type": "longrope", "short_factor": short, "long_factor": long}
+    elif rope_scaling != "none":
+        raise CheckpointError(f"unknown rope scaling {rope_scaling!r}; choose longrope or none")
     return {
         "architectures": ["Phi3ForCausalLM"],
         "model_type": "phi3",
@@ -54,7 +65,7 @@ def hf_config_dict(arch: Architecture) -> dict[str, Any]:
         "num_key_value_heads": arch.num_key_value_heads,
         "partial_rotary_factor": arch.partial_rotary_factor,
         "rms_norm_eps": arch.rms_norm_eps,
-        "rope_scaling": {"type": "longrope", "short_factor": short, "long_factor": long},
+        "rope_scaling": scaling,
         "rope_theta": arch.rope_theta,
         "sliding_window": 262144,
         "tie_word_embeddings": arch.tie_word_embeddings,
@@ -292,6 +303,7 @@ def write_random_checkpoint(
     max_shard_bytes: int = 2 << 30,
     progress: Callable[[str], None] | None = None,
     style: str = "trained",
+    rope_scaling: str | None = None,
 ) -> Path:
     """Write a random-weight checkpoint in exactly the format of a real one.
 
@@ -329,7 +341,7 @@ def write_random_checkpoint(
     with atomic_path(out_dir, overwrite=overwrite) as tmp:
         tmp.mkdir()
         save_sharded(tmp, groups(), max_shard_bytes)
-        write_config(tmp, hf_config_dict(arch))
+        write_config(tmp, hf_config_dict(arch, rope_scaling))
         if progress:
             progress("measuring activation statistics with transformers")
         from anechain.checkpoint import Checkpoint
