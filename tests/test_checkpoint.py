@@ -86,10 +86,11 @@ def test_random_checkpoint_is_trained_like_and_says_so(trained_checkpoint):
     layers = stats["layers"]
     uniform = stats["uniform_entropy"]
     assert abs(uniform - 2.7726) < 1e-3  # 16 positions
-    # Peaked attention: every layer's mean head entropy well below uniform (the flat
-    # style's is ~0.75 of it).
+    # Attention below uniform as a real model's is over the same 16 positions (SmolLM2-135M,
+    # layers 0-5: 0.65 of uniform on average; the flat style ~0.75, this one 0.67). Peaked
+    # on random keys (0.45) was the fragile old generator (tests/test_sensitivity.py).
     means = [sum(s["attention_entropy"]) / len(s["attention_entropy"]) for s in layers]
-    assert max(means) < 0.6 * uniform and sum(means) / len(means) < 0.45 * uniform
+    assert sum(means) / len(means) < 0.7 * uniform
     # Massive activations: appear in an early layer, in the declared channels, hundreds
     # above the typical value, and carried by the residual to the last layer.
     massive = set(stats["massive_channels"])
@@ -98,16 +99,17 @@ def test_random_checkpoint_is_trained_like_and_says_so(trained_checkpoint):
     for layer in layers[first:]:
         assert {c for c, _ in layer["top_channels"][:2]} == massive
         assert layer["hidden_max_abs"] > 50 * layer["median_abs"]
-    # Hidden states grow through the layers.
+    # Hidden states grow through the layers (SmolLM2-135M's median: 1.46x over layers 0-5;
+    # here 2.3x, one layer 2 % down: late blocks are small updates, as a real model's are).
     medians = [s["median_abs"] for s in layers]
-    assert all(b > a for a, b in zip(medians, medians[1:], strict=False))
-    assert medians[-1] > 3 * medians[0]
+    assert all(b > 0.95 * a for a, b in zip(medians, medians[1:], strict=False))
+    assert medians[-1] > 1.4 * medians[0]
 
 
 def test_flat_style_is_the_earlier_model(tmp_path, tiny_config):
     from safetensors.torch import load_file
 
-    from anechain.checkpoint import _random_layer
+    from anechain.random_checkpoint import _random_layer
 
     arch = tiny_config.architecture
     flat = write_random_checkpoint(tmp_path / "flat", arch, style="flat")

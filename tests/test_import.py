@@ -165,3 +165,24 @@ def test_missing_tensor_and_bad_sources_are_one_line_errors(tmp_path: Path, erro
     with pytest.raises(CheckpointError, match="neither a .gguf file"):
         import_checkpoint(tmp_path / "llama" / "config.json", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_build_on_an_imported_llama_folder_passes(tmp_path: Path, tiny_config) -> None:
+    """A Llama HF folder, imported, goes through the whole pipeline: INT8 shards and head
+    validated, manifest, generation against transformers' Phi3 over the imported folder."""
+    import dataclasses
+
+    from anechain.build import run_build
+
+    _tiny_llama(tmp_path / "llama")
+    out = import_checkpoint(tmp_path / "llama", tmp_path / "phi3").path
+    arch = Checkpoint(out).architecture
+    export = dataclasses.replace(
+        tiny_config.export, topology=("0:1", "1:2"), head_chunk_rows=64, prefill_tokens=4
+    )
+    config = dataclasses.replace(tiny_config, architecture=arch, export=export, name="llama")
+    result = run_build(config, tmp_path / "build", out, backend="mil", cache_dir=tmp_path / "c")
+    failed = {a.name: a.report.failures() for a in result.artifacts if not a.passed}
+    assert failed == {} and result.passed, (failed, result.generation)
+    assert [a.name for a in result.artifacts] == ["0:1", "1:2", "head", "embedding"]
+    assert result.generation is not None and result.generation.prompt_text is None

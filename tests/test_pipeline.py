@@ -183,7 +183,7 @@ def test_generate_usage_errors(tiny_build):
     for args, message in (
         ([], "exactly one of --prompt-ids and --prompt"),
         (["--prompt-ids", "1,x"], "not a comma-separated list"),
-        (["--prompt", "hi"], "--prompt needs --tokenizer"),
+        (["--prompt", "hi"], "lists no tokenizer"),
     ):
         run = CliRunner().invoke(cli, ["generate", "--manifest", m, *args])
         assert run.exit_code == 2 and message in run.output

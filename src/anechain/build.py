@@ -19,7 +19,7 @@ import numpy as np
 from anechain.artifacts import ArtifactCache, InputKeys, VerdictInputs, digest
 from anechain.checkpoint import Checkpoint, write_random_checkpoint
 from anechain.config import Config, LayerRange
-from anechain.errors import PlatformError
+from anechain.errors import CheckpointError, PlatformError
 from anechain.export import LayerSpec, export_embedding, export_head, export_shard
 from anechain.manifest_build import build_manifest
 from anechain.platform import is_macos
@@ -47,11 +47,15 @@ class ArtifactResult:
 @dataclass
 class GenerationCheck:
     prompt: list[int]
+    # The text the prompt ids were tokenized from (chat template applied); None for ids
+    # given in the config or drawn at random.
+    prompt_text: str | None
     tokens: list[int]
     reference: list[int]
     exact: bool
-    # Teacher-forced on transformers' own sequence: positions where the chain chose another
-    # token, with transformers' top-1 margin there (in logit standard deviations).
+    # Teacher-forced on transformers' own sequence (every prompt position and every generated
+    # one): positions where the chain chose another token, with transformers' top-1 margin
+    # there (in logit standard deviations).
     flips: list[dict[str, float]]
     max_flip_margin: float
     agreement: float  # teacher-forced share of positions where the chain chose transformers'
@@ -228,6 +232,7 @@ def run_build(
         gates=config.validation.gates,
         residency=config.residency,
         validation=config.validation,
+        tokenizer=checkpoint_dir,
     )
     result.manifest = manifest
     result.generation = _check_generation(
@@ -279,6 +284,37 @@ def _compile(package: Path, say: Progress) -> Path | None:
     return r.compiled
 
 
+def generation_prompt(
+    config: Config, checkpoint_dir: Path, vocab: int
+) -> tuple[list[int], str | None]:
+    """The generation check's prompt ids and the text they came from (see BuildSettings).
+
+    A real model given random ids answers with near-ties at most positions (SmolLM2-135M:
+    17 of 24 teacher-forced positions within 0.25 logit std), where any rounding flips the
+    choice; its own tokenizer's text is what it was trained on.
+    """
+    settings = config.build
+    if settings.prompt_tokens:
+        return list(settings.prompt_tokens), None
+    if settings.prompt and (checkpoint_dir / "tokenizer.json").is_file():
+        from anechain.tokenizer import encode_prompt, load_tokenizer
+
+        tok = load_tokenizer(checkpoint_dir)
+        # A chat model is asked as `generate --chat` asks it: a user turn, assistant's opened.
+        ids = encode_prompt(tok, settings.prompt, chat=bool(getattr(tok, "chat_template", None)))
+        text = tok.decode(ids)
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if not ids or bad:
+            raise CheckpointError(
+                f"{checkpoint_dir}: its tokenizer gives "
+                + (f"token {bad[0]}, outside the vocabulary ({vocab})" if bad else "no tokens")
+                + f" for build.prompt {settings.prompt!r}"
+            )
+        return [int(t) for t in ids], text
+    rng = np.random.default_rng(settings.seed)
+    return rng.integers(0, vocab, size=8).tolist(), None
+
+
 def _check_generation(
     config: Config,
     manifest: Path,
@@ -289,9 +325,7 @@ def _check_generation(
 ) -> GenerationCheck:
     from anechain.runtime import ManifestRuntime, transformers_greedy, transformers_logits
 
-    prompt = list(config.build.prompt_tokens) or (
-        np.random.default_rng(config.build.seed).integers(0, vocab, size=8).tolist()
-    )
+    prompt, text = generation_prompt(config, checkpoint_dir, vocab)
     n = config.build.max_new_tokens
     say(f"generating {n} tokens from the manifest and with transformers")
     runtime = ManifestRuntime(manifest, backend=backend)
@@ -310,6 +344,7 @@ def _check_generation(
             flips.append({"position": p, "margin": round(float(gap), 4)})
     return GenerationCheck(
         prompt=prompt,
+        prompt_text=text,
         tokens=ours.tokens,
         reference=reference,
         exact=ours.tokens == reference,

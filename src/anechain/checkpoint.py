@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from anechain.checkpoint_files import CONFIG_NAME, INDEX_NAME, save_sharded, write_config
+from anechain.checkpoint_files import CONFIG_NAME, INDEX_NAME
 from anechain.config import Architecture, LayerRange
 from anechain.errors import CheckpointError, ConfigError
-from anechain.fsutil import atomic_path, human_size
+from anechain.fsutil import human_size
 from anechain.jsonio import loads_json
 
 # Bytes sampled per tensor for the checkpoint fingerprint: cheap, yet different weights
@@ -412,294 +412,38 @@ def _check_raw_config(raw: dict[str, Any], config_path: Path) -> None:
         )
 
 
-# --- random checkpoints -------------------------------------------------------------------
-
-
-def hf_config_dict(arch: Architecture) -> dict[str, Any]:
-    """A config.json with Phi-4-mini's keys for `arch` (LongRoPE factors made up)."""
-    half = arch.rotary_dim // 2
-    # Plausible LongRoPE factors: short near 1, long rising towards the interpolation factor.
-    short = [round(1.0 + 0.05 * i / max(half - 1, 1), 6) for i in range(half)]
-    long = [round(1.0 + 30.0 * (i / max(half - 1, 1)) ** 2, 6) for i in range(half)]
-    return {
-        "architectures": ["Phi3ForCausalLM"],
-        "model_type": "phi3",
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": bos_token_id(arch),
-        "eos_token_id": arch.vocab_size - 1,
-        "pad_token_id": arch.vocab_size - 1,
-        "embd_pdrop": 0.0,
-        "resid_pdrop": 0.0,
-        "hidden_act": "silu",
-        "hidden_size": arch.hidden_size,
-        "initializer_range": 0.02,
-        "intermediate_size": arch.intermediate_size,
-        "max_position_embeddings": arch.max_position_embeddings,
-        "original_max_position_embeddings": arch.original_max_position_embeddings,
-        "num_attention_heads": arch.num_attention_heads,
-        "num_hidden_layers": arch.num_hidden_layers,
-        "num_key_value_heads": arch.num_key_value_heads,
-        "partial_rotary_factor": arch.partial_rotary_factor,
-        "rms_norm_eps": arch.rms_norm_eps,
-        "rope_scaling": {"type": "longrope", "short_factor": short, "long_factor": long},
-        "rope_theta": arch.rope_theta,
-        "sliding_window": 262144,
-        "tie_word_embeddings": arch.tie_word_embeddings,
-        "torch_dtype": "bfloat16",
-        "use_cache": True,
-        "vocab_size": arch.vocab_size,
-    }
-
-
-# Random-weight styles. "trained" (the default) behaves like a trained model where
-# validation needs it to; "flat" is the earlier model (near-uniform attention), kept to
-# compare against.
-STYLES = ("trained", "flat")
-STATS_NAME = "random-checkpoint-stats.json"
-
-# Gain of the q and k rows of qkv_proj: attention logits of std ~QK_GAIN^2 (~4.4), so a
-# query spreads over ~2 of 16 positions (entropy ~0.7 nats, uniform 2.77) as trained
-# heads do; at gain 1 attention is near uniform and attention bugs stay invisible.
-QK_GAIN = 1.6
-# Massive activations: in this early layer, a few MLP units fire on the BOS token only and
-# write a few hundred into MASSIVE_CHANNELS; the residual carries it to the last layer.
-MASSIVE_LAYER = 1
-MASSIVE_VALUE = 300.0
-_UNIT_PROJECTION = 8.0
-
-
-def massive_channels(hidden_size: int) -> tuple[int, ...]:
-    return (hidden_size // 5, (3 * hidden_size) // 4)
-
-
-def _outlier_channels(hidden_size: int) -> torch.Tensor:
-    """Channels whose down_proj rows are larger: the residual stream's outliers."""
-    return torch.arange(3) * (hidden_size // 3) + 1
-
-
-def _trigger_channels(hidden_size: int) -> torch.Tensor:
-    """The few channels BOS's embedding lies on (no massive or outlier channel)."""
-    h = hidden_size
-    return torch.tensor([h // 8, (2 * h) // 5, (3 * h) // 5, h - 2])
-
-
-def _trigger_direction(arch: Architecture, seed: int) -> torch.Tensor:
-    """A unit vector on the trigger channels only, so the final norm can mute it: BOS's
-    large embedding row must not dominate the tied LM head's logits."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    u = torch.zeros(arch.hidden_size)
-    channels = _trigger_channels(arch.hidden_size)
-    u[channels] = torch.randn(len(channels), generator=gen).sign()
-    return u / u.norm()
-
-
-@dataclass(frozen=True)
-class _Trigger:
-    """The BOS direction the massive-activation units respond to, in hidden space."""
-
-    direction: torch.Tensor  # (hidden,) unit vector
-
-
-def _random_layer(
-    arch: Architecture,
-    layer: int,
-    gen: torch.Generator,
-    style: str = "trained",
-    trigger: _Trigger | None = None,
-) -> dict[str, torch.Tensor]:
-    """One decoder layer's tensors with trained-like scales.
-
-    Projections have unit gain (std 1/sqrt(fan_in)), norm gains scatter around 1, and the
-    block outputs grow with depth, with a few outlier channels, so the residual stream
-    grows through the layers as in a trained model. The "trained" style also peaks the
-    attention (q/k gain) and, in MASSIVE_LAYER, adds units that fire on the BOS direction.
-    """
-    h, i, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
-    nq, nkv = arch.num_attention_heads * d, arch.num_key_value_heads * d
-    depth = 1.0 + 2.0 * layer / max(arch.num_hidden_layers - 1, 1)
-
-    def mat(out: int, inp: int, gain: float = 1.0) -> torch.Tensor:
-        return torch.randn(out, inp, generator=gen) * (gain / math.sqrt(inp))
-
-    def gains(n: int) -> torch.Tensor:
-        return 1.0 + 0.1 * torch.randn(n, generator=gen)
-
-    # Drawn in the flat model's order, so style "flat" reproduces it exactly.
-    down = mat(h, i, 0.5 * depth)
-    outliers = _outlier_channels(h)
-    down[outliers] *= 6.0
-    p = f"model.layers.{layer}."
-    tensors = {
-        p + "input_layernorm.weight": gains(h),
-        p + "self_attn.qkv_proj.weight": mat(nq + 2 * nkv, h),
-        p + "self_attn.o_proj.weight": mat(h, arch.num_attention_heads * d, 0.5 * depth),
-        p + "post_attention_layernorm.weight": gains(h),
-        p + "mlp.gate_up_proj.weight": mat(2 * i, h),
-        p + "mlp.down_proj.weight": down,
-    }
-    if style == "trained":
-        # Outlier channels 3x (not 6x) the others: peaked attention already passes more of
-        # each upstream rounding error on, and 6x made INT8 shards fail on that alone.
-        down[outliers] *= 0.5
-        tensors[p + "self_attn.qkv_proj.weight"][: nq + nkv] *= QK_GAIN
-        if trigger is not None and layer == min(MASSIVE_LAYER, arch.num_hidden_layers - 1):
-            _add_massive_units(arch, tensors[p + "mlp.gate_up_proj.weight"], down, trigger, gen)
-    return {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
-
-
-def _add_massive_units(
-    arch: Architecture,
-    gate_up: torch.Tensor,  # (2I, H): gate rows, then up rows
-    down: torch.Tensor,  # (H, I)
-    trigger: _Trigger,
-    gen: torch.Generator,
-) -> None:
-    """Make a few MLP units respond to the trigger direction and write massive values.
-
-    On the normed input x (rms 1), a unit with gate and up rows a*u computes
-    silu(a x.u) * a x.u: small for an ordinary token (x.u ~ N(0, 1)) but about
-    (a sqrt(H))^2 for BOS, whose normed state lies near u.
-    """
-    h, i = arch.hidden_size, arch.intermediate_size
-    # A few units (as many as a tiny model has at any width): each carries a sizeable part
-    # of the massive value, so its down_proj weights set their INT8 row scales, rather than
-    # vanishing below them (at 3072 wide, 512 units each writing 3e-4 rounded to 0).
-    n = max(4, min(16, i // 16))
-    units = torch.arange(n) * (i // n)
-    u = trigger.direction
-    # Each row is u plus its own noise (as large as u): BOS still dominates every unit, and
-    # the rows' INT8 rounding errors are independent, so they average out over the units.
-    # Scaled so BOS's projection on a row is the same at any width (1 at hidden 64).
-    scale = _UNIT_PROJECTION / math.sqrt(h)
-
-    def rows() -> torch.Tensor:
-        return scale * (u[None] + torch.randn(n, h, generator=gen) / math.sqrt(h))  # (n, H)
-
-    gate_up[units] = rows()
-    gate_up[i + units] = rows()
-    # BOS's normed state lies along u (x.u ~ sqrt(H)): each unit gives ~_UNIT_PROJECTION^2.
-    per_unit = _UNIT_PROJECTION**2
-    weight = MASSIVE_VALUE / (n * per_unit)
-    for c in massive_channels(h):
-        down[c, units] = weight * (1.0 + 0.1 * torch.randn(n, generator=gen))
-    # The units' other outputs stay ordinary.
-    others = torch.ones(h, dtype=torch.bool)
-    others[list(massive_channels(h))] = False
-    rows_out = others.nonzero().squeeze(1)
-    down[rows_out[:, None], units[None]] *= 0.1
-
-
-def _random_embedding(
-    arch: Architecture, gen: torch.Generator, trigger: _Trigger | None = None
-) -> torch.Tensor:
-    """Token rows whose norms spread log-normally, as trained embeddings' do.
-
-    With the head tied to it, that spread makes the logits heavy-tailed: greedy decoding
-    picks clear winners, as a trained model does, instead of near-ties among equals. With a
-    trigger, the BOS row points along its direction, with a norm that keeps it dominant
-    through the first layers (where the massive-activation units read it).
-    """
-    rows = torch.randn(arch.vocab_size, arch.hidden_size, generator=gen) * 0.02
-    # Trained style: heavier-tailed norms, so the next-token distribution is peaked.
-    spread = 1.5 if trigger is not None else 0.75
-    norms = torch.exp(spread * torch.randn(arch.vocab_size, 1, generator=gen))
-    rows = rows * norms
-    if trigger is not None:
-        rows[bos_token_id(arch)] = trigger.direction * math.sqrt(arch.hidden_size)
-    return rows.to(torch.bfloat16)
-
-
-def _final_norm(arch: Architecture, gen: torch.Generator, trigger: _Trigger | None) -> torch.Tensor:
-    """Final norm gains; the trained style mutes the channels that carry outliers (massive,
-    outlier and BOS-trigger channels), as trained final norms do: their large values (and
-    errors) would otherwise decide the tied head's logits."""
-    h = arch.hidden_size
-    gains = 1.0 + 0.1 * torch.randn(h, generator=gen)
-    if trigger is not None:
-        loud = [*_trigger_channels(h).tolist(), *massive_channels(h), *_outlier_channels(h)]
-        gains[torch.tensor(loud)] = 0.01
-    return gains.to(torch.bfloat16)
-
-
-def bos_token_id(arch: Architecture) -> int:
-    """The BOS id random checkpoints declare (the last id, as hf_config_dict writes it)."""
-    return arch.vocab_size - 1
-
-
-def write_random_checkpoint(
-    out_dir: str | Path,
-    arch: Architecture,
-    seed: int = 0,
-    overwrite: bool = False,
-    max_shard_bytes: int = 2 << 30,
-    progress: Callable[[str], None] | None = None,
-    style: str = "trained",
-) -> Path:
-    """Write a random-weight checkpoint in exactly the format of a real one.
-
-    Sharded bf16 safetensors + model.safetensors.index.json + config.json, built in a
-    temporary folder and renamed into place. Layers are generated and written a shard
-    file at a time, so memory stays near one shard even at full size.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists; pass --overwrite to replace it")
-    if style not in STYLES:
-        raise CheckpointError(f"unknown random-checkpoint style {style!r}; choose {STYLES}")
-    gen = torch.Generator().manual_seed(seed)
-    trigger = None
-    if style == "trained":
-        trigger = _Trigger(_trigger_direction(arch, seed))
-
-    def groups() -> Iterable[dict[str, torch.Tensor]]:
-        yield {
-            "model.embed_tokens.weight": _random_embedding(arch, gen, trigger),
-            "model.norm.weight": _final_norm(arch, gen, trigger),
-        }
-        for layer in range(arch.num_hidden_layers):
-            if progress:
-                progress(f"layer {layer + 1}/{arch.num_hidden_layers}")
-            yield _random_layer(arch, layer, gen, style, trigger)
-        if not arch.tie_word_embeddings:
-            yield {
-                "lm_head.weight": (
-                    torch.randn(arch.vocab_size, arch.hidden_size, generator=gen) * 0.02
-                ).to(torch.bfloat16)
-            }
-
-    with atomic_path(out_dir, overwrite=overwrite) as tmp:
-        tmp.mkdir()
-        save_sharded(tmp, groups(), max_shard_bytes)
-        write_config(tmp, hf_config_dict(arch))
-        if progress:
-            progress("measuring activation statistics with transformers")
-        stats = random_checkpoint_stats(Checkpoint(tmp), style, seed)
-        (tmp / STATS_NAME).write_text(json.dumps(stats, indent=2) + "\n")
-    return out_dir
-
-
-def random_checkpoint_stats(checkpoint: Checkpoint, style: str, seed: int) -> dict[str, Any]:
-    """The statistics `random-checkpoint` writes beside the weights (STATS_NAME).
-
-    Measured on BOS + 15 seeded token ids, with transformers' own layers.
-    """
-    import numpy as np
-
-    from anechain.golden import activation_statistics
-
-    arch = checkpoint.architecture
-    ids = np.random.default_rng(0).integers(0, arch.vocab_size, size=15).tolist()
-    return {
-        "schema": "anechain.random-checkpoint-stats/1",
-        "style": style,
-        "seed": seed,
-        "massive_channels": list(massive_channels(arch.hidden_size)) if style == "trained" else [],
-        **activation_statistics(checkpoint, [bos_token_id(arch), *ids]),
-    }
-
-
 def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
     """Copy a checkpoint folder (tests alter copies, never the original)."""
     shutil.copytree(src, dst)
     return Path(dst)
+
+
+# Random checkpoints live in their own module; their public names stay importable from here.
+from anechain.random_checkpoint import (  # noqa: E402
+    MASSIVE_LAYER,
+    MASSIVE_VALUE,
+    QK_GAIN,
+    STATS_NAME,
+    STYLES,
+    bos_token_id,
+    hf_config_dict,
+    massive_channels,
+    random_checkpoint_stats,
+    write_random_checkpoint,
+)
+
+__all__ = [
+    "MASSIVE_LAYER",
+    "MASSIVE_VALUE",
+    "QK_GAIN",
+    "STATS_NAME",
+    "STYLES",
+    "Checkpoint",
+    "available_memory",
+    "bos_token_id",
+    "copy_checkpoint",
+    "hf_config_dict",
+    "massive_channels",
+    "random_checkpoint_stats",
+    "write_random_checkpoint",
+]

@@ -58,3 +58,18 @@ def save_sharded(
 
 def write_config(folder: Path, config: dict) -> None:
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def phi3_weight_bytes(config: dict, bytes_per_param: int = 2) -> int:
+    """The bytes of a Phi3 checkpoint's weights from its config.json dict (the space a
+    write of it needs, told before it starts): embedding, untied head, final norm and per
+    layer qkv_proj, o_proj, gate_up_proj, down_proj and two norms."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    head_dim = h // heads
+    vocab = config["vocab_size"]
+    per_layer = (h + 2 * kv * head_dim) * h + h * h + 3 * i * h + 2 * h
+    tied = config.get("tie_word_embeddings", False)
+    total = vocab * h * (1 if tied else 2) + h + config["num_hidden_layers"] * per_layer
+    return total * bytes_per_param

@@ -21,7 +21,17 @@ import yaml
 
 from anechain.errors import ConfigError
 
-PRESETS = ("tiny", "phi-4-mini")
+# The Phi-3 family (Phi3ForCausalLM), each with a tiny form of the same rope kind.
+PRESETS = (
+    "tiny",
+    "phi-4-mini",
+    "phi-3-mini-4k",
+    "phi-3-mini-128k",
+    "phi-3.5-mini",
+    "tiny-phi-3-mini-4k",
+    "tiny-phi-3-mini-128k",
+    "tiny-phi-3.5-mini",
+)
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
 
 # ASCII only: int() also accepts other scripts' digits (Arabic-Indic, fullwidth) and
@@ -279,7 +289,12 @@ class BuildSettings:
     # Where packages, reports and the manifest go; empty: artifacts/<name>.
     out_dir: str = ""
     seed: int = 0  # of the random checkpoint
-    prompt_tokens: tuple[int, ...] = ()  # empty: 8 tokens drawn with `seed`
+    # The generation check's prompt: explicit ids first; else, when the checkpoint folder has
+    # a tokenizer, `prompt` through it (as a user turn of its chat template, if it has one):
+    # random ids make a trained model answer with near-ties everywhere; else 8 ids drawn
+    # with `seed`.
+    prompt_tokens: tuple[int, ...] = ()
+    prompt: str = "What is the capital of France?"
     max_new_tokens: int = 16
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ import gc
 import json
 import logging
 import time
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -259,15 +260,58 @@ def _check_dest(dest: Path, overwrite: bool) -> None:
         raise ExportError(f"{dest} already exists; pass --overwrite to replace it")
 
 
-def _converter(prog: Any, label: str) -> Callable[[Path], Any]:
-    """Convert the built program straight into the package folder (no second copy)."""
+def program_bytes(prog: Any) -> int:
+    """The bytes of the program's constants (weights shared between functions once): a
+    lower bound of the saved package's size (its spec holds more)."""
+    seen: dict[int, int] = {}
+
+    def walk(ops: Any) -> None:
+        for op in ops:
+            if op.op_type == "const" and op.outputs and op.outputs[0].val is not None:
+                val = op.outputs[0].val
+                seen.setdefault(id(val), int(getattr(val, "nbytes", 8)))
+            for block in getattr(op, "blocks", ()):
+                walk(block.operations)
+
+    for function in prog.functions.values():
+        walk(function.operations)
+    return sum(seen.values())
+
+
+def _release(exc: BaseException) -> None:
+    """Free what the frames of `exc` (and what it chains) hold, now: coremltools' temporary
+    spec file (a NamedTemporaryFile) unlinks itself when freed, and freed after its work
+    folder is gone it prints a FileNotFoundError "ignored" traceback on stderr."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        traceback.clear_frames(seen.__traceback__)
+        seen.__traceback__ = None
+        seen = seen.__cause__ or seen.__context__
+    gc.collect()
+
+
+def _converter(prog: Any, label: str, dest: Path) -> Callable[[Path], Any]:
+    """Convert the built program straight into the package folder (no second copy).
+
+    A full disk during the conversion is named with the space it needs at least:
+    coremltools writes the weights and the spec to temporary files first (tempfile: the
+    work folder beside dest), then copies them into the package, so twice the weights
+    and more at the peak."""
+    from anechain.fsutil import filled_by
     from anechain.program import to_mlmodel
+
+    need = 2 * program_bytes(prog)
 
     def write(package: Path) -> Any:
         try:
             return to_mlmodel(prog, package)
         except Exception as exc:  # coremltools raises assorted types for an invalid program
-            raise ExportError(f"{label} conversion failed: {exc}") from exc
+            # Measured first, while coremltools' partial files still fill the disk.
+            failure = filled_by(exc, dest, need, package.parent, at_least=True) or ExportError(
+                f"{label} conversion failed: {exc}"
+            )
+            _release(exc)
+        raise failure  # outside `except`: it must not keep `exc` alive as its context
 
     return write
 
@@ -339,7 +383,7 @@ def export_shard(
         functions,
     )
     return _save(
-        _converter(prog, label),
+        _converter(prog, label, spec.path),
         meta,
         _layers_description(layers, settings),
         spec.path,
@@ -394,7 +438,7 @@ def export_head(
         {"head_chunk_rows": str(settings.head_chunk_rows)},
     )
     return _save(
-        _converter(prog, label),
+        _converter(prog, label, dest),
         meta,
         _head_description(n_chunks, settings),
         dest,

@@ -386,6 +386,74 @@ def disk_full_error(
     )
 
 
+def _free(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
+def filled_by(
+    exc: BaseException,
+    dest: Path,
+    need: int | None,
+    work: Path | None = None,
+    at_least: bool = False,
+) -> DiskFullError | None:
+    """The DiskFullError an error of a writer that does not say ENOSPC means, if a disk it
+    wrote to is full; else None.
+
+    coremltools' MIL FileWriter reports a full disk as "Unknown error occurred while
+    writing data to the file", and its temporary files go to `tempfile.gettempdir()`
+    (TMPDIR, or the work folder beside dest while an export runs). So: a filesystem the
+    write used with less free space than the `need`ed bytes is the one that filled, and
+    is named; TMPDIR's when it is not dest's own. Call it while the writer's partial
+    files still exist. `at_least`: `need` is a lower bound.
+    """
+    if isinstance(exc, DiskFullError):
+        return exc
+    scratch = Path(tempfile.gettempdir())
+    places = [(dest, work or dest.parent)]
+    if _same_fs(scratch, dest.parent) is False:
+        places.append((scratch, scratch))
+    frees = [(where, free) for where, folder in places if (free := _free(folder)) is not None]
+    if _disk_full_cause(exc) is not None:  # ENOSPC said: the fuller filesystem filled
+        full = sorted(frees, key=lambda f: f[1])[:1]
+    else:
+        full = [(w, f) for w, f in frees if need is not None and f < need][:1]
+    if not full:
+        return None
+    where, free = full[0]
+    what = (
+        str(dest)
+        if where == dest
+        else f"coremltools' temporary files in {scratch} (TMPDIR) for {dest}"
+    )
+    how = "at least" if at_least else "about"
+    need_text = f"needs {how} {human_size(need)}, " if need is not None else ""
+    return DiskFullError(
+        f"no space left on device writing {what}: {need_text}{human_size(free)} free "
+        f"on its filesystem"
+    )
+
+
+def _same_fs(a: Path, b: Path) -> bool | None:
+    try:
+        return _existing(a).stat().st_dev == _existing(b).stat().st_dev
+    except OSError:
+        return None
+
+
+def _existing(path: Path) -> Path:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return folder
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(
     dest: str | Path, overwrite: bool = False, expected_bytes: int | None = None

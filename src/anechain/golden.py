@@ -324,7 +324,8 @@ def reference(
         np.stack(keys).astype(np.float32),
         np.stack(values).astype(np.float32),
     )
-    with atomic_path(cache, overwrite=True) as tmp:
+    need = result.boundaries.nbytes + result.keys.nbytes + result.values.nbytes  # + headers
+    with atomic_path(cache, overwrite=True, expected_bytes=need) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, boundaries=result.boundaries, keys=result.keys, values=result.values)
     return result

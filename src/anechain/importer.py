@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from anechain.checkpoint_files import CONFIG_NAME, save_sharded, write_config
+from anechain.checkpoint_files import CONFIG_NAME, phi3_weight_bytes, save_sharded, write_config
 from anechain.errors import CheckpointError
 from anechain.fsutil import atomic_path
 
@@ -286,7 +286,8 @@ def import_checkpoint(
             count[0] += sum(t.numel() for t in group.values())
             yield group
 
-    with atomic_path(out_dir, overwrite=overwrite) as tmp:
+    need = phi3_weight_bytes(phi3, DTYPES[dtype].itemsize)
+    with atomic_path(out_dir, overwrite=overwrite, expected_bytes=need) as tmp:
         tmp.mkdir()
         total = save_sharded(tmp, counted())
         write_config(tmp, phi3)

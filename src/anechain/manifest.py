@@ -185,6 +185,19 @@ class HeadEntry(_JSON):
 
 
 @dataclass(frozen=True)
+class TokenizerEntry(_JSON):
+    """The checkpoint's tokenizer files, copied beside the manifest, and the ids that end
+    generation (config, generation config and tokenizer eos)."""
+
+    files: tuple[FileRef, ...]
+    eos_token_ids: tuple[int, ...]
+
+    @property
+    def folder(self) -> str:
+        return self.files[0].path.rpartition("/")[0]
+
+
+@dataclass(frozen=True)
 class Manifest(_JSON):
     schema_version: int
     created: str  # UTC, ISO 8601
@@ -199,6 +212,7 @@ class Manifest(_JSON):
     shards: tuple[ShardEntry, ...]  # in layer order
     embedding: EmbeddingEntry | None = None
     head: HeadEntry | None = None
+    tokenizer: TokenizerEntry | None = None
 
     def files(self) -> list[tuple[str, FileRef]]:
         """Every referenced file, with what it is."""
@@ -209,6 +223,8 @@ class Manifest(_JSON):
             out += [("head", ref) for ref in (self.head.package, self.head.compiled) if ref]
         if self.embedding is not None:
             out.append(("embedding", self.embedding.file))
+        if self.tokenizer is not None:
+            out += [("tokenizer", ref) for ref in self.tokenizer.files]
         return out
 
     def records(self) -> list[ShardRecord]:
@@ -231,6 +247,8 @@ class Manifest(_JSON):
         for shard in data["shards"]:  # unrecorded functions (decode only): the v1 entry
             if shard["functions"] is None:
                 del shard["functions"]
+        if data["tokenizer"] is None:  # as manifests without one always were
+            del data["tokenizer"]
         return data
 
     def to_json(self) -> str:
@@ -335,6 +353,8 @@ def load_manifest(path: str | Path) -> Manifest:
                 check_manifest_path(
                     entry[ref]["path"], path.parent, f"manifest {path}: {key}.{ref}"
                 )
+    for i, ref in enumerate((data.get("tokenizer") or {}).get("files", ())):
+        check_manifest_path(ref["path"], path.parent, f"manifest {path}: tokenizer.files[{i}]")
     return Manifest.from_dict(data)
 
 

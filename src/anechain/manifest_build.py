@@ -35,6 +35,7 @@ from anechain.manifest import (
     Rope,
     ShardEntry,
     StepIO,
+    TokenizerEntry,
     Validation,
     schema_check,
 )
@@ -113,6 +114,7 @@ def build_manifest(
     gates: Gates | None = None,
     residency: ResidencySettings | None = None,
     validation: ValidationSettings | None = None,
+    tokenizer: Path | None = None,
 ) -> Manifest:
     """Check validated shards and write their manifest to `out` atomically.
 
@@ -130,6 +132,8 @@ def build_manifest(
         validation: whose long window (the runtime's run) every layer report must have run,
             at least as long (default: config.ValidationSettings(), the context minus its
             decode steps); its `gates` are not read (`gates` are).
+        tokenizer: the checkpoint folder whose tokenizer files are copied into `tokenizer/`
+            beside the manifest and listed in it (a folder without a tokenizer: none).
     """
     out = Path(out)
     gates = gates or Gates()
@@ -197,6 +201,7 @@ def build_manifest(
         shards=tuple(entries),
         embedding=_embedding_entry(embedding, arch, root) if embedding else None,
         head=_head_entry(*heads[0], rec, root) if heads else None,
+        tokenizer=_tokenizer_entry(tokenizer, arch, root) if tokenizer else None,
     )
     schema_check(manifest.to_dict(), out)  # what we write must load
     try:
@@ -268,3 +273,26 @@ def _embedding_entry(path: Path, arch: Architecture, root: Path) -> EmbeddingEnt
             f"embedding {path} is {table.dtype} {table.shape}; the model needs float16 {want}"
         )
     return EmbeddingEntry(_file_ref(path, root, "embedding"), want, "float16")
+
+
+def _tokenizer_entry(checkpoint_dir: Path, arch: Architecture, root: Path) -> TokenizerEntry | None:
+    from anechain.tokenizer import (
+        TOKENIZER_FOLDER,
+        copy_tokenizer,
+        eos_token_ids,
+        load_tokenizer,
+    )
+
+    copied = copy_tokenizer(Path(checkpoint_dir), root / TOKENIZER_FOLDER)
+    if not copied:
+        return None
+    eos = eos_token_ids(Path(checkpoint_dir))
+    own = load_tokenizer(root / TOKENIZER_FOLDER).eos_token_id  # also proves it loads
+    eos += [own] if isinstance(own, int) and own not in eos else []
+    outside = [i for i in eos if not 0 <= i < arch.vocab_size]
+    if outside:
+        raise ManifestError(
+            f"eos token id {outside[0]} of {checkpoint_dir} is outside the vocabulary "
+            f"({arch.vocab_size})"
+        )
+    return TokenizerEntry(tuple(_file_ref(p, root, "tokenizer") for p in copied), tuple(eos))

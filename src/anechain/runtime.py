@@ -195,8 +195,10 @@ class ManifestRuntime:
         max_new_tokens: int,
         on_token: Callable[[int], None] | None = None,
         warmup: int = 1,
+        stop: tuple[int, ...] | frozenset[int] = (),
     ) -> Generation:
-        """Greedy decoding; the prompt goes through prefill when the shards have it."""
+        """Greedy decoding; the prompt goes through prefill when the shards have it.
+        Ends early after a token in `stop` (the eos ids), which is kept."""
         vocab = self.manifest.model.architecture.vocab_size
         if not prompt:
             raise ManifestError("the prompt needs at least one token")
@@ -224,6 +226,8 @@ class ManifestRuntime:
         if on_token:
             on_token(token)
         for i in range(1, max_new_tokens):
+            if new[-1] in stop:
+                break
             # Profile decode steps only, after `warmup` of them (first-call costs).
             token = self._step(new[-1], len(prompt) + i - 1, profile if i > warmup else None)
             new.append(token)

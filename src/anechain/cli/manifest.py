@@ -36,6 +36,13 @@ def manifest_group() -> None:
     type=InputFile(),
     help="The fp16 token table (.npy) from `anechain export --embedding`.",
 )
+@click.option(
+    "--tokenizer",
+    "tokenizer_dir",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    help="The checkpoint folder: its tokenizer files are copied into tokenizer/ beside OUT "
+    "and hashed in the manifest (for `generate --prompt`).",
+)
 @config_option(
     "YAML config whose validation gates every report must meet or beat (default: Phi-4-mini's)."
 )
@@ -45,6 +52,7 @@ def build(
     reports: tuple[Path, ...],
     out: Path,
     embedding: Path | None,
+    tokenizer_dir: Path | None,
     config_path: Path | None,
     overwrite: bool,
 ) -> None:
@@ -58,13 +66,14 @@ def build(
     shards must be unchanged since validation, share one I/O contract and cover the model's
     decoder layers exactly once. The head (from
     `anechain export --head`, validated like a shard) may be given the same way, and the
-    embedding table with --embedding. Paths in the manifest are relative to it, so the files
-    must sit in its folder (or below).
+    embedding table with --embedding, and the checkpoint's tokenizer with --tokenizer
+    (copied into tokenizer/ beside OUT). Paths in the manifest are relative to it, so the
+    files must sit in its folder (or below).
 
     \b
     Examples:
       anechain manifest build artifacts/layers_*.mlpackage artifacts/head.mlpackage \\
-          --embedding artifacts/embedding.npy -o artifacts/manifest.json
+          --embedding artifacts/embedding.npy --tokenizer ckpt -o artifacts/manifest.json
       anechain manifest build --report artifacts/layers_0_8.report.json \\
           --report artifacts/layers_8_32.report.json -o artifacts/manifest.json --overwrite
     """
@@ -78,6 +87,14 @@ def build(
     if out.exists() and not overwrite:
         raise click.UsageError(f"{out} already exists; pass --overwrite to replace it")
     config = resolve_config(config_path)
+    if tokenizer_dir is not None:
+        from anechain.tokenizer import tokenizer_files
+
+        if not tokenizer_files(tokenizer_dir):
+            raise click.BadParameter(
+                f"{tokenizer_dir} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)",
+                param_hint="--tokenizer",
+            )
     manifest = build_manifest(
         sources,
         out,
@@ -86,10 +103,12 @@ def build(
         gates=config.validation.gates,
         residency=config.residency,
         validation=config.validation,
+        tokenizer=tokenizer_dir,
     )
     size = sum(s.package.size_bytes for s in manifest.shards)
     ranges = ", ".join(str(s.layers) for s in manifest.shards)
-    click.echo(f"wrote {out}: {len(manifest.shards)} shards ({ranges}), {human_bytes(size)}")
+    tok = f", tokenizer ({len(manifest.tokenizer.files)} files)" if manifest.tokenizer else ""
+    click.echo(f"wrote {out}: {len(manifest.shards)} shards ({ranges}), {human_bytes(size)}{tok}")
 
 
 @manifest_group.command("verify")

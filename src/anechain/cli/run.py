@@ -81,7 +81,8 @@ def render_build(result) -> str:  # type: ignore[no-untyped-def]
     g = result.generation
     if g is not None:
         lines.append(
-            f"generation: {len(g.tokens)} tokens after {len(g.prompt)}, "
+            f"generation: {len(g.tokens)} tokens after {len(g.prompt)}"
+            f"{' (text prompt)' if g.prompt_text is not None else ''}, "
             f"{'identical to' if g.exact else 'differs from'} transformers' greedy; "
             f"teacher-forced agreement {g.agreement:.3f} (>= {g.min_agreement}), largest flip "
             f"margin {g.max_flip_margin:.3f} (<= {g.bound} logit std): "
@@ -231,12 +232,16 @@ def _parse_ids(text: str) -> list[int]:
     type=InputFile(),
 )
 @click.option("--prompt-ids", help="Comma-separated token ids, e.g. 1,2,3.")
-@click.option("--prompt", help="Text, tokenized with the tokenizer in --tokenizer.")
 @click.option(
-    "--tokenizer",
-    "tokenizer_dir",
-    type=click.Path(path_type=Path, exists=True, file_okay=False),
-    help="Folder with the checkpoint's tokenizer (for --prompt).",
+    "--prompt",
+    help="Text, tokenized with the tokenizer the manifest lists (copied from the checkpoint "
+    "by `build` / `manifest build --tokenizer`); the answer streams as text.",
+)
+@click.option(
+    "--chat",
+    is_flag=True,
+    help="Wrap --prompt as a user turn in the checkpoint's chat template, the assistant's "
+    "turn opened.",
 )
 @click.option("--max-new-tokens", type=AsciiIntRange(min=1), default=16, show_default=True)
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
@@ -255,7 +260,7 @@ def generate(
     manifest_path: Path,
     prompt_ids: str | None,
     prompt: str | None,
-    tokenizer_dir: Path | None,
+    chat: bool,
     max_new_tokens: int,
     backend: str,
     profile: bool,
@@ -265,33 +270,40 @@ def generate(
 
     Uses only the manifest and the files it names (their sha256 checked first), never the
     checkpoint. The prompt runs through the shards' prefill function in chunks when they
-    have one (else one token per step).
+    have one (else one token per step). Generation stops at an eos token the manifest
+    lists (the checkpoint's eos_token_id and its tokenizer's eos) or after
+    --max-new-tokens. With --prompt the text streams to stdout as it is generated; with
+    --prompt-ids the new token ids are printed.
 
     \b
     Examples:
       anechain generate --manifest artifacts/tiny/manifest.json --prompt-ids 1,2,3,4 --profile
-      anechain generate --manifest phi4/manifest.json --prompt "Hello" --tokenizer phi4-ckpt
+      anechain generate --manifest artifacts/smollm2/manifest.json --chat \\
+          --prompt "What is the capital of France?" --max-new-tokens 32
     """
+    from anechain.manifest import load_manifest
     from anechain.runtime import ManifestRuntime
 
     if (prompt_ids is None) == (prompt is None):
         raise click.UsageError("give exactly one of --prompt-ids and --prompt")
-    tokenizer = None
-    if prompt is not None:
-        if tokenizer_dir is None:
-            raise click.UsageError("--prompt needs --tokenizer DIR (the checkpoint's folder)")
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise click.UsageError(
-                f"no tokenizer in {tokenizer_dir}: {exc}".splitlines()[0]
-            ) from None
-        ids = tokenizer.encode(prompt)
-    else:
-        ids = _parse_ids(prompt_ids or "")
+    if chat and prompt is None:
+        raise click.UsageError("--chat applies to --prompt (text), not --prompt-ids")
+    listed = load_manifest(manifest_path).tokenizer
+    if prompt is not None and listed is None:
+        raise click.UsageError(
+            f"{manifest_path} lists no tokenizer, so --prompt cannot be tokenized; rebuild it "
+            "with `manifest build --tokenizer CHECKPOINT` (or `build`), or use --prompt-ids"
+        )
+    ids = _parse_ids(prompt_ids) if prompt_ids is not None else []
     runtime = ManifestRuntime(manifest_path, backend=backend, prefill=not no_prefill)
+    stop = runtime.manifest.tokenizer.eos_token_ids if runtime.manifest.tokenizer else ()
+    on_token = None
+    if prompt is not None:
+        from anechain.tokenizer import encode_prompt, load_tokenizer, text_streamer
+
+        tokenizer = load_tokenizer(manifest_path.parent / runtime.manifest.tokenizer.folder)
+        ids = encode_prompt(tokenizer, prompt, chat)
+        on_token = text_streamer(tokenizer, lambda text: click.echo(text, nl=False))
     vocab = runtime.manifest.model.architecture.vocab_size
     outside = [t for t in ids if not 0 <= t < vocab]
     if outside:
@@ -299,10 +311,17 @@ def generate(
             f"token id {outside[0]} is outside the model's vocabulary (0..{vocab - 1})",
             param_hint="--prompt-ids" if prompt is None else "--prompt",
         )
-    result = runtime.generate(ids, max_new_tokens)
-    click.echo(",".join(map(str, result.tokens)))
-    if tokenizer is not None:
-        click.echo(tokenizer.decode(result.tokens))
+    result = runtime.generate(ids, max_new_tokens, on_token=on_token, stop=frozenset(stop))
+    if prompt is None:
+        click.echo(",".join(map(str, result.tokens)))
+    else:
+        click.echo()  # end the streamed line
+        ended = "eos" if result.tokens[-1] in stop else f"{len(result.tokens)} tokens"
+        click.echo(
+            f"[{len(ids)} prompt tokens; new: {','.join(map(str, result.tokens))}; "
+            f"stopped at {ended}]",
+            err=True,
+        )
     if profile:
         s = result.profile.summary()
         shards = ", ".join(f"{k} {v:.2f}" for k, v in s["shard_ms_per_token"].items())
