@@ -63,7 +63,16 @@ def test_a_shard_page_shows_every_window_and_figure(tiny_build):
     assert re.search(r"<td>long</td>", shard_page(report))
     worst = min(m["delta_cosine"] for m in report["golden"]["layers"])
     assert f"{worst:.6g}" in page.text("delta-cosine")
-    assert page.text("next-token-kl") == "Next-token KL not measured"
+    # The next-token verdict: per-position KL by window, its figures, and any flips.
+    verdict = report["golden"]["next_token"]
+    kl = page.text("next-token-kl")
+    assert "not measured" not in kl
+    for window, m in verdict["windows"].items():
+        assert f"{window} ({m['positions']} steps)" in kl, kl
+    assert f"{verdict['metrics']['kl_mean']:.6g}" in kl
+    assert len(re.findall(r"<svg", shard_page(report).split('id="next-token-kl')[1])) >= 1
+    missing = {**report, "golden": {k: v for k, v in report["golden"].items() if k != "next_token"}}
+    assert Page(shard_page(missing)).text("next-token-kl") == "Next-token KL not measured"
     assert "verdict" not in page.sections and "Failed" not in page.text("gates")
     assert 'data-verdict="pass"' in shard_page(report)
 
@@ -118,17 +127,17 @@ def test_residency_states_are_shown_as_such(tiny_build, tiny_shards):
 
 
 def test_windows_and_metrics_are_rendered_by_their_names(tiny_build):
-    """A window or metric the report gains (e.g. `long`, a next-token KL) shows as it is."""
+    """A window or metric the report gains (any name, a KL figure anywhere) shows as it is."""
     result, _ = tiny_build
     report = report_of(result, "0:3")
     golden = report["golden"]
-    late = [dict(s, window="long", step=s["step"] + 100) for s in golden["per_step"][-4:]]
-    windows = dict(golden["windows"], long=golden["windows"]["late"])
+    late = [dict(s, window="extra", step=s["step"] + 100) for s in golden["per_step"][-4:]]
+    windows = dict(golden["windows"], extra=golden["windows"]["late"])
     metrics = dict(golden["metrics"], next_token_kl=0.00123)
     grown = {**report, "golden": {**golden, "per_step": golden["per_step"] + late}}
     grown["golden"].update(windows=windows, metrics=metrics)
     page = Page(shard_page(grown))
-    assert "long (4 steps)" in page.text("errors")
+    assert "extra (4 steps)" in page.text("errors")
     assert "golden.metrics.next_token_kl 0.00123" in page.text("next-token-kl")
     assert "not measured" not in page.text("next-token-kl")
     # The head's steps have tokens only (a table); a per-step KL there gets its panel.

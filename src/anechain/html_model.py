@@ -17,6 +17,7 @@ from anechain.html_report import (
     kl_values,
     layer_deltas,
     layer_peaks,
+    next_token_rows,
     page,
     section,
     table,
@@ -95,7 +96,9 @@ def model_page(
         ),
         delta_section(_merged(entries, layer_deltas, min), _delta_bound(entries), "", "model"),
         kl_section(
-            [(f"{e.name}: {w}", v) for e in entries if e.report for w, v in kl_values(e.report)], ""
+            [(f"{e.name}: {w}", v) for e in entries if e.report for w, v in kl_values(e.report)],
+            "",
+            [r for e in entries if e.report for r in next_token_rows(e.report, f"{e.name}: ")],
         ),
         extra,
     ]

@@ -10,6 +10,7 @@ from typing import Any
 from anechain import report_figures as figs
 from anechain.fsutil import human_size
 from anechain.html_report import (
+    NEXT_TOKEN_COLUMNS,
     badge,
     esc,
     fmt,
@@ -17,6 +18,8 @@ from anechain.html_report import (
     kl_values,
     layer_deltas,
     layer_peaks,
+    next_token_rows,
+    next_token_series,
     note,
     page,
     section,
@@ -163,9 +166,44 @@ def delta_section(
     return section("delta-cosine", "Per-layer delta cosine", body, anchor)
 
 
-def kl_section(found: Sequence[tuple[str, Any]], anchor: str) -> str:
-    body = table(["where", "KL"], [list(f) for f in found]) if found else note("not measured")
+def kl_section(
+    found: Sequence[tuple[str, Any]],
+    anchor: str,
+    rows: Sequence[Sequence[Any]] = (),
+    report: Mapping[str, Any] | None = None,
+    name: str = "",
+) -> str:
+    """The next-token verdict: per-position KL by window (a shard's page), the figures per
+    window or shard, the flips; any other KL figure the report holds by where it is."""
+    parts = []
+    series = next_token_series(report) if report is not None else []
+    if series:
+        worst = _gate_bound(report, "next_token_kl_worst")
+        bounds = {} if worst is None else {"kl": worst}
+        parts.append(figs.to_svg(figs.step_figure(series, bounds), f"{name}-kl"))
+    if rows:
+        parts.append(table(NEXT_TOKEN_COLUMNS, [list(r) for r in rows]))
+    flips = ((report or {}).get("golden", {}).get("next_token") or {}).get("metrics", {})
+    flips = flips.get("flips") or []
+    if flips:
+        parts.append(
+            table(
+                ["window", "position", "reference token", "shard's token", "reference margin"],
+                [
+                    [f["window"], f["position"], f["expected"], f["token"], f["margin"]]
+                    for f in flips
+                ],
+            )
+        )
+    others = [f for f in found if not f[0].startswith("golden.next_token")]
+    if others:
+        parts.append(table(["where", "KL"], [list(f) for f in others]))
+    body = "".join(parts) or note("not measured")
     return section("next-token-kl", "Next-token KL", body, anchor)
+
+
+def _gate_bound(report: Mapping[str, Any] | None, gate: str) -> float | None:
+    return next((g["bound"] for g in (report or {}).get("gates", []) if g["name"] == gate), None)
 
 
 def residency_section(report: Mapping[str, Any], anchor: str, name: str) -> str:
@@ -249,7 +287,7 @@ def shard_body(report: Mapping[str, Any], anchor: str = "", per_layer: bool = Tr
     if report.get("kind") == "layers" and per_layer:
         parts.append(delta_section(layer_deltas(report), delta_bound, anchor, ident))
     if per_layer:
-        parts.append(kl_section(kl_values(report), anchor))
+        parts.append(kl_section(kl_values(report), anchor, next_token_rows(report), report, ident))
     parts.append(residency_section(report, anchor, ident))
     versions = ", ".join(f"{k} {v}" for k, v in (report.get("versions") or {}).items())
     parts.append(f'<p class="meta">{esc(report.get("created", ""))} &middot; {esc(versions)}</p>')

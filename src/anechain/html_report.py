@@ -182,6 +182,49 @@ def window_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
     ]
 
 
+NEXT_TOKEN_COLUMNS = [
+    "window",
+    "positions",
+    "KL mean",
+    "KL worst",
+    "top-1",
+    "flips",
+    "worst flip margin",
+]
+
+
+def next_token_rows(report: Mapping[str, Any], label: str = "") -> list[list[Any]]:
+    """The next-token verdict (nexttoken.py) per window, then over every position."""
+    verdict = report.get("golden", {}).get("next_token") or {}
+
+    def row(name: str, m: Mapping[str, Any]) -> list[Any]:
+        return [
+            f"{label}{name}",
+            m.get("positions"),
+            m.get("kl_mean"),
+            m.get("kl_worst"),
+            m.get("top1_agreement"),
+            len(m.get("flips") or []),
+            m.get("worst_flip_margin"),
+        ]
+
+    rows = [row(name, m) for name, m in (verdict.get("windows") or {}).items()]
+    if verdict.get("metrics"):
+        rows.append(row("all", verdict["metrics"]))
+    return rows
+
+
+def next_token_series(report: Mapping[str, Any]) -> list[figs.Series]:
+    """Per-position KL(reference || shard) of the next-token verdict, one panel per window."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in (report.get("golden", {}).get("next_token") or {}).get("per_position", []):
+        groups.setdefault(str(r.get("window")), []).append(r)
+    return [
+        figs.Series(name, [int(r["position"]) for r in rows], {"kl": [r.get("kl") for r in rows]})
+        for name, rows in groups.items()
+    ]
+
+
 def kl_values(report: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """Every next-token KL figure the report holds, where it is: [(place, value)]."""
     found: list[tuple[str, Any]] = []
