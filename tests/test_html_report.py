@@ -5,6 +5,7 @@ The headless-browser test is in test_html_browser.py."""
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import re
 import shutil
@@ -169,6 +170,12 @@ def test_the_build_page_has_the_topology_and_every_shard(tiny_build):
         peaks.update(report_of(result, name)["golden"]["layer_max_abs"])
     assert sorted(map(int, peaks)) == list(range(6))
     assert f"largest: {max(peaks.values()):g}" in page.text("activations")
+    # The whole chain's verdicts in the header, as the summary states them; each shard's
+    # next-token figures in the model's KL table.
+    assert result.chain is not None and html.escape(result.chain.describe()) in text
+    assert html.escape(result.generation.describe()) in text
+    kl = page.text("next-token-kl")
+    assert all(f"{name}: all" in kl for name in ("0:3", "3:5", "5:6"))
 
 
 def test_pages_are_self_contained_escaped_and_deterministic(tiny_build):

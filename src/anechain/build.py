@@ -70,6 +70,17 @@ class GenerationCheck:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "passed": self.passed}
 
+    def describe(self) -> str:
+        """One line for the summary and the build page."""
+        return (
+            f"generation: {len(self.tokens)} tokens after {len(self.prompt)}"
+            f"{' (text prompt)' if self.prompt_text is not None else ''}, "
+            f"{'identical to' if self.exact else 'differs from'} transformers' greedy; "
+            f"teacher-forced agreement {self.agreement:.3f} (>= {self.min_agreement}), largest "
+            f"flip margin {self.max_flip_margin:.3f} (<= {self.bound} logit std): "
+            f"{'pass' if self.passed else 'FAIL'}"
+        )
+
 
 @dataclass
 class ChainCheck:
@@ -92,6 +103,22 @@ class ChainCheck:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "passed": self.passed}
+
+    def describe(self) -> str:
+        """One line for the summary and the build page."""
+        m = self.verdict
+
+        def f(value: object, digits: int = 5) -> str:
+            return f"{value:.{digits}f}" if isinstance(value, int | float) else "-"
+
+        flips = ", ".join(f"@{x['position']} margin {x['margin']:.3f}" for x in m["flips"])
+        return (
+            f"chain next-token: KL mean {f(m['kl_mean'])} (<= {self.max_kl_mean}), worst "
+            f"{f(m['kl_worst'])} (<= {self.max_kl_worst}) over {m['positions']} positions, "
+            f"top-1 {f(m['top1_agreement'], 3)}"
+            + (f", flips {flips}" if flips else "")
+            + f": {'pass' if self.passed else 'FAIL'}"
+        )
 
 
 @dataclass

@@ -147,14 +147,7 @@ def build_page(result: Any) -> str:
     lines.append(
         f"manifest {result.manifest.name}" if result.manifest else "no manifest: a shard failed"
     )
-    g = result.generation
-    if g is not None:
-        lines.append(
-            f"generation: {len(g.tokens)} tokens, {'identical to' if g.exact else 'differs from'} "
-            f"transformers' greedy; teacher-forced agreement {g.agreement:.3f} (>= "
-            f"{g.min_agreement:g}), largest flip margin {g.max_flip_margin:.3f} (<= {g.bound:g}): "
-            f"{'pass' if g.passed else 'FAIL'}"
-        )
+    lines += [c.describe() for c in (result.generation, result.chain) if c is not None]
     summary = "".join(f'<p class="meta">{esc(line)}</p>' for line in lines)
     return model_page(f"anechain build: {result.out_dir.name}", entries, num_layers, summary)
 

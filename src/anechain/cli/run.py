@@ -78,27 +78,9 @@ def render_build(result) -> str:  # type: ignore[no-untyped-def]
             ["shard", "file", "size", "residency", "golden", "backend", "verdict", ""], rows
         )
     ]
-    g = result.generation
-    if g is not None:
-        lines.append(
-            f"generation: {len(g.tokens)} tokens after {len(g.prompt)}"
-            f"{' (text prompt)' if g.prompt_text is not None else ''}, "
-            f"{'identical to' if g.exact else 'differs from'} transformers' greedy; "
-            f"teacher-forced agreement {g.agreement:.3f} (>= {g.min_agreement}), largest flip "
-            f"margin {g.max_flip_margin:.3f} (<= {g.bound} logit std): "
-            f"{'pass' if g.passed else 'FAIL'}"
-        )
-    c = result.chain
-    if c is not None:
-        m = c.verdict
-        flips = ", ".join(f"@{f['position']} margin {f['margin']:.3f}" for f in m["flips"])
-        lines.append(
-            f"chain next-token: KL mean {_fmt(m['kl_mean'])} (<= {c.max_kl_mean}), worst "
-            f"{_fmt(m['kl_worst'])} (<= {c.max_kl_worst}) over {m['positions']} positions, "
-            f"top-1 {_fmt(m['top1_agreement'], 3)}"
-            + (f", flips {flips}" if flips else "")
-            + f": {'pass' if c.passed else 'FAIL'}"
-        )
+    for check in (result.generation, result.chain):
+        if check is not None:
+            lines.append(check.describe())
     if result.manifest is not None:
         lines.append(f"manifest: {result.manifest}")
     lines.append(f"build: {'PASS' if result.passed else 'FAIL'}")
