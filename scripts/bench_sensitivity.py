@@ -29,18 +29,10 @@ NOISES: list[float | str] = [0.001, 0.003, 0.009, 0.03, "int8"]
 
 def architectures() -> dict[str, tuple[object, int]]:
     from anechain.config import load_preset
+    from anechain.sensitivity import mid_architecture
 
     tiny = load_preset("tiny").architecture
-    mid = dataclasses.replace(
-        tiny,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=8192,
-        original_max_position_embeddings=4096,
-    )
+    mid = mid_architecture()
     phi4 = dataclasses.replace(load_preset("phi-4-mini").architecture, num_hidden_layers=2)
     return {"tiny": (tiny, 6), "mid": (mid, 8), "phi4": (phi4, 2)}
 

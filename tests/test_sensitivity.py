@@ -7,13 +7,11 @@ and late positions; the old generator (attention peaked on random keys) must not
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 
 from anechain.checkpoint import Checkpoint, write_random_checkpoint
-from anechain.config import load_preset
 from anechain.random_checkpoint import PEAKED
 from anechain.sensitivity import (
     INT8,
@@ -22,6 +20,7 @@ from anechain.sensitivity import (
     CurvePoint,
     band_violations,
     format_curve,
+    mid_architecture,
     noise_curve,
     random_ids,
 )
@@ -31,17 +30,7 @@ TOKENS = 256
 
 
 def _mid(tmp_path: Path, style: str) -> Checkpoint:
-    """SmolLM2-135M's width and heads, 8 layers, the tiny preset's rotary (partial, LongRoPE)."""
-    arch = dataclasses.replace(
-        load_preset("tiny").architecture,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=8192,
-        original_max_position_embeddings=4096,
-    )
+    arch = mid_architecture()
     return Checkpoint(write_random_checkpoint(tmp_path / style, arch, seed=0, style=style))
 
 
@@ -81,17 +70,7 @@ def test_band_is_two_sided(factor: float, inside: bool) -> None:
 def test_full_rotary_without_scaling_gets_the_structure(tmp_path: Path) -> None:
     """A Phi-3 / Llama-like model (partial_rotary_factor 1.0, rope_scaling null): the sink
     goes in RoPE's slowest pair, and the model is as robust as the partial-rotary one."""
-    arch = dataclasses.replace(
-        load_preset("tiny").architecture,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=8192,
-        partial_rotary_factor=1.0,
-        original_max_position_embeddings=4096,
-    )
+    arch = mid_architecture(partial_rotary_factor=1.0)
     out = write_random_checkpoint(tmp_path / "full", arch, seed=0, rope_scaling="none")
     checkpoint = Checkpoint(out)
     assert checkpoint.raw_config["rope_scaling"] is None

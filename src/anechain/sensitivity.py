@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from anechain.checkpoint import Checkpoint
+from anechain.config import Architecture
 from anechain.weights import quantize_int8
 
 # The projections export quantizes; noise goes on these only (norm gains stay exact).
@@ -40,6 +41,28 @@ REAL_ONE_MINUS_COS: dict[float | str, tuple[float, float]] = {
 # factor of the real one's, either way (the trained-like default: 3.2-4.7x at hidden 576; the
 # old generator, attention peaked on random keys: 13-340x).
 BAND = 6.0
+
+
+def mid_architecture(**overrides: object) -> Architecture:
+    """The size the band is held at: SmolLM2-135M's width and heads, 8 layers, the tiny
+    preset's rotary (partial, LongRoPE) unless overridden."""
+    import dataclasses
+
+    from anechain.config import load_preset
+
+    fields = dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=8192,
+        original_max_position_embeddings=4096,
+    )
+    fields.update(overrides)
+    return dataclasses.replace(load_preset("tiny").architecture, **fields)
+
+
 # Positions averaged as "early" (after BOS) and as "late" (the sequence's last ones).
 WINDOW = 16
 INT8 = "int8"
