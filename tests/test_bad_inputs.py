@@ -242,13 +242,17 @@ def test_a_truncated_golden_cache_is_a_miss(
     ]  # fmt: skip
     first = invoke(*args)
     assert first.exit_code == 0, first.output
-    (cached,) = (cache / "golden").glob("*.npz")
-    whole = np.load(cached)["boundaries"]
-    cached.write_bytes(cached.read_bytes()[: cached.stat().st_size // 2])
+    # Every reference folder's layer-1 output file, cut in half.
+    cut = sorted((cache / "golden").glob("*/h002.npy"))
+    assert cut
+    whole = [np.load(f) for f in cut]
+    for f in cut:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     again = invoke(*args)
     assert again.exit_code == 0, again.output
     assert "Traceback" not in again.output
-    np.testing.assert_array_equal(np.load(cached)["boundaries"], whole)  # recomputed, rewritten
+    for f, w in zip(cut, whole, strict=True):
+        np.testing.assert_array_equal(np.load(f), w)  # recomputed, rewritten
 
 
 def test_a_foreign_golden_cache_is_a_miss(tiny_checkpoint, tmp_path):
@@ -256,10 +260,11 @@ def test_a_foreign_golden_cache_is_a_miss(tiny_checkpoint, tmp_path):
 
     tokens = [1, 2, 3]
     good = reference_boundaries(tiny_checkpoint, tokens, 2, cache_dir=tmp_path)
-    path = _cache_path(tmp_path, tiny_checkpoint, tokens)
-    with open(path, "wb") as f:
-        np.savez(f, boundaries=np.zeros((9, 3, 7), np.float32))  # wrong hidden size
+    good = np.asarray(good)
+    path = _cache_path(tmp_path, tiny_checkpoint, tokens) / "h001.npy"
+    np.save(path, np.zeros((3, 7), np.float32))  # wrong hidden size
     np.testing.assert_array_equal(reference_boundaries(tiny_checkpoint, tokens, 2, tmp_path), good)
+    assert np.load(path).shape == (3, 64)  # rewritten
 
 
 @pytest.fixture

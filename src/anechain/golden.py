@@ -3,20 +3,22 @@
 The reference is not the module export traces (that is what is being checked) but
 `transformers.models.phi3.modeling_phi3.Phi3DecoderLayer`, run one layer at a time over the
 whole calibration sequence with a causal mask and transformers' per-position (decode-step)
-rotary embeddings: equal to step-by-step decode. Only one
-layer's weights are in memory at a time, and only the calibration tokens' embedding rows
-are read. Boundaries (the hidden state entering each layer) are cached in an .npz keyed by
-checkpoint fingerprint and calibration tokens, and extended incrementally, so validating
-five shards runs each layer once.
+rotary embeddings: equal to step-by-step decode. It is streamed: one layer's weights are in
+memory at a time (fp32, built in place from the checkpoint's tensors), attention runs through
+transformers' SDPA path (no (H, S, S) probability matrix: 400 MB a layer at 2048 positions),
+and only the calibration tokens' embedding rows are read. Each layer's output and KV cache go
+to disk as it finishes (golden_store.py: one file per layer, keyed by checkpoint fingerprint
+and calibration tokens) and are read back memory-mapped, so validating five shards runs each
+layer once and a validation holds only the layers it reads.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
 import os
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +30,11 @@ import torch
 from anechain.checkpoint import Checkpoint
 from anechain.config import ValidationSettings
 from anechain.errors import CheckpointError, ConfigError
-from anechain.fsutil import atomic_path
+from anechain.golden_store import LayerStore, Stack
 
 log = logging.getLogger(__name__)
 
-_CACHE_VERSION = "golden-v2"
+_CACHE_VERSION = "golden-v3"  # v3: one file per layer (golden_store.py)
 
 
 def default_cache_dir() -> Path:
@@ -101,10 +103,11 @@ def calibration_tokens(
 
 
 def _cache_path(cache_dir: Path, checkpoint: Checkpoint, tokens: list[int]) -> Path:
+    """The folder of one reference (golden_store.LayerStore)."""
     key = hashlib.sha256(
         f"{_CACHE_VERSION}|{checkpoint.fingerprint}|{','.join(map(str, tokens))}".encode()
     ).hexdigest()[:24]
-    return cache_dir / "golden" / f"{key}.npz"
+    return cache_dir / "golden" / key
 
 
 def _embed(checkpoint: Checkpoint, tokens: list[int]) -> np.ndarray:
@@ -131,8 +134,12 @@ class _LayerRunner:
 
         self.checkpoint = checkpoint
         config = checkpoint.hf_config
-        config._attn_implementation = "eager"
+        # SDPA for outputs and KV (no (H, S, S) probabilities in memory); eager where the
+        # probabilities themselves are wanted (trace(..., probs=True)).
+        config._attn_implementation = "sdpa"
         self.config = config
+        self.eager_config = copy.deepcopy(config)
+        self.eager_config._attn_implementation = "eager"
         positions = torch.arange(seq_len)[None]
         rotary = Phi3RotaryEmbedding(config)
         dummy = torch.zeros(1, 1, config.hidden_size)
@@ -147,34 +154,40 @@ class _LayerRunner:
         causal = torch.full((seq_len, seq_len), torch.finfo(torch.float32).min).triu(1)
         self.mask = causal[None, None]  # (1, 1, S, S) additive
 
-    def layer(self, layer_index: int) -> Any:
+    def layer(self, layer_index: int, eager: bool = False) -> Any:
         """transformers' Phi3DecoderLayer `layer_index` with the checkpoint's weights, fp32."""
         from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
 
-        layer = Phi3DecoderLayer(self.config, layer_idx=layer_index).eval()
+        config = self.eager_config if eager else self.config
+        with torch.device("meta"):  # no random init: the checkpoint's tensors are assigned
+            layer = Phi3DecoderLayer(config, layer_idx=layer_index).eval()
         prefix = f"model.layers.{layer_index}."
         tensors = self.checkpoint.read_tensors(self.checkpoint.layer_tensor_names_for(layer_index))
-        layer.load_state_dict(
-            {k[len(prefix) :]: v.float() for k, v in tensors.items()}, strict=True
-        )
+        state = {}
+        for name in list(tensors):  # one bf16 tensor alive beside the fp32 ones
+            state[name[len(prefix) :]] = tensors.pop(name).float()
+        layer.load_state_dict(state, strict=True, assign=True)
         return layer
 
     def run(self, layer_index: int, hidden: np.ndarray, cache: Any = None) -> np.ndarray:
         """The layer's output (S, C); a transformers `Cache` given as `cache` receives its KV."""
-        return self.trace(layer_index, hidden, cache).hidden
+        return self.trace(layer_index, hidden, cache, probs=False).hidden
 
-    def trace(self, layer_index: int, hidden: np.ndarray, cache: Any = None) -> LayerTrace:
-        """One layer over the sequence, with its KV cache and attention probabilities."""
+    def trace(
+        self, layer_index: int, hidden: np.ndarray, cache: Any = None, probs: bool = True
+    ) -> LayerTrace:
+        """One layer over the sequence, with its KV cache and (if `probs`, through the eager
+        path) its attention probabilities."""
         from transformers import DynamicCache
 
-        layer = self.layer(layer_index)
-        probs: list[torch.Tensor] = []
-        hook = layer.self_attn.register_forward_hook(lambda m, a, out: probs.append(out[1]))
+        layer = self.layer(layer_index, eager=probs)
+        kept: list[torch.Tensor] = []
+        hook = layer.self_attn.register_forward_hook(lambda m, a, out: kept.append(out[1]))
         if cache is None:
             cache = DynamicCache(config=self.config)
         with torch.no_grad():
             out = layer(
-                torch.from_numpy(hidden)[None],
+                torch.from_numpy(np.array(hidden, np.float32))[None],  # a copy: may be a map
                 attention_mask=self.mask,
                 position_ids=self.position_ids,
                 position_embeddings=self.position_embeddings,
@@ -188,7 +201,7 @@ class _LayerRunner:
             hidden=out[0].numpy(),
             keys=kv.keys[0].numpy(),  # post-RoPE, as transformers caches them
             values=kv.values[0].numpy(),
-            probs=probs[0][0].numpy(),
+            probs=kept[0][0].numpy() if probs else None,
         )
 
 
@@ -199,7 +212,7 @@ class LayerTrace:
     hidden: np.ndarray  # (S, C) the layer's output
     keys: np.ndarray  # (KVH, S, D) transformers' key cache (post-RoPE)
     values: np.ndarray  # (KVH, S, D)
-    probs: np.ndarray  # (H, S, S) attention probabilities
+    probs: np.ndarray | None  # (H, S, S) attention probabilities (eager runs only)
 
 
 def activation_statistics(checkpoint: Checkpoint, tokens: list[int]) -> dict[str, Any]:
@@ -238,39 +251,14 @@ def activation_statistics(checkpoint: Checkpoint, tokens: list[int]) -> dict[str
 
 @dataclass(frozen=True)
 class Reference:
-    """transformers' layers over the calibration sequence, layers 0..upto-1."""
+    """transformers' layers over the calibration sequence, layers 0..upto-1, on disk.
 
-    boundaries: np.ndarray  # (upto + 1, S, C): entry i enters layer i
-    keys: np.ndarray  # (upto, KVH, S, D): each layer's key cache (post-RoPE)
-    values: np.ndarray  # (upto, KVH, S, D)
+    Each field indexes like the array it stands for; an entry is a memory map of its file.
+    """
 
-
-def _load_cached(
-    cache: Path, step_shape: tuple[int, int], head_shape: tuple[int, int]
-) -> dict[str, np.ndarray] | None:
-    """The cached boundaries (k, S, hidden) and KV caches (k - 1, KVH, S, D) float32, or
-    None: a truncated, corrupt or foreign file is a miss (recomputed and rewritten), never
-    an error."""
-    if not cache.is_file():
-        return None
-    try:
-        with np.load(cache, allow_pickle=False) as data:
-            have = {k: data[k] for k in ("boundaries", "keys", "values")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        log.warning("ignoring unreadable golden cache %s", cache)
-        return None
-    b = have["boundaries"]
-    kv_shape = (len(b) - 1, head_shape[0], step_shape[0], head_shape[1])
-    if (
-        any(v.dtype != np.float32 for v in have.values())
-        or b.ndim != 3
-        or b.shape[1:] != step_shape
-        or not len(b)
-        or any(have[k].shape != kv_shape for k in ("keys", "values"))
-    ):
-        log.warning("ignoring golden cache %s of shape %s %s", cache, b.shape, b.dtype)
-        return None
-    return have
+    boundaries: Stack  # (upto + 1, S, C): entry i enters layer i
+    keys: Stack  # (upto, KVH, S, D): each layer's key cache (post-RoPE)
+    values: Stack  # (upto, KVH, S, D)
 
 
 def reference_boundaries(
@@ -295,37 +283,28 @@ def reference(
     cache_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Reference:
-    """Boundaries and KV caches of layers 0..upto-1, cached and extended incrementally."""
+    """Boundaries and KV caches of layers 0..upto-1, computed layer by layer (only the layers
+    not on disk yet), each written to disk as it finishes and read back memory-mapped."""
     checkpoint.check_reference(upto)
-    cache = _cache_path(cache_dir or default_cache_dir(), checkpoint, tokens)
     a = checkpoint.architecture
-    have = _load_cached(cache, (len(tokens), a.hidden_size), (a.num_key_value_heads, a.head_dim))
-    if have is not None and have["boundaries"].shape[0] > upto:
-        return Reference(have["boundaries"][: upto + 1], have["keys"][:upto], have["values"][:upto])
-
-    if have is not None:
-        boundaries, keys, values = (
-            list(have["boundaries"]),
-            list(have["keys"]),
-            list(have["values"]),
-        )
-    else:
-        boundaries, keys, values = [_embed(checkpoint, tokens)], [], []
-    runner = _LayerRunner(checkpoint, len(tokens))
-    for i in range(len(boundaries) - 1, upto):
-        if progress:
-            progress(f"reference: transformers layer {i} ({i + 1}/{upto})")
-        t = runner.trace(i, boundaries[-1])
-        boundaries.append(t.hidden)
-        keys.append(t.keys)
-        values.append(t.values)
-    result = Reference(
-        np.stack(boundaries).astype(np.float32),
-        np.stack(keys).astype(np.float32),
-        np.stack(values).astype(np.float32),
+    store = LayerStore(
+        _cache_path(cache_dir or default_cache_dir(), checkpoint, tokens),
+        (len(tokens), a.hidden_size),
+        (a.num_key_value_heads, len(tokens), a.head_dim),
     )
-    need = result.boundaries.nbytes + result.keys.nbytes + result.values.nbytes  # + headers
-    with atomic_path(cache, overwrite=True, expected_bytes=need) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, boundaries=result.boundaries, keys=result.keys, values=result.values)
-    return result
+    done = store.layers_done(upto)
+    if done < upto:
+        if done < 0:
+            hidden = _embed(checkpoint, tokens)
+            store.write_embedding(hidden)
+            done = 0
+        else:
+            hidden = np.array(store.boundaries(done)[done])
+        runner = _LayerRunner(checkpoint, len(tokens))
+        for i in range(done, upto):
+            if progress:
+                progress(f"reference: transformers layer {i} ({i + 1}/{upto})")
+            t = runner.trace(i, hidden, probs=False)
+            store.write_layer(i, t.hidden, t.keys, t.values)
+            hidden = t.hidden
+    return Reference(store.boundaries(upto), store.keys(upto), store.values(upto))

@@ -66,7 +66,8 @@ def finish_reference(
         from transformers import DynamicCache
 
         cache = DynamicCache(config=runner.config)
-        cache.update(torch.from_numpy(ref.keys[i])[None], torch.from_numpy(ref.values[i])[None], i)
+        keys, values = (torch.from_numpy(np.array(kv[i]))[None] for kv in (ref.keys, ref.values))
+        cache.update(keys, values, i)
         layer = runner.layer(i)
         with torch.no_grad():
             out = layer(
@@ -87,9 +88,8 @@ def position_records(
     """Per position: KL(ref || shard) in nats, both top-1 tokens, the reference's top1 - top2
     logit margin. A non-finite shard logit gives KL None (fails every gate)."""
     records = []
-    for p, r, s in zip(
-        positions, ref_logits.astype(np.float64), logits.astype(np.float64), strict=True
-    ):
+    for p, r, s in zip(positions, ref_logits, logits, strict=True):
+        r, s = r.astype(np.float64), s.astype(np.float64)  # a row at a time: 1.6 MB each
         finite = bool(np.isfinite(s).all())
         lr = r - np.logaddexp.reduce(r)
         kl = None
@@ -137,8 +137,9 @@ def summarize(records: Sequence[dict[str, Any]], share: float = 1.0) -> dict[str
     }
 
 
-# Rows of logits computed at once: a Phi-4-mini vocabulary is 200064 wide (0.8 MB a row).
-_LOGIT_ROWS = 128
+# Positions whose logits are computed at once (each pass reads the LM head from disk): a
+# Phi-4-mini vocabulary is 200064 wide, 0.8 MB a row, twice (shard and reference).
+_LOGIT_ROWS = 64
 
 
 def window_records(
@@ -158,8 +159,11 @@ def window_records(
     records: list[dict[str, Any]] = []
     for i in range(0, len(positions), _LOGIT_ROWS):
         rows = slice(i, i + _LOGIT_ROWS)
-        logits = reference_logits(checkpoint, final[rows])
-        expected = reference_logits(checkpoint, ref.boundaries[n][positions[rows]])
+        # Both in one pass over the LM head (read in blocks from disk).
+        both = reference_logits(
+            checkpoint, np.concatenate([final[rows], ref.boundaries[n][positions[rows]]])
+        )
+        logits, expected = both[: len(both) // 2], both[len(both) // 2 :]
         for name in dict.fromkeys(names[rows]):
             mine = [k for k, m in enumerate(names[rows]) if m == name]
             records += position_records(
