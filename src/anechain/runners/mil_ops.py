@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from anechain.errors import RunnerError
+from anechain.runners.mil_weights import ConvWeight
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Step:
     layer: int
     track: bool  # False for state views (see mil._STATE_VIEW_OPS): no per-op diagnostics
     measure: bool  # False for mask-derived values (see mil._MASK_INPUTS): not in layer_max_abs
-    extra: dict[str, Any] = field(default_factory=dict)  # load-time data (conv matrix)
+    extra: dict[str, Any] = field(default_factory=dict)  # load-time data (conv weight)
 
 
 @dataclass(frozen=True)
@@ -150,19 +151,16 @@ def conv_matrix(weight: np.ndarray) -> np.ndarray:
 
 def _conv(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
     # Only 1x1, groups=1, zero padding reaches here (checked at load): a matrix product.
-    w = step.extra.get("matrix")
+    w: ConvWeight | None = step.extra.get("weight")
     if w is None:  # weight computed at runtime
-        w = conv_matrix(_num(a["weight"]))
+        w = ConvWeight(conv_matrix(_num(a["weight"])))
     x = _num(a["x"])  # (N, I, *spatial)
     strides = step.extra["strides"]
     if any(s != 1 for s in strides):
         x = x[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
     n, spatial = x.shape[0], x.shape[2:]
     cols = x.reshape(n, x.shape[1], -1)  # (N, I, P)
-    if n == 1:
-        out = (w @ cols[0])[None]  # GEMV for P == 1
-    else:
-        out = np.matmul(w, cols)
+    out = w.matmul(cols[0])[None] if n == 1 else w.matmul(cols)  # GEMV for P == 1
     out = out.reshape(n, w.shape[0], *spatial)  # (N, O, *spatial)
     if "bias" in a:
         out = out + _num(a["bias"]).reshape(1, -1, *([1] * len(spatial)))
