@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from anechain.errors import RunnerError
-from anechain.runners.mil_weights import ConvWeight
+from anechain.runners.mil_weights import ConvWeight, torch_matmul
 
 
 @dataclass
@@ -140,8 +140,14 @@ def _matmul(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any
         x = np.swapaxes(x, -1, -2)
     if bool(a.get("transpose_y", False)) and y.ndim >= 2:
         y = np.swapaxes(y, -1, -2)
-    # Contiguous operands keep numpy on its BLAS path (a transposed view is ~50x slower).
-    return np.matmul(np.ascontiguousarray(x), np.ascontiguousarray(y))
+    # Contiguous operands keep BLAS on its fast path (a transposed view is ~50x slower).
+    x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
+    if x.dtype != np.float32 or y.dtype != np.float32:
+        return np.matmul(x, y)
+    # Float products in torch, as the convs' (mil_weights): OpenBLAS' idle threads spin for
+    # ~0.1 s after each numpy call and took a core from the convs' threads (a full-size
+    # decode step's convs measured 0.3 s this way, 0.7-1.4 s after numpy matmuls).
+    return torch_matmul(x, y)
 
 
 def conv_matrix(weight: np.ndarray) -> np.ndarray:

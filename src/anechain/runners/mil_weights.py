@@ -10,7 +10,7 @@ other weight keeps that float32 matrix.
 
 The expansion and the block products run in torch: numpy's float16 casts are not vectorized
 (4 ns a value here against torch's 0.3 ns), and one thread pool for the whole loop avoids
-handing each block between OpenBLAS' threads and torch's.
+handing each block between OpenBLAS' threads and torch's (see mil_ops._matmul).
 """
 
 from __future__ import annotations
@@ -109,6 +109,13 @@ class ConvWeight:
             if self.scale is not None and other.scale is not None
             else self.scale is None and other.scale is None
         )
+
+
+def torch_matmul(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """x @ y (numpy's broadcasting) in torch, on zero-copy views."""
+    import torch
+
+    return torch.matmul(_tensor(x), _tensor(y)).numpy()
 
 
 def _tensor(a: np.ndarray) -> Any:
