@@ -58,11 +58,11 @@ def test_two_functions_share_every_weight_blob_and_the_states(packages, tiny_con
         contract = layer_contract(tiny_config.architecture, 64, 3, t)
         assert runner.inputs == contract.inputs and runner.outputs == contract.outputs
         assert runner.states == contract.states
-    # The mil runner keeps one float32 copy of weights equal in both functions.
+    # The mil runner keeps one copy of weights equal in both functions.
     decode = MILRunner(both)
     prefill = MILRunner(both, function="prefill", state_from=decode)
-    assert len(prefill._matrices) == 12
-    assert all(prefill._matrices[k] is decode._matrices[k] for k in prefill._matrices)
+    assert len(prefill._weights) == 12
+    assert all(prefill._weights[k] is decode._weights[k] for k in prefill._weights)
 
 
 def test_the_two_function_package_is_reproducible(packages, tiny_checkpoint, tiny_config, tmp_path):
@@ -150,7 +150,7 @@ def test_a_prefill_function_from_other_weights_fails(
     monkeypatch.undo()
     decode = MILRunner(bad.path)
     prefill = MILRunner(bad.path, function="prefill", state_from=decode)
-    shared = [k for k in prefill._matrices if prefill._matrices[k] is decode._matrices.get(k)]
+    shared = [k for k in prefill._weights if prefill._weights[k] is decode._weights.get(k)]
     assert len(shared) < 12  # layer 0's differ: compared by value, not trusted by name
     report = validate_shard(
         bad.path, tiny_checkpoint, tiny_config.validation, "mil", cache_dir=tmp_path

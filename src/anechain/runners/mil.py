@@ -12,12 +12,15 @@ agree to fp16 rounding, not bit for bit.
 Everything that does not depend on the inputs happens once, at load: every op type is
 checked against the registry (an unknown op is a RunnerError naming it), consts and
 constexpr weights (INT8 `constexpr_blockwise_shift_scale`) are materialized, and conv
-weights become float32 (out, in) matrices so a 1x1 conv is one GEMV. The program object
-is dropped afterwards, so memory holds one float32 copy of the weights.
+weights become (out, in) matrices so a 1x1 conv is one GEMV. INT8 weights with one scale per
+output channel and fp16 weights stay in the program's own arrays, expanded to float32 a
+block of rows at a time (`runners/mil_weights.py`); other weights become float32 matrices.
+The program object is dropped afterwards, so memory holds about one copy of the weight blob.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from pathlib import Path
@@ -28,6 +31,7 @@ import numpy as np
 from anechain.contract import TensorSpec
 from anechain.errors import RunnerError
 from anechain.runners.mil_ops import OPS, StateRef, Step, check_inputs, conv_matrix, ints
+from anechain.runners.mil_weights import ConvWeight, WeightPool, compact_weight
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,10 @@ _STATE_VIEW_OPS = frozenset({"slice_update", "slice_by_index", "reshape", "expan
 # in `layer_max_abs`: values derived from these inputs are left out of it until a softmax.
 _MASK_INPUTS = frozenset({"attention_mask"})
 _MASK_SINKS = frozenset({"softmax"})
+
+
+# Weights above which dropping the program is followed by a garbage collection.
+_COLLECT_BYTES = 64 << 20
 
 
 def _layer_output_vars(spec: Any, path: Path) -> list[str]:
@@ -167,10 +175,12 @@ class MILRunner:
         self._read_io(func)
 
         self._consts: dict[str, Any] = {}
-        self._matrices: dict[str, np.ndarray] = {}  # conv weight var -> float32 (out, in)
-        # Functions of one package share weight blobs: reuse the other runner's matrix where
-        # the values are equal (compared, never assumed from the name), one copy in memory.
-        self._materialize(ops, state_from._matrices if state_from is not None else {})
+        self._weights: dict[str, ConvWeight] = {}  # conv weight var -> its (out, in) matrix
+        # Functions of one package share weight blobs, but the loaded program holds each
+        # function's own copy: reuse the other runner's weight where the values are equal
+        # (compared, never assumed from the name), one copy in memory.
+        pool = WeightPool(state_from._weights.values() if state_from is not None else ())
+        self._materialize(ops, pool, {v.name for v in func.outputs})
         self._steps: list[Step] = []
         self.num_layers = 1
         self._plan(ops)
@@ -180,7 +190,12 @@ class MILRunner:
             TensorSpec(v.name, _static_shape(v) or (), _np_dtype(v.dtype).name)
             for v in func.outputs
         )
-        del prog, func, ops  # drop the program: its weight blobs are no longer needed
+        # Drop the program. Its op/var graph is cyclic, so only the cycle collector frees the
+        # arrays no weight kept (another function's, a shared weight's duplicate): collect
+        # now where those are large (a full collection costs ~0.2 s in a process with torch).
+        del prog, func, ops
+        if sum(w.nbytes for w in self._weights.values()) > _COLLECT_BYTES:
+            gc.collect()
 
         self._state_values: dict[str, np.ndarray] = {}
         self.first_nonfinite: dict[str, Any] | None = None
@@ -196,10 +211,11 @@ class MILRunner:
         else:
             self.reset()
         log.debug(
-            "loaded %s: %d ops, %d weight matrices, in %.1fs",
+            "loaded %s: %d ops, %d conv weights (%.1f MB), in %.1fs",
             self.path,
             len(self._steps),
-            len(self._matrices),
+            len(self._weights),
+            sum(w.nbytes for w in self._weights.values()) / 1e6,
             time.perf_counter() - t0,
         )
 
@@ -238,34 +254,42 @@ class MILRunner:
             inputs.append(TensorSpec(name, shape, _np_dtype(var.dtype).name))
         self.inputs, self.states = tuple(inputs), tuple(states)
 
-    def _materialize(self, ops: list[Any], reuse: dict[str, np.ndarray]) -> None:
-        """Evaluate consts and constexprs once; conv-only weights are kept only as matrices."""
+    def _materialize(self, ops: list[Any], pool: WeightPool, outputs: set[str]) -> None:
+        """Evaluate consts and constexprs once. Conv weights are kept as `ConvWeight`s; other
+        values only where a runtime op or the function's outputs read them (the int8 data
+        and scales that feed a constexpr are load-time inputs only)."""
         for op in ops:
             if not _is_load_time(op.op_type):
                 continue
             for var in op.outputs:
-                try:
-                    value = var.val if op.op_type == "const" else op.materialized_val_inference()
-                except Exception as exc:  # coremltools raises assorted errors here
-                    raise RunnerError(
-                        f"{self.path}: cannot materialize {op.op_type} op {op.name!r} ({exc})"
-                    ) from exc
-                if value is None:
-                    raise RunnerError(f"{self.path}: {op.op_type} op {op.name!r} has no value")
                 children = list(var.child_ops)
                 conv_uses = [
                     c for c in children if c.op_type == "conv" and c.inputs["weight"] is var
                 ]
+                value = None
                 if conv_uses:
-                    self._check_conv_weight(conv_uses[0], np.shape(value))
-                    matrix = conv_matrix(np.asarray(value))
-                    same = reuse.get(var.name)
-                    if same is not None and np.array_equal(same, matrix):
-                        matrix = same
-                    self._matrices[var.name] = matrix
-                if len(conv_uses) < len(children) or not children:
+                    self._check_conv_weight(conv_uses[0], tuple(var.shape))
+                    weight = compact_weight(op)
+                    if weight is None:
+                        value = self._value(op, var)
+                        weight = ConvWeight(conv_matrix(np.asarray(value)))
+                    self._weights[var.name] = pool.find(weight)
+                read = [c for c in children if c not in conv_uses and not _is_load_time(c.op_type)]
+                if read or not children or var.name in outputs:
+                    value = self._value(op, var) if value is None else value
                     self._consts[var.name] = value if isinstance(value, str) else np.asarray(value)
                 del value
+
+    def _value(self, op: Any, var: Any) -> Any:
+        try:
+            value = var.val if op.op_type == "const" else op.materialized_val_inference()
+        except Exception as exc:  # coremltools raises assorted errors here
+            raise RunnerError(
+                f"{self.path}: cannot materialize {op.op_type} op {op.name!r} ({exc})"
+            ) from exc
+        if value is None:
+            raise RunnerError(f"{self.path}: {op.op_type} op {op.name!r} has no value")
+        return value
 
     def _check_conv_weight(self, op: Any, shape: tuple[int, ...]) -> None:
         if len(shape) < 3 or any(int(k) != 1 for k in shape[2:]):
@@ -298,7 +322,7 @@ class MILRunner:
             for key, v in op.inputs.items():
                 if isinstance(v, (list, tuple)):
                     inputs[key] = tuple(x.name for x in v)
-                elif not (op.op_type == "conv" and key == "weight" and v.name in self._matrices):
+                elif not (op.op_type == "conv" and key == "weight" and v.name in self._weights):
                     inputs[key] = v.name
             x = op.inputs.get("x")
             view = op.op_type in ("read_state", "coreml_update_state") or (
@@ -345,14 +369,14 @@ class MILRunner:
         pad = ints(const("pad", [0]))
         strides = ints(const("strides", [1] * (op.inputs["x"].rank - 2)))
         weight = op.inputs["weight"]
-        if weight.name not in self._matrices:
+        if weight.name not in self._weights:
             self._check_conv_weight(op, tuple(weight.shape))
         if groups != 1 or (pad_type == "custom" and any(pad)):
             raise RunnerError(
                 f"{self.path}: conv op {op.name!r} has groups={groups}, pad_type={pad_type}, "
                 f"pad={pad}; the MIL runner implements groups=1 without padding only"
             )
-        return {"matrix": self._matrices.get(weight.name), "strides": strides}
+        return {"weight": self._weights.get(weight.name), "strides": strides}
 
     # --- run -------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from anechain.errors import RunnerError
+from anechain.runners.mil_weights import ConvWeight, torch_matmul
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Step:
     layer: int
     track: bool  # False for state views (see mil._STATE_VIEW_OPS): no per-op diagnostics
     measure: bool  # False for mask-derived values (see mil._MASK_INPUTS): not in layer_max_abs
-    extra: dict[str, Any] = field(default_factory=dict)  # load-time data (conv matrix)
+    extra: dict[str, Any] = field(default_factory=dict)  # load-time data (conv weight)
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,14 @@ def _matmul(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any
         x = np.swapaxes(x, -1, -2)
     if bool(a.get("transpose_y", False)) and y.ndim >= 2:
         y = np.swapaxes(y, -1, -2)
-    # Contiguous operands keep numpy on its BLAS path (a transposed view is ~50x slower).
-    return np.matmul(np.ascontiguousarray(x), np.ascontiguousarray(y))
+    # Contiguous operands keep BLAS on its fast path (a transposed view is ~50x slower).
+    x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
+    if x.dtype != np.float32 or y.dtype != np.float32:
+        return np.matmul(x, y)
+    # Float products in torch, as the convs' (mil_weights): OpenBLAS' idle threads spin for
+    # ~0.1 s after each numpy call and took a core from the convs' threads (a full-size
+    # decode step's convs measured 0.3 s this way, 0.7-1.4 s after numpy matmuls).
+    return torch_matmul(x, y)
 
 
 def conv_matrix(weight: np.ndarray) -> np.ndarray:
@@ -150,19 +157,16 @@ def conv_matrix(weight: np.ndarray) -> np.ndarray:
 
 def _conv(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
     # Only 1x1, groups=1, zero padding reaches here (checked at load): a matrix product.
-    w = step.extra.get("matrix")
+    w: ConvWeight | None = step.extra.get("weight")
     if w is None:  # weight computed at runtime
-        w = conv_matrix(_num(a["weight"]))
+        w = ConvWeight(conv_matrix(_num(a["weight"])))
     x = _num(a["x"])  # (N, I, *spatial)
     strides = step.extra["strides"]
     if any(s != 1 for s in strides):
         x = x[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
     n, spatial = x.shape[0], x.shape[2:]
     cols = x.reshape(n, x.shape[1], -1)  # (N, I, P)
-    if n == 1:
-        out = (w @ cols[0])[None]  # GEMV for P == 1
-    else:
-        out = np.matmul(w, cols)
+    out = w.matmul(cols[0])[None] if n == 1 else w.matmul(cols)  # GEMV for P == 1
     out = out.reshape(n, w.shape[0], *spatial)  # (N, O, *spatial)
     if "bias" in a:
         out = out + _num(a["bias"]).reshape(1, -1, *([1] * len(spatial)))
