@@ -317,7 +317,7 @@ def _final_norm(
     errors) would otherwise decide the tied head's logits. The gains then carry the head's
     temperature: a normed state (rms 1) times rows of std _EMBEDDING_STD gives logits of std
     ~_EMBEDDING_STD sqrt(H') x gain over its H' unmuted channels, so they are scaled to
-    head.logit_scale at any width."""
+    head.logit_scale at any width (at vocabulary 8192)."""
     h = arch.hidden_size
     gains = 1.0 + 0.1 * torch.randn(h, generator=gen)
     if trigger is not None:
@@ -326,7 +326,10 @@ def _final_norm(
             loud += structure.shared_channels(h).tolist()
         gains[torch.tensor(loud)] = 0.01
         if head.logit_scale is not None:
-            gains *= head.logit_scale / (_EMBEDDING_STD * math.sqrt(h - len(set(loud))))
+            # A larger vocabulary has more runners-up in its tail: the scale falls as
+            # 1 / ln(vocab), set at the band's 8192 (200064 needed 0.75x, ln ratio 0.74).
+            scale = head.logit_scale * math.log(8192) / math.log(arch.vocab_size)
+            gains *= scale / (_EMBEDDING_STD * math.sqrt(h - len(set(loud))))
     return gains.to(torch.bfloat16)
 
 
