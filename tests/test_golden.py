@@ -34,11 +34,10 @@ def test_streamed_layers_equal_the_full_transformers_model(tiny_checkpoint, tmp_
         np.testing.assert_allclose(ref.values[i], layer.values[0].numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_cache_is_reused_and_extended(tiny_checkpoint, tmp_path, monkeypatch):
+def _count_layers_run(monkeypatch) -> list[int]:
+    """The reference layers computed from now on, in order."""
     import anechain.golden as golden
 
-    tokens = [1, 2, 3, 4]
-    first = np.asarray(reference_boundaries(tiny_checkpoint, tokens, 3, cache_dir=tmp_path))
     ran: list[int] = []
     real_trace = golden._LayerRunner.trace
     monkeypatch.setattr(
@@ -46,6 +45,13 @@ def test_cache_is_reused_and_extended(tiny_checkpoint, tmp_path, monkeypatch):
         "trace",
         lambda self, i, h, **kw: ran.append(i) or real_trace(self, i, h, **kw),
     )
+    return ran
+
+
+def test_cache_is_reused_and_extended(tiny_checkpoint, tmp_path, monkeypatch):
+    tokens = [1, 2, 3, 4]
+    first = np.asarray(reference_boundaries(tiny_checkpoint, tokens, 3, cache_dir=tmp_path))
+    ran = _count_layers_run(monkeypatch)
     again = reference_boundaries(tiny_checkpoint, tokens, 2, cache_dir=tmp_path)
     assert ran == [] and np.array_equal(again, first[:3])
     longer = reference_boundaries(tiny_checkpoint, tokens, 5, cache_dir=tmp_path)
@@ -68,20 +74,12 @@ def test_the_reference_is_read_back_memory_mapped_a_layer_at_a_time(tiny_checkpo
 
 
 def test_a_damaged_layer_file_recomputes_from_that_layer(tiny_checkpoint, tmp_path, monkeypatch):
-    import anechain.golden as golden
-
     tokens = [1, 2, 3, 4]
     good = np.asarray(reference_boundaries(tiny_checkpoint, tokens, 4, cache_dir=tmp_path))
     (folder,) = (tmp_path / "golden").iterdir()
     damaged = folder / "k002.npy"
     damaged.write_bytes(damaged.read_bytes()[:-8])  # truncated
-    ran: list[int] = []
-    real_trace = golden._LayerRunner.trace
-    monkeypatch.setattr(
-        golden._LayerRunner,
-        "trace",
-        lambda self, i, h, **kw: ran.append(i) or real_trace(self, i, h, **kw),
-    )
+    ran = _count_layers_run(monkeypatch)
     again = reference_boundaries(tiny_checkpoint, tokens, 4, cache_dir=tmp_path)
     assert ran == [2, 3]
     np.testing.assert_array_equal(np.asarray(again), good)
