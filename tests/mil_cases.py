@@ -203,6 +203,15 @@ def _softmax(rng: Rng) -> list[Case]:
         n = x.shape[attrs.get("axis", -1)]
         # fp32 exp and sum: a relative error of a few ulps per term (scale: the output).
         out.append(Case("softmax", {"x": x}, attrs, ulps=1, terms=4 * n, relative=True))
+    # Attention-sized (the runner computes these in torch): masked logits at -30000.
+    for i in range(2):
+        x = rng.standard_normal((2, 3, 16, 256)) * 8.0
+        x[..., 200:] -= 30000.0
+        n = x.shape[-1 - i]
+        out.append(
+            Case("softmax", {"x": x.astype(FLOATS[i])}, {"axis": -1 - i}, ulps=1, terms=4 * n,
+                 relative=True)
+        )  # fmt: skip
     return out
 
 
@@ -246,6 +255,16 @@ def _matmul(rng: Rng) -> list[Case]:
         else:
             inputs["y"] = y
         out.append(Case("matmul", inputs, attrs, ulps=1, terms=k))
+    # Grouped-query attention: G query heads per key head, the keys broadcast over the group
+    # (the runner folds the group into the rows).
+    for i, (lead, g, m, k, n) in enumerate(((2, 3, 5, 8, 7), (1, 4, 1, 16, 9), (3, 2, 4, 6, 6))):
+        dtype = FLOATS[i % 2]
+        x = _values(rng, (lead, g, m, k), dtype, lo=-100)
+        if i < 2:  # scores: q @ k^T
+            y, attrs = _values(rng, (lead, 1, n, k), dtype, lo=-100), {"transpose_y": True}
+        else:  # context: probabilities @ v
+            y, attrs = _values(rng, (lead, 1, k, n), dtype, lo=-100), {}
+        out.append(Case("matmul", {"x": x, "y": y}, attrs, ulps=1, terms=k))
     return out
 
 

@@ -383,8 +383,9 @@ def _save(prog: Any, path: Path) -> Path:
     return path
 
 
-def _state_program(path: Path) -> Path:
-    """Write `row` at `position` into a (1, 2, 8, 4) cache; return the cache before and after."""
+def _state_program(path: Path, before_read_late: bool = True) -> Path:
+    """Write `row` at `position` into a (1, 2, 8, 4) cache; return the cache before and after.
+    `before_read_late`: the output `before` is computed after the write (else before it)."""
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
@@ -400,6 +401,7 @@ def _state_program(path: Path) -> Path:
         zero = np.array([0, 0], np.int32)
         begin = mb.concat(values=[zero, position, np.array([0], np.int32)], axis=0)
         before = mb.read_state(input=cache)
+        early = None if before_read_late else mb.mul(x=before, y=np.float16(1), name="before")
         written = mb.slice_update(
             x=before,
             update=row,
@@ -409,9 +411,8 @@ def _state_program(path: Path) -> Path:
         )
         mb.coreml_update_state(state=cache, value=written)
         after = mb.read_state(input=cache)
-        return mb.mul(x=before, y=np.float16(1), name="before"), mb.mul(
-            x=after, y=np.float16(1), name="after"
-        )
+        late = mb.mul(x=before, y=np.float16(1), name="before") if early is None else early
+        return late, mb.mul(x=after, y=np.float16(1), name="after")
 
     return _save(prog, path)
 
@@ -433,6 +434,18 @@ def _check_states(runner: MILRunner) -> None:
 
 def test_states_read_and_write(tmp_path: Path) -> None:
     _check_states(MILRunner(_state_program(tmp_path / "state.mlpackage")))
+
+
+def test_a_state_is_written_in_place_only_when_its_old_value_is_dead(tmp_path: Path) -> None:
+    """The cache write skips its copy when nothing reads the old cache afterwards; where
+    something does (the old value read after the write), the write copies, and both give
+    Core ML's values."""
+    late = MILRunner(_state_program(tmp_path / "late.mlpackage"))
+    assert not [s.name for s in late._steps if s.extra.get("in_place")]
+    _check_states(late)
+    early = MILRunner(_state_program(tmp_path / "early.mlpackage", before_read_late=False))
+    assert [s.op_type for s in early._steps if s.extra.get("in_place")] == ["slice_update"]
+    _check_states(early)
 
 
 STATE_MUTANTS: dict[str, tuple[str, Any]] = {
@@ -575,3 +588,45 @@ def test_each_op_rounds_to_its_declared_dtype(tmp_path: Path) -> None:
     assert want.tolist() != x.tolist()  # the rounding is visible
     assert out["fine"].dtype == np.float32 and out["fine"].tolist() == x.astype(np.float32).tolist()
     assert out["exact"].dtype == np.int32 and out["exact"].tolist() == i.tolist()
+
+
+def test_fp16_casts_round_as_numpy_does() -> None:
+    """The runner's float16 <-> float32 casts (torch, vectorized) give numpy's bits: every
+    float16 bit pattern up, and float32 values across the whole range down (ties, subnormals,
+    overflow to inf, NaN)."""
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    up = mil_ops.astype(every, np.dtype(np.float32))
+    want = every.astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(up), nan)
+    assert np.array_equal(up[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32)
+    values = np.concatenate([bits.view(np.float32), want])
+    # float32 values halfway between two float16s (round half to even decides them)
+    with np.errstate(invalid="ignore"):  # inf + -inf across the sign boundary: dropped
+        halfway = (every[:-1].astype(np.float32) + every[1:].astype(np.float32)) / 2
+    values = np.concatenate([values, halfway[np.isfinite(halfway)]])
+    down = mil_ops.astype(values, np.dtype(np.float16))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is the point
+        want16 = values.astype(np.float16)
+    nan16 = np.isnan(want16)
+    assert np.array_equal(np.isnan(down), nan16)
+    assert np.array_equal(down[~nan16].view(np.uint16), want16[~nan16].view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_diagnostics_peak_is_numpys(dtype: Any) -> None:
+    """The per-op peak |value| (torch for large outputs) is numpy's: NaN wherever a NaN is,
+    else inf wherever an inf is, else the largest magnitude."""
+    from anechain.runners.mil import _max_abs
+
+    rng = np.random.default_rng(1)
+    for size in (100, 10_000):
+        x = (rng.standard_normal(size) * 300).astype(dtype)
+        assert _max_abs(x) == float(np.max(np.abs(x)))
+        x[size // 3] = -np.inf
+        assert _max_abs(x) == np.inf
+        x[size // 2] = np.nan
+        assert np.isnan(_max_abs(x))

@@ -62,6 +62,10 @@ def test_two_functions_share_every_weight_blob_and_the_states(packages, tiny_con
     decode = MILRunner(both)
     prefill = MILRunner(both, function="prefill", state_from=decode)
     assert len(prefill._weights) == 12
+    # Every layer's cache write updates the state in place (no whole-cache copy per layer).
+    for runner in (decode, prefill):
+        writes = [s for s in runner._steps if s.op_type == "slice_update"]
+        assert len(writes) == 6 and all(s.extra.get("in_place") for s in writes)
     assert all(prefill._weights[k] is decode._weights[k] for k in prefill._weights)
 
 
@@ -173,15 +177,16 @@ def test_prefill_length_always_leaves_a_partial_chunk_and_a_decode_step():
 
 
 def test_reference_kv_is_transformers_cache(tiny_checkpoint, tmp_path):
-    """Keys/values from transformers' cache equal its attention's own k/v projections."""
+    """The stored reference's values (what prefill's KV is compared with) equal the
+    attention's own v projections."""
     import torch
     from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
 
-    from anechain.golden import reference_boundaries
+    from anechain.golden import reference
 
     tokens = [5, 7, 11, 13]
-    bounds = reference_boundaries(tiny_checkpoint, tokens, 1, tmp_path)
-    _, values = validate_prefill.reference_kv(tiny_checkpoint, tokens, 0, 1, bounds)
+    ref = reference(tiny_checkpoint, tokens, 1, tmp_path)
+    bounds, values = ref.boundaries, ref.values
     layer = Phi3DecoderLayer(tiny_checkpoint.hf_config, 0).eval()
     tensors = tiny_checkpoint.read_tensors(tiny_checkpoint.layer_tensor_names_for(0))
     layer.load_state_dict({k[len("model.layers.0.") :]: v.float() for k, v in tensors.items()})
@@ -252,3 +257,26 @@ def test_residency_reads_the_decode_function_of_a_two_function_package(packages)
     assert read_program(packages[4], "prefill").function == "prefill"
     with pytest.raises(ResidencyError, match="no function 'main'"):
         read_program(packages[4], "main")
+
+
+def test_one_function_loads_alone(packages):
+    """A runner reads only its own function: every function holds the whole weight set, so
+    loading all of them costs a copy of the weights per function."""
+    from anechain.errors import PackageError
+
+    both = packages[4]
+    _, whole = load_program(both)
+    for name in ("decode", "prefill"):
+        _, one = load_program(both, name)
+        assert list(one.functions) == [name]
+
+        # (The loader numbers const names across the functions it reads: compare the rest.)
+        def ops(prog, name=name):
+            return [
+                (op.op_type, [tuple(v.shape) for v in op.outputs])
+                for op in prog.functions[name].operations
+            ]
+
+        assert ops(one) == ops(whole)
+    with pytest.raises(PackageError, match=r"no 'verify' function \(it has decode, prefill\)"):
+        load_program(both, "verify")

@@ -22,7 +22,7 @@ from anechain.checkpoint import Checkpoint
 from anechain.config import ValidationSettings
 from anechain.contract import FUNCTION_PREFILL, ShardMetadata
 from anechain.errors import PackageError
-from anechain.golden import _LayerRunner, calibration_tokens, reference_boundaries
+from anechain.golden import calibration_tokens, reference
 from anechain.metrics import compare, compare_shard
 from anechain.report import PREFILL_GATES, Gate, evaluate_specs
 from anechain.rope import chunk_inputs, chunk_outputs, prefill_plan, step_inputs
@@ -38,22 +38,6 @@ def prefill_length(steps: int, tokens: int) -> int:
     if p % tokens == 0 and p > 1:
         p -= 1
     return p
-
-
-def reference_kv(
-    checkpoint: Checkpoint, tokens: list[int], start: int, end: int, bounds: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Keys and values transformers' attention caches for layers [start, end) over the
-    sequence: (layers, kv_heads, S, head_dim) float32 each, from the cached boundaries."""
-    from transformers import DynamicCache
-
-    runner = _LayerRunner(checkpoint, len(tokens))
-    cache = DynamicCache(config=checkpoint.hf_config)
-    for i in range(start, end):
-        runner.run(i, bounds[i], cache=cache)
-    keys = np.stack([cache.layers[i].keys[0].numpy() for i in range(start, end)])
-    values = np.stack([cache.layers[i].values[0].numpy() for i in range(start, end)])
-    return keys.astype(np.float32), values.astype(np.float32)
 
 
 @dataclass
@@ -104,8 +88,8 @@ def run_prefill_golden(
     p = prefill_length(len(tokens), t)
     chunks = prefill_plan(p, t, context)
     covered = sum(n for _, n in chunks)
-    bounds = reference_boundaries(checkpoint, tokens, layers.end, cache_dir, progress)
-    ref_in, ref_out = bounds[layers.start], bounds[layers.end]  # (S, C)
+    ref = reference(checkpoint, tokens, layers.end, cache_dir, progress)
+    ref_in, ref_out = ref.boundaries[layers.start], ref.boundaries[layers.end]  # (S, C)
     from anechain.validate import package_rope
 
     rope = package_rope(meta, checkpoint, "the package")  # what a runtime builds cos/sin from
@@ -121,7 +105,9 @@ def run_prefill_golden(
             progress(f"[{layers}] prefill chunk at {offset}: {n} of {t} rows")
     keys = decode.read_state("key_cache").astype(np.float32)[:, :, :covered]
     values = decode.read_state("value_cache").astype(np.float32)[:, :, :covered]
-    ref_keys, ref_values = reference_kv(checkpoint, tokens, layers.start, layers.end, bounds)
+    # transformers' own key/value caches of these layers (post-RoPE), stored with the reference
+    ref_keys = np.asarray(ref.keys[layers.start :], np.float32)  # (layers, KVH, S, D)
+    ref_values = np.asarray(ref.values[layers.start :], np.float32)
     a_in, a_out = np.concatenate(fed), np.concatenate(outs)
     per_position = [
         {

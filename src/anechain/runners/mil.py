@@ -15,7 +15,9 @@ constexpr weights (INT8 `constexpr_blockwise_shift_scale`) are materialized, and
 weights become (out, in) matrices so a 1x1 conv is one GEMV. INT8 weights with one scale per
 output channel and fp16 weights stay in the program's own arrays, expanded to float32 a
 block of rows at a time (`runners/mil_weights.py`); other weights become float32 matrices.
-The program object is dropped afterwards, so memory holds about one copy of the weight blob.
+Only the runner's own function is read from the package (each function of a multifunction
+shard holds the whole weight set), and the program object is dropped afterwards, so memory
+holds about one copy of the weight blob.
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ import numpy as np
 
 from anechain.contract import TensorSpec
 from anechain.errors import RunnerError
-from anechain.runners.mil_ops import OPS, StateRef, Step, check_inputs, conv_matrix, ints
+from anechain.runners.mil_ops import (
+    OPS,
+    StateRef,
+    Step,
+    astype,
+    check_inputs,
+    conv_matrix,
+    ints,
+)
 from anechain.runners.mil_weights import ConvWeight, WeightPool, compact_weight
 
 log = logging.getLogger(__name__)
@@ -50,6 +60,79 @@ _MASK_SINKS = frozenset({"softmax"})
 
 # Weights above which dropping the program is followed by a garbage collection.
 _COLLECT_BYTES = 64 << 20
+
+
+# Ops whose output is always a new array. Any other op's output may share its input's
+# memory (a reshape or slice is a view; a cast to the same dtype is the input itself; an
+# in-place slice_update is its input).
+_FRESH_OPS = frozenset(
+    {
+        "add", "sub", "mul", "real_div", "maximum", "minimum", "abs", "sqrt", "silu",
+        "inverse", "rsqrt", "clip", "reduce_max", "reduce_mean", "reduce_sum",
+        "reduce_argmax", "softmax", "matmul", "conv", "concat",
+    }
+)  # fmt: skip
+
+
+def _plan_in_place_updates(steps: list[Step]) -> None:
+    """Mark the KV cache writes that may update the state's array in place.
+
+    Each layer writes its new keys with slice_update -> coreml_update_state on the state's
+    value (read_state's, or the previous layer's write, which returns what it stored); a
+    copying slice_update copies the whole cache (every layer's slots) for each write, 0.2 s
+    of a full-size prefill chunk. In place gives the same values when nothing reads the old
+    array afterwards: this slice_update is the value's last reader, its output only writes
+    that same state back, and no other value that may share the state's memory (a view of
+    an earlier read) is read after this op.
+    """
+
+    def names(s: Step) -> list[str]:
+        return [n for v in s.inputs.values() for n in ((v,) if isinstance(v, str) else v)]
+
+    producer: dict[str, int] = {}
+    readers: dict[str, list[int]] = {}
+    for i, s in enumerate(steps):
+        for name in s.outputs:
+            producer[name] = i
+        for name in names(s):
+            readers.setdefault(name, []).append(i)
+
+    shares: dict[str, set[str]] = {}  # var -> the states whose array it may share
+    for s in steps:
+        if s.op_type == "read_state":
+            shares[s.outputs[0]] = {str(s.inputs["input"])}
+        elif s.op_type == "coreml_update_state":  # returns the value it stored
+            shares[s.outputs[0]] = {str(s.inputs["state"])} | shares.get(
+                str(s.inputs["value"]), set()
+            )
+        elif s.op_type not in _FRESH_OPS:
+            states = set().union(*(shares.get(n, set()) for n in names(s)))
+            if states:
+                shares.update({name: states for name in s.outputs})
+    for i, s in enumerate(steps):
+        if s.op_type != "slice_update":
+            continue
+        x = str(s.inputs["x"])
+        src = producer.get(x)
+        # x is the state's array: read, or what the previous write stored (the op returns it).
+        if src is None or steps[src].op_type not in ("read_state", "coreml_update_state"):
+            continue
+        state = str(steps[src].inputs["input" if steps[src].op_type == "read_state" else "state"])
+        if any(r > i for r in readers.get(x, [])) or shares.get(x) != {state}:
+            continue
+        users = readers.get(s.outputs[0], [])
+        if len(users) != 1:
+            continue
+        write = steps[users[0]]
+        if write.op_type != "coreml_update_state" or write.inputs.get("state") != state:
+            continue
+        live = [
+            name for name, held in shares.items()
+            if state in held and name != x and producer.get(name, -1) < i
+            and any(r > i for r in readers.get(name, []))
+        ]  # fmt: skip
+        if not live:
+            s.extra["in_place"] = True
 
 
 def _layer_output_vars(spec: Any, path: Path) -> list[str]:
@@ -85,6 +168,16 @@ def _static_shape(var: Any) -> tuple[int, ...] | None:
     return None
 
 
+def _max_abs(value: np.ndarray) -> float:
+    """max |value|: NaN if any value is NaN, else inf if any is infinite. In torch: numpy's
+    float16 reductions are not vectorized (3 ns a value here, 20x torch)."""
+    if value.dtype.char not in "ef" or value.size < 4096:
+        return float(np.max(np.abs(value)))
+    import torch
+
+    return float(torch.from_numpy(np.ascontiguousarray(value)).abs().max())
+
+
 class _Diagnostics:
     """What a step's values say, kept apart from executing them: the first op (or input)
     that produced NaN/Inf, and the largest finite |value| per layer."""
@@ -101,7 +194,7 @@ class _Diagnostics:
     def observe(self, s: Step, value: np.ndarray) -> None:
         if not s.track or value.dtype.kind != "f" or not value.size:
             return
-        peak = float(np.max(np.abs(value)))
+        peak = _max_abs(value)
         if not np.isfinite(peak):
             if self.first is None:
                 self.first = {"op": s.name, "op_type": s.op_type, "layer": s.layer}
@@ -148,19 +241,23 @@ class MILRunner:
         """`function`: which function of a multifunction program (default: its default one);
         `state_from`: another runner of the same package whose states this one shares, as
         Core ML shares one state object across a model's functions."""
-        from anechain.package import load_program
+        from anechain.package import load_program, load_spec
 
         t0 = time.perf_counter()
         self.path = Path(package_path)
         self.track_activations = track_activations
-        spec, prog = load_program(self.path)
+        spec = load_spec(self.path)
         default = spec.description.defaultFunctionName or "main"
         self.function = function or default
-        if self.function not in prog.functions:
-            raise RunnerError(
-                f"{self.path}: the program has no {self.function!r} function "
-                f"(it has {', '.join(sorted(prog.functions))})"
-            )
+        if spec.WhichOneof("Type") == "mlProgram":
+            names = sorted(spec.mlProgram.functions)
+            if self.function not in names:
+                raise RunnerError(
+                    f"{self.path}: the program has no {self.function!r} function "
+                    f"(it has {', '.join(names)})"
+                )
+        # Only this function's weights are read: each function holds the whole weight set.
+        spec, prog = load_program(self.path, self.function)
         func = prog.functions[self.function]
         # The exporter records the layer outputs of the default (decode) function.
         self.layer_output_vars = (
@@ -184,6 +281,7 @@ class MILRunner:
         self._steps: list[Step] = []
         self.num_layers = 1
         self._plan(ops)
+        _plan_in_place_updates(self._steps)
         self.op_layers: dict[str, int] = {s.name: s.layer for s in self._steps}
         self._output_vars = [v.name for v in func.outputs]
         self.outputs = tuple(
@@ -475,7 +573,7 @@ class MILRunner:
         results = result if isinstance(result, tuple) else (result,)
         out = []
         for value, dtype, shape in zip(results, s.out_dtypes, s.out_shapes, strict=True):
-            value = np.asarray(value).astype(dtype, copy=False)
+            value = astype(np.asarray(value), dtype)
             if shape is not None and value.shape != shape:
                 raise RunnerError(
                     f"op {s.name} ({s.op_type}) produced shape {value.shape}, "

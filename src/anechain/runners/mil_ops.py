@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from anechain.errors import RunnerError
-from anechain.runners.mil_weights import ConvWeight, torch_matmul
+from anechain.runners.mil_weights import ConvWeight, tensor_view
 
 
 @dataclass
@@ -47,7 +47,26 @@ OpFn = Callable[[Step, dict[str, Any], dict[str, np.ndarray]], Any]
 def _num(x: Any) -> Any:
     """Float inputs as float32 (fp16 compute emulation); ints and bools unchanged."""
     a = np.asarray(x)
-    return a.astype(np.float32) if a.dtype.kind == "f" else a
+    return astype(a, np.dtype(np.float32)) if a.dtype.kind == "f" else a
+
+
+def astype(a: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    """`a.astype(dtype, copy=False)`, with float16 <-> float32 done by torch: numpy's casts
+    are not vectorized (2-3 ns a value here against 0.3-0.4 ns) and are most of the runner's
+    time outside the matrix products. Both round to nearest even: the same bits."""
+    if a.dtype == dtype:
+        return a
+    pair = {a.dtype.char, dtype.char}
+    if pair != {"e", "f"} or a.size < _TORCH_CAST_MIN:
+        return a.astype(dtype)
+    import torch
+
+    target = torch.float16 if dtype.char == "e" else torch.float32
+    return torch.from_numpy(np.ascontiguousarray(a)).to(target).numpy()
+
+
+# Below this many values numpy's cast is cheaper than a round trip through torch.
+_TORCH_CAST_MIN = 4096
 
 
 def ints(x: Any) -> list[int]:
@@ -127,8 +146,14 @@ def _reduce_argmax(step: Step, a: dict[str, Any], states: dict[str, np.ndarray])
 def _softmax(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
     x = _num(a["x"])
     axis = int(a.get("axis", -1))
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return e / np.sum(e, axis=axis, keepdims=True)
+    if x.dtype != np.float32 or x.size < _TORCH_CAST_MIN:
+        e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+        return e / np.sum(e, axis=axis, keepdims=True)
+    import torch
+
+    # The same max-subtracted form in torch: a full-size prefill chunk's attention
+    # probabilities took 0.1 s a chunk in numpy, a third of that here.
+    return torch.softmax(tensor_view(np.ascontiguousarray(x)), dim=axis).numpy()
 
 
 # --- linear algebra ------------------------------------------------------------------------
@@ -136,18 +161,36 @@ def _softmax(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> An
 
 def _matmul(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
     x, y = _num(a["x"]), _num(a["y"])
-    if bool(a.get("transpose_x", False)) and x.ndim >= 2:
-        x = np.swapaxes(x, -1, -2)
-    if bool(a.get("transpose_y", False)) and y.ndim >= 2:
-        y = np.swapaxes(y, -1, -2)
-    # Contiguous operands keep BLAS on its fast path (a transposed view is ~50x slower).
-    x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
-    if x.dtype != np.float32 or y.dtype != np.float32:
+    if x.dtype != np.float32 or y.dtype != np.float32 or x.ndim < 2 or y.ndim < 2:
+        if bool(a.get("transpose_x", False)) and x.ndim >= 2:
+            x = np.swapaxes(x, -1, -2)
+        if bool(a.get("transpose_y", False)) and y.ndim >= 2:
+            y = np.swapaxes(y, -1, -2)
         return np.matmul(x, y)
     # Float products in torch, as the convs' (mil_weights): OpenBLAS' idle threads spin for
     # ~0.1 s after each numpy call and took a core from the convs' threads (a full-size
-    # decode step's convs measured 0.3 s this way, 0.7-1.4 s after numpy matmuls).
-    return torch_matmul(x, y)
+    # decode step's convs measured 0.3 s this way, 0.7-1.4 s after numpy matmuls). torch
+    # takes a transposed operand as a view (BLAS' own transpose flag).
+    import torch
+
+    tx, ty = tensor_view(np.ascontiguousarray(x)), tensor_view(np.ascontiguousarray(y))
+    if bool(a.get("transpose_x", False)):
+        tx = tx.transpose(-1, -2)
+    if bool(a.get("transpose_y", False)):
+        ty = ty.transpose(-1, -2)
+    # Grouped-query attention: queries (..., G, M, K) against keys (..., 1, K, N) shared by
+    # the group. torch would copy the keys G times to broadcast them; folding the group into
+    # the rows, (..., G*M, K) @ (..., K, N), is one product per key head.
+    if (
+        tx.ndim == ty.ndim >= 3
+        and ty.shape[-3] == 1 < tx.shape[-3]
+        and tx.shape[:-3] == ty.shape[:-3]
+        and not bool(a.get("transpose_x", False))
+    ):
+        lead, g, m = tx.shape[:-3], tx.shape[-3], tx.shape[-2]
+        folded = torch.matmul(tx.reshape(*lead, g * m, tx.shape[-1]), ty.squeeze(-3))
+        return folded.reshape(*lead, g, m, folded.shape[-1]).numpy()
+    return torch.matmul(tx, ty).numpy()
 
 
 def conv_matrix(weight: np.ndarray) -> np.ndarray:
@@ -235,7 +278,9 @@ def _slice_by_index(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]
 def _slice_update(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
     x = np.asarray(a["x"])
     slices, _ = _slices(x, a)
-    out = x.copy()  # values are never mutated in place: arrays may be shared between vars
+    # Values are never mutated in place (arrays may be shared between vars), except a state
+    # the plan found nothing else reads (mil._plan_in_place_updates).
+    out = x if step.extra.get("in_place") and x.flags.writeable else x.copy()
     region = out[slices]
     update = np.asarray(a["update"])
     if region.size != update.size:

@@ -79,7 +79,7 @@ class ConvWeight:
 
         rows, cols = self.shape
         step = max(1, _BLOCK_ELEMENTS // max(cols, 1))
-        data = _tensor(self.data)
+        data = tensor_view(self.data)
         scale = None if self.scale is None else torch.from_numpy(self.scale.astype(np.float32))
         block = torch.empty((min(step, rows), cols), dtype=torch.float32)
         fp16 = self.scale is not None and self.scale.dtype == np.float16
@@ -93,7 +93,8 @@ class ConvWeight:
                 # data x scale is exact in float32 (8 + 11 significant bits for an fp16
                 # scale), so one rounding to fp16 gives numpy's fp16 product, as
                 # coremltools computes it; an fp32 scale is numpy's one fp32 rounding.
-                # (Same-dtype ops: torch's mixed int8 x float mul is not vectorized.)
+                # (Same-dtype ops: torch's mixed int8 x float mul is not vectorized, nor is
+                # its fp16 mul: 0.55 ns a value against 0.2 for these four passes.)
                 b.copy_(data[r : r + n])
                 b.mul_(scale[r : r + n, None])
                 if half is not None:
@@ -111,14 +112,7 @@ class ConvWeight:
         )
 
 
-def torch_matmul(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """x @ y (numpy's broadcasting) in torch, on zero-copy views."""
-    import torch
-
-    return torch.matmul(_tensor(x), _tensor(y)).numpy()
-
-
-def _tensor(a: np.ndarray) -> Any:
+def tensor_view(a: np.ndarray) -> Any:
     """A zero-copy tensor of `a`, which is only read (torch warns about a read-only one)."""
     import warnings
 
