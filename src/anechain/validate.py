@@ -301,6 +301,14 @@ def validate_shard(
     rope = package_rope(meta, checkpoint, str(package)) if meta.kind == KIND_LAYERS else None
     backend = resolve_backend(backend)
     opts = residency or ResidencyOptions()
+    if meta.kind == KIND_LAYERS and settings.steps <= meta.context_length:
+        # The decode windows' reference (every layer: the next-token verdict finishes the
+        # model) before the runner holds the shard's weights, so the two never share memory;
+        # the windows read it back from disk. Cold, full-size 8-layer shard: peak 2.96 GiB
+        # with them side by side.
+        length = reference_length(settings, meta.context_length)
+        tokens = calibration_tokens(settings, checkpoint, length)
+        reference(checkpoint, tokens, meta.num_hidden_layers, cache_dir, progress)
     if progress:
         progress(f"[{meta.layers or 'head'}] loading {package.name} with the {backend} runner")
     runner = open_runner(backend, package, **(runner_options or {}))
