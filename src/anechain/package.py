@@ -50,17 +50,20 @@ def load_spec(path: str | Path) -> Any:
         raise PackageError(f"{path} is corrupt: cannot read its model spec ({exc})") from None
 
 
-def load_program(path: str | Path, function: str | None = None) -> tuple[Any, Any]:
+def load_program(
+    path: str | Path, function: str | None = None, spec: Any = None
+) -> tuple[Any, Any]:
     """(spec, MIL Program) of a package, via coremltools' own milproto loader.
 
     Quantized weights stay as constexpr ops; their values materialize lazily. `function`
     loads that one function only: the loader reads every const of every function it is given
     into memory, and a multifunction shard's functions each hold the whole weight set (for a
-    full-size 8-layer INT8 shard, 0.8 GB a function).
+    full-size 8-layer INT8 shard, 0.8 GB a function). `spec`: the package's spec, when the
+    caller has read it already.
     """
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
 
-    spec = load_spec(path)
+    spec = load_spec(path) if spec is None else spec
     if spec.WhichOneof("Type") != "mlProgram":
         raise PackageError(f"{path} is not an ML Program")
     model_spec = spec

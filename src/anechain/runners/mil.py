@@ -34,6 +34,7 @@ from anechain.contract import TensorSpec
 from anechain.errors import RunnerError
 from anechain.runners.mil_ops import (
     OPS,
+    TORCH_MIN_SIZE,
     StateRef,
     Step,
     astype,
@@ -171,7 +172,7 @@ def _static_shape(var: Any) -> tuple[int, ...] | None:
 def _max_abs(value: np.ndarray) -> float:
     """max |value|: NaN if any value is NaN, else inf if any is infinite. In torch: numpy's
     float16 reductions are not vectorized (3 ns a value here, 20x torch)."""
-    if value.dtype.char not in "ef" or value.size < 4096:
+    if value.dtype.char not in "ef" or value.size < TORCH_MIN_SIZE:
         return float(np.max(np.abs(value)))
     import torch
 
@@ -257,7 +258,7 @@ class MILRunner:
                     f"(it has {', '.join(names)})"
                 )
         # Only this function's weights are read: each function holds the whole weight set.
-        spec, prog = load_program(self.path, self.function)
+        spec, prog = load_program(self.path, self.function, spec)
         func = prog.functions[self.function]
         # The exporter records the layer outputs of the default (decode) function.
         self.layer_output_vars = (

@@ -57,7 +57,7 @@ def astype(a: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
     if a.dtype == dtype:
         return a
     pair = {a.dtype.char, dtype.char}
-    if pair != {"e", "f"} or a.size < _TORCH_CAST_MIN:
+    if pair != {"e", "f"} or a.size < TORCH_MIN_SIZE:
         return a.astype(dtype)
     import torch
 
@@ -65,8 +65,9 @@ def astype(a: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(a)).to(target).numpy()
 
 
-# Below this many values numpy's cast is cheaper than a round trip through torch.
-_TORCH_CAST_MIN = 4096
+# Below this many values numpy is cheaper than a round trip through torch (casts, softmax,
+# the runner's per-op peak |value|).
+TORCH_MIN_SIZE = 4096
 
 
 def ints(x: Any) -> list[int]:
@@ -146,7 +147,7 @@ def _reduce_argmax(step: Step, a: dict[str, Any], states: dict[str, np.ndarray])
 def _softmax(step: Step, a: dict[str, Any], states: dict[str, np.ndarray]) -> Any:
     x = _num(a["x"])
     axis = int(a.get("axis", -1))
-    if x.dtype != np.float32 or x.size < _TORCH_CAST_MIN:
+    if x.dtype != np.float32 or x.size < TORCH_MIN_SIZE:
         e = np.exp(x - np.max(x, axis=axis, keepdims=True))
         return e / np.sum(e, axis=axis, keepdims=True)
     import torch
