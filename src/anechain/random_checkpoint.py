@@ -1,9 +1,10 @@
 """Random-weight checkpoints in the real HF format: trained-like (the default) or flat.
 
 The trained-like style behaves like a trained model where validation needs it to: massive
-activations on BOS, hidden states growing with depth, peaked next-token distributions, and
-attention that is robust to weight noise as a real model's is (sinks, recency and a shared
-direction in every token's state, rather than peaks on arbitrary random keys).
+activations on BOS, hidden states growing with depth, next-token distributions as peaked as a
+real model's (sensitivity.REAL_NEXT_TOKEN), and attention that is robust to weight noise as a
+real model's is (sinks, recency and a shared direction in every token's state, rather than
+peaks on arbitrary random keys).
 """
 
 from __future__ import annotations
@@ -259,19 +260,43 @@ def _add_massive_units(
     down[rows_out[:, None], units[None]] *= 0.1
 
 
+@dataclass(frozen=True)
+class HeadShape:
+    """What sets the tied head's next-token distribution: the log-normal sigma of the
+    embedding's row norms (the shape of the logits' tail; also the input rows' norms) and
+    the logit scale the final norm's gains give (a temperature), or None for gains ~1."""
+
+    spread: float
+    logit_scale: float | None
+
+
+# Matched to SmolLM2-135M's next-token statistics on the calibration text (mean entropy,
+# median top1 - top2 margin in logit std units, median p(top1); sensitivity.REAL_NEXT_TOKEN):
+# a tail just heavy enough that a few tokens stand out, logits of std ~3 as a real head's.
+TRAINED_HEAD = HeadShape(spread=0.5, logit_scale=1.75)
+# The generator before: norms spread by 1.5, so a few huge rows won every position by tens
+# to hundreds of logits (entropy 0, next-token KL vacuous). Kept for PEAKED and for tests to
+# show the next-token band rejects it.
+OLD_HEAD = HeadShape(spread=1.5, logit_scale=None)
+# Embedding rows are this std x randn before their norms spread.
+_EMBEDDING_STD = 0.02
+
+
 def _random_embedding(
-    arch: Architecture, gen: torch.Generator, trigger: _Trigger | None = None
+    arch: Architecture,
+    gen: torch.Generator,
+    trigger: _Trigger | None = None,
+    head: HeadShape = TRAINED_HEAD,
 ) -> torch.Tensor:
     """Token rows whose norms spread log-normally, as trained embeddings' do.
 
-    With the head tied to it, that spread makes the logits heavy-tailed: greedy decoding
-    picks clear winners, as a trained model does, instead of near-ties among equals. With a
-    trigger, the BOS row points along its direction, with a norm that keeps it dominant
-    through the first layers (where the massive-activation units read it).
+    With the head tied to it, that spread gives the logits a heavier tail than a Gaussian's:
+    a few candidates stand out at each position, as in a trained model. With a trigger, the
+    BOS row points along its direction, with a norm that keeps it dominant through the first
+    layers (where the massive-activation units read it).
     """
-    rows = torch.randn(arch.vocab_size, arch.hidden_size, generator=gen) * 0.02
-    # Trained style: heavier-tailed norms, so the next-token distribution is peaked.
-    spread = 1.5 if trigger is not None else 0.75
+    rows = torch.randn(arch.vocab_size, arch.hidden_size, generator=gen) * _EMBEDDING_STD
+    spread = head.spread if trigger is not None else 0.75
     norms = torch.exp(spread * torch.randn(arch.vocab_size, 1, generator=gen))
     rows = rows * norms
     if trigger is not None:
@@ -281,10 +306,18 @@ def _random_embedding(
     return rows.to(torch.bfloat16)
 
 
-def _final_norm(arch: Architecture, gen: torch.Generator, trigger: _Trigger | None) -> torch.Tensor:
+def _final_norm(
+    arch: Architecture,
+    gen: torch.Generator,
+    trigger: _Trigger | None,
+    head: HeadShape = TRAINED_HEAD,
+) -> torch.Tensor:
     """Final norm gains; the trained style mutes the channels that carry outliers (massive,
     outlier and BOS-trigger channels), as trained final norms do: their large values (and
-    errors) would otherwise decide the tied head's logits."""
+    errors) would otherwise decide the tied head's logits. The gains then carry the head's
+    temperature: a normed state (rms 1) times rows of std _EMBEDDING_STD gives logits of std
+    ~_EMBEDDING_STD sqrt(H') x gain over its H' unmuted channels, so they are scaled to
+    head.logit_scale at any width (at vocabulary 8192)."""
     h = arch.hidden_size
     gains = 1.0 + 0.1 * torch.randn(h, generator=gen)
     if trigger is not None:
@@ -292,6 +325,11 @@ def _final_norm(arch: Architecture, gen: torch.Generator, trigger: _Trigger | No
         if trigger.shared is not None:
             loud += structure.shared_channels(h).tolist()
         gains[torch.tensor(loud)] = 0.01
+        if head.logit_scale is not None:
+            # A larger vocabulary has more runners-up in its tail: the scale falls as
+            # 1 / ln(vocab), set at the band's 8192 (200064 needed 0.75x, ln ratio 0.74).
+            scale = head.logit_scale * math.log(8192) / math.log(arch.vocab_size)
+            gains *= scale / (_EMBEDDING_STD * math.sqrt(h - len(set(loud))))
     return gains.to(torch.bfloat16)
 
 
@@ -309,8 +347,12 @@ def write_random_checkpoint(
     progress: Callable[[str], None] | None = None,
     style: str = "trained",
     rope_scaling: str | None = None,
+    head: HeadShape | None = None,
 ) -> Path:
     """Write a random-weight checkpoint in exactly the format of a real one.
+
+    `head` (trained style) defaults to TRAINED_HEAD; PEAKED keeps OLD_HEAD, the generator
+    it reproduces.
 
     Sharded bf16 safetensors + model.safetensors.index.json + config.json, built in a
     temporary folder and renamed into place. Layers are generated and written a shard
@@ -322,6 +364,8 @@ def write_random_checkpoint(
     if style not in (*STYLES, PEAKED):
         raise CheckpointError(f"unknown random-checkpoint style {style!r}; choose {STYLES}")
     gen = torch.Generator().manual_seed(seed)
+    if head is None:
+        head = OLD_HEAD if style == PEAKED else TRAINED_HEAD
     trigger = None
     if style in ("trained", PEAKED):
         shared = structure.shared_direction(arch, seed) if style == "trained" else None
@@ -329,8 +373,8 @@ def write_random_checkpoint(
 
     def groups() -> Iterable[dict[str, torch.Tensor]]:
         yield {
-            "model.embed_tokens.weight": _random_embedding(arch, gen, trigger),
-            "model.norm.weight": _final_norm(arch, gen, trigger),
+            "model.embed_tokens.weight": _random_embedding(arch, gen, trigger, head),
+            "model.norm.weight": _final_norm(arch, gen, trigger, head),
         }
         for layer in range(arch.num_hidden_layers):
             if progress:

