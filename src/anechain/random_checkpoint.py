@@ -306,6 +306,17 @@ def _random_embedding(
     return rows.to(torch.bfloat16)
 
 
+def _random_lm_head(
+    arch: Architecture, gen: torch.Generator, head: HeadShape | None
+) -> torch.Tensor:
+    """An untied head's rows: Gaussian, their norms spread as `head` says (the trained
+    style's next-token shape, as a tied embedding gives it), or all alike (flat)."""
+    rows = torch.randn(arch.vocab_size, arch.hidden_size, generator=gen) * _EMBEDDING_STD
+    if head is not None:
+        rows = rows * torch.exp(head.spread * torch.randn(arch.vocab_size, 1, generator=gen))
+    return rows.to(torch.bfloat16)
+
+
 def _final_norm(
     arch: Architecture,
     gen: torch.Generator,
@@ -373,7 +384,12 @@ def write_random_checkpoint(
 
     def groups() -> Iterable[dict[str, torch.Tensor]]:
         yield {
-            "model.embed_tokens.weight": _random_embedding(arch, gen, trigger, head),
+            # Tied, the embedding is the head and takes its shape; untied, the input rows
+            # stay as they were (the layers' behaviour the tests' bounds were measured on)
+            # and the head gets the shape on its own rows.
+            "model.embed_tokens.weight": _random_embedding(
+                arch, gen, trigger, head if arch.tie_word_embeddings else OLD_HEAD
+            ),
             "model.norm.weight": _final_norm(arch, gen, trigger, head),
         }
         for layer in range(arch.num_hidden_layers):
@@ -382,9 +398,7 @@ def write_random_checkpoint(
             yield _random_layer(arch, layer, gen, style, trigger)
         if not arch.tie_word_embeddings:
             yield {
-                "lm_head.weight": (
-                    torch.randn(arch.vocab_size, arch.hidden_size, generator=gen) * 0.02
-                ).to(torch.bfloat16)
+                "lm_head.weight": _random_lm_head(arch, gen, head if style == "trained" else None)
             }
 
     config = hf_config_dict(arch, rope_scaling)
