@@ -16,7 +16,12 @@ from anechain.head import head_tensor_names
 from anechain.nexttoken import WindowOutputs, finish_reference, next_token_verdict, summarize
 from anechain.report_read import parse_report
 from anechain.runners import open_runner
-from anechain.validate import next_token_golden, run_golden, validate_shard
+from anechain.validate import (
+    LONG_NEXT_TOKEN_ROWS,
+    next_token_golden,
+    run_golden,
+    validate_shard,
+)
 
 NEXT_TOKEN = {"next_token_kl_mean", "next_token_kl_worst", "bulk_cosine", "bulk_rmse"}
 
@@ -76,8 +81,11 @@ def test_correct_shard_passes_the_next_token_gates(
     nt = report.golden.next_token
     n = tiny_checkpoint.architecture.num_hidden_layers
     assert nt["metrics"]["share"] == layers.num_layers / n
-    assert set(nt["windows"]) == {"early", "late"}
-    assert nt["metrics"]["positions"] == tiny_config.validation.steps + 4
+    # Every window, the long one included (all its positions here: 60 + 4 < 64 rows).
+    assert set(nt["windows"]) == {"early", "late", "long"}
+    long = report.long["prompt"] + report.long["decode_steps"]
+    assert long <= LONG_NEXT_TOKEN_ROWS
+    assert nt["metrics"]["positions"] == tiny_config.validation.steps + 4 + long
     assert report.verdict == "pass"
     # Written and read back: the figures are recomputed and agree.
     back = parse_report(json.loads(json.dumps(report.to_dict())), "r")
@@ -183,3 +191,20 @@ def test_reader_refuses_a_hidden_flip_or_a_forged_share(written):
     del gone["golden"]["next_token"]
     with pytest.raises(ReportError, match="golden.next_token"):
         parse_report(gone, "r")
+
+
+def test_long_window_sample_keeps_its_decode_steps_and_spreads_the_prompt():
+    from anechain.validate_long import WindowOutputs as Long
+
+    n, c = 2048, 3
+    rows = np.arange(n * c, dtype=np.float32).reshape(n, c)
+    w = Long("long", (1,) * n, np.arange(n), rows, rows + 1)
+    s = w.sample(64, keep_last=4)
+    assert len(s.positions) == 64
+    assert list(s.positions[-4:]) == [2044, 2045, 2046, 2047]  # the decode steps
+    prompt = s.positions[:-4]
+    assert prompt[0] == 0 and prompt[-1] == 2043 and np.all(np.diff(prompt) > 0)
+    assert np.ptp(np.diff(prompt)) <= 1  # evenly spread
+    np.testing.assert_array_equal(s.fed, rows[s.positions])
+    np.testing.assert_array_equal(s.outputs, rows[s.positions] + 1)
+    assert w.sample(n) is w  # short enough: every position

@@ -18,7 +18,7 @@ the same sequence and cache entry the decode windows use.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,20 @@ class WindowOutputs:
     positions: np.ndarray  # (N,) int64
     fed: np.ndarray  # (N, C)
     outputs: np.ndarray  # (N, C)
+
+    def sample(self, rows: int, keep_last: int = 0) -> WindowOutputs:
+        """At most `rows` of the positions: the last `keep_last`, and the rest spread evenly
+        over those before them (the first and the last of them included)."""
+        n = len(self.positions)
+        if n <= rows:
+            return self
+        tail = min(keep_last, rows)
+        before = n - tail
+        spread = np.linspace(0, before - 1, rows - tail).round().astype(np.int64)
+        pick = np.concatenate([np.unique(spread), np.arange(before, n)])
+        return replace(
+            self, positions=self.positions[pick], fed=self.fed[pick], outputs=self.outputs[pick]
+        )
 
 
 @dataclass
