@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from anechain.checkpoint import Checkpoint, write_random_checkpoint
 from anechain.random_checkpoint import OLD_HEAD, TRAINED_HEAD, HeadShape
@@ -28,8 +29,9 @@ from anechain.sensitivity import (
 TOKENS = 128
 
 
-def _stats(tmp_path: Path, head: HeadShape) -> NextTokenStatistics:
-    out = write_random_checkpoint(tmp_path / "ckpt", mid_architecture(), seed=0, head=head)
+def _stats(tmp_path: Path, head: HeadShape, tied: bool = True) -> NextTokenStatistics:
+    arch = mid_architecture(tie_word_embeddings=tied)
+    out = write_random_checkpoint(tmp_path / "ckpt", arch, seed=0, head=head)
     checkpoint = Checkpoint(out)
     return next_token_statistics(checkpoint, calibration_ids(checkpoint, TOKENS))
 
@@ -37,6 +39,24 @@ def _stats(tmp_path: Path, head: HeadShape) -> NextTokenStatistics:
 def test_trained_head_is_in_the_real_band(tmp_path: Path) -> None:
     stats = _stats(tmp_path, TRAINED_HEAD)
     assert next_token_violations(stats) == [], format_next_token(stats)
+
+
+def test_an_untied_head_is_in_the_real_band_and_leaves_the_input_rows(tmp_path: Path) -> None:
+    """Untied (Phi-3-mini's form), the head's own rows take the shape; the embedding, which
+    is only the input then, stays the old generator's row for row."""
+    stats = _stats(tmp_path, TRAINED_HEAD, tied=False)
+    assert next_token_violations(stats) == [], format_next_token(stats)
+    arch = mid_architecture(tie_word_embeddings=False, num_hidden_layers=1)
+    name = "model.embed_tokens.weight"
+    rows = {
+        h: Checkpoint(
+            write_random_checkpoint(tmp_path / f"one-{h.spread}", arch, seed=0, head=h)
+        ).read_tensors([name])[name]
+        for h in (TRAINED_HEAD, OLD_HEAD)
+    }
+    assert torch.equal(rows[TRAINED_HEAD], rows[OLD_HEAD])
+    old = _stats(tmp_path / "old", OLD_HEAD, tied=False)  # its rows spread by 1.5
+    assert next_token_violations(old), format_next_token(old)
 
 
 def test_the_band_rejects_the_old_head(tmp_path: Path) -> None:
