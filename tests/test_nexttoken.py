@@ -183,3 +183,28 @@ def test_reader_refuses_a_hidden_flip_or_a_forged_share(written):
     del gone["golden"]["next_token"]
     with pytest.raises(ReportError, match="golden.next_token"):
         parse_report(gone, "r")
+
+
+def test_the_reused_head_block_gives_the_logits_of_a_block_per_read(tiny_checkpoint, monkeypatch):
+    """reference_logits converts each block of the LM head into one reused fp32 tensor: the
+    logits are those of a new tensor per block (rows.float()), bit for bit, a short last
+    block included."""
+    import torch
+    from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
+
+    import anechain.head as head
+
+    monkeypatch.setattr(head, "_HEAD_BLOCK_ROWS", 100)  # 512 rows: 5 x 100 + 12
+    hidden = np.random.default_rng(3).normal(0, 3, (9, tiny_checkpoint.architecture.hidden_size))
+    hidden = hidden.astype(np.float32)
+    norm_name, head_name = head_tensor_names(tiny_checkpoint)
+    a = tiny_checkpoint.architecture
+    norm = Phi3RMSNorm(a.hidden_size, a.rms_norm_eps)
+    blocks = []
+    with torch.no_grad():
+        norm.weight.copy_(tiny_checkpoint.read_tensors([norm_name])[norm_name].float())
+        h = norm(torch.from_numpy(hidden))
+        for i in range(0, a.vocab_size, 100):
+            rows = tiny_checkpoint.read_rows(head_name, i, min(i + 100, a.vocab_size))
+            blocks.append((h @ rows.float().T).numpy())
+    np.testing.assert_array_equal(head.reference_logits(tiny_checkpoint, hidden), np.hstack(blocks))
