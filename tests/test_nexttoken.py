@@ -13,7 +13,16 @@ from anechain.contract import read_package_metadata
 from anechain.errors import ReportError
 from anechain.golden import calibration_tokens, reference
 from anechain.head import head_tensor_names
-from anechain.nexttoken import WindowOutputs, finish_reference, next_token_verdict, summarize
+from anechain.nexttoken import (
+    WindowOutputs,
+    finish_reference,
+    next_token_verdict,
+    position_records,
+    substitute,
+    substituted_records,
+    summarize,
+    window_records,
+)
 from anechain.report_read import parse_report
 from anechain.runners import open_runner
 from anechain.validate import (
@@ -208,3 +217,136 @@ def test_long_window_sample_keeps_its_decode_steps_and_spreads_the_prompt():
     np.testing.assert_array_equal(s.fed, rows[s.positions])
     np.testing.assert_array_equal(s.outputs, rows[s.positions] + 1)
     assert w.sample(n) is w  # short enough: every position
+
+
+def _records_a_pass_per_reference(checkpoint, ref, end, windows):
+    """window_records before the one head pass for every reference (a pass per reference and
+    per 64 positions), verbatim: what the new path must give, bit for bit."""
+    from anechain.head import reference_logits
+
+    n = checkpoint.architecture.num_hidden_layers
+    positions = [int(p) for w in windows for p in w.positions]
+    names = [w.name for w in windows for _ in w.positions]
+    hidden = np.concatenate([np.asarray(w.outputs, np.float32) for w in windows])
+    final = finish_reference(checkpoint, ref, end, positions, hidden)
+    records: list[dict[str, Any]] = []
+    for i in range(0, len(positions), 64):
+        rows = slice(i, i + 64)
+        both = reference_logits(
+            checkpoint, np.concatenate([final[rows], ref.boundaries[n][positions[rows]]])
+        )
+        logits, expected = both[: len(both) // 2], both[len(both) // 2 :]
+        for name in dict.fromkeys(names[rows]):
+            mine = [k for k, m in enumerate(names[rows]) if m == name]
+            records += position_records(
+                name, [positions[rows][k] for k in mine], expected[mine], logits[mine]
+            )
+    return records
+
+
+def test_one_head_pass_for_every_reference_gives_the_same_records(
+    tiny_checkpoint, tiny_config, cache, monkeypatch
+):
+    """next_token_golden's path (substitute per reference, then one LM-head pass for all)
+    gives the records a pass per reference gave: same order (a recurring window name over
+    more than 64 positions too), same bits, a NaN row included."""
+    import anechain.nexttoken as nexttoken
+
+    n = tiny_checkpoint.architecture.num_hidden_layers
+    rng = np.random.default_rng(1)
+    first = reference(
+        tiny_checkpoint, calibration_tokens(tiny_config.validation, tiny_checkpoint, 64), n, cache
+    )
+    tokens = [int(t) for t in rng.integers(0, tiny_checkpoint.architecture.vocab_size, 48)]
+    second = reference(tiny_checkpoint, tokens, n, cache)
+
+    def window(ref: Any, end: int, name: str, positions: Any) -> WindowOutputs:
+        pos = tuple(int(p) for p in positions)
+        x = ref.boundaries[end][list(pos)]
+        return WindowOutputs(name, pos, (x + rng.normal(0, 0.5, x.shape)).astype(np.float32))
+
+    # A NaN row substituted after the last layer: KL None and token -1 at that row alone.
+    nan = window(second, n, "late", range(40, 45))
+    nan.outputs[2] = np.nan
+    sequences = [  # (reference, layer substituted at, windows)
+        (first, 3, [window(first, 3, "early", range(16)), window(first, 3, "late", range(44, 48))]),
+        (second, 3, [window(second, 3, "prefill", range(0, 48, 3))]),
+        (second, n, [nan]),
+        # 70 positions: records per block of 64, grouped by window within a block.
+        (
+            first,
+            1,
+            [
+                window(first, 1, name, rng.integers(0, 64, k))
+                for name, k in [("early", 50), ("late", 10), ("early", 10)]
+            ],
+        ),
+    ]
+    before = [
+        r
+        for ref, end, ws in sequences
+        for r in _records_a_pass_per_reference(tiny_checkpoint, ref, end, ws)
+    ]
+    assert [r["window"] for r in before[41:]] == ["early"] * 54 + ["late"] * 10 + ["early"] * 6
+    assert [r["kl"] is None for r in before] == [k == 38 for k in range(111)]
+    assert before[38]["token"] == -1
+
+    passes: list[int] = []
+    inner = nexttoken.reference_logits
+
+    def counted(checkpoint: Any, hidden: np.ndarray) -> np.ndarray:
+        passes.append(len(hidden))
+        return inner(checkpoint, hidden)
+
+    monkeypatch.setattr(nexttoken, "reference_logits", counted)
+    per_reference = [
+        r for ref, end, ws in sequences for r in window_records(tiny_checkpoint, ref, end, ws)
+    ]
+    assert per_reference == before and len(passes) == 4
+    parts = [substitute(tiny_checkpoint, ref, end, ws) for ref, end, ws in sequences]
+    passes.clear()
+    assert substituted_records(tiny_checkpoint, parts) == before
+    assert passes == [2 * 111]
+    # Memory bounded: passes of 20 positions at most, evened out (111 = 6 x 19 - 3).
+    monkeypatch.setattr(nexttoken, "_HEAD_PASS_ROWS", 40)
+    passes.clear()
+    assert substituted_records(tiny_checkpoint, parts) == before
+    assert passes == [38] * 5 + [32]
+    assert substituted_records(tiny_checkpoint, []) == []
+
+
+def test_a_rows_logits_do_not_depend_on_the_other_rows_of_its_pass(tiny_checkpoint):
+    """What one head pass for every reference rests on: torch's fp32 product gives a row the
+    same bits among any 4 or more rows (fewer take another kernel)."""
+    from anechain.head import reference_logits
+
+    hidden = np.random.default_rng(2).normal(0, 3, (40, tiny_checkpoint.architecture.hidden_size))
+    whole = reference_logits(tiny_checkpoint, hidden.astype(np.float32))
+    for start, stop in [(0, 4), (3, 9), (10, 40), (7, 39)]:
+        part = reference_logits(tiny_checkpoint, hidden[start:stop].astype(np.float32))
+        np.testing.assert_array_equal(part, whole[start:stop])
+
+
+def test_the_reused_head_block_gives_the_logits_of_a_block_per_read(tiny_checkpoint, monkeypatch):
+    """reference_logits converts each block of the LM head into one reused fp32 tensor: the
+    logits are those of a new tensor per block (rows.float()), bit for bit, a short last
+    block included."""
+    import torch
+    from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
+
+    import anechain.head as head
+
+    monkeypatch.setattr(head, "_HEAD_BLOCK_ROWS", 100)  # 512 rows: 5 x 100 + 12
+    hidden = np.random.default_rng(3).normal(0, 3, (9, tiny_checkpoint.architecture.hidden_size))
+    hidden = hidden.astype(np.float32)
+    norm_name, head_name = head_tensor_names(tiny_checkpoint)
+    a = tiny_checkpoint.architecture
+    norm = Phi3RMSNorm(a.hidden_size, a.rms_norm_eps)
+    blocks = []
+    with torch.no_grad():
+        norm.weight.copy_(tiny_checkpoint.read_tensors([norm_name])[norm_name].float())
+        h = norm(torch.from_numpy(hidden))
+        for i in range(0, a.vocab_size, 100):
+            rows = tiny_checkpoint.read_rows(head_name, i, min(i + 100, a.vocab_size))
+            blocks.append((h @ rows.float().T).numpy())
+    np.testing.assert_array_equal(head.reference_logits(tiny_checkpoint, hidden), np.hstack(blocks))

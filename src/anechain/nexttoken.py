@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 import numpy as np
@@ -137,9 +138,93 @@ def summarize(records: Sequence[dict[str, Any]], share: float = 1.0) -> dict[str
     }
 
 
-# Positions whose logits are computed at once (each pass reads the LM head from disk): a
-# Phi-4-mini vocabulary is 200064 wide, 0.8 MB a row, twice (shard and reference).
-_LOGIT_ROWS = 64
+# Records come in blocks of this many positions of one reference, each block grouped by
+# window: the order validation has always written (the rows' own unless a name recurs).
+_RECORD_BLOCK = 64
+
+# Logit rows (shard and reference, per position) of one pass over the LM head. Each pass
+# reads the whole head from disk (Phi-4-mini: 200064 x 3072 bf16, seconds), rows are cheap:
+# 256 rows of a 200064 vocabulary are 205 MB of fp32 logits.
+_HEAD_PASS_ROWS = 256
+
+
+@dataclass(frozen=True)
+class Substituted:
+    """One reference's positions to judge, in record order: window names and positions, the
+    hidden states entering the final norm with the shard's outputs substituted (N, C), and
+    the reference's own there (N, C)."""
+
+    names: list[str]
+    positions: list[int]
+    final: np.ndarray
+    expected: np.ndarray
+
+
+def substitute(
+    checkpoint: Checkpoint,
+    ref: Reference,
+    end: int,
+    windows: Sequence[Any],
+    progress: Callable[[str], None] | None = None,
+) -> Substituted:
+    """`windows` (each with name, positions, outputs) substituted at layer `end` into `ref`
+    (every layer's boundaries and KV) and finished by the reference; the LM head is left to
+    `substituted_records`, so that one pass serves every reference."""
+    n = checkpoint.architecture.num_hidden_layers
+    positions = [int(p) for w in windows for p in w.positions]
+    names = [w.name for w in windows for _ in w.positions]
+    hidden = np.concatenate([np.asarray(w.outputs, np.float32) for w in windows])
+    final = finish_reference(checkpoint, ref, end, positions, hidden, progress)
+    order = _record_order(names)
+    return Substituted(
+        names=[names[k] for k in order],
+        positions=[positions[k] for k in order],
+        final=np.asarray(final, np.float32)[order],
+        expected=np.asarray(ref.boundaries[n][[positions[k] for k in order]], np.float32),
+    )
+
+
+def _record_order(names: Sequence[str]) -> list[int]:
+    """Row indices in record order: per block of _RECORD_BLOCK rows, grouped by window."""
+    order: list[int] = []
+    for i in range(0, len(names), _RECORD_BLOCK):
+        block = names[i : i + _RECORD_BLOCK]
+        for name in dict.fromkeys(block):
+            order += [i + k for k, m in enumerate(block) if m == name]
+    return order
+
+
+def substituted_records(
+    checkpoint: Checkpoint, parts: Sequence[Substituted]
+) -> list[dict[str, Any]]:
+    """Per-position records of every part, in order, against each part's reference.
+
+    The LM head is read once for all of them (once per _HEAD_PASS_ROWS rows). A row's logits
+    do not depend on the other rows of its pass (the norm is per row; torch's fp32 product
+    gives the same bits for a row among 4 or more, tests/test_nexttoken.py), so the records
+    are those of a pass per reference (of 2 or more positions).
+    """
+    names = [m for p in parts for m in p.names]
+    if not names:
+        return []
+    positions = [q for p in parts for q in p.positions]
+    final = np.concatenate([p.final for p in parts])  # (N, C)
+    expected = np.concatenate([p.expected for p in parts])  # (N, C)
+    # Passes of equal size: no pass of a single position (2 rows) when one more would do.
+    per_pass = max(1, _HEAD_PASS_ROWS // 2)
+    passes = -(-len(names) // per_pass)
+    size = -(-len(names) // passes)
+    records: list[dict[str, Any]] = []
+    for i in range(0, len(names), size):
+        rows = slice(i, i + size)
+        both = reference_logits(checkpoint, np.concatenate([final[rows], expected[rows]]))
+        logits, ref_logits = both[: len(both) // 2], both[len(both) // 2 :]  # (n, vocab) each
+        k = 0
+        for name, run in groupby(names[rows]):  # each run of one window's rows
+            j = k + len(list(run))
+            records += position_records(name, positions[rows][k:j], ref_logits[k:j], logits[k:j])
+            k = j
+    return records
 
 
 def window_records(
@@ -151,25 +236,7 @@ def window_records(
 ) -> list[dict[str, Any]]:
     """Per-position records of `windows` (each with name, positions, outputs) substituted at
     layer `end` into `ref` (every layer's boundaries and KV), against the full reference."""
-    n = checkpoint.architecture.num_hidden_layers
-    positions = [int(p) for w in windows for p in w.positions]
-    names = [w.name for w in windows for _ in w.positions]
-    hidden = np.concatenate([np.asarray(w.outputs, np.float32) for w in windows])
-    final = finish_reference(checkpoint, ref, end, positions, hidden, progress)
-    records: list[dict[str, Any]] = []
-    for i in range(0, len(positions), _LOGIT_ROWS):
-        rows = slice(i, i + _LOGIT_ROWS)
-        # Both in one pass over the LM head (read in blocks from disk).
-        both = reference_logits(
-            checkpoint, np.concatenate([final[rows], ref.boundaries[n][positions[rows]]])
-        )
-        logits, expected = both[: len(both) // 2], both[len(both) // 2 :]
-        for name in dict.fromkeys(names[rows]):
-            mine = [k for k, m in enumerate(names[rows]) if m == name]
-            records += position_records(
-                name, [positions[rows][k] for k in mine], expected[mine], logits[mine]
-            )
-    return records
+    return substituted_records(checkpoint, [substitute(checkpoint, ref, end, windows, progress)])
 
 
 def next_token_verdict(

@@ -412,17 +412,19 @@ def next_token_golden(
     (nexttoken.py), and the next-token and bulk gates (report.NEXT_TOKEN_GATES)."""
     from dataclasses import replace
 
-    from anechain.nexttoken import assemble, window_records
+    from anechain.nexttoken import Substituted, assemble, substitute, substituted_records
     from anechain.report import NEXT_TOKEN_GATES, evaluate_specs
 
     n = checkpoint.architecture.num_hidden_layers
-    records: list[dict[str, Any]] = []
+    parts: list[Substituted] = []
     by_tokens: dict[tuple[int, ...], list[Any]] = {}
     for w in outputs:
         by_tokens.setdefault(tuple(w.tokens), []).append(w)
     for tokens, windows in by_tokens.items():  # one reference per calibration sequence
         ref = reference(checkpoint, list(tokens), n, cache_dir, progress)
-        records += window_records(checkpoint, ref, meta.layers.end, windows, progress)
+        parts.append(substitute(checkpoint, ref, meta.layers.end, windows, progress))
+    # Then the LM head, read from disk once for every sequence's positions.
+    records = substituted_records(checkpoint, parts)
     verdict = assemble(records, meta.layers.num_layers / n)
     golden = replace(golden, next_token=verdict)
     evidence = {"golden": {"metrics": golden.metrics, "next_token": verdict}}
