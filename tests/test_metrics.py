@@ -7,7 +7,7 @@ import pytest
 
 from anechain.config import Gates
 from anechain.contract import KIND_LAYERS
-from anechain.metrics import compare, compare_shard
+from anechain.metrics import compare, compare_shard, compare_shard_rows
 from anechain.report import evaluate_gates
 
 
@@ -195,3 +195,75 @@ def test_bulk_channels_keep_ordinary_heavy_tails():
     assert bulk_channels(e).all()
     e[:, 3] = 500.0
     assert bulk_channels(e).sum() == 255 and not bulk_channels(e)[3]
+
+
+def _shard_rows_case(rows: int, width: int, seed: int) -> tuple[np.ndarray, ...]:
+    """(a_in, a_out, e_in, e_out) of (rows >= 20, width >= 10), with the cases compare_shard
+    treats apart."""
+    g = np.random.default_rng(seed)
+    scale = 10.0 ** g.uniform(-3, 3, (rows, 1))  # steps of very different sizes
+    e_in = g.standard_normal((rows, width)) * scale
+    e_out = e_in + 0.3 * g.standard_normal((rows, width)) * scale
+    e_out[: rows // 2, [3, 7]] *= 200.0  # massive channels shared by half the steps ...
+    alone = np.arange(rows // 2, rows // 2 + 8)
+    e_out[alone, g.integers(0, width, alone.size)] *= 300.0  # ... one each, of its own
+    # The last step: a channel at 32x the median |e| (kept) and one just past it (massive);
+    # the median (1s and 3s) is 2 for an even width, the mean of the middle two.
+    border = np.where(np.arange(width) < width - width // 2, 1.0, 3.0)
+    bound = 32.0 * (1.0 if width % 2 else 2.0)
+    border[-2:] = [bound, bound * (1 + 2.0**-20)]
+    e_out[-1] = border * g.choice([-1.0, 1.0], width)
+    a_in = e_in + 1e-3 * g.standard_normal((rows, width)) * scale
+    a_out = e_out + 2e-2 * g.standard_normal((rows, width)) * scale
+    a_out[1] = e_out[1]  # no error at all
+    a_out[2, 9] = np.nan  # non-finite actuals: NaN figures, counted
+    a_out[4, [0, 5]] = [np.inf, -np.inf]
+    a_out[5, 3] = np.nan  # only in a massive channel: the bulk stays finite
+    a_in[6, 1] = np.inf  # the input alone: the delta is non-finite, the output is not
+    e_in[7] = e_out[7] = a_in[7] = a_out[7] = 0.0  # zero norms: cosine 1 ...
+    e_out[8] = a_in[8] = e_in[8] = 0.0  # ... or 0, relative errors infinite (None)
+    a_out[9] = 0.0
+    e_out[10, :-1] = 0.0  # a zero median: no massive channel
+    e_out[11] = e_in[11] = 1e-170 * g.standard_normal(width)  # e * e underflows to 0
+    a_out[11] = e_out[11] * 1.001
+    e_out[12] *= 1e152  # e * e overflows
+    a_out[12] = e_out[12] * 0.999
+    e_out[13, 2], e_out[14, 4] = np.nan, np.inf  # a non-finite reference
+    e_out[15, : width // 2 + 1] = np.inf  # infinite median
+    return a_in, a_out, e_in, e_out
+
+
+@pytest.mark.parametrize(("rows", "width"), [(40, 256), (33, 97), (20, 12)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_compare_shard_rows_is_the_loop_of_compare_shard(rows, width, dtype):
+    """Exactly, row by row (blocks of 32 rows and a last one of 1 too): the per-position
+    figures of a long window, at array speed."""
+    with np.errstate(all="ignore"):  # float32: 1e152 is inf; the loop warns on non-finite
+        a_in, a_out, e_in, e_out = (x.astype(dtype) for x in _shard_rows_case(rows, width, rows))
+        loop = [compare_shard(a_in[i], a_out[i], e_in[i], e_out[i]).to_dict() for i in range(rows)]
+    assert compare_shard_rows(a_in, a_out, e_in, e_out) == loop
+    assert compare_shard_rows(a_in, np.asfortranarray(a_out), e_in, e_out[::-1][::-1]) == loop
+    assert loop[-1]["massive_channels"] == 1
+    for i in (0, 5, rows - 1):  # one row: the same as among the others
+        assert compare_shard_rows(*(x[i : i + 1] for x in (a_in, a_out, e_in, e_out))) == [loop[i]]
+    if rows == 40:  # every case is there
+        assert loop[1]["max_abs"] == 0.0 and loop[1]["cosine"] == pytest.approx(1.0)
+        assert loop[2]["nonfinite"] == 1 and loop[2]["cosine"] is None
+        assert loop[4]["nonfinite"] == 2
+        assert loop[5]["bulk_cosine"] is not None and loop[5]["cosine"] is None
+        assert loop[6]["nonfinite"] == 0 and loop[6]["delta_cosine"] is None
+        assert loop[7]["cosine"] == 1.0 and loop[7]["rel_rmse"] == 0.0
+        assert loop[8]["cosine"] == 0.0 and loop[8]["rel_rmse"] is None
+        assert loop[9]["cosine"] == 0.0
+        assert [loop[i]["massive_channels"] for i in (0, 20, 21, 30)] == [2, 1, 1, 0]
+        assert loop[0]["bulk_cosine"] != loop[0]["cosine"]
+        assert loop[13]["cosine"] is None and loop[14]["rmse"] is None
+
+
+def test_compare_shard_rows_refuses_unlike_arrays():
+    x = np.zeros((4, 8))
+    with pytest.raises(ValueError, match="arrays alike"):
+        compare_shard_rows(x, x, x, x[:, :7])
+    with pytest.raises(ValueError, match="arrays alike"):
+        compare_shard_rows(x[:, :0], x[:, :0], x[:, :0], x[:, :0])
+    assert compare_shard_rows(x[:0], x[:0], x[:0], x[:0]) == []
