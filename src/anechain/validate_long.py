@@ -28,7 +28,7 @@ from anechain.checkpoint import Checkpoint
 from anechain.config import ValidationSettings
 from anechain.contract import FUNCTION_DECODE, FUNCTION_PREFILL, ShardMetadata
 from anechain.golden import calibration_tokens, reference
-from anechain.metrics import compare_cache, compare_shard
+from anechain.metrics import compare_cache, compare_shard, compare_shard_rows
 from anechain.report import LONG_GATES, Gate, evaluate_specs
 from anechain.rope import RopeParameters, chunk_inputs, chunk_outputs, prefill_plan, step_inputs
 from anechain.runners import ShardRunner
@@ -143,11 +143,11 @@ def run_long_golden(
             progress(f"[{layers}] long window: position {q + 1} of {total}")
     a_in, a_out = np.concatenate(fed), np.concatenate(outs)
 
-    per_position = []
-    for i in range(total):
-        c = compare_shard(a_in[i], a_out[i], ref_in[i], ref_out[i]).to_dict()
-        how = FUNCTION_PREFILL if i < covered else FUNCTION_DECODE
-        per_position.append({"position": i, "function": how, **c})
+    rows = compare_shard_rows(a_in, a_out, ref_in[:total], ref_out[:total])
+    per_position = [
+        {"position": i, "function": FUNCTION_PREFILL if i < covered else FUNCTION_DECODE, **c}
+        for i, c in enumerate(rows)
+    ]
     bad = [p["position"] for p in per_position if p["nonfinite"]]
     metrics = compare_shard(a_in, a_out, ref_in[:total], ref_out[:total]).to_dict()
     deltas = [p["delta_cosine"] for p in per_position]
