@@ -200,9 +200,9 @@ def substituted_records(
     """Per-position records of every part, in order, against each part's reference.
 
     The LM head is read once for all of them (once per _HEAD_PASS_ROWS rows). A row's logits
-    do not depend on the other rows of its pass (the norm is per row; torch's fp32 product
-    gives the same bits for a row among 4 or more, tests/test_nexttoken.py), so the records
-    are those of a pass per reference (of 2 or more positions).
+    depend on the other rows of its pass only through how the fp32 product splits its work
+    (the norm is per row; one thread gives the same bits, two may differ in the last one), so
+    the records are those of a pass per reference, to fp32 rounding.
     """
     names = [m for p in parts for m in p.names]
     if not names:
