@@ -247,8 +247,9 @@ def test_compact_weights_compute_what_dense_weights_compute(
 ) -> None:
     """Both functions, several steps, KV states included. The weights are the same values;
     only float32 summation order differs, which can move an fp16 output by an ulp (then
-    carried by later layers and steps): the tolerance is 4 fp16 ulps of the value (4 * 2**-10
-    relative) plus 2**-14 absolute near zero."""
+    carried by later layers and steps, mixed across channels): the tolerance is 4 fp16 ulps
+    of the output's largest value (4 * 2**-10 of max |want|), as a one-ulp difference in a
+    large channel reaches small ones through the next layer's products."""
     rope = RopeParameters.from_hf_config(tiny_checkpoint.hf_config)
     monkeypatch.setattr(mil_weights, "_BLOCK_ELEMENTS", 1 << 12)  # several blocks a weight
     decode, prefill = _runners(two_function_shard)
@@ -267,7 +268,8 @@ def test_compact_weights_compute_what_dense_weights_compute(
         assert got.dtype == want.dtype == np.float16 and got.shape == want.shape, i
         g, w = got.astype(np.float64), want.astype(np.float64)
         assert np.isfinite(w).all() and w.any(), i
-        np.testing.assert_allclose(g, w, rtol=4 * 2.0**-10, atol=2.0**-14, err_msg=f"output {i}")
+        scale = float(np.abs(w).max())
+        np.testing.assert_allclose(g, w, rtol=0, atol=4 * 2.0**-10 * scale, err_msg=f"output {i}")
 
 
 def test_prefill_shares_the_decode_runners_weights(two_function_shard: Path) -> None:

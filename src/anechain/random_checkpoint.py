@@ -186,6 +186,9 @@ def _random_layer(
             _add_massive_units(arch, tensors[p + "mlp.gate_up_proj.weight"], down, trigger, gen)
         if trigger is not None and trigger.shared is not None:
             down *= structure.block_gain(layer)
+            structure.route_shared_values(
+                arch, qkv, tensors[p + "self_attn.o_proj.weight"], trigger.shared
+            )
             tensors[p + "self_attn.o_proj.weight"] *= structure.block_gain(layer)
             structure.add_shared_units(
                 arch,
@@ -273,7 +276,7 @@ class HeadShape:
 # Matched to SmolLM2-135M's next-token statistics on the calibration text (mean entropy,
 # median top1 - top2 margin in logit std units, median p(top1); sensitivity.REAL_NEXT_TOKEN):
 # a tail just heavy enough that a few tokens stand out, logits of std ~3 as a real head's.
-TRAINED_HEAD = HeadShape(spread=0.5, logit_scale=1.75)
+TRAINED_HEAD = HeadShape(spread=0.5, logit_scale=2.6)
 # The generator before: norms spread by 1.5, so a few huge rows won every position by tens
 # to hundreds of logits (entropy 0, next-token KL vacuous). Kept for PEAKED and for tests to
 # show the next-token band rejects it.

@@ -352,3 +352,107 @@ def format_next_token(stats: NextTokenStatistics, name: str = "") -> str:
         f"{stats.margin_median:.3f} ({stats.margin_over_std_median:.3f} logit std), logit std "
         f"median {stats.logit_std_median:.3f}, p(top1) median {stats.top1_probability_median:.3f}"
     )
+
+
+# Depth: what a deep stack does to single positions. A model whose states can run away
+# (one position's state growing far past the others', onto one direction, at a layer chance
+# decides) turns a small error into a large one at those positions: the 32-layer random
+# model before its shared units were made stable flipped one next token by KL 9 from a
+# shard error below the median (DESIGN.md).
+@dataclass(frozen=True)
+class DepthLayer:
+    layer: int  # hidden states after this many layers (0: the embedding)
+    mean_share: float  # median over positions of the energy share along the mean state
+    runaway: float  # largest state rms over the median's, BOS left out
+    runaways: int  # positions above RUNAWAY x the median
+
+
+RUNAWAY = 3.0
+# The real model's amplification (mean, max over positions): SmolLM2-135M-Instruct, all 30
+# layers in fp32, BOS + 511 tokens of prose, 1 % noise after layer 7 (seed 0);
+# scripts/bench_depth.py measures it again. A random model's largest may be at most
+# AMPLIFICATION_BAND x the real one's: the 32-layer random model before its shared units
+# were made stable reached 35x the noise (hidden 576, after layer 8), now 1.4x.
+REAL_AMPLIFICATION = (0.76, 3.5)
+AMPLIFICATION_BAND = 2.0
+
+
+def depth_profile(checkpoint: Checkpoint, ids: Sequence[int], num_layers: int) -> list[DepthLayer]:
+    """Per layer of the first `num_layers`, fp32 transformers over `ids` (BOS first)."""
+    model = load_layers(checkpoint, num_layers)
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor(list(ids))[None], output_hidden_states=True)
+    rows = []
+    for layer, hidden in enumerate(out.hidden_states):
+        h = hidden[0, 1:].double()  # (T - 1, H), BOS left out
+        mean = h.mean(0)
+        share = (h @ mean / mean.norm()) ** 2 / (h * h).sum(-1)
+        rms = h.pow(2).mean(-1).sqrt()
+        ratio = rms / rms.median()
+        rows.append(
+            DepthLayer(
+                layer, float(share.median()), float(ratio.max()), int((ratio > RUNAWAY).sum())
+            )
+        )
+    return rows
+
+
+def runaway_violations(profile: Sequence[DepthLayer], after: int) -> list[str]:
+    """Layers from `after` on where some position's state runs away (RUNAWAY x the median).
+
+    A real model's early layers may hold a few massive tokens (SmolLM2-135M: up to 9x at
+    layers 4-8), but from a third of the way in its states stay within 1.5x of each other.
+    """
+    return [
+        f"layer {p.layer}: a state at {p.runaway:.1f}x the median rms ({p.runaways} above "
+        f"{RUNAWAY:g}x)"
+        for p in profile
+        if p.layer >= after and p.runaways
+    ]
+
+
+def amplification(
+    checkpoint: Checkpoint,
+    ids: Sequence[int],
+    start: int,
+    num_layers: int,
+    noise: float = 0.01,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """How the layers [start, num_layers) amplify a small error, per position: relative
+    Gaussian noise on the states after `start` layers, then the relative error of the last
+    states over the noise's. Returns (mean, max) over the positions after BOS."""
+    model = load_layers(checkpoint, num_layers)
+    tokens = torch.tensor(list(ids))[None]
+    gen = torch.Generator().manual_seed(seed)
+
+    def perturb(_module: torch.nn.Module, _args: object, output: object) -> object:
+        hidden = output[0] if isinstance(output, tuple) else output
+        assert isinstance(hidden, torch.Tensor)
+        rms = hidden.pow(2).mean(-1, keepdim=True).sqrt()
+        noisy = hidden + noise * rms * torch.randn(hidden.shape, generator=gen)
+        return (noisy, *output[1:]) if isinstance(output, tuple) else noisy
+
+    with torch.inference_mode():
+        clean = model(input_ids=tokens).last_hidden_state[0, 1:].double()
+        hook = model.layers[start - 1].register_forward_hook(perturb)
+        try:
+            noisy = model(input_ids=tokens).last_hidden_state[0, 1:].double()
+        finally:
+            hook.remove()
+    err = (noisy - clean).pow(2).mean(-1).sqrt() / clean.pow(2).mean(-1).sqrt() / noise
+    return float(err.mean()), float(err.max())
+
+
+def amplification_violations(
+    measured: tuple[float, float],
+    reference: tuple[float, float] = REAL_AMPLIFICATION,
+    factor: float = AMPLIFICATION_BAND,
+) -> list[str]:
+    """Where `amplification`'s (mean, max) exceed the real model's by more than `factor`."""
+    return [
+        f"{name} amplification {value:.3g} is {value / ref:.3g}x the real model's {ref:.3g} "
+        f"(at most {factor:g}x)"
+        for name, value, ref in zip(("mean", "largest"), measured, reference, strict=True)
+        if value > factor * ref
+    ]
