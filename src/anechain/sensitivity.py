@@ -377,9 +377,15 @@ REAL_AMPLIFICATION = (0.76, 3.5)
 AMPLIFICATION_BAND = 2.0
 
 
-def depth_profile(checkpoint: Checkpoint, ids: Sequence[int], num_layers: int) -> list[DepthLayer]:
-    """Per layer of the first `num_layers`, fp32 transformers over `ids` (BOS first)."""
-    model = load_layers(checkpoint, num_layers)
+def depth_profile(
+    checkpoint: Checkpoint,
+    ids: Sequence[int],
+    num_layers: int,
+    model: torch.nn.Module | None = None,
+) -> list[DepthLayer]:
+    """Per layer of the first `num_layers`, fp32 transformers over `ids` (BOS first);
+    `model`: those layers already loaded (load_layers)."""
+    model = model or load_layers(checkpoint, num_layers)
     with torch.inference_mode():
         out = model(input_ids=torch.tensor(list(ids))[None], output_hidden_states=True)
     rows = []
@@ -418,11 +424,13 @@ def amplification(
     num_layers: int,
     noise: float = 0.01,
     seed: int = 0,
+    model: torch.nn.Module | None = None,
 ) -> tuple[float, float]:
     """How the layers [start, num_layers) amplify a small error, per position: relative
     Gaussian noise on the states after `start` layers, then the relative error of the last
-    states over the noise's. Returns (mean, max) over the positions after BOS."""
-    model = load_layers(checkpoint, num_layers)
+    states over the noise's. Returns (mean, max) over the positions after BOS. `model`: the
+    first `num_layers` layers already loaded (load_layers)."""
+    model = model or load_layers(checkpoint, num_layers)
     tokens = torch.tensor(list(ids))[None]
     gen = torch.Generator().manual_seed(seed)
 
