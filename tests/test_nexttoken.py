@@ -62,6 +62,26 @@ def test_the_reference_substituted_for_itself_is_the_reference(tiny_checkpoint, 
     assert next_token_verdict(tiny_checkpoint, ref, 1, [bad], 1 / n)["metrics"]["kl_worst"] > 0.1
 
 
+def test_a_non_finite_row_spoils_only_its_own_position(tiny_checkpoint, tiny_config, cache):
+    """Rows are finished independently (each sees the reference's keys and its own): a shard
+    output with a NaN at one position gives that position no KL (a failing record) and leaves
+    every other position's record what it is without it."""
+    n = tiny_checkpoint.architecture.num_hidden_layers
+    tokens = calibration_tokens(tiny_config.validation, tiny_checkpoint, 64)
+    ref = reference(tiny_checkpoint, tokens, n, cache)
+    positions = (0, 1, 5, 17, 62, 63)
+    hidden = ref.boundaries[1][list(positions)].copy()
+    hidden[2, 3] = np.nan
+    final = finish_reference(tiny_checkpoint, ref, 1, positions, hidden)
+    assert np.isnan(final[2]).all()
+    keep = [0, 1, 3, 4, 5]
+    alone = finish_reference(tiny_checkpoint, ref, 1, [positions[k] for k in keep], hidden[keep])
+    np.testing.assert_allclose(final[keep], alone, rtol=1e-5, atol=1e-5)
+    records = window_records(tiny_checkpoint, ref, 1, [WindowOutputs("early", positions, hidden)])
+    assert [r["kl"] is None for r in records] == [False, False, True, False, False, False]
+    assert summarize(records)["kl_worst"] is None  # the verdict still fails
+
+
 def test_summary_lists_flips_with_the_reference_margin():
     records = [
         {"window": "early", "position": 0, "kl": 0.01, "expected": 3, "token": 3, "margin": 4.0},

@@ -51,6 +51,17 @@ def finish_reference(
     n = checkpoint.architecture.num_hidden_layers
     if end == n or not len(positions):
         return np.asarray(hidden, dtype=np.float32)
+    finite = np.isfinite(hidden).all(axis=1)
+    if not finite.all():
+        # A NaN row's key would reach every row's scores (0 * NaN in the product), so the
+        # finite rows are finished without it; its own output stays NaN (KL None, a failure).
+        out = np.full(np.shape(hidden), np.nan, np.float32)
+        if finite.any():
+            kept = [p for p, f in zip(positions, finite, strict=True) if f]
+            out[finite] = finish_reference(
+                checkpoint, ref, end, kept, np.asarray(hidden)[finite], progress
+            )
+        return out
     seq = ref.boundaries.shape[1]
     runner = _LayerRunner(checkpoint, seq)
     pos = torch.tensor(list(positions))
