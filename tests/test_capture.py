@@ -6,12 +6,14 @@ real Mac with `anechain capture`) is replayed the same way."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from tests.fakes.coreml import (
+    DefaultFunctionCoreML,
     FakeCompiler,
     PlanLoader,
     anemll_placement,
@@ -313,3 +315,29 @@ def test_a_two_function_capture_carries_and_gates_both_functions(
     dropped = forged(two_fn_bundle, tmp_path / "d", lambda d: d["plan"]["functions"].pop("prefill"))
     with pytest.raises(ResidencyError, match="lacks function 'prefill'"):
         replay_bundle(dropped, tiny_checkpoint)
+
+
+def test_a_two_function_capture_plans_each_function_as_core_ml_reports_it(
+    tmp_path, tiny_checkpoint, tiny_config
+):
+    """Core ML's plan of a compiled model reports its default function only (the bridge plans
+    with no function name): the capture plans prefill as the default of a copy, as
+    `anechain residency` does, instead of recording it as unreported."""
+    from anechain.export import LayerSpec, export_shard
+
+    spec = LayerSpec(LayerRange(5, 6), tmp_path / "layers_5_6.mlpackage")
+    pkg = export_shard(tiny_checkpoint, spec, tiny_config.export).path
+    core_ml = DefaultFunctionCoreML()
+    core_ml_seams = dataclasses.replace(
+        seams(pkg), load_plan=core_ml.load_plan, compiler=core_ml.compiler
+    )
+    bundle = capture_package(
+        pkg, tiny_checkpoint, tiny_config, tmp_path / "out", seams=core_ml_seams
+    )
+    data = read_bundle(bundle)
+    assert core_ml.defaults == ["decode", "prefill"]  # the package, then its prefill copy
+    assert data["residency"]["passed"] is True
+    assert "prefill planned as the default function of a copy" in data["residency"]["reason"]
+    prefill = [op for op in data["plan"]["functions"]["prefill"] if op["type"] == "conv"]
+    assert len(prefill) == 4 and all(op["preferred"] == "ane" for op in prefill)
+    assert replay_bundle(bundle, tiny_checkpoint).residency.passed is True

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.fakes.coreml_model import toy_shard_model
+from tests.fakes.coreml_model import convert_value, toy_shard_model
 
 from anechain.errors import RunnerError
 
@@ -54,6 +54,12 @@ def test_the_bridge_rules_refuse_what_the_bridge_cannot_convert(dtype):
     assert fed["h"].dtype == np.float32 and fed["p"].dtype == np.int32
     with pytest.raises(RunnerError, match="input 'p' has dtype int64"):
         bridge.predict_inputs({"p": np.array([1], np.int64)})
+    # A reversed view's negative stride would wrap in the bridge (Array.mm:41-50).
+    reversed_view = np.arange(4, dtype=np.float32)[::-1]
+    with pytest.raises(RuntimeError, match="negative stride"):
+        convert_value(reversed_view)
+    fed = bridge.predict_inputs({"x": reversed_view})
+    assert convert_value(fed["x"]) is fed["x"] and fed["x"].tolist() == [3, 2, 1, 0]
     assert bridge.state_value("k", np.ones(2, np.float16), np.float16).dtype == np.float32
     with pytest.raises(RunnerError, match="state 'k' has dtype int8"):
         bridge.state_value("k", np.ones(2), np.int8)

@@ -152,9 +152,10 @@ def capture_package(
     from anechain.package import load_spec, user_metadata
     from anechain.platform import machine_info
     from anechain.residency import (
-        NO_ANE_REASON,
+        live_reason,
         load_live_plan,
         programs_from_spec,
+        refocus_unreported,
         report_for_plan,
     )
     from anechain.runners.coreml import CoreMLRunner
@@ -181,6 +182,10 @@ def capture_package(
             package_sha256=sha,
             load_plan=seams.load_plan,
         )
+        # Core ML plans a compiled model's default function only: the others as a copy's.
+        plan, replanned = refocus_unreported(
+            plan, package, load_plan=seams.load_plan, compiler=seams.compiler
+        )
         ane = bool(machine.get("neural_engine_cores"))
         residency = report_for_plan(
             plan,
@@ -188,7 +193,7 @@ def capture_package(
             config.residency,
             report_only=not ane,
             plan_source="live",
-            reason="" if ane else NO_ANE_REASON,
+            reason=live_reason(ane, replanned),
             where=package.name,
             lenient=True,  # compiled just above; its replay is matched strictly
         )

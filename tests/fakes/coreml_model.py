@@ -41,6 +41,10 @@ def convert_value(value: Any, macos26_sdk: bool = False) -> Any:
             or (kind == "i" and size == 1 and macos26_sdk)  # Array.mm:19-23 Int8, macOS 26 SDK
             or (kind == "f" and size in (4, 8))  # Array.mm:24-27 Float32, Double
         )
+        # Array.mm:41-50 divides each byte stride into a size_t: a negative one wraps and
+        # Core ML reads far outside the array. It raises nothing there; the fake refuses.
+        if accepted and any(s < 0 for s in value.strides):
+            raise RuntimeError("negative stride: the MLMultiArray would read out of bounds")
         # Array.mm:55 `array.mutable_data()` throws for a read-only array.
         if accepted and value.flags.writeable:
             return value

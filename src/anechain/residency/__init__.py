@@ -106,6 +106,7 @@ __all__ = [
     "classify_plan",
     "expected_live_status",
     "live_plan_available",
+    "live_reason",
     "load_live_plan",
     "normalise_plan",
     "normalise_plans",
@@ -141,6 +142,18 @@ def expected_live_status(model_kind: str = ".mlpackage", ane_present: bool | Non
         return STATUS_NOT_CHECKED
     ane = has_neural_engine() if ane_present is None else ane_present
     return STATUS_CHECKED if ane else STATUS_REPORT_ONLY
+
+
+def live_reason(ane: bool, replanned: tuple[str, ...]) -> str:
+    """Why a live plan's verdict is what it is: no Neural Engine here (report only), and the
+    functions planned as the default of a copy."""
+    parts = [] if ane else [NO_ANE_REASON]
+    if replanned:
+        parts.append(
+            f"{', '.join(replanned)} planned as the default function of a copy "
+            "(Core ML reported no usage for it otherwise)"
+        )
+    return "; ".join(parts)
 
 
 def check_plan_matches(plan: PackagePlan, model: str | Path) -> None:
@@ -273,17 +286,7 @@ def check_residency(
             return not_checked(settings, str(exc))
         source = "live"
         ane = has_neural_engine() if ane_present is None else ane_present
-        reason = "; ".join(
-            part
-            for part in (
-                "" if ane else NO_ANE_REASON,
-                f"{', '.join(replanned)} planned as the default function of a copy "
-                "(Core ML reported no usage for it otherwise)"
-                if replanned
-                else "",
-            )
-            if part
-        )
+        reason = live_reason(ane, replanned)
         report_only = report_only or not ane
     lenient = plan_file is None  # a live plan of the package compiled here
     if save_plan_to is not None:

@@ -252,7 +252,11 @@ def device_name(device: Any) -> str:
         return "cpu"
     if isinstance(device, MLGPUComputeDevice):
         return "gpu"
-    raise ResidencyError(f"the compute plan names an unknown device {type(device).__name__}")
+    # coremltools' bridge gives None for a device class it does not know (CoreMLPython.mm).
+    raise ResidencyError(
+        "the compute plan prefers a compute device this coremltools does not know "
+        f"({type(device).__name__}); a newer coremltools may name it"
+    )
 
 
 def _bindings(op: Any) -> dict[str, list[str]]:

@@ -51,6 +51,10 @@ def predict_inputs(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for name, value in inputs.items():
         if isinstance(value, np.ndarray) and value.dtype in PREDICT_CASTS:
             value = value.astype(PREDICT_CASTS[value.dtype])
+        if isinstance(value, np.ndarray) and not value.flags.c_contiguous:
+            # The bridge divides each stride by the item size into a size_t
+            # (CoreMLPythonArray.mm): a reversed view's negative stride would wrap.
+            value = np.ascontiguousarray(value)
         check_array(f"input {name!r}", value)
         out[name] = value
     return out
