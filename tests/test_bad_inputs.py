@@ -287,6 +287,62 @@ def resigned_build(tiny_build, tmp_path):
     return replace
 
 
+def _plain_rope(d: dict, scale: float = 1.0, scaling: float = 1.0) -> None:
+    """Tables of RoPE without long-context scaling (as transformers computes them, float32)."""
+    rot, theta = d["rope"]["rotary_dim"], d["rope"]["rope_theta"]
+    exponent = np.arange(0, rot, 2, dtype=np.int64).astype(np.float32) / rot
+    inv = (1.0 / np.float32(theta) ** exponent * scale).astype(np.float32).tolist()
+    d["rope"]["precomputed"].update(
+        inv_freq_short=inv, inv_freq_long=inv, attention_scaling=scaling
+    )
+
+
+def _set(path: str, value):
+    def edit(d: dict) -> None:
+        *parents, last = path.split(".")
+        for key in parents:
+            d = d[key]
+        d[last] = value(d[last]) if callable(value) else value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_set("head.chunk_rows", 100), "chunk_rows 100 does not split vocab_size 512"),
+        (_set("rope.rope_theta", 500.0), "rope.rope_theta is 500.0 but the architecture's"),
+        (_set("rope.precomputed.inv_freq_short", lambda v: v[:-1]), "5 short and 6 long"),
+        (_set("rope.precomputed.attention_scaling", -1.3), "attention_scaling is not a positive"),
+        (_set("rope.precomputed.inv_freq_long", lambda v: [0.0] * len(v)), "frequencies <= 0"),
+        (
+            _set("rope.precomputed.original_max_position_embeddings", 4096),
+            "original_max_position_embeddings 4096 differs",
+        ),
+        (lambda d: _plain_rope(d, scale=1.01), "not those of rope_theta 10000"),
+        (lambda d: _plain_rope(d, scaling=1.3), "attention_scaling is 1.3 without long"),
+        (_set("embedding.shape", [512, 32]), "embedding.shape [512, 32] is not [512, 64]"),
+    ],
+)
+def test_verify_refuses_host_data_that_disagrees_with_the_model(
+    tiny_build, tmp_path, edit, message, error_line
+):
+    """Every file still matches its sha256; what the host reads from the manifest itself
+    (RoPE tables, the head's chunk rows) would make `generate` silently wrong."""
+    result, _ = tiny_build
+    out = tmp_path / "b"
+    shutil.copytree(result.out_dir, out)
+    manifest = out / "manifest.json"
+    data = json.loads(manifest.read_text())
+    plain = json.loads(json.dumps(data))
+    _plain_rope(plain)  # correct tables of an unscaled model verify
+    manifest.write_text(json.dumps(plain))
+    assert invoke("manifest", "verify", manifest).exit_code == 0
+    edit(data)
+    manifest.write_text(json.dumps(data))
+    assert message in error_line(invoke("manifest", "verify", manifest), 1)
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [
@@ -402,6 +458,66 @@ def test_non_finite_gate_bounds_are_usage_errors(
     )  # fmt: skip
     assert "is not a finite number" in error_line(result, 2)
     assert not report.exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--min-cosine", "2", "min_cosine must be in -1..1 (a cosine), got 2"),
+        ("--min-cosine", "-5", "min_cosine must be in -1..1 (a cosine), got -5"),
+        ("--min-delta-cosine", "1.5", "min_delta_cosine must be in -1..1"),
+        ("--max-rel-rmse", "-1", "max_rel_rmse must be >= 0, got -1"),
+        ("--steps", "0", "0 is not in the range x>=1"),
+    ],
+)
+def test_gate_bounds_outside_their_measure_are_usage_errors(
+    tiny_shards, tiny_checkpoint_dir, tmp_path, option, value, message, error_line
+):
+    """A cosine bound of 2 would reject every shard, one of -5 pass every one."""
+    package = next(iter(tiny_shards.values()))
+    report = tmp_path / "r.json"
+    result = invoke(
+        "validate", "shard", package, "--model", tiny_checkpoint_dir, "--backend", "mil",
+        "--report", report, option, value,
+    )  # fmt: skip
+    line = error_line(result, 2)
+    assert message in line and option in line
+    assert not report.exists()
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("min_cosine: 0.998", "min_cosine: 1.2", "min_cosine must be in -1..1"),
+        ("max_kl_worst: 0.5", "max_kl_worst: -0.1", "max_kl_worst must be >= 0"),
+        ("min_top1_agreement: 0.9", "min_top1_agreement: 90", "must be in 0..1 (a share)"),
+    ],
+)
+def test_gate_bounds_outside_their_measure_in_a_config_are_refused(
+    tmp_path, tiny_checkpoint_dir, old, new, message, error_line
+):
+    config = tmp_path / "bad.yaml"
+    text = Path(TINY).read_text()
+    assert old in text
+    config.write_text(text.replace(old, new))
+    result = invoke(
+        "export", "--model", tiny_checkpoint_dir, "--config", config,
+        "--embedding", tmp_path / "e.npy",
+    )  # fmt: skip
+    assert message in error_line(result, 1)
+
+
+def test_an_export_option_the_settings_refuse_is_a_usage_error(
+    tmp_path, tiny_checkpoint_dir, error_line
+):
+    out = tmp_path / "s.mlpackage"
+    result = invoke(
+        "export", "--model", tiny_checkpoint_dir, "--config", TINY,
+        "--layer-spec", f"0:1:{out}", "--prefill-tokens", "100",
+    )  # fmt: skip
+    line = error_line(result, 2)
+    assert "--prefill-tokens" in line and "must be in 0..64 (the context), got 100" in line
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("value", [".nan", ".inf", '"1e999"', '"\u0661e-5"'])

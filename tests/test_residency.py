@@ -275,6 +275,34 @@ def test_bad_saved_plans(tmp_path, text, match):
         read_saved_plan(path)
 
 
+def _first_costed(data: dict) -> dict:
+    return next(op for op in ops_of(data) if op["cost"] is not None)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda d: d.update(package_sha256=12345), "package_sha256 12345 is not a sha256"),
+        (lambda d: d.update(package_sha256="abc"), "package_sha256 'abc' is not a sha256"),
+        (lambda d: _first_costed(d).update(cost=float("nan")), "has cost nan"),
+        (lambda d: _first_costed(d).update(cost=-0.5), "has cost -0.5"),
+        (lambda d: _first_costed(d).update(depth=-1), "has depth -1"),
+    ],
+)
+def test_a_saved_plan_with_bad_fields_is_refused_in_one_line(shard, tmp_path, change, match):
+    """A hand-edited plan must not pass the gate (a negative cost makes the ANE cost share
+    meaningless) nor crash later on a field read as a string."""
+    good = saved(tmp_path, shard)
+    assert check_residency(shard, plan_file=good).passed
+    bad = edit(saved(tmp_path, shard, name="bad.json"), change)
+    with pytest.raises(ResidencyError, match=match):
+        check_residency(shard, plan_file=bad)
+    result = CliRunner().invoke(cli, ["residency", str(shard), "--compute-plan", str(bad)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    last = result.output.splitlines()[-1]
+    assert last.startswith("Error: ") and "malformed" in last and "Error" not in result.stdout
+
+
 def test_a_compiled_model_is_classed_by_its_recorded_package(shard, tmp_path):
     result = compile_package(shard, tmp_path, compiler=FakeCompiler().compiler)
     assert read_sidecar(result.compiled)["package"] == str(shard.resolve())

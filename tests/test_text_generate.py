@@ -218,3 +218,26 @@ def test_prompt_needs_a_listed_tokenizer(tiny_build, error_line) -> None:
     assert "--chat applies to --prompt" in error_line(run, 2)
     run = _generate(result.manifest, "--prompt-ids", "1,2", "--max-new-tokens", "2")
     assert run.exit_code == 0 and len(run.stdout.strip().split(",")) == 2
+
+
+def test_another_models_tokenizer_is_refused_before_anything_is_written(
+    tiny_build, smol_cut: Path, tmp_path: Path, error_line
+) -> None:
+    """SmolLM2's tokenizer (49152 tokens) for the tiny model (512): its prompts would index
+    rows the embedding does not have. The model's own tokenizer (the smol build) passes."""
+    result, _ = tiny_build
+    out = tmp_path / "b"
+    shutil.copytree(result.out_dir, out)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    manifest = out / "manifest_tok.json"
+    run = CliRunner().invoke(
+        cli,
+        [
+            "manifest", "build", *(str(p) for p in sorted(out.glob("*.mlpackage"))),
+            "--embedding", str(out / "embedding.npy"), "--tokenizer", str(smol_cut),
+            "--config", str(ROOT / "configs" / "tiny.yaml"), "-o", str(manifest),
+        ],
+    )  # fmt: skip
+    line = error_line(run, 1)
+    assert "has 49152 tokens but the model's vocabulary has 512" in line
+    assert not manifest.exists() and not (out / TOKENIZER_FOLDER).exists()

@@ -215,6 +215,24 @@ class Gates:
     # Cosine of the output without its massive channels (metrics.bulk_channels).
     min_bulk_cosine: float = 0.99
 
+    def __post_init__(self) -> None:
+        # A bound outside its measure's range gates nothing (min_cosine -5) or rejects every
+        # shard (min_cosine 2): either way the verdict would not be about the shard.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                raise ConfigError(f"validation.gates.{f.name} must be a finite number")
+            if "cosine" in f.name and not -1 <= value <= 1:
+                raise ConfigError(
+                    f"validation.gates.{f.name} must be in -1..1 (a cosine), got {value:g}"
+                )
+            if f.name == "min_top1_agreement" and not 0 <= value <= 1:
+                raise ConfigError(
+                    f"validation.gates.{f.name} must be in 0..1 (a share), got {value:g}"
+                )
+            if f.name.startswith("max_") and value < 0:
+                raise ConfigError(f"validation.gates.{f.name} must be >= 0, got {value:g}")
+
 
 @dataclass(frozen=True)
 class ValidationSettings:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import numpy as np
 
 from anechain.config import Architecture, LayerRange, to_dict
 from anechain.contract import KIND_HEAD, KIND_LAYERS, MASK_VALUE, IOContract, TensorSpec
@@ -299,6 +301,74 @@ def gate_problems(
     return problems
 
 
+def host_data_problems(m: Manifest) -> list[str]:
+    """What the host reads from the manifest alone (RoPE tables, the head's chunk rows, the
+    embedding's shape) and the model's architecture disagree on: a runtime trusting such a
+    value computes wrong tokens with every file intact."""
+    arch, rope, problems = m.model.architecture, m.rope, []
+    for name in Rope.FROM_ARCHITECTURE:
+        if getattr(rope, name) != getattr(arch, name):
+            problems.append(
+                f"rope.{name} is {getattr(rope, name)} but the architecture's is "
+                f"{getattr(arch, name)}"
+            )
+    if rope.precomputed is not None:
+        from anechain.rope import RopeParameters
+
+        try:
+            params = RopeParameters.from_dict(rope.precomputed)
+            short = np.asarray(params.inv_freq_short, dtype=np.float64)
+            long = np.asarray(params.inv_freq_long, dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as exc:
+            return [*problems, f"rope.precomputed is malformed ({exc})"]
+        half = arch.rotary_dim // 2
+        if short.shape != (half,) or long.shape != (half,):
+            problems.append(
+                f"rope.precomputed has {short.size} short and {long.size} long frequencies; "
+                f"rotary_dim {arch.rotary_dim} needs {half} each"
+            )
+        elif not (np.isfinite(short).all() and np.isfinite(long).all()):
+            problems.append("rope.precomputed has non-finite frequencies")
+        elif (short <= 0).any() or (long <= 0).any():
+            problems.append("rope.precomputed has frequencies <= 0")
+        elif np.array_equal(short, long):
+            # No long-context scaling: the tables are the plain RoPE of rope_theta and the
+            # cos/sin are not rescaled (transformers' default rope parameters).
+            default = 1.0 / arch.rope_theta ** (np.arange(0, arch.rotary_dim, 2) / arch.rotary_dim)
+            if not np.allclose(short, default, rtol=1e-5, atol=0):
+                problems.append(
+                    "rope.precomputed frequencies are not those of rope_theta "
+                    f"{arch.rope_theta:g} over rotary_dim {arch.rotary_dim}"
+                )
+            if params.attention_scaling != 1.0:
+                problems.append(
+                    f"rope.precomputed.attention_scaling is {params.attention_scaling:g} "
+                    "without long-context scaling (1 expected)"
+                )
+        if not (math.isfinite(params.attention_scaling) and params.attention_scaling > 0):
+            problems.append("rope.precomputed.attention_scaling is not a positive number")
+        if params.original_max_position_embeddings != arch.original_max_position_embeddings:
+            problems.append(
+                "rope.precomputed.original_max_position_embeddings "
+                f"{params.original_max_position_embeddings} differs from the architecture's "
+                f"{arch.original_max_position_embeddings}"
+            )
+    if m.head is not None:
+        chunks, rows = m.head.contract.outputs[0].shape[-1], m.head.chunk_rows
+        if not 0 < rows or -(-arch.vocab_size // rows) != chunks:
+            problems.append(
+                f"head.chunk_rows {rows} does not split vocab_size {arch.vocab_size} into the "
+                f"head's {chunks} chunks"
+            )
+    if m.embedding is not None:
+        if tuple(m.embedding.shape) != (arch.vocab_size, arch.hidden_size):
+            problems.append(
+                f"embedding.shape {list(m.embedding.shape)} is not "
+                f"[{arch.vocab_size}, {arch.hidden_size}] (vocab_size, hidden_size)"
+            )
+    return problems
+
+
 # ---- load and verify ------------------------------------------------------------------------
 
 
@@ -386,6 +456,10 @@ def verify_manifest(path: str | Path) -> list[Check]:
     ]
     if m.head is not None and m.head.contract.inputs[0].shape != m.contract.outputs[0].shape:
         raise ManifestError(f"manifest {path}: the head does not take the shards' output")
+    problems = host_data_problems(m)
+    if problems:
+        raise ManifestError(f"manifest {path}: {problems[0]}")
+    checks.append(Check("host data", "RoPE, head chunks and embedding agree with the model"))
     validations = [(str(s.layers), KIND_LAYERS, s.functions, s.validation) for s in m.shards]
     validations += [("head", KIND_HEAD, None, m.head.validation)] if m.head else []
     for label, kind, functions, v in validations:

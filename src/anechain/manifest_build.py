@@ -281,11 +281,21 @@ def _tokenizer_entry(checkpoint_dir: Path, arch: Architecture, root: Path) -> To
         copy_tokenizer,
         eos_token_ids,
         load_tokenizer,
+        tokenizer_files,
     )
 
-    copied = copy_tokenizer(Path(checkpoint_dir), root / TOKENIZER_FOLDER)
-    if not copied:
+    if not tokenizer_files(Path(checkpoint_dir)):
         return None
+    # Checked before anything is copied: another model's tokenizer loads fine and encodes
+    # prompts into ids the embedding does not have. (A smaller one is normal: the model's
+    # vocabulary is often padded, Phi-4-mini's to 200064.)
+    size = len(load_tokenizer(Path(checkpoint_dir)))
+    if size > arch.vocab_size:
+        raise ManifestError(
+            f"the tokenizer of {checkpoint_dir} has {size} tokens but the model's vocabulary "
+            f"has {arch.vocab_size}: it belongs to another model"
+        )
+    copied = copy_tokenizer(Path(checkpoint_dir), root / TOKENIZER_FOLDER)
     eos = eos_token_ids(Path(checkpoint_dir))
     own = load_tokenizer(root / TOKENIZER_FOLDER).eos_token_id  # also proves it loads
     eos += [own] if isinstance(own, int) and own not in eos else []

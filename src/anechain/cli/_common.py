@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -14,6 +16,7 @@ from anechain.config import Config, LayerRange, load_config, load_preset
 from anechain.errors import ConfigError
 from anechain.fsutil import human_size as human_bytes  # noqa: F401  (the commands' name)
 
+_S = TypeVar("_S")
 _ASCII_SIGNED_INT = re.compile(r"[+-]?[0-9]+")
 
 
@@ -147,6 +150,19 @@ def resolve_config(config_path: Path | None, preset: str | None = None) -> Confi
     if config_path is not None:
         return load_config(config_path)
     return load_preset(preset or "phi-4-mini")
+
+
+def with_options(settings: _S, **given: tuple[str, Any]) -> _S:
+    """`settings` with the values the command line gave (field=(option, value); None: not
+    given). A value the settings refuse is a usage error naming its option (exit 2)."""
+    for name, (option, value) in given.items():
+        if value is None:
+            continue
+        try:
+            settings = dataclasses.replace(settings, **{name: value})  # type: ignore[type-var]
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint=option) from None
+    return settings
 
 
 def progress_printer() -> Callable[[str], None]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import click
@@ -17,6 +16,7 @@ from anechain.cli._common import (
     progress_printer,
     render_table,
     resolve_config,
+    with_options,
 )
 
 
@@ -116,13 +116,12 @@ def export(
         raise click.BadParameter(f"{embedding_path} must end in .npy", param_hint="--embedding")
 
     config = resolve_config(config_path)
-    settings = config.export
-    if context is not None:
-        settings = dataclasses.replace(settings, context_length=context)
-    if quantization is not None:
-        settings = dataclasses.replace(settings, quantization=quantization)
-    if prefill_tokens is not None:
-        settings = dataclasses.replace(settings, prefill_tokens=prefill_tokens)
+    settings = with_options(
+        config.export,
+        context_length=("--context", context),
+        quantization=("--quantization", quantization),
+        prefill_tokens=("--prefill-tokens", prefill_tokens),
+    )
     checkpoint = Checkpoint(model_dir)
     n_layers = checkpoint.architecture.num_hidden_layers
     limit = checkpoint.architecture.max_position_embeddings

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from anechain.cli._common import (
     render_table,
     report_only_option,
     resolve_config,
+    with_options,
 )
 from anechain.runners import BACKENDS, resolve_backend
 from anechain.runners.coreml import COMPUTE_UNITS
@@ -212,24 +212,19 @@ def validate_shard_cmd(
 
     config = resolve_config(config_path)
     settings = config.validation
-    overrides = {
-        k: v
-        for k, v in {
-            "min_cosine": min_cosine,
-            "min_delta_cosine": min_delta_cosine,
-            "max_rel_rmse": max_rel_rmse,
-            "max_rel_abs": max_rel_abs,
-        }.items()
-        if v is not None
-    }
-    if overrides:
-        settings = dataclasses.replace(
-            settings, gates=dataclasses.replace(settings.gates, **overrides)
-        )
-    if steps is not None:
-        settings = dataclasses.replace(settings, steps=steps)
-    if long_tokens is not None:
-        settings = dataclasses.replace(settings, long_tokens=long_tokens)
+    gates = with_options(
+        settings.gates,
+        min_cosine=("--min-cosine", min_cosine),
+        min_delta_cosine=("--min-delta-cosine", min_delta_cosine),
+        max_rel_rmse=("--max-rel-rmse", max_rel_rmse),
+        max_rel_abs=("--max-rel-abs", max_rel_abs),
+    )
+    settings = with_options(
+        settings,
+        gates=("", gates),
+        steps=("--steps", steps),
+        long_tokens=("--long-tokens", long_tokens),
+    )
 
     from anechain.residency import live_plan_available
 

@@ -14,6 +14,7 @@ and reports all speak the same names.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -97,13 +98,22 @@ class PlanOp:
             if dev not in DEVICES:
                 raise ValueError(f"unknown device {dev!r}")
         cost = d.get("cost")
+        if cost is not None:
+            cost = float(cost)
+            # Core ML's estimated cost is a share of the program's work (MLComputePlanCost
+            # .weight, 0..1); a NaN or negative one would make the ANE cost share meaningless.
+            if not math.isfinite(cost) or cost < 0:
+                raise ValueError(f"op {d.get('name') or d['type']!r} has cost {cost!r}")
+        depth = int(d.get("depth", 0))
+        if depth < 0:
+            raise ValueError(f"op {d.get('name') or d['type']!r} has depth {depth}")
         return cls(
             type=op_type(str(d["type"])),
             outputs=tuple(str(o) for o in d.get("outputs", ())),
             preferred=preferred,
             supported=supported,
-            cost=None if cost is None else float(cost),
-            depth=int(d.get("depth", 0)),
+            cost=cost,
+            depth=depth,
             name=str(d.get("name", "")),
         )
 
@@ -146,7 +156,7 @@ class ComputePlan:
                 compute_units=units,
                 function=str(data.get("function", "main")),
                 model=str(data.get("model", "")),
-                package_sha256=data.get("package_sha256"),
+                package_sha256=_sha256_field(data),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ResidencyError(f"{where} is malformed: {exc}") from None
@@ -206,7 +216,7 @@ class PackagePlan:
             functions = data["functions"]
             if not isinstance(functions, dict) or not functions:
                 raise ValueError("no functions")
-            model, sha = str(data.get("model", "")), data.get("package_sha256")
+            model, sha = str(data.get("model", "")), _sha256_field(data)
             plans = tuple(
                 ComputePlan(tuple(PlanOp.from_dict(op) for op in ops), units, str(name), model, sha)
                 for name, ops in sorted(functions.items())
@@ -214,6 +224,16 @@ class PackagePlan:
             return cls(plans, units, model, sha)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ResidencyError(f"{where} is malformed: {exc}") from None
+
+
+def _sha256_field(data: dict[str, Any]) -> str | None:
+    """The saved plan's package_sha256: None, or the 64 hex digits sha256_tree writes."""
+    sha = data.get("package_sha256")
+    if sha is not None and not (
+        isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)
+    ):
+        raise ValueError(f"package_sha256 {sha!r} is not a sha256 hex digest")
+    return sha
 
 
 def save_plan(plan: PackagePlan, path: str | Path) -> Path:
