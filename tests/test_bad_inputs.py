@@ -23,6 +23,7 @@ from anechain.cli import cli
 from anechain.config import preset_path
 from anechain.errors import CheckpointError
 from anechain.fsutil import sha256_tree
+from anechain.platform import macos_at_least
 
 TINY = str(preset_path("tiny"))
 
@@ -806,3 +807,20 @@ def test_a_device_given_as_an_input_file_is_refused(
         result = CliRunner().invoke(cli, args)  # would read forever
         assert "is a device or socket, not a file" in error_line(result, 2)
         assert os.listdir(".") == []
+
+
+@pytest.mark.skipif(macos_at_least((15,)), reason="off-macOS behaviour")
+@pytest.mark.parametrize("command", ["build", "plan"])
+def test_the_coreml_backend_off_macos_is_refused_before_any_export(
+    tiny_checkpoint_dir, tmp_path, command, error_line
+):
+    """On a real checkpoint the exports before the first validation take hours."""
+    out = tmp_path / "out"
+    args = {
+        "build": ["build", "--config", TINY, "--out", out],
+        "plan": ["plan", "--model", tiny_checkpoint_dir, "--config", TINY,
+                 "--max-layers-per-shard", "3", "--report-dir", out, "-o", tmp_path / "m.json"],
+    }[command]  # fmt: skip
+    line = error_line(invoke(*args, "--backend", "coreml"), 1)
+    assert "the coreml backend (Core ML stateful predict) needs macOS 15+" in line
+    assert not any(out.rglob("*.mlpackage")) and not (tmp_path / "m.json").exists()

@@ -535,3 +535,25 @@ def test_a_full_disk_writing_a_manifest(tiny_build, tmp_path, monkeypatch, error
     )  # fmt: skip
     assert f"no space left on device writing {manifest}: needs " in error_line(run, 1)
     assert manifest.read_bytes() == before and partials(build) == []
+
+
+@pytest.mark.parametrize(
+    ("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)]
+)
+def test_artifacts_get_the_permissions_of_the_umask(
+    tiny_checkpoint_dir, tmp_path, umask, file_mode, dir_mode
+):
+    """coremltools and safetensors stage through private temporary files (0600, 0700); what
+    anechain writes must be as readable as any file the user creates, and no more."""
+    old = os.umask(umask)
+    try:
+        ckpt = tmp_path / "ckpt"
+        assert invoke("random-checkpoint", ckpt, "--preset", "tiny").exit_code == 0
+        pkg = tmp_path / "s.mlpackage"
+        result = invoke("export", "--model", ckpt, "--config", TINY, "--layer-spec", f"0:1:{pkg}")
+        assert result.exit_code == 0, result.output
+    finally:
+        os.umask(old)
+    for item in [*ckpt.iterdir(), pkg, *pkg.rglob("*")]:
+        mode = stat.S_IMODE(item.stat().st_mode)
+        assert mode == (dir_mode if item.is_dir() else file_mode), (item, oct(mode))

@@ -25,9 +25,9 @@ from tests.fakes.reports import (
 )
 
 from anechain.cli.manifest import COMMANDS, manifest_group
-from anechain.config import Architecture, LayerRange
+from anechain.config import Architecture, LayerRange, ValidationSettings
 from anechain.contract import MASK_VALUE, layer_contract
-from anechain.errors import ManifestError
+from anechain.errors import ManifestError, ReportError
 from anechain.fsutil import sha256_tree
 from anechain.manifest import Manifest, load_manifest, manifest_schema, verify_manifest
 from anechain.manifest_build import build_manifest
@@ -804,3 +804,30 @@ def test_cli_help_states_report_convention_and_examples() -> None:
     assert result.exit_code == 0
     assert "NAME.report.json" in result.output and "NAME.mlpackage" in result.output
     assert "anechain manifest build artifacts/layers_*.mlpackage" in result.output
+
+
+@pytest.mark.parametrize(
+    ("windows", "settings", "message"),
+    [
+        ((4, 4), {}, "requires 16 early decode steps, the report has 4"),
+        ((16, 0), {}, "requires 4 late decode steps, the report has 0"),
+        ((16, 2), {"late_steps": 3}, "requires 3 late decode steps, the report has 2"),
+    ],
+)
+def test_build_refuses_reports_that_ran_fewer_steps_than_the_config(
+    tmp_path: Path, windows: tuple[int, int], settings: dict, message: str
+) -> None:
+    """`validate shard --steps 4` passes its gates over 4 steps; a manifest for a config
+    that asks for 16 must not take it as proof."""
+    short = make_shards(tmp_path / "short", ["0:3", "3:5"], windows=windows)
+    with pytest.raises(ReportError, match=message):
+        build_manifest(short, tmp_path / "m.json", validation=ValidationSettings(**settings))
+    assert not (tmp_path / "m.json").exists()
+    # What the config asks for, or a config asking for no more, builds.
+    build_manifest(
+        short,
+        tmp_path / "m.json",
+        validation=ValidationSettings(steps=windows[0], late_steps=windows[1]),
+    )
+    full = make_shards(tmp_path / "full", ["0:3", "3:5"])
+    build_manifest(full, tmp_path / "full.json", validation=ValidationSettings(**settings))

@@ -164,6 +164,11 @@ def test_generation_stops_at_eos(smol_build, smol_cut: Path, tmp_path: Path) -> 
     (folder / "config.json").write_text(json.dumps(config))
     out = smol_build.manifest.parent
     manifest = out / "manifest_eos.json"
+    # The config the build validated with (smol_config: 8 steps); smollm2.yaml asks for 16.
+    built_with = tmp_path / "smol.yaml"
+    text = (ROOT / "configs" / "smollm2.yaml").read_text()
+    assert "  steps: 16\n" in text
+    built_with.write_text(text.replace("  steps: 16\n", "  steps: 8\n"))
     run = CliRunner().invoke(
         cli,
         [
@@ -175,7 +180,7 @@ def test_generation_stops_at_eos(smol_build, smol_cut: Path, tmp_path: Path) -> 
             "--tokenizer",
             str(folder),
             "--config",
-            str(ROOT / "configs" / "smollm2.yaml"),
+            str(built_with),
             "-o",
             str(manifest),
         ],

@@ -25,7 +25,7 @@ from anechain.manifest_build import build_manifest
 from anechain.platform import is_macos
 from anechain.report import ValidationReport, report_path_for
 from anechain.residency import expected_live_status
-from anechain.runners import resolve_backend
+from anechain.runners import available_backend
 from anechain.validate import ResidencyOptions, validate_shard
 
 Progress = Callable[[str], None]
@@ -157,6 +157,7 @@ def run_build(
     `residency_report_only` counts residency without gating on it (Macs without a Neural
     Engine, such as hosted CI runners)."""
     say = progress or (lambda msg: None)
+    backend = available_backend(backend)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = ArtifactCache(out_dir, say)
     if checkpoint_dir is None:
@@ -180,7 +181,6 @@ def run_build(
     ranges = config.export.layer_ranges or [LayerRange(0, n_layers)]
     for r in ranges:
         r.check_within(n_layers)
-    backend = resolve_backend(backend)
     result = BuildResult(out_dir, checkpoint_dir)
     residency = ResidencyOptions(config.residency, report_only=residency_report_only)
     how = VerdictInputs(

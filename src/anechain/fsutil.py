@@ -490,12 +490,33 @@ def atomic_path(
             exists = dest.exists() or dest.is_symlink()
             if exists and not overwrite:
                 raise FileExistsError(f"{dest} already exists")
+            widen_to_umask(tmp)
             _move_into_place(tmp, dest, work)
         except Exception as exc:  # measured here, while what was written is still there
             cause = _disk_full_cause(exc)
             if cause is not None:
                 raise disk_full_error(dest, cause, tmp, expected_bytes) from None
             raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def widen_to_umask(path: Path) -> None:
+    """Give what we wrote the permissions a plain open() or mkdir() would have: writers that
+    stage through temporary files (coremltools' model.mlmodel and weights folder, safetensors)
+    leave 0600 / 0700, which hides a shared artifact folder from everyone else."""
+    allowed = ~_umask()
+    for item in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if item.is_symlink():
+            continue
+        mode = item.stat().st_mode
+        want = mode | ((0o777 if stat.S_ISDIR(mode) else 0o666) & allowed)
+        if stat.S_IMODE(want) != stat.S_IMODE(mode):
+            item.chmod(stat.S_IMODE(want))
 
 
 def atomic_write_text(dest: str | Path, text: str, overwrite: bool = True) -> None:

@@ -101,7 +101,7 @@ def _read(
     path, report = read_report(source)
     report.require_pass(path)
     report.check_bounds(gates, path, residency)
-    report.check_long(validation or ValidationSettings(), path)
+    report.check_windows(validation or ValidationSettings(), path)
     return path, report
 
 

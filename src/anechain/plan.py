@@ -109,14 +109,14 @@ class RangeValidator:
     ) -> None:
         from anechain.export import export_shard
         from anechain.residency import expected_live_status
-        from anechain.runners import resolve_backend
+        from anechain.runners import available_backend
         from anechain.validate import ResidencyOptions, validate_shard
 
         self.checkpoint = checkpoint
         self.report_dir = Path(report_dir)
         self.export_settings = export_settings
         self.validation_settings = validation_settings
-        self.backend = resolve_backend(backend)
+        self.backend = available_backend(backend)
         self.residency = residency or ResidencyOptions()
         self.cache_dir = cache_dir
         self.progress = progress

@@ -366,6 +366,28 @@ class ValidationReport:
                     f"{self.package.name} again with these gates"
                 )
 
+    def check_windows(self, required: ValidationSettings, where: Path | str) -> None:
+        """ReportError if this report ran fewer decode steps than `required` asks for: its
+        early and late windows (layers), its steps (head), or the long window (below)."""
+        if self.kind == KIND_LAYERS:
+            ran = [s.get("window") for s in self.golden.per_step]
+            late = (
+                required.late_steps
+                if required.steps + required.late_steps <= (self.meta.context_length)
+                else 0
+            )  # as validate._windows: no late window where it would overlap
+            need = {"early": required.steps, "late": late}
+        else:
+            ran, need = ["early"] * self.steps, {"early": required.steps}
+        for window, steps in need.items():
+            if ran.count(window) < steps:
+                raise ReportError(
+                    f"report {where}: the config requires {steps} {window} decode steps, the "
+                    f"report has {ran.count(window)}; validate {self.package.name} again "
+                    "with this config"
+                )
+        self.check_long(required, where)
+
     def check_long(self, required: ValidationSettings, where: Path | str) -> None:
         """ReportError if `required` asks for the long window (the runtime's run) and this
         layer report has none, or one with fewer prompt positions or decode steps."""

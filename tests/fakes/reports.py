@@ -148,10 +148,12 @@ def layer_report(
     gates: Gates | None = None,
     prefill_tokens: int = 0,
     long: tuple[int, int] | None = (-4, 4),
+    windows: tuple[int, int] = (16, 4),
 ) -> ValidationReport:
     """The report `anechain validate shard` would write for layer shard `pkg` (with a prefill
     function of `prefill_tokens` tokens if not 0), with a long window of `long` = (prompt
-    positions, decode steps) (a negative prompt: the context minus it) unless None."""
+    positions, decode steps) (a negative prompt: the context minus it) unless None, and
+    `windows` = (early, late) decode steps (config.ValidationSettings' defaults)."""
     rng = LayerRange.parse(layers)
     architecture = Architecture(**arch)
     meta = ShardMetadata(
@@ -199,11 +201,15 @@ def layer_report(
         size_bytes=package_size(pkg),
         meta=meta,
         backend="mil",
-        steps=4,
+        steps=windows[0],
         long=long_window,
         golden=Golden(
             metrics=metrics,
-            per_step=[{"step": 0, **metrics}],
+            per_step=[{"step": i, "window": "early", **metrics} for i in range(windows[0])]
+            + [
+                {"step": context - windows[1] + i, "window": "late", **metrics}
+                for i in range(windows[1])
+            ],
             first_nonfinite=None,
             layer_max_abs={i: 1.0 for i in range(rng.start, rng.end)},
             next_token=next_token,
@@ -240,7 +246,7 @@ def head_report(
         size_bytes=package_size(pkg),
         meta=meta,
         backend="mil",
-        steps=4,
+        steps=16,
         golden=Golden(HEAD_METRICS, [], None),
         gates=evaluate_gates(HEAD_METRICS, Gates(), KIND_HEAD),
         residency=residency_dict("not_checked"),

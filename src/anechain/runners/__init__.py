@@ -42,6 +42,17 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def available_backend(backend: str) -> str:
+    """`resolve_backend`, and PlatformError now if this machine cannot run it: commands that
+    export for hours before their first validation check this first."""
+    resolved = resolve_backend(backend)
+    if resolved == "coreml":
+        from anechain.platform import require_macos
+
+        require_macos("the coreml backend (Core ML stateful predict)", (15,))
+    return resolved
+
+
 def open_runner(backend: str, package: str | Path, **options: object) -> ShardRunner:
     """A runner for `package` (an .mlpackage; the coreml runner compiles or takes .mlmodelc).
 
