@@ -229,6 +229,28 @@ def test_non_ascii_digits_in_a_topology(tmp_path, tiny_checkpoint_dir, error_lin
     assert "layer range '3:\u2075' is not START:END" in error_line(result, 1)
 
 
+@pytest.mark.parametrize(
+    ("topology", "message"),
+    [
+        ('["0:3", "4:6"]', "layers 3:4 are in no shard (gap between shard 1 (0:3) and shard 2"),
+        ('["0:3", "2:6"]', "shard 1 (0:3) and shard 2 (2:6) overlap at layers 2:3"),
+        ('["0:3", "3:5"]', "layers 5:6 are in no shard"),
+    ],
+)
+def test_a_topology_that_does_not_chain_is_refused_before_anything_is_made(
+    tmp_path, tiny_checkpoint_dir, topology, message, error_line
+):
+    config = tmp_path / "topo.yaml"
+    text = Path(TINY).read_text()
+    assert '["0:3", "3:5", "5:6"]' in text
+    config.write_text(text.replace('["0:3", "3:5", "5:6"]', topology))
+    for model in ([], ["--model", tiny_checkpoint_dir]):  # random checkpoint, or given
+        out = tmp_path / f"out{len(model)}"
+        result = invoke("build", "--config", config, "--out", out, *model)
+        assert message in error_line(result, 1)
+        assert not out.exists()
+
+
 def test_a_truncated_golden_cache_is_a_miss(
     tiny_shards, tiny_checkpoint_dir, tiny_config, tmp_path
 ):

@@ -54,6 +54,12 @@ def test_fingerprints(tiny_checkpoint, tiny_checkpoint_dir, tiny_config, tmp_pat
     assert other.weights_fingerprint(names) != tiny_checkpoint.weights_fingerprint(names)
     same = Checkpoint(copy_checkpoint(tiny_checkpoint_dir, tmp_path / "copy"))
     assert same.fingerprint == tiny_checkpoint.fingerprint
+    # The same seed makes the same weights, bit for bit (`random-checkpoint --seed`).
+    again = write_random_checkpoint(tmp_path / "s1b", tiny_config.architecture, seed=1)
+    files = sorted(p.name for p in again.glob("*.safetensors"))
+    assert files and all(
+        (again / f).read_bytes() == (tmp_path / "s1" / f).read_bytes() for f in files
+    )
 
 
 def test_refusals(tmp_path, tiny_checkpoint_dir, tiny_config):

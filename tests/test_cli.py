@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -21,6 +22,27 @@ def test_help_lists_commands_with_examples(runner):
     result = runner.invoke(cli, ["export", "--help"])
     assert result.exit_code == 0
     assert "--layer-spec" in result.output and "Examples:" in result.output
+
+
+def _commands(command: click.Command, path: tuple[str, ...] = ()):
+    if isinstance(command, click.Group):
+        for name, sub in sorted(command.commands.items()):
+            yield from _commands(sub, (*path, name))
+    else:
+        yield " ".join(path), command
+
+
+def test_every_command_and_option_says_what_it_is(runner):
+    """`--help` is the manual: every command has a description, every option a line."""
+    bare = [
+        f"{name} {param.opts[0]}"
+        for name, command in _commands(cli)
+        for param in command.params
+        if isinstance(param, click.Option) and param.name != "help" and not param.help
+    ]
+    assert bare == []
+    assert [name for name, command in _commands(cli) if not command.help] == []
+    assert len(list(_commands(cli))) > 10  # the walk reaches the subcommands
 
 
 def test_random_checkpoint_and_export(runner, tmp_path):

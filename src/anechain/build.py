@@ -19,13 +19,14 @@ import numpy as np
 from anechain.artifacts import ArtifactCache, InputKeys, VerdictInputs, digest
 from anechain.checkpoint import Checkpoint, write_random_checkpoint
 from anechain.config import Config, LayerRange
-from anechain.errors import CheckpointError, PlatformError
+from anechain.errors import CheckpointError, ConfigError, PlatformError
 from anechain.export import LayerSpec, export_embedding, export_head, export_shard
 from anechain.manifest_build import build_manifest
 from anechain.platform import is_macos
 from anechain.report import ValidationReport, report_path_for
 from anechain.residency import expected_live_status
 from anechain.runners import available_backend
+from anechain.shards import coverage_problems
 from anechain.validate import ResidencyOptions, validate_shard
 
 Progress = Callable[[str], None]
@@ -158,6 +159,17 @@ def run_build(
     Engine, such as hosted CI runners)."""
     say = progress or (lambda msg: None)
     backend = available_backend(backend)
+    # The topology must tile the model before anything is made (exports take hours).
+    arch = (
+        config.architecture if checkpoint_dir is None else Checkpoint(checkpoint_dir).architecture
+    )
+    n_layers = arch.num_hidden_layers
+    ranges = config.export.layer_ranges or [LayerRange(0, n_layers)]
+    for r in ranges:
+        r.check_within(n_layers)
+    problems = coverage_problems([(f"shard {i + 1}", r) for i, r in enumerate(ranges)], n_layers)
+    if problems:
+        raise ConfigError(f"export.topology does not chain 0:{n_layers}: {problems[0]}")
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = ArtifactCache(out_dir, say)
     if checkpoint_dir is None:
@@ -177,10 +189,6 @@ def run_build(
             cache.record_export(checkpoint_dir, made_from)
     checkpoint = Checkpoint(checkpoint_dir)
     keys = InputKeys(checkpoint)
-    n_layers = checkpoint.architecture.num_hidden_layers
-    ranges = config.export.layer_ranges or [LayerRange(0, n_layers)]
-    for r in ranges:
-        r.check_within(n_layers)
     result = BuildResult(out_dir, checkpoint_dir)
     residency = ResidencyOptions(config.residency, report_only=residency_report_only)
     how = VerdictInputs(

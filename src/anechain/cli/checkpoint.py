@@ -26,7 +26,13 @@ from anechain.config import PRESETS, SEED_MAX, load_preset
     default=None,
     help="Override the number of decoder layers (benchmarks).",
 )
-@click.option("--seed", type=AsciiIntRange(0, SEED_MAX), default=0, show_default=True)
+@click.option(
+    "--seed",
+    type=AsciiIntRange(0, SEED_MAX),
+    default=0,
+    show_default=True,
+    help="Random seed: the same seed and preset give the same weights, bit for bit.",
+)
 @click.option(
     "--style",
     type=click.Choice(["trained", "flat"]),  # checkpoint.STYLES (not imported: torch)

@@ -155,7 +155,8 @@ def plan(
 
     \b
     Examples:
-      anechain plan --model phi-4-mini --max-layers-per-shard 8 --report-dir artifacts/plan
+      anechain plan --model ~/models/Phi-4-mini-instruct --max-layers-per-shard 8 \\
+          --report-dir artifacts/plan
       anechain plan --model artifacts/tiny-ckpt --config configs/tiny.yaml --backend mil \\
           --max-layers-per-shard 3 --report-dir artifacts/tiny-plan -o artifacts/tiny.json
     """

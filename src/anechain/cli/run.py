@@ -99,7 +99,14 @@ def render_build(result) -> str:  # type: ignore[no-untyped-def]
     type=click.Path(path_type=Path, file_okay=False),
     help="Output folder (overrides build.out_dir).",
 )
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="auto",
+    show_default=True,
+    help="mil: fp16 reference interpreter over the saved programs (any OS); coreml: the "
+    "compiled models on macOS 15+; auto: coreml on macOS.",
+)
 @cache_dir_option
 @report_only_option
 @click.option(
@@ -212,6 +219,7 @@ def _parse_ids(text: str) -> list[int]:
     "manifest_path",
     required=True,
     type=InputFile(),
+    help="The manifest.json of validated shards (`build` or `manifest build` writes it).",
 )
 @click.option("--prompt-ids", help="Comma-separated token ids, e.g. 1,2,3.")
 @click.option(
@@ -225,8 +233,21 @@ def _parse_ids(text: str) -> list[int]:
     help="Wrap --prompt as a user turn in the checkpoint's chat template, the assistant's "
     "turn opened.",
 )
-@click.option("--max-new-tokens", type=AsciiIntRange(min=1), default=16, show_default=True)
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option(
+    "--max-new-tokens",
+    type=AsciiIntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Stop after this many new tokens (or earlier, at an eos the manifest lists).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="auto",
+    show_default=True,
+    help="mil: fp16 reference interpreter over the saved programs (any OS); coreml: the "
+    "compiled models on macOS 15+; auto: coreml on macOS.",
+)
 @click.option(
     "--profile",
     is_flag=True,

@@ -204,7 +204,8 @@ def validate_shard_cmd(
     Examples:
       anechain validate shard artifacts/tiny/layers_0_3.mlpackage \\
           --model artifacts/tiny/checkpoint --config configs/tiny.yaml --backend mil
-      anechain validate shard layers_24_30.mlpackage --model phi-4-mini --min-cosine 0.999
+      anechain validate shard layers_24_30.mlpackage --model ~/models/Phi-4-mini-instruct \\
+          --min-cosine 0.999
     """
     from anechain.checkpoint import Checkpoint
     from anechain.report import report_path_for
