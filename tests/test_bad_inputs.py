@@ -374,7 +374,7 @@ def test_verify_refuses_host_data_that_disagrees_with_the_model(
             "is float16 (511, 64); the model needs float16 (512, 64)",
         ),
         (np.zeros((512, 64), np.float32), "is float32 (512, 64)"),
-        (np.array([{"a": 1}] * 3, dtype=object), "is not a readable .npy table"),
+        (np.array([{"a": 1}] * 3, dtype=object), "holds Python objects, not numbers"),
     ],
 )
 def test_generate_refuses_a_resigned_embedding(resigned_build, table, message, error_line):

@@ -71,6 +71,9 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(_write(tmp_path, "a: [1,\n"))
+    # Where: the line and column of the problem, as an editor shows them.
+    with pytest.raises(ConfigError, match="not valid YAML at line 3, column 5: mapping values"):
+        load_config(_write(tmp_path, "a: 1\nb: 2\nc: d: e: f\n"))
     with pytest.raises(ConfigError, match="missing config key 'architecture'"):
         load_config(_write(tmp_path, "export: {}\n"))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from tests.fakes.reports import (
@@ -676,11 +677,13 @@ def test_shipped_schema_is_valid() -> None:
 
 
 def test_render_shows_topology(built: Path) -> None:
-    text = render_manifest(load_manifest(built), built)
+    m = load_manifest(built)
+    text = render_manifest(m, built)
     lines = text.splitlines()
     row_0 = next(line for line in lines if line.startswith("0:3 "))
     assert "layers_0_3.mlpackage" in row_0 and "21/21 pass" in row_0 and "checked" in row_0
-    assert "MB" in row_0 and "0.99950" in row_0
+    # Sizes in the unit that fits (a fake package of a few bytes is not "0.0 MB").
+    assert f"  {m.shards[0].package.size_bytes} B  " in row_0 and "0.99950" in row_0
     assert "residency checked for every shard" in lines[-1]
 
 
@@ -831,3 +834,28 @@ def test_build_refuses_reports_that_ran_fewer_steps_than_the_config(
     )
     full = make_shards(tmp_path / "full", ["0:3", "3:5"])
     build_manifest(full, tmp_path / "full.json", validation=ValidationSettings(**settings))
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (np.zeros((128, 64), np.float16), None),
+        (np.zeros((128, 64), np.float32), "is float32 (128, 64); the model needs float16"),
+        (np.zeros((127, 64), np.float16), "is float16 (127, 64); the model needs float16"),
+        (np.array([{"a": 1}] * 3, dtype=object), "holds Python objects, not numbers"),
+    ],
+)
+def test_build_checks_the_embedding_table_as_generate_does(
+    tmp_path: Path, table: np.ndarray, message: str | None
+) -> None:
+    reports = make_shards(tmp_path, ["0:3", "3:5"])
+    path = tmp_path / "embedding.npy"
+    np.save(path, table, allow_pickle=table.dtype == object)
+    if message is None:
+        m = build_manifest(reports, tmp_path / "m.json", embedding=path)
+        assert m.embedding is not None and m.embedding.shape == (128, 64)
+        return
+    with pytest.raises(ManifestError) as refused:
+        build_manifest(reports, tmp_path / "m.json", embedding=path)
+    assert message in str(refused.value)
+    assert not (tmp_path / "m.json").exists()

@@ -440,6 +440,11 @@ def load_config(path: str | Path) -> Config:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None)
+        if mark is not None and problem:  # PyYAML's MarkedYAMLError: where, and what
+            where = f"line {mark.line + 1}, column {mark.column + 1}"
+            raise ConfigError(f"config {path} is not valid YAML at {where}: {problem}") from None
         raise ConfigError(f"config {path} is not valid YAML: {exc}".splitlines()[0]) from None
     except RecursionError:  # PyYAML's parser recurses once per nesting level
         raise ConfigError(f"config {path} is nested too deeply to be an anechain config") from None

@@ -301,6 +301,31 @@ def gate_problems(
     return problems
 
 
+def load_embedding_table(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """The fp16 (vocab, hidden) table, memory-mapped; anything else is one ManifestError.
+
+    The manifest's sha256 only says the file is the one it was signed with: a re-signed
+    table of the wrong shape or dtype is refused here, and pickled (object) arrays are
+    never loaded.
+    """
+    try:
+        table = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        if "Python objects" in str(exc) or "allow_pickle" in str(exc):  # an object array
+            raise ManifestError(
+                f"embedding {path} holds Python objects, not numbers; anechain never loads "
+                "pickled data"
+            ) from None
+        raise ManifestError(f"embedding {path} is not a readable .npy table ({exc})") from None
+    except (OSError, EOFError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ManifestError(f"embedding {path} is not a readable .npy table ({detail})") from None
+    if not isinstance(table, np.ndarray) or table.dtype != np.float16 or table.shape != shape:
+        found = f"{table.dtype} {table.shape}" if isinstance(table, np.ndarray) else "not an array"
+        raise ManifestError(f"embedding {path} is {found}; the model needs float16 {shape}")
+    return table
+
+
 def host_data_problems(m: Manifest) -> list[str]:
     """What the host reads from the manifest alone (RoPE tables, the head's chunk rows, the
     embedding's shape) and the model's architecture disagree on: a runtime trusting such a

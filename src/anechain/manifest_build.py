@@ -37,6 +37,7 @@ from anechain.manifest import (
     StepIO,
     TokenizerEntry,
     Validation,
+    load_embedding_table,
     schema_check,
 )
 from anechain.report import ValidationReport, as_number
@@ -261,17 +262,8 @@ def _head_entry(path: Path, head: ValidationReport, rec: ShardRecord, root: Path
 
 
 def _embedding_entry(path: Path, arch: Architecture, root: Path) -> EmbeddingEntry:
-    import numpy as np
-
-    try:
-        table = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"embedding {path} is not a readable .npy table ({exc})") from None
     want = (arch.vocab_size, arch.hidden_size)
-    if table.shape != want or table.dtype != np.float16:
-        raise ManifestError(
-            f"embedding {path} is {table.dtype} {table.shape}; the model needs float16 {want}"
-        )
+    load_embedding_table(path, want)
     return EmbeddingEntry(_file_ref(path, root, "embedding"), want, "float16")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from anechain.contract import KIND_HEAD, KIND_LAYERS
+from anechain.fsutil import human_size
 from anechain.manifest import Manifest
 from anechain.report import GATE_SETS
 
@@ -47,8 +48,8 @@ def render_manifest(m: Manifest, path: str | Path = "manifest") -> str:
             [
                 str(s.layers),
                 s.package.path,
-                f"{s.package.size_bytes / 1e6:.1f} MB",
-                f"{s.compiled.size_bytes / 1e6:.1f} MB" if s.compiled else "-",
+                human_size(s.package.size_bytes),
+                human_size(s.compiled.size_bytes) if s.compiled else "-",
                 _functions_text(s.functions),
                 f"{passed}/{len(v.gates)} {v.verdict}",
                 f"{cosine:.5f}" if isinstance(cosine, int | float) else "-",
@@ -60,7 +61,7 @@ def render_manifest(m: Manifest, path: str | Path = "manifest") -> str:
     table = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     table.insert(1, "  ".join("-" * w for w in widths))
     unchecked = [str(s.layers) for s in m.shards if s.validation.residency.status != "checked"]
-    total = sum(s.package.size_bytes for s in m.shards) / 1e6
+    total = human_size(sum(s.package.size_bytes for s in m.shards))
     residency = (
         f"not checked on the ANE for {len(unchecked)} of {len(m.shards)} shard(s): "
         f"{', '.join(unchecked)}"
@@ -71,7 +72,7 @@ def render_manifest(m: Manifest, path: str | Path = "manifest") -> str:
     if m.head is not None:
         h = m.head
         extra.append(
-            f"head       {h.package.path}  {h.package.size_bytes / 1e6:.1f} MB, chunks of "
+            f"head       {h.package.path}  {human_size(h.package.size_bytes)}, chunks of "
             f"{h.chunk_rows} rows, top-1 agreement "
             f"{h.validation.metrics.get('top1_agreement')}, {h.validation.verdict}"
         )
@@ -79,7 +80,7 @@ def render_manifest(m: Manifest, path: str | Path = "manifest") -> str:
         e = m.embedding
         extra.append(
             f"embedding  {e.file.path}  {e.dtype} {e.shape[0]} x {e.shape[1]}, "
-            f"{e.file.size_bytes / 1e6:.1f} MB"
+            f"{human_size(e.file.size_bytes)}"
         )
     return "\n".join(
         [
@@ -87,7 +88,7 @@ def render_manifest(m: Manifest, path: str | Path = "manifest") -> str:
             *table,
             *extra,
             "",
-            f"{len(m.shards)} shards, 0:{n}, {total:.1f} MB; residency {residency}",
+            f"{len(m.shards)} shards, 0:{n}, {total}; residency {residency}",
         ]
     )
 

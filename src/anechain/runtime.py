@@ -22,7 +22,7 @@ import numpy as np
 from anechain.contract import FUNCTION_PREFILL
 from anechain.errors import ManifestError
 from anechain.head import reduce_chunks
-from anechain.manifest import Manifest, load_manifest, verify_manifest
+from anechain.manifest import Manifest, load_embedding_table, load_manifest, verify_manifest
 from anechain.rope import (
     RopeParameters,
     chunk_inputs,
@@ -70,24 +70,6 @@ class Generation:
     prompt: list[int]
     tokens: list[int]  # the new tokens
     profile: Profile
-
-
-def load_embedding_table(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """The fp16 (vocab, hidden) table, memory-mapped; anything else is one ManifestError.
-
-    The manifest's sha256 only says the file is the one it was signed with: a re-signed
-    table of the wrong shape or dtype is refused here, and pickled (object) arrays are
-    never loaded.
-    """
-    try:
-        table = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ManifestError(f"embedding {path} is not a readable .npy table ({detail})") from None
-    if not isinstance(table, np.ndarray) or table.dtype != np.float16 or table.shape != shape:
-        found = f"{table.dtype} {table.shape}" if isinstance(table, np.ndarray) else "not an array"
-        raise ManifestError(f"embedding {path} is {found}; the model needs float16 {shape}")
-    return table
 
 
 class ManifestRuntime:
