@@ -386,15 +386,24 @@ def test_generate_refuses_a_resigned_embedding(resigned_build, table, message, e
 # --- limits ---------------------------------------------------------------------------------
 
 
-def test_context_beyond_max_position_embeddings_is_a_usage_error(
-    tiny_checkpoint_dir, tmp_path, error_line
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--context", "8192", "is beyond"),  # the checkpoint's max_position_embeddings
+        ("--prefill-tokens", "100", "must be in 0..64 (the context), got 100"),  # the settings'
+    ],
+)
+def test_export_option_values_beyond_their_limits_are_usage_errors(
+    tiny_checkpoint_dir, tmp_path, option, value, message, error_line
 ):
     dest = tmp_path / "a.mlpackage"
     result = invoke(
         "export", "--model", tiny_checkpoint_dir, "--config", TINY,
-        "--layer-spec", f"0:1:{dest}", "--context", "8192",
+        "--layer-spec", f"0:1:{dest}", option, value,
     )  # fmt: skip
-    assert "beyond" in error_line(result, 2) and "max_position_embeddings (4096)" in result.output
+    line = error_line(result, 2)
+    assert option in line and message in line
+    assert option != "--context" or "max_position_embeddings (4096)" in line
     assert not dest.exists()
 
 
@@ -462,28 +471,6 @@ def test_transformers_config_errors_are_joined_into_one_line(ckpt, tmp_path, err
 
 
 @pytest.mark.parametrize(
-    ("option", "value"),
-    [
-        ("--max-rel-abs", "nan"),
-        ("--min-cosine", "inf"),
-        ("--max-rel-rmse", "1e999"),
-        ("--max-rel-abs", "\u0661"),
-    ],
-)
-def test_non_finite_gate_bounds_are_usage_errors(
-    tiny_shards, tiny_checkpoint_dir, tmp_path, option, value, error_line
-):
-    package = next(iter(tiny_shards.values()))
-    report = tmp_path / "r.json"
-    result = invoke(
-        "validate", "shard", package, "--model", tiny_checkpoint_dir, "--backend", "mil",
-        "--report", report, option, value,
-    )  # fmt: skip
-    assert "is not a finite number" in error_line(result, 2)
-    assert not report.exists()
-
-
-@pytest.mark.parametrize(
     ("option", "value", "message"),
     [
         ("--min-cosine", "2", "min_cosine must be in -1..1 (a cosine), got 2"),
@@ -491,6 +478,10 @@ def test_non_finite_gate_bounds_are_usage_errors(
         ("--min-delta-cosine", "1.5", "min_delta_cosine must be in -1..1"),
         ("--max-rel-rmse", "-1", "max_rel_rmse must be >= 0, got -1"),
         ("--steps", "0", "0 is not in the range x>=1"),
+        ("--max-rel-abs", "nan", "is not a finite number"),
+        ("--min-cosine", "inf", "is not a finite number"),
+        ("--max-rel-rmse", "1e999", "is not a finite number"),
+        ("--max-rel-abs", "\u0661", "is not a finite number"),
     ],
 )
 def test_gate_bounds_outside_their_measure_are_usage_errors(
@@ -528,19 +519,6 @@ def test_gate_bounds_outside_their_measure_in_a_config_are_refused(
         "--embedding", tmp_path / "e.npy",
     )  # fmt: skip
     assert message in error_line(result, 1)
-
-
-def test_an_export_option_the_settings_refuse_is_a_usage_error(
-    tmp_path, tiny_checkpoint_dir, error_line
-):
-    out = tmp_path / "s.mlpackage"
-    result = invoke(
-        "export", "--model", tiny_checkpoint_dir, "--config", TINY,
-        "--layer-spec", f"0:1:{out}", "--prefill-tokens", "100",
-    )  # fmt: skip
-    line = error_line(result, 2)
-    assert "--prefill-tokens" in line and "must be in 0..64 (the context), got 100" in line
-    assert not out.exists()
 
 
 @pytest.mark.parametrize("value", [".nan", ".inf", '"1e999"', '"\u0661e-5"'])

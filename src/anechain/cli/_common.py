@@ -15,6 +15,7 @@ import click
 from anechain.config import Config, LayerRange, load_config, load_preset
 from anechain.errors import ConfigError
 from anechain.fsutil import human_size as human_bytes  # noqa: F401  (the commands' name)
+from anechain.runners import BACKENDS
 
 _S = TypeVar("_S")
 _ASCII_SIGNED_INT = re.compile(r"[+-]?[0-9]+")
@@ -131,7 +132,15 @@ def config_option(help: str) -> Callable[[Callable[..., object]], Callable[..., 
     return click.option("--config", "config_path", type=InputFile(), help=help)
 
 
-# Shared by validate, plan and build, so the three say the same thing.
+# Shared by validate, plan, build and generate, so they say the same thing.
+backend_option = click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="auto",
+    show_default=True,
+    help="What runs the shards. mil: fp16 reference interpreter over the saved programs "
+    "(any OS); coreml: the compiled models in Core ML (macOS 15+); auto: coreml on macOS.",
+)
 cache_dir_option = click.option(
     "--cache-dir",
     type=click.Path(path_type=Path, file_okay=False),

@@ -9,6 +9,7 @@ import click
 from anechain.cli._common import (
     AsciiIntRange,
     FiniteFloat,
+    backend_option,
     cache_dir_option,
     check_outputs,
     config_option,
@@ -20,7 +21,6 @@ from anechain.cli._common import (
     resolve_config,
 )
 from anechain.config import Architecture
-from anechain.runners import BACKENDS
 from anechain.search import DEFAULT_SIZE_BUDGET_BYTES, estimate_shard_bytes
 
 
@@ -86,14 +86,7 @@ def render_attempts(
     "above about 1.4 GB are reported to run on the GPU although the compute plan prefers "
     "the ANE. Phi-4-mini INT8: about 101 MB per layer, so 9 layers at most.",
 )
-@click.option(
-    "--backend",
-    type=click.Choice(BACKENDS),
-    default="auto",
-    show_default=True,
-    help="Golden runner: mil (fp16 reference interpreter, any OS), coreml (macOS 15+), "
-    "auto: coreml on macOS.",
-)
+@backend_option
 @click.option(
     "--report-dir",
     type=click.Path(path_type=Path, file_okay=False),

@@ -9,6 +9,7 @@ import click
 from anechain.cli._common import (
     AsciiIntRange,
     InputFile,
+    backend_option,
     cache_dir_option,
     check_outputs,
     config_option,
@@ -19,7 +20,6 @@ from anechain.cli._common import (
     report_only_option,
     resolve_config,
 )
-from anechain.runners import BACKENDS
 
 
 def _fmt(value: object, digits: int = 5) -> str:
@@ -99,14 +99,7 @@ def render_build(result) -> str:  # type: ignore[no-untyped-def]
     type=click.Path(path_type=Path, file_okay=False),
     help="Output folder (overrides build.out_dir).",
 )
-@click.option(
-    "--backend",
-    type=click.Choice(BACKENDS),
-    default="auto",
-    show_default=True,
-    help="mil: fp16 reference interpreter over the saved programs (any OS); coreml: the "
-    "compiled models on macOS 15+; auto: coreml on macOS.",
-)
+@backend_option
 @cache_dir_option
 @report_only_option
 @click.option(
@@ -240,14 +233,7 @@ def _parse_ids(text: str) -> list[int]:
     show_default=True,
     help="Stop after this many new tokens (or earlier, at an eos the manifest lists).",
 )
-@click.option(
-    "--backend",
-    type=click.Choice(BACKENDS),
-    default="auto",
-    show_default=True,
-    help="mil: fp16 reference interpreter over the saved programs (any OS); coreml: the "
-    "compiled models on macOS 15+; auto: coreml on macOS.",
-)
+@backend_option
 @click.option(
     "--profile",
     is_flag=True,

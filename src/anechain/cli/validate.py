@@ -11,6 +11,7 @@ from anechain.cli._common import (
     AsciiIntRange,
     FiniteFloat,
     InputFile,
+    backend_option,
     cache_dir_option,
     check_outputs,
     config_option,
@@ -21,7 +22,7 @@ from anechain.cli._common import (
     resolve_config,
     with_options,
 )
-from anechain.runners import BACKENDS, resolve_backend
+from anechain.runners import resolve_backend
 from anechain.runners.coreml import COMPUTE_UNITS
 
 
@@ -112,14 +113,7 @@ def validate() -> None:
 @validate.command("shard")
 @click.argument("package", type=click.Path(path_type=Path, exists=True))
 @model_option("The checkpoint the shard was exported from.")
-@click.option(
-    "--backend",
-    type=click.Choice(BACKENDS),
-    default="auto",
-    show_default=True,
-    help="mil: fp16 reference interpreter over the saved program (any OS); "
-    "coreml: the compiled model on macOS 15+; auto: coreml on macOS.",
-)
+@backend_option
 @config_option(
     "anechain YAML config for steps, calibration and gates (default: the phi-4-mini preset)."
 )
