@@ -824,3 +824,19 @@ def test_the_coreml_backend_off_macos_is_refused_before_any_export(
     line = error_line(invoke(*args, "--backend", "coreml"), 1)
     assert "the coreml backend (Core ML stateful predict) needs macOS 15+" in line
     assert not any(out.rglob("*.mlpackage")) and not (tmp_path / "m.json").exists()
+
+
+def test_too_few_steps_for_a_prefill_shard_is_refused_before_any_work(
+    tiny_build, tiny_checkpoint_dir, tmp_path, error_line
+):
+    """Prefill is checked on about 3/4 of the steps, decode on the rest: one step cannot be
+    split, and a full-size validation should not run its reference and decode windows first."""
+    package = tiny_build[0].out_dir / "layers_5_6.mlpackage"  # decode + prefill (T=4)
+    report = tmp_path / "r.json"
+    result = invoke(
+        "validate", "shard", package, "--model", tiny_checkpoint_dir, "--backend", "mil",
+        "--config", TINY, "--report", report, "--steps", "1", "--cache-dir", tmp_path / "c",
+    )  # fmt: skip
+    assert "validating prefill needs at least 2 steps, got 1" in error_line(result, 1)
+    assert "loading" not in result.stderr and not report.exists()
+    assert not any((tmp_path / "c").rglob("*.npy"))  # no reference was computed

@@ -301,6 +301,10 @@ def validate_shard(
     rope = package_rope(meta, checkpoint, str(package)) if meta.kind == KIND_LAYERS else None
     backend = resolve_backend(backend)
     opts = residency or ResidencyOptions()
+    if meta.prefill_tokens:  # refused before the reference and the decode windows run
+        from anechain.validate_prefill import prefill_length
+
+        prefill_length(settings.steps, meta.prefill_tokens)
     if meta.kind == KIND_LAYERS and settings.steps <= meta.context_length:
         # The decode windows' reference (every layer: the next-token verdict finishes the
         # model) before the runner holds the shard's weights, so the two never share memory;
