@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -206,17 +207,15 @@ def validate_shard_cmd(
     from anechain.validate import ResidencyOptions, validate_shard
 
     config = resolve_config(config_path)
-    settings = config.validation
     gates = with_options(
-        settings.gates,
+        config.validation.gates,
         min_cosine=("--min-cosine", min_cosine),
         min_delta_cosine=("--min-delta-cosine", min_delta_cosine),
         max_rel_rmse=("--max-rel-rmse", max_rel_rmse),
         max_rel_abs=("--max-rel-abs", max_rel_abs),
     )
     settings = with_options(
-        settings,
-        gates=("", gates),
+        dataclasses.replace(config.validation, gates=gates),
         steps=("--steps", steps),
         long_tokens=("--long-tokens", long_tokens),
     )
